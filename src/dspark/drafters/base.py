@@ -1,0 +1,106 @@
+"""The narrow interface between the engine and every drafter.
+
+A drafter sees the committed tokens of one request (the last one is the *anchor*: committed
+by the target but not yet run through it) and the target features of committed tokens it
+has not seen yet. It returns a :class:`DraftBlock`: γ tokens, their draft distributions q
+and, optionally, confidences c_k. After verification it is told how many were accepted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from dspark.sampling import SamplingParams
+
+
+@dataclass(frozen=True)
+class DraftInput:
+    """Everything a drafter may look at to propose one block for one request."""
+
+    tokens: torch.Tensor
+    """[L] committed token ids; tokens[-1] is the anchor."""
+    new_features: torch.Tensor | None
+    """[n, m*d] target features of tokens[L-1-n : L-1], i.e. committed tokens the drafter has
+    not seen yet (the anchor has none). None when the drafter asks for no layers."""
+    params: SamplingParams
+    """The request's sampling parameters; q must be warped with them."""
+    generator: torch.Generator | None
+    """The request's random stream for drafting."""
+    max_tokens: int
+    """Upper bound on γ for this round (the remaining token budget minus one)."""
+
+
+@dataclass(frozen=True)
+class DraftBlock:
+    """A proposed block of γ tokens (γ may be 0)."""
+
+    tokens: torch.Tensor
+    """[γ] draft tokens x_1..x_γ."""
+    q: torch.Tensor | None = None
+    """[γ, V] warped draft distributions; None means a point mass on each token."""
+    confidences: torch.Tensor | None = None
+    """[γ] c_k: estimated probability that x_k survives given x_<k survived."""
+
+    def __post_init__(self) -> None:
+        if self.tokens.dim() != 1:
+            raise ValueError(f"DraftBlock.tokens must be [γ], got {tuple(self.tokens.shape)}")
+        gamma = self.tokens.shape[0]
+        if self.q is not None and (self.q.dim() != 2 or self.q.shape[0] != gamma):
+            raise ValueError(f"DraftBlock.q must be [γ={gamma}, V], got {tuple(self.q.shape)}")
+        if self.confidences is not None and self.confidences.shape != (gamma,):
+            raise ValueError(f"DraftBlock.confidences must be [{gamma}]")
+
+    @property
+    def gamma(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @staticmethod
+    def empty(device: torch.device | str = "cpu") -> "DraftBlock":
+        return DraftBlock(tokens=torch.zeros(0, dtype=torch.long, device=device))
+
+
+@runtime_checkable
+class Drafter(Protocol):
+    """What the engine needs from a drafter (DSpark, DFlash, EAGLE-3, n-gram, a small LM)."""
+
+    name: str
+    """Short name used in stats and tables."""
+    feature_layer_ids: tuple[int, ...]
+    """Target layers (output of HF layer k) whose hidden states the drafter is fed."""
+
+    def check_target(self, target) -> None:
+        """Raise IncompatibleDrafterError when the drafter cannot serve ``target``."""
+
+    def reset(self) -> None:
+        """Forget per-request state before a new request."""
+
+    def propose(self, draft_input: DraftInput) -> DraftBlock:
+        """Propose up to ``draft_input.max_tokens`` tokens."""
+
+    def accepted(self, num_accepted: int) -> None:
+        """Told after verification how many tokens of the last block survived."""
+
+
+class NoDrafter:
+    """Plain decoding inside the same engine: every round verifies the anchor only.
+
+    It is the reference every speedup is measured against.
+    """
+
+    name = "none"
+    feature_layer_ids: tuple[int, ...] = ()
+
+    def check_target(self, target) -> None:
+        return None
+
+    def reset(self) -> None:
+        return None
+
+    def propose(self, draft_input: DraftInput) -> DraftBlock:
+        return DraftBlock.empty(draft_input.tokens.device)
+
+    def accepted(self, num_accepted: int) -> None:
+        return None

@@ -1,0 +1,63 @@
+"""Per-generation statistics: τ, per-position acceptance and where the time went."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class GenerationStats:
+    """Counters filled in by the engine while one request is generated."""
+
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    rounds: int = 0
+    """Verification rounds after prefill (each commits accepted + 1 tokens)."""
+    accepted: list[int] = field(default_factory=list)
+    """Accepted draft tokens per round."""
+    proposed: list[int] = field(default_factory=list)
+    """Draft tokens verified per round (γ of that round)."""
+    prefill_s: float = 0.0
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+    wall_s: float = 0.0
+
+    def record_round(self, proposed: int, accepted: int) -> None:
+        self.rounds += 1
+        self.proposed.append(proposed)
+        self.accepted.append(accepted)
+
+    @property
+    def tau(self) -> float:
+        """Mean accepted + bonus tokens per round (1.0 for plain decoding)."""
+        return (sum(self.accepted) + self.rounds) / self.rounds if self.rounds else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.wall_s if self.wall_s > 0 else 0.0
+
+    def position_acceptance(self) -> list[float]:
+        """Cumulative acceptance per draft slot k: Pr[x_1..x_k all accepted | k verified]."""
+        depth = max(self.proposed, default=0)
+        rates = []
+        for k in range(1, depth + 1):
+            verified = sum(1 for p in self.proposed if p >= k)
+            survived = sum(1 for p, a in zip(self.proposed, self.accepted) if p >= k and a >= k)
+            rates.append(survived / verified if verified else 0.0)
+        return rates
+
+    def to_dict(self) -> dict:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "new_tokens": self.new_tokens,
+            "rounds": self.rounds,
+            "tau": self.tau,
+            "tokens_per_second": self.tokens_per_second,
+            "position_acceptance": self.position_acceptance(),
+            "accepted_per_round": self.accepted,
+            "proposed_per_round": self.proposed,
+            "prefill_s": self.prefill_s,
+            "draft_s": self.draft_s,
+            "verify_s": self.verify_s,
+            "wall_s": self.wall_s,
+        }

@@ -1,0 +1,146 @@
+"""The target model: a thin adapter over any Hugging Face causal LM.
+
+It owns nothing but the model and tokenizer; the KV cache belongs to the caller, so one
+target can serve many requests. It exposes exactly what speculative decoding needs:
+a forward over new tokens with a cache, the hidden states of chosen layers (drafters are
+conditioned on them) and rollback of the cache to a length.
+
+Layer ids follow the DeepSpec / vLLM / SGLang convention: id k is the *output of HF layer
+k*, i.e. ``hidden_states[k + 1]``; the final, normed layer is never a feature layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from dspark.errors import DsparkError
+
+
+@dataclass(frozen=True)
+class TargetOutput:
+    """What one target forward returns."""
+
+    logits: torch.Tensor
+    """[B, n, V] next-token logits for each fed position."""
+    features: torch.Tensor | None
+    """[B, n, m*d] concatenated hidden states of the requested layers, or None."""
+    last_hidden: torch.Tensor | None = None
+    """[B, n, d] final (normed) hidden state, when asked for; training distills from it."""
+
+
+class TargetModel:
+    """Wraps a transformers causal LM and its tokenizer."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer, name: str = "custom") -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name
+        config = model.config
+        self.vocab_size: int = model.get_output_embeddings().weight.shape[0]
+        self.hidden_size: int = config.hidden_size
+        self.num_layers: int = config.num_hidden_layers
+        self.device = next(model.parameters()).device
+        self.eos_token_ids: frozenset[int] = frozenset(_eos_ids(model, tokenizer))
+
+    @classmethod
+    def load(cls, spec: str | None = None, device: str = "cpu", dtype=None) -> "TargetModel":
+        """Load an HF id, a local folder, a .gguf file, or (None) the embedded default."""
+        from dspark.loading import DEFAULT_MODEL, load_model_and_tokenizer
+
+        model, tokenizer = load_model_and_tokenizer(spec, dtype=dtype, device=device)
+        return cls(model, tokenizer, name=spec or DEFAULT_MODEL)
+
+    # -- the KV cache -----------------------------------------------------------------
+    def new_cache(self):
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.model.config)
+
+    @staticmethod
+    def cache_length(cache) -> int:
+        return cache.get_seq_length()
+
+    @staticmethod
+    def rollback(cache, length: int) -> None:
+        """Drop every cached position at or after ``length``."""
+        crop_cache(cache, length)
+
+    # -- forward ----------------------------------------------------------------------
+    def check_layer_ids(self, layer_ids: Sequence[int]) -> None:
+        bad = [k for k in layer_ids if not 0 <= k < self.num_layers - 1]
+        if bad:
+            raise DsparkError(
+                f"target layer ids {bad} are out of range: {self.name} has {self.num_layers} "
+                f"layers, so ids must lie in 0..{self.num_layers - 2} (the last layer is normed)"
+            )
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        cache=None,
+        layer_ids: Sequence[int] = (),
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        return_last_hidden: bool = False,
+    ) -> TargetOutput:
+        """Run ``input_ids`` # [B, n] after what ``cache`` holds; extend the cache in place."""
+        want_hidden = bool(layer_ids) or return_last_hidden
+        out = self.model(
+            input_ids=input_ids,
+            cache=cache,
+            use_cache=cache is not None,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            output_hidden_states=want_hidden,
+        )
+        features = None
+        if layer_ids:
+            features = torch.cat([out.hidden_states[k + 1] for k in layer_ids], dim=-1)
+        last = out.hidden_states[-1] if return_last_hidden else None
+        return TargetOutput(logits=out.logits, features=features, last_hidden=last)
+
+    # -- text -------------------------------------------------------------------------
+    def encode_prompt(self, prompt: str, chat: bool = True) -> list[int]:
+        """Token ids of ``prompt``; with ``chat`` it is wrapped as one user turn."""
+        return self.encode_conversation([{"role": "user", "content": prompt}] if chat else prompt)
+
+    def encode_conversation(self, messages) -> list[int]:
+        """Token ids of a chat (list of {role, content}) ending with the assistant header."""
+        if isinstance(messages, str):
+            return self.tokenizer(messages, add_special_tokens=True)["input_ids"]
+        if not getattr(self.tokenizer, "chat_template", None):
+            text = "\n".join(m["content"] for m in messages)
+            return self.tokenizer(text, add_special_tokens=True)["input_ids"]
+        ids = self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=True
+        )["input_ids"]
+        return list(ids)
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
+
+
+def crop_cache(cache, length: int) -> None:
+    """Shrink an HF cache to ``length`` positions (transformers 5 crops by a negative count)."""
+    extra = cache.get_seq_length() - length
+    if extra < 0:
+        raise ValueError(f"cannot roll back a cache of {cache.get_seq_length()} to {length}")
+    if extra:
+        cache.crop(-extra)
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), model.config):
+        value = getattr(source, "eos_token_id", None) if source is not None else None
+        if isinstance(value, int):
+            ids.add(value)
+        elif value:
+            ids.update(int(v) for v in value)
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return ids
