@@ -121,6 +121,8 @@ class TargetModel:
         return list(ids)
 
     def decode(self, token_ids: Sequence[int]) -> str:
+        if self.tokenizer is None:  # tokenizer-free test targets: show the ids
+            return " ".join(map(str, token_ids))
         return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
 
 
