@@ -64,15 +64,17 @@ def resolve(spec: str | None) -> tuple[str, dict[str, Any]]:
     raise ModelLoadError(f"unknown model {spec!r}: not a folder, a .gguf file or an HF id")
 
 
-def load_model_and_tokenizer(spec: str | None, dtype: Any = None, device: str = "cpu"):
-    """Load (model, tokenizer) in eval mode. fp32 on CPU: bf16 matmuls are slower there."""
+def load_model_and_tokenizer(
+    spec: str | None, dtype: Any = None, device: str = "cpu", with_tokenizer: bool = True
+):
+    """Load (model, tokenizer or None) in eval mode. fp32 on CPU: bf16 is slower there."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     where, kwargs = resolve(spec)
     dtype = dtype or (torch.float32 if device == "cpu" else torch.bfloat16)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(where, **kwargs) if with_tokenizer else None
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"could not load model {spec!r} from {where}: {exc}") from exc

@@ -34,7 +34,7 @@ class DraftModelDrafter:
     def load(cls, spec: str, gamma: int = 5, device: str = "cpu") -> "DraftModelDrafter":
         from dspark.loading import load_model_and_tokenizer
 
-        model, _ = load_model_and_tokenizer(spec, device=device)
+        model, _ = load_model_and_tokenizer(spec, device=device, with_tokenizer=False)
         return cls(model, gamma=gamma, name=f"model:{spec}")
 
     def check_target(self, target) -> None:
