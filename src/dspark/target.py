@@ -77,7 +77,7 @@ class TargetModel:
                 f"layers, so ids must lie in 0..{self.num_layers - 2} (the last layer is normed)"
             )
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: training feeds these tensors to autograd
     def forward(
         self,
         input_ids: torch.Tensor,
