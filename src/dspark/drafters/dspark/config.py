@@ -1,0 +1,235 @@
+"""DSparkConfig: the drafter's frozen configuration and its config.json form.
+
+Field names follow the authors' released DeepSpec checkpoints (``block_size``,
+``target_layer_ids``, ``mask_token_id``, ``markov_rank``, ``markov_head_type``,
+``enable_confidence_head``, ``confidence_head_with_markov``) so those checkpoints load and
+our exports load in vLLM / SGLang without renaming. With ``markov_rank = 0`` and the
+confidence head off, the drafter is exactly the DFlash baseline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+LAYER_FAMILIES = ("qwen3", "llama")
+MARKOV_HEAD_TYPES = ("vanilla", "rnn")
+
+
+@dataclass(frozen=True)
+class DSparkConfig:
+    """Shape and behaviour of a DSpark (or DFlash) drafter for one target model."""
+
+    # -- the target it was trained for ------------------------------------------------
+    target_name: str
+    """Name or path of the target model, recorded for humans."""
+    vocab_size: int
+    """Target vocabulary size (rows of its embedding and LM head)."""
+    hidden_size: int
+    """Target (and drafter) width d; the embedding and LM head are shared."""
+    num_target_layers: int
+    """Target depth; feature layer ids must be below num_target_layers - 1."""
+    target_layer_ids: tuple[int, ...]
+    """Feature layers, "output of HF layer k" semantics (hidden_states[k + 1])."""
+    # -- the drafter --------------------------------------------------------------------
+    block_size: int = 7
+    """γ: drafted tokens per round; the anchor is slot 1, so a full verify covers γ + 1."""
+    mask_token_id: int = 0
+    """Vocabulary row fed to slots 2..γ (a spare token of the target vocabulary)."""
+    num_hidden_layers: int = 2
+    """Draft transformer layers in the parallel backbone."""
+    num_attention_heads: int = 8
+    num_key_value_heads: int = 8
+    head_dim: int = 64
+    intermediate_size: int = 1024
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 8192
+    hidden_act: str = "silu"
+    layer_family: str = "qwen3"
+    """transformers block family of the backbone; qwen3 (Llama + q/k norm) exports to vLLM/SGLang."""
+    markov_rank: int = 256
+    """r of the low-rank Markov head W1 (V×r) · W2 (r×V); 0 turns the head off (DFlash)."""
+    markov_head_type: str = "vanilla"
+    """"vanilla" (first-order Markov bias, eq. 5) or "rnn" (gated recurrent head, eq. 6)."""
+    enable_confidence_head: bool = True
+    """Predict c_k, the probability that slot k survives given the earlier slots did."""
+    confidence_head_with_markov: bool = True
+    """Feed W1[x_{k-1}] to the confidence head besides h_k (eq. 7)."""
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+    """Unrecognised config.json fields, kept so a round trip loses nothing."""
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if not self.target_layer_ids:
+            raise ValueError("target_layer_ids must name at least one target layer")
+        ids = list(self.target_layer_ids)
+        if ids != sorted(set(ids)) or ids[0] < 0 or ids[-1] >= self.num_target_layers - 1:
+            raise ValueError(
+                f"target_layer_ids {ids} must be strictly increasing in 0..{self.num_target_layers - 2}"
+                " (the final, normed layer is never a feature layer)"
+            )
+        if not 0 <= self.mask_token_id < self.vocab_size:
+            raise ValueError(f"mask_token_id {self.mask_token_id} is outside the vocabulary")
+        if self.layer_family not in LAYER_FAMILIES:
+            raise ValueError(f"layer_family must be one of {LAYER_FAMILIES}")
+        if self.markov_head_type not in MARKOV_HEAD_TYPES:
+            raise ValueError(f"markov_head_type must be one of {MARKOV_HEAD_TYPES}")
+        if self.markov_rank < 0:
+            raise ValueError("markov_rank must be >= 0")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+
+    @property
+    def is_dflash(self) -> bool:
+        """True when the sequential and confidence heads are off: the DFlash baseline."""
+        return self.markov_rank == 0 and not self.enable_confidence_head
+
+    def replace(self, **changes: Any) -> "DSparkConfig":
+        return dataclasses.replace(self, **changes)
+
+    # -- construction from a target -----------------------------------------------------
+    @classmethod
+    def for_target(cls, target, **overrides: Any) -> "DSparkConfig":
+        """Copy the target's shapes; pick 5 feature layers spread over its depth."""
+        cfg = target.model.config
+        n = cfg.num_hidden_layers
+        rope = getattr(cfg, "rope_parameters", None) or {}
+        values: dict[str, Any] = dict(
+            target_name=target.name,
+            vocab_size=target.vocab_size,
+            hidden_size=cfg.hidden_size,
+            num_target_layers=n,
+            target_layer_ids=spread_layers(n, 5),
+            num_attention_heads=cfg.num_attention_heads,
+            num_key_value_heads=getattr(cfg, "num_key_value_heads", cfg.num_attention_heads),
+            head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
+            intermediate_size=cfg.intermediate_size,
+            rms_norm_eps=float(getattr(cfg, "rms_norm_eps", 1e-6)),
+            rope_theta=float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))),
+            max_position_embeddings=getattr(cfg, "max_position_embeddings", 8192),
+            hidden_act=getattr(cfg, "hidden_act", "silu"),
+            mask_token_id=pick_mask_token(target),
+        )
+        values.update(overrides)
+        if "target_layer_ids" in overrides:
+            values["target_layer_ids"] = tuple(overrides["target_layer_ids"])
+        return cls(**values)
+
+    def check_target(self, target) -> None:
+        """Raise IncompatibleDrafterError unless ``target`` is the model this was built for."""
+        from dspark.errors import IncompatibleDrafterError
+
+        cfg = target.model.config
+        problems = []
+        if target.vocab_size != self.vocab_size:
+            problems.append(f"vocabulary {target.vocab_size} != {self.vocab_size}")
+        if cfg.hidden_size != self.hidden_size:
+            problems.append(f"hidden size {cfg.hidden_size} != {self.hidden_size}")
+        if cfg.num_hidden_layers != self.num_target_layers:
+            problems.append(f"layer count {cfg.num_hidden_layers} != {self.num_target_layers}")
+        if problems:
+            raise IncompatibleDrafterError(
+                f"this drafter was trained for {self.target_name!r} and does not fit target "
+                f"{target.name!r}: " + "; ".join(problems)
+            )
+
+    # -- config.json ----------------------------------------------------------------------
+    def to_json_dict(self) -> dict[str, Any]:
+        """The config.json of the authors' layout (an HF Qwen3 config plus DSpark fields)."""
+        d: dict[str, Any] = dict(self.extra)
+        d.update(
+            architectures=["Qwen3DSparkModel"] if self.layer_family == "qwen3" else ["LlamaDSparkModel"],
+            model_type=self.layer_family,
+            dspark_target_name=self.target_name,
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            num_target_layers=self.num_target_layers,
+            target_hidden_size=self.hidden_size,
+            target_layer_ids=list(self.target_layer_ids),
+            block_size=self.block_size,
+            mask_token_id=self.mask_token_id,
+            num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads,
+            num_key_value_heads=self.num_key_value_heads,
+            head_dim=self.head_dim,
+            intermediate_size=self.intermediate_size,
+            rms_norm_eps=self.rms_norm_eps,
+            rope_theta=self.rope_theta,
+            rope_parameters={"rope_theta": self.rope_theta, "rope_type": "default"},
+            max_position_embeddings=self.max_position_embeddings,
+            hidden_act=self.hidden_act,
+            attention_bias=False,
+            tie_word_embeddings=False,
+            layer_types=["full_attention"] * self.num_hidden_layers,
+            sample_from_anchor=True,
+            markov_rank=self.markov_rank,
+            enable_confidence_head=self.enable_confidence_head,
+        )
+        if self.markov_rank > 0:
+            d["markov_head_type"] = self.markov_head_type
+        if self.enable_confidence_head:
+            d["confidence_head_with_markov"] = self.confidence_head_with_markov
+        return d
+
+    @classmethod
+    def from_json_dict(cls, d: dict[str, Any]) -> "DSparkConfig":
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra", "target_name", "layer_family"}
+        values = {k: d[k] for k in known if k in d}
+        values["target_layer_ids"] = tuple(d["target_layer_ids"])
+        values["target_name"] = d.get("dspark_target_name", d.get("_name_or_path", "unknown"))
+        values["layer_family"] = d.get("model_type", "qwen3")
+        if "rope_theta" not in d and isinstance(d.get("rope_parameters"), dict):
+            values["rope_theta"] = d["rope_parameters"].get("rope_theta", 10000.0)
+        values.setdefault("markov_head_type", "vanilla")
+        values.setdefault("confidence_head_with_markov", False)
+        values["extra"] = {k: v for k, v in d.items() if k not in known and k not in _WRITTEN}
+        return cls(**values)
+
+    def save(self, folder: str | Path) -> None:
+        path = Path(folder) / "config.json"
+        path.write_text(json.dumps(self.to_json_dict(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "DSparkConfig":
+        return cls.from_json_dict(json.loads((Path(folder) / "config.json").read_text()))
+
+
+_WRITTEN = {
+    "architectures", "model_type", "dspark_target_name", "target_hidden_size", "rope_parameters",
+    "attention_bias", "tie_word_embeddings", "layer_types", "sample_from_anchor",
+}
+
+
+def spread_layers(num_layers: int, count: int) -> tuple[int, ...]:
+    """``count`` layer ids spread from layer 1 to the second-to-last (DeepSpec's spacing)."""
+    last = num_layers - 2  # output of the last layer is the normed final state: excluded
+    count = max(1, min(count, last))
+    if count == 1:
+        return (last,)
+    start = 1 if last >= count else 0
+    step = (last - start) / (count - 1)
+    return tuple(sorted({round(start + i * step) for i in range(count)}))
+
+
+def pick_mask_token(target) -> int:
+    """A spare vocabulary row for the mask slots.
+
+    Prefer a padded row past the tokenizer's real ids (as Qwen3 drafters do); otherwise a
+    special token that chat never produces. SmolLM2 has no padded rows, so its
+    ``<empty_output>`` (id 16, a StarCoder-era special token) is used.
+    """
+    tok = target.tokenizer
+    if tok is not None and len(tok) < target.vocab_size:
+        return len(tok)
+    if tok is not None:
+        used = set(target.eos_token_ids) | {tok.bos_token_id, tok.pad_token_id, tok.unk_token_id}
+        for name in ("<empty_output>", "<jupyter_script>", "<gh_stars>", "<|reserved_special_token_0|>"):
+            tid = tok.convert_tokens_to_ids(name)
+            if isinstance(tid, int) and tid not in used and tid != tok.unk_token_id:
+                return tid
+    return target.vocab_size - 1

@@ -1,0 +1,320 @@
+"""DSparkModel: the parallel backbone with KV injection, plus the sequential and confidence heads.
+
+Context path (paper eqs. 2-3): H_ctx = RMSNorm(fc([H^(l_1); ...; H^(l_m)])) from the target's
+hidden states; every draft layer i attends over keys [K_i(H_ctx); K_i(H_block)] and values
+[V_i(H_ctx); V_i(H_block)]. Block path: slot 1 holds the anchor token, slots 2..γ the mask
+token; all γ slots predict (slot k predicts the k-th token after the anchor). A block sees
+every context position before its anchor and its whole own block, in both directions.
+
+The backbone layers are transformers' own decoder blocks; the target's embedding and LM
+head are borrowed (frozen) through :meth:`attach_target` and are never saved.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dspark.drafters.dspark.config import DSparkConfig
+from dspark.drafters.dspark.heads import ConfidenceHead, MarkovHead, RNNHead
+from dspark.errors import DsparkError
+
+WEIGHTS_NAME = "model.safetensors"
+SHARED_KEYS = ("embed_tokens.weight", "lm_head.weight")
+"""Keys that the authors' checkpoints store (frozen target copies) and dspark borrows instead."""
+
+
+def _family(config: DSparkConfig):
+    """transformers classes for the backbone's block family."""
+    if config.layer_family == "qwen3":
+        from transformers import Qwen3Config as Cfg
+        from transformers.models.qwen3.modeling_qwen3 import (
+            Qwen3DecoderLayer as Layer,
+            Qwen3RMSNorm as Norm,
+            Qwen3RotaryEmbedding as Rotary,
+            apply_rotary_pos_emb,
+        )
+    else:
+        from transformers import LlamaConfig as Cfg
+        from transformers.models.llama.modeling_llama import (
+            LlamaDecoderLayer as Layer,
+            LlamaRMSNorm as Norm,
+            LlamaRotaryEmbedding as Rotary,
+            apply_rotary_pos_emb,
+        )
+    hf_config = Cfg(
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_key_value_heads,
+        head_dim=config.head_dim,
+        rms_norm_eps=config.rms_norm_eps,
+        max_position_embeddings=config.max_position_embeddings,
+        hidden_act=config.hidden_act,
+        attention_bias=False,
+        rope_parameters={"rope_theta": config.rope_theta, "rope_type": "default"},
+    )
+    hf_config._attn_implementation = "sdpa"
+    return hf_config, Layer, Norm, Rotary, apply_rotary_pos_emb
+
+
+class ContextKV:
+    """Per-layer keys/values of the injected target context, for one batch of requests.
+
+    It stands in for a transformers cache: ``update`` returns [context; block] K/V without
+    storing the block's, so block K/V are dropped after every proposal by construction and
+    drafting cost does not grow with rounds.
+    """
+
+    def __init__(self, num_layers: int) -> None:
+        self.keys: list[torch.Tensor | None] = [None] * num_layers
+        self.values: list[torch.Tensor | None] = [None] * num_layers
+
+    @property
+    def length(self) -> int:
+        return 0 if self.keys[0] is None else int(self.keys[0].shape[-2])
+
+    def append(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Add context K/V # [B, kv_heads, n, head_dim] for ``layer``."""
+        if self.keys[layer] is None:
+            self.keys[layer], self.values[layer] = key, value
+        else:
+            self.keys[layer] = torch.cat([self.keys[layer], key], dim=-2)
+            self.values[layer] = torch.cat([self.values[layer], value], dim=-2)
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        """Called by the HF attention: return [ctx; block] keys and values."""
+        if self.keys[layer_idx] is None:
+            return key_states, value_states
+        return (
+            torch.cat([self.keys[layer_idx], key_states], dim=-2),
+            torch.cat([self.values[layer_idx], value_states], dim=-2),
+        )
+
+
+@dataclass(frozen=True)
+class BlockOutput:
+    """Backbone outputs for blocks of γ slots."""
+
+    hidden: torch.Tensor
+    """[..., γ, d] normed hidden states h_k."""
+    base_logits: torch.Tensor
+    """[..., γ, V] U_k = lm_head(h_k)."""
+
+
+@dataclass(frozen=True)
+class TrainOutput:
+    """Teacher-forced outputs for [B, N] blocks."""
+
+    draft_logits: torch.Tensor
+    """[B, N, γ, V] U_k + B_k(x*_{k-1})."""
+    confidence_logits: torch.Tensor | None
+    """[B, N, γ] raw confidence logits, or None without the head."""
+
+
+def block_attention_mask(anchors: torch.Tensor, seq_len: int, gamma: int) -> torch.Tensor:
+    """Bool mask # [B, 1, N*γ, S + N*γ] for blocks at ``anchors`` # [B, N] over S context positions.
+
+    A block sees context strictly before its anchor (the anchor's own target state does not
+    exist yet at inference) and every slot of its own block, in both directions.
+    """
+    batch, num = anchors.shape
+    device = anchors.device
+    ctx = torch.arange(seq_len, device=device).view(1, 1, 1, seq_len) < anchors.view(batch, num, 1, 1)
+    ctx = ctx.expand(batch, num, gamma, seq_len).reshape(batch, num * gamma, seq_len)
+    block_of = torch.arange(num * gamma, device=device) // gamma
+    own = (block_of.view(-1, 1) == block_of.view(1, -1)).expand(batch, -1, -1)
+    return torch.cat([ctx, own], dim=-1).unsqueeze(1)
+
+
+class DSparkModel(nn.Module):
+    """The drafter's trainable parts; see the module docstring for the data flow."""
+
+    def __init__(self, config: DSparkConfig) -> None:
+        super().__init__()
+        self.config = config
+        hf_config, Layer, Norm, Rotary, rope = _family(config)
+        self.hf_config = hf_config
+        self._apply_rope = rope
+        d, m = config.hidden_size, len(config.target_layer_ids)
+        self.fc = nn.Linear(m * d, d, bias=False)
+        self.hidden_norm = Norm(d, eps=config.rms_norm_eps)
+        self.layers = nn.ModuleList(Layer(hf_config, i) for i in range(config.num_hidden_layers))
+        for layer in self.layers:
+            layer.self_attn.is_causal = False  # the block attends bidirectionally
+        self.norm = Norm(d, eps=config.rms_norm_eps)
+        self.rotary_emb = Rotary(config=hf_config)
+        r = config.markov_rank
+        self.markov_head: MarkovHead | RNNHead | None = None
+        if r > 0:
+            self.markov_head = (
+                MarkovHead(config.vocab_size, r)
+                if config.markov_head_type == "vanilla"
+                else RNNHead(config.vocab_size, r, d)
+            )
+        self.confidence_head: ConfidenceHead | None = None
+        if config.enable_confidence_head:
+            with_markov = config.confidence_head_with_markov and r > 0
+            self.confidence_head = ConfidenceHead(d, r if with_markov else 0)
+        self._init_weights(hf_config.initializer_range)
+        self._shared: tuple[nn.Embedding, nn.Linear] | None = None
+
+    def _init_weights(self, std: float) -> None:
+        for module in [self.fc, *self.layers]:
+            for sub in module.modules():
+                if isinstance(sub, nn.Linear):
+                    nn.init.normal_(sub.weight, std=std)
+
+    # -- the borrowed target parts ---------------------------------------------------------
+    def attach_target(self, target) -> None:
+        """Borrow the target's frozen embedding and LM head (kept out of state_dict)."""
+        self.config.check_target(target)
+        embed = target.model.get_input_embeddings()
+        head = target.model.get_output_embeddings()
+        self._shared = (embed, head)  # a plain tuple: not registered, not saved, not trained
+
+    @property
+    def embed_tokens(self) -> nn.Embedding:
+        if self._shared is None:
+            raise DsparkError("attach_target() must be called before drafting or training")
+        return self._shared[0]
+
+    @property
+    def lm_head(self) -> nn.Linear:
+        if self._shared is None:
+            raise DsparkError("attach_target() must be called before drafting or training")
+        return self._shared[1]
+
+    # -- context path -----------------------------------------------------------------------
+    def context_states(self, features: torch.Tensor) -> torch.Tensor:
+        """H_ctx = RMSNorm(fc(features)) # [B, n, m*d] -> [B, n, d]."""
+        return self.hidden_norm(self.fc(features.to(self.fc.weight.dtype)))
+
+    def extend_context(self, cache: ContextKV, h_ctx: torch.Tensor, positions: torch.Tensor) -> None:
+        """Project H_ctx # [B, n, d] at absolute ``positions`` # [B, n] into every layer's K/V."""
+        cos, sin = self.rotary_emb(h_ctx, positions)
+        batch, n, _ = h_ctx.shape
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            shape = (batch, n, -1, attn.head_dim)
+            key = attn.k_proj(h_ctx).view(shape)
+            if hasattr(attn, "k_norm"):
+                key = attn.k_norm(key)
+            key = key.transpose(1, 2)
+            key, _ = self._apply_rope(key, key, cos, sin)
+            value = attn.v_proj(h_ctx).view(shape).transpose(1, 2)
+            cache.append(i, key, value)
+
+    # -- block path ---------------------------------------------------------------------------
+    def block_input_ids(self, anchors: torch.Tensor) -> torch.Tensor:
+        """[anchor, mask × (γ-1)] for anchor tokens # [...] -> [..., γ]."""
+        gamma = self.config.block_size
+        ids = anchors.unsqueeze(-1).repeat_interleave(gamma, dim=-1)
+        ids[..., 1:] = self.config.mask_token_id
+        return ids
+
+    def backbone(
+        self,
+        block_ids: torch.Tensor,
+        positions: torch.Tensor,
+        cache: ContextKV,
+        attention_mask: torch.Tensor | None = None,
+    ) -> BlockOutput:
+        """Run block tokens # [B, T] at ``positions`` # [B, T] over the context in ``cache``.
+
+        ``attention_mask`` # [B, 1, T, n_ctx + T] (bool, True = attend) is needed only when
+        several blocks share one context (training); None means every block query sees the
+        whole cached context and all T block positions.
+        """
+        x = self.embed_tokens(block_ids).to(self.fc.weight.dtype)
+        position_embeddings = self.rotary_emb(x, positions)
+        for layer in self.layers:
+            x = layer(x, attention_mask=attention_mask, position_embeddings=position_embeddings, cache=cache)
+        hidden = self.norm(x)
+        return BlockOutput(hidden=hidden, base_logits=self.lm_head(hidden.to(self.lm_head.weight.dtype)))
+
+    # -- heads -----------------------------------------------------------------------------------
+    def teacher_forced_logits(self, out: BlockOutput, prev_tokens: torch.Tensor) -> torch.Tensor:
+        """U_k + B_k(x*_{k-1}) with the true previous tokens # [..., γ] -> [..., γ, V]."""
+        if self.markov_head is None:
+            return out.base_logits
+        return out.base_logits + self.markov_head.teacher_forced(prev_tokens, out.hidden)
+
+    def confidence_logits(self, hidden: torch.Tensor, prev_tokens: torch.Tensor) -> torch.Tensor | None:
+        """Raw logits of c_k # [..., γ] from h_k and W1[x_{k-1}], or None without the head."""
+        if self.confidence_head is None:
+            return None
+        prev = None
+        if self.confidence_head.proj.in_features > self.config.hidden_size:
+            prev = self.markov_head.embed(prev_tokens)
+        return self.confidence_head(hidden, prev)
+
+    # -- training forward ----------------------------------------------------------------------
+    def forward(self, features: torch.Tensor, input_ids: torch.Tensor, anchors: torch.Tensor) -> "TrainOutput":
+        """Draft many blocks per sequence at once, teacher-forced (training).
+
+        features # [B, S, m*d] target features of every position, input_ids # [B, S],
+        anchors # [B, N] anchor positions (-1 = padding). Block n of sequence b sees context
+        positions < anchors[b, n] and its own γ slots; slot k sits at position anchor + k - 1.
+        """
+        batch, seq = input_ids.shape
+        gamma = self.config.block_size
+        a = anchors.clamp_min(0)  # [B, N]
+        num = a.shape[1]
+        cache = ContextKV(len(self.layers))
+        ctx_positions = torch.arange(seq, device=input_ids.device).expand(batch, seq)
+        self.extend_context(cache, self.context_states(features), ctx_positions)
+        slot_pos = a.unsqueeze(-1) + torch.arange(gamma, device=a.device)  # [B, N, γ]
+        block_ids = self.block_input_ids(input_ids.gather(1, a)).view(batch, num * gamma)
+        mask = block_attention_mask(a, seq, gamma)
+        out = self.backbone(block_ids, slot_pos.view(batch, -1), cache, mask)
+        hidden = out.hidden.view(batch, num, gamma, -1)
+        base = out.base_logits.view(batch, num, gamma, -1)
+        # x*_{k-1}: the anchor for slot 1, then the true tokens (teacher forcing).
+        prev = input_ids.gather(1, slot_pos.clamp_max(seq - 1).view(batch, -1)).view(batch, num, gamma)
+        logits = self.teacher_forced_logits(BlockOutput(hidden, base), prev)
+        return TrainOutput(draft_logits=logits, confidence_logits=self.confidence_logits(hidden, prev))
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def save_pretrained(self, folder: str | Path, dtype: torch.dtype | None = None) -> None:
+        """config.json + model.safetensors with the authors' key names; no embed/LM head."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.config.save(folder)
+        state = {
+            k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
+            for k, v in self.state_dict().items()
+        }
+        save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+
+    @classmethod
+    def from_pretrained(
+        cls, folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    ) -> "DSparkModel":
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        if not (folder / "config.json").is_file():
+            raise DsparkError(f"{folder} is not a DSpark drafter folder (no config.json)")
+        try:
+            config = DSparkConfig.load(folder)
+        except (KeyError, TypeError, json.JSONDecodeError) as exc:
+            raise DsparkError(f"{folder}/config.json is not a DSpark config: {exc}") from exc
+        model = cls(config)
+        state = load_file(str(folder / WEIGHTS_NAME), device=str(device))
+        for key in SHARED_KEYS:
+            state.pop(key, None)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise DsparkError(
+                f"checkpoint {folder} does not match its config: missing {missing}, unexpected {unexpected}"
+            )
+        return model.to(device=device, dtype=dtype).eval()

@@ -1,0 +1,190 @@
+"""The DSpark drafter on tiny random configs: masks, KV injection, cache, heads, checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_target
+from dspark.drafters.base import DraftInput
+from dspark.drafters.dspark import DSparkConfig, DSparkDrafter, DSparkModel
+from dspark.drafters.dspark.model import block_attention_mask
+from dspark.errors import DsparkError, IncompatibleDrafterError
+from dspark.sampling import SamplingParams
+
+GAMMA = 4
+
+
+@pytest.fixture(scope="module")
+def target():
+    return tiny_target(vocab_size=32, hidden=32, layers=6, seed=0)
+
+
+def make_model(target, seed=1, **overrides) -> DSparkModel:
+    torch.manual_seed(seed)
+    values = dict(num_hidden_layers=2, markov_rank=8, block_size=GAMMA, mask_token_id=31)
+    values.update(overrides)
+    model = DSparkModel(DSparkConfig.for_target(target, **values)).eval()
+    with torch.no_grad():  # random (not zero) heads so every path matters
+        if model.markov_head is not None:
+            model.markov_head.markov_w2.weight.normal_(std=0.5)
+        if model.confidence_head is not None:
+            model.confidence_head.proj.weight.normal_(std=0.5)
+    model.attach_target(target)
+    return model
+
+
+def features_of(target, ids):
+    out = target.forward(torch.tensor([ids]), layer_ids=DSparkConfig.for_target(target).target_layer_ids)
+    return out.features  # [1, S, m*d]
+
+
+def test_block_mask_sees_context_before_anchor_and_whole_block():
+    mask = block_attention_mask(torch.tensor([[2, 4]]), seq_len=5, gamma=2)[0, 0].int()
+    expected = torch.tensor(
+        [  # ctx 0..4       | block0 | block1
+            [1, 1, 0, 0, 0, 1, 1, 0, 0],
+            [1, 1, 0, 0, 0, 1, 1, 0, 0],
+            [1, 1, 1, 1, 0, 0, 0, 1, 1],
+            [1, 1, 1, 1, 0, 0, 0, 1, 1],
+        ]
+    )
+    assert torch.equal(mask, expected)
+
+
+def test_block_ignores_context_at_or_after_anchor(target):
+    model = make_model(target)
+    ids = torch.randint(0, 30, (1, 12), generator=torch.Generator().manual_seed(0))
+    feats = features_of(target, ids[0].tolist())
+    anchors = torch.tensor([[6]])
+    base = model(feats, ids, anchors).draft_logits
+    later = feats.clone()
+    later[:, 6:] += 5.0  # anchor position and everything after: invisible to the block
+    assert torch.allclose(model(later, ids, anchors).draft_logits, base, atol=1e-5)
+    earlier = feats.clone()
+    earlier[:, 5] += 5.0  # the last context position before the anchor: visible
+    assert not torch.allclose(model(earlier, ids, anchors).draft_logits, base, atol=1e-3)
+
+
+def test_block_is_bidirectional(target):
+    model = make_model(target, markov_rank=0, enable_confidence_head=False)
+    ids = torch.randint(0, 30, (1, 10), generator=torch.Generator().manual_seed(1))
+    from dspark.drafters.dspark.model import ContextKV
+
+    cache = ContextKV(2)
+    model.extend_context(cache, model.context_states(features_of(target, ids[0].tolist())[:, :6]), torch.arange(6)[None])
+    block = model.block_input_ids(ids[0, 6]).unsqueeze(0)
+    pos = torch.arange(6, 6 + GAMMA)[None]
+    first = model.backbone(block, pos, cache).base_logits[0, 0]
+    altered = block.clone()
+    altered[0, -1] = 3  # change the last slot's input: slot 1 must see it
+    assert not torch.allclose(model.backbone(altered, pos, cache).base_logits[0, 0], first, atol=1e-4)
+
+
+def test_incremental_context_equals_recompute_and_training_path(target):
+    model = make_model(target)
+    ids = torch.randint(0, 30, (14,), generator=torch.Generator().manual_seed(2)).tolist()
+    feats = features_of(target, ids)[0]  # [S, m*d]
+    params = SamplingParams()
+    anchor = 11  # tokens[: anchor + 1] are committed; the anchor is tokens[anchor]
+
+    incremental = DSparkDrafter(model)
+    incremental.reset()
+    for lo, hi in [(0, 5), (5, 6), (6, 9), (9, anchor)]:  # rounds of uneven size
+        block = incremental.propose(DraftInput(torch.tensor(ids[: hi + 1]), feats[lo:hi], params, None, GAMMA))
+    scratch = DSparkDrafter(model)
+    scratch.reset()
+    fresh = scratch.propose(DraftInput(torch.tensor(ids[: anchor + 1]), feats[:anchor], params, None, GAMMA))
+    assert torch.equal(block.tokens, fresh.tokens)
+    assert torch.allclose(block.confidences, fresh.confidences, atol=1e-6)
+
+    # The training path (many blocks, one mask) gives the same base logits for this anchor.
+    from dspark.drafters.dspark.model import ContextKV
+
+    cache = ContextKV(2)
+    model.extend_context(cache, model.context_states(feats[:anchor][None]), torch.arange(anchor)[None])
+    pos = torch.arange(anchor, anchor + GAMMA)[None]
+    serve = model.backbone(model.block_input_ids(torch.tensor(ids[anchor])).unsqueeze(0), pos, cache)
+    train_model = make_model(target, markov_rank=0, enable_confidence_head=False)
+    train_model.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith(("markov", "confidence"))})
+    trained = train_model(feats[None], torch.tensor([ids]), torch.tensor([[anchor, 3]])).draft_logits[0, 0]
+    assert torch.allclose(trained, serve.base_logits[0], atol=1e-4)
+
+
+def test_markov_bias_depends_on_previous_token(target):
+    model = make_model(target)
+    hidden = torch.randn(1, GAMMA, 32)
+    from dspark.drafters.dspark.model import BlockOutput
+
+    out = BlockOutput(hidden, torch.zeros(1, GAMMA, 32))
+    a = model.teacher_forced_logits(out, torch.tensor([[1, 2, 3, 4]]))
+    b = model.teacher_forced_logits(out, torch.tensor([[1, 2, 9, 4]]))
+    assert torch.allclose(a[0, [0, 1, 3]], b[0, [0, 1, 3]])  # only slot 3 (prev = x_2) moves
+    assert not torch.allclose(a[0, 2].softmax(-1), b[0, 2].softmax(-1), atol=1e-3)
+    assert torch.allclose(a[0, 2], model.markov_head.markov_w2(model.markov_head.markov_w1(torch.tensor(3))))
+
+
+def test_rnn_head_carries_history(target):
+    model = make_model(target, markov_head_type="rnn")
+    with torch.no_grad():
+        model.markov_head.joint_proj.weight.normal_(std=0.5)
+    from dspark.drafters.dspark.model import BlockOutput
+
+    out = BlockOutput(torch.randn(1, GAMMA, 32), torch.zeros(1, GAMMA, 32))
+    a = model.teacher_forced_logits(out, torch.tensor([[1, 2, 3, 4]]))
+    b = model.teacher_forced_logits(out, torch.tensor([[5, 2, 3, 4]]))
+    # Changing x_0 changes slot 1 and, through the state, every later slot.
+    assert all(not torch.allclose(a[0, k], b[0, k]) for k in range(GAMMA))
+
+
+def test_save_load_round_trip_is_bit_exact(target, tmp_path):
+    model = make_model(target)
+    model.save_pretrained(tmp_path / "d")
+    loaded = DSparkModel.from_pretrained(tmp_path / "d")
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, loaded.state_dict()[key]), key
+    assert loaded.config == model.config
+    cfg = json.loads((tmp_path / "d" / "config.json").read_text())
+    for field in ("block_size", "target_layer_ids", "mask_token_id", "markov_rank", "markov_head_type",
+                  "enable_confidence_head", "confidence_head_with_markov"):
+        assert field in cfg
+    assert cfg["architectures"] == ["Qwen3DSparkModel"]
+    from safetensors.torch import load_file
+
+    keys = set(load_file(str(tmp_path / "d" / "model.safetensors")))
+    assert {"fc.weight", "hidden_norm.weight", "norm.weight", "markov_head.markov_w1.weight",
+            "markov_head.markov_w2.weight", "confidence_head.proj.weight", "confidence_head.proj.bias"} <= keys
+    assert not any(k.startswith(("embed_tokens", "lm_head")) for k in keys)
+
+
+def test_authors_checkpoint_with_embed_and_head_loads(target, tmp_path):
+    model = make_model(target)
+    model.save_pretrained(tmp_path / "d")
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(tmp_path / "d" / "model.safetensors"))
+    state["embed_tokens.weight"] = torch.zeros(32, 32)
+    state["lm_head.weight"] = torch.zeros(32, 32)
+    save_file(state, str(tmp_path / "d" / "model.safetensors"))
+    assert DSparkModel.from_pretrained(tmp_path / "d").config == model.config
+
+
+def test_refuses_a_target_it_was_not_trained_for(target):
+    model = make_model(target)
+    other = tiny_target(vocab_size=40, hidden=32, layers=6)
+    with pytest.raises(IncompatibleDrafterError, match="vocabulary 40 != 32"):
+        model.attach_target(other)
+    wider = tiny_target(vocab_size=32, hidden=48, layers=6)
+    with pytest.raises(IncompatibleDrafterError, match="hidden size"):
+        model.attach_target(wider)
+
+
+def test_config_rejects_final_layer_and_bad_values(target):
+    with pytest.raises(ValueError, match="final, normed layer"):
+        DSparkConfig.for_target(target, target_layer_ids=(1, 5))
+    with pytest.raises(ValueError, match="markov_head_type"):
+        DSparkConfig.for_target(target, markov_head_type="lstm")
+    with pytest.raises(DsparkError, match="not a DSpark drafter folder"):
+        DSparkModel.from_pretrained("/no/such/folder")
