@@ -12,6 +12,7 @@ from typing import List, Optional
 import typer
 
 from dspark.errors import DsparkError
+from dspark.training.data_cli import data_app
 
 app = typer.Typer(
     add_completion=False,
@@ -19,6 +20,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="dspark: lossless speculative decoding with DSpark drafters.",
 )
+
+app.add_typer(data_app, name="data")
+
 
 @app.callback()
 def _root() -> None:

@@ -1,0 +1,1 @@
+"""Training DSpark drafters: data (prompts, regenerated responses, masked sequences) and trainer."""
