@@ -1,0 +1,113 @@
+"""The DSpark training objective (paper eqs. 8-12) as pure functions.
+
+L = α_ce·L_ce + α_tv·L_tv + α_conf·L_conf, each term position-weighted by
+w_k = exp(-(k-1)/γ_w) and averaged over valid slots:
+
+- L_ce: cross-entropy of the draft distribution p_d on the ground-truth token x*_k;
+- L_tv: ‖p_d − p_t‖₁ against the target distribution p_t at the same position;
+- L_conf: BCE(c_k, c*_k) with the soft label c*_k = 1 − ½‖p_d − p_t‖₁ (detached), which is the
+  exact per-slot acceptance probability of rejection sampling.
+
+"Averaged" means Σ w_k·ℓ_k / Σ w_k over valid slots; ``denominator`` lets data-parallel
+ranks divide by the *global* weight sum so N ranks reproduce one process exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """Mixing weights of the three terms and the position decay."""
+
+    ce: float = 0.1
+    """α_ce."""
+    tv: float = 0.9
+    """α_tv."""
+    conf: float = 1.0
+    """α_conf (0 when the confidence head is off)."""
+    gamma_w: float = 7.0
+    """γ_w in w_k = exp(-(k-1)/γ_w); the paper uses the block size (7)."""
+
+    def __post_init__(self) -> None:
+        if min(self.ce, self.tv, self.conf) < 0 or self.ce + self.tv <= 0:
+            raise ValueError("loss weights must be >= 0 with ce + tv > 0")
+        if self.gamma_w <= 0:
+            raise ValueError("gamma_w must be > 0")
+
+
+DSPARK_WEIGHTS = LossWeights()
+DFLASH_WEIGHTS = LossWeights(ce=1.0, tv=0.0, conf=0.0)
+
+
+def position_weights(gamma: int, gamma_w: float, device=None) -> torch.Tensor:
+    """w_k = exp(-(k-1)/γ_w) for k = 1..γ # -> [γ]."""
+    k = torch.arange(gamma, dtype=torch.float32, device=device)
+    return torch.exp(-k / gamma_w)
+
+
+@dataclass(frozen=True)
+class LossTerms:
+    """The objective and its parts for one batch."""
+
+    total: torch.Tensor
+    ce: torch.Tensor
+    tv: torch.Tensor
+    conf: torch.Tensor
+    slot_acceptance: torch.Tensor
+    """[γ] mean soft acceptance 1 − ½‖p_d − p_t‖₁ per slot (detached)."""
+    slot_counts: torch.Tensor
+    """[γ] valid slots that entered slot_acceptance."""
+
+    def tau_estimate(self) -> float:
+        """1 + Σ_k Π_{i≤k} acceptance_i: the training-time estimate of τ."""
+        return 1.0 + float(self.slot_acceptance.cumprod(0).sum())
+
+
+def dspark_loss(
+    draft_logits: torch.Tensor,
+    target_logits: torch.Tensor,
+    labels: torch.Tensor,
+    valid: torch.Tensor,
+    confidence_logits: torch.Tensor | None,
+    weights: LossWeights,
+    denominator: torch.Tensor | None = None,
+) -> LossTerms:
+    """Loss over blocks: logits # [N, γ, V], labels/valid # [N, γ], confidence # [N, γ]."""
+    n, gamma, vocab = draft_logits.shape
+    if target_logits.shape != draft_logits.shape:
+        raise ValueError(f"target_logits {tuple(target_logits.shape)} != draft_logits {(n, gamma, vocab)}")
+    if labels.shape != (n, gamma) or valid.shape != (n, gamma):
+        raise ValueError(f"labels and valid must be [{n}, {gamma}]")
+    w = position_weights(gamma, weights.gamma_w, draft_logits.device).expand(n, gamma) * valid.float()
+    denom = w.sum() if denominator is None else denominator
+    denom = denom.clamp_min(1e-8)
+
+    log_pd = draft_logits.float().log_softmax(-1)
+    ce = F.nll_loss(log_pd.reshape(-1, vocab), labels.reshape(-1), reduction="none").view(n, gamma)
+    p_t = target_logits.float().softmax(-1)
+    l1 = (log_pd.exp() - p_t).abs().sum(-1)  # [N, γ] = ‖p_d − p_t‖₁ = 2·TV
+    soft_accept = (1.0 - 0.5 * l1).detach().clamp(0.0, 1.0)  # c*_k
+
+    zero = draft_logits.new_zeros((), dtype=torch.float32)
+    ce_term = (w * ce).sum() / denom
+    tv_term = (w * l1).sum() / denom
+    conf_term = zero
+    if confidence_logits is not None and weights.conf > 0:
+        bce = F.binary_cross_entropy_with_logits(confidence_logits.float(), soft_accept, reduction="none")
+        conf_term = (w * bce).sum() / denom
+    total = weights.ce * ce_term + weights.tv * tv_term + weights.conf * conf_term
+
+    counts = valid.float().sum(0)
+    acceptance = (soft_accept * valid.float()).sum(0) / counts.clamp_min(1.0)
+    return LossTerms(total, ce_term.detach(), tv_term.detach(), conf_term.detach(), acceptance, counts)
+
+
+def expected_tau(acceptance: list[float]) -> float:
+    """1 + Σ_k Π_{i≤k} a_i for a per-slot acceptance list (for logs and tests)."""
+    return 1.0 + sum(math.prod(acceptance[: k + 1]) for k in range(len(acceptance)))
