@@ -13,6 +13,7 @@ import typer
 
 from dspark.errors import DsparkError
 from dspark.training.data_cli import data_app
+from dspark.training.train_cli import train_command
 
 app = typer.Typer(
     add_completion=False,
@@ -22,6 +23,7 @@ app = typer.Typer(
 )
 
 app.add_typer(data_app, name="data")
+app.command("train")(train_command)
 
 
 @app.callback()
@@ -42,7 +44,7 @@ def _fail(message: str) -> None:
 def generate(
     prompt: str = typer.Argument(..., help="The user message (or raw text with --no-chat)."),
     model: Optional[str] = typer.Option(None, help="HF id, folder or .gguf; default: SmolLM2-135M-Instruct."),
-    drafter: str = typer.Option("ngram", help="none | ngram | model:<HF id, folder or .gguf>."),
+    drafter: Optional[str] = typer.Option(None, help="none | ngram | model:<path> | dspark[:<folder>] | dflash:<folder>; default: the shipped DSpark drafter."),
     gamma: Optional[int] = typer.Option(None, help="Draft tokens per round (drafter default if unset)."),
     temperature: float = typer.Option(0.0, help="0 = greedy."),
     top_p: float = typer.Option(1.0, help="Nucleus filter in (0, 1]."),
@@ -71,12 +73,12 @@ def generate(
 
 
 def _generate(prompt, model, drafter_spec, gamma, params, max_new_tokens, seed, stop, chat, compare, as_json):
-    from dspark.drafters import NoDrafter, make_drafter
+    from dspark.drafters import NoDrafter, default_drafter_spec, make_drafter
     from dspark.engine import GenerationRequest, SpeculativeEngine
     from dspark.target import TargetModel
 
     target = TargetModel.load(model)
-    drafter = make_drafter(drafter_spec, gamma=gamma)
+    drafter = make_drafter(drafter_spec or default_drafter_spec(), gamma=gamma)
     engine = SpeculativeEngine(target, drafter)
     request = GenerationRequest(
         prompt_ids=target.encode_prompt(prompt, chat=chat),
@@ -158,7 +160,12 @@ class _Streamer:
 
 
 def main() -> None:
-    app()
+    """Entry point: user errors from any subcommand become one line and exit code 2."""
+    try:
+        app()
+    except (DsparkError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -129,10 +129,11 @@ class SpeculativeEngine:
             new_features = out.features[0, : n + 1] if out.features is not None else None
             buf[length : length + len(result.tokens)] = torch.as_tensor(result.tokens, device=device)
             length += len(result.tokens)
+            before = len(committed)
             committed.extend(result.tokens)
             finish = stops.check(committed)
             if on_tokens is not None:
-                on_tokens(result.tokens[: max(0, stops.cut - (len(committed) - len(result.tokens)))])
+                on_tokens(committed[before : stops.cut])
 
         token_ids = committed[: stops.cut]
         stats.new_tokens = len(token_ids)

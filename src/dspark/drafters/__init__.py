@@ -4,17 +4,28 @@
 
 - ``none``: plain decoding (the reference);
 - ``ngram``: prompt lookup;
-- ``model:<id|folder|file.gguf>``: an independent draft model sharing the tokenizer.
+- ``model:<id|folder|file.gguf>``: an independent draft model sharing the tokenizer;
+- ``dspark``: the DSpark drafter shipped for the default target;
+- ``dspark:<folder>`` / ``dflash:<folder>``: a trained DSpark or DFlash checkpoint.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from dspark.drafters.base import DraftBlock, DraftInput, Drafter, NoDrafter
 from dspark.errors import DsparkError
 
-__all__ = ["DraftBlock", "DraftInput", "Drafter", "NoDrafter", "make_drafter", "DRAFTER_HELP"]
+__all__ = ["DraftBlock", "DraftInput", "Drafter", "NoDrafter", "make_drafter", "DRAFTER_HELP", "default_drafter_spec"]
 
-DRAFTER_HELP = "none | ngram | model:<HF id, folder or .gguf>"
+DRAFTER_HELP = "none | ngram | model:<HF id|folder|.gguf> | dspark[:<folder>] | dflash:<folder>"
+SHIPPED_DRAFTER = Path(__file__).resolve().parent.parent / "assets" / "drafters" / "smollm2-135m-instruct-dspark"
+"""The DSpark drafter trained for the embedded default target (fp16, no embedding/LM head)."""
+
+
+def default_drafter_spec() -> str:
+    """``dspark`` once a trained drafter ships inside the package, else ``ngram``."""
+    return "dspark" if (SHIPPED_DRAFTER / "config.json").is_file() else "ngram"
 
 
 def make_drafter(spec: str, gamma: int | None = None, device: str = "cpu") -> Drafter:
@@ -30,4 +41,16 @@ def make_drafter(spec: str, gamma: int | None = None, device: str = "cpu") -> Dr
         from dspark.drafters.draft_model import DraftModelDrafter
 
         return DraftModelDrafter.load(arg, gamma=gamma or 5, device=device)
+    if kind in ("dspark", "dflash"):
+        from dspark.drafters.dspark import DSparkDrafter
+
+        folder = Path(arg).expanduser() if arg else SHIPPED_DRAFTER
+        if not arg and kind == "dflash":
+            raise DsparkError("dflash needs a checkpoint folder: dflash:<folder>")
+        if not (folder / "config.json").is_file():
+            raise DsparkError(f"no DSpark drafter at {folder} (expected config.json and model.safetensors)")
+        drafter = DSparkDrafter.load(folder, gamma=gamma, device=device)
+        if kind == "dflash" and not drafter.config.is_dflash:
+            raise DsparkError(f"{folder} holds a DSpark drafter, not DFlash; use dspark:{folder}")
+        return drafter
     raise DsparkError(f"unknown drafter {spec!r}; choose one of: {DRAFTER_HELP}")
