@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import tiny_llama
+from dspark.drafters import SHIPPED_DRAFTER, make_drafter
 from dspark.drafters.draft_model import DraftModelDrafter
 from dspark.drafters.ngram import NgramDrafter
 from dspark.engine import GenerationRequest, SpeculativeEngine
@@ -51,15 +52,33 @@ def oracle(default_target):
 def _drafters(target):
     random_small = tiny_llama(vocab_size=target.vocab_size, hidden=32, layers=1, seed=3)
     return {
-        "ngram": NgramDrafter(),
-        "draft-model-self": DraftModelDrafter(target.model, gamma=4, name="self"),
-        "draft-model-random": DraftModelDrafter(random_small, gamma=3, name="random"),
+        "ngram": lambda: NgramDrafter(),
+        "draft-model-self": lambda: DraftModelDrafter(target.model, gamma=4, name="self"),
+        "draft-model-random": lambda: DraftModelDrafter(random_small, gamma=3, name="random"),
+        "dspark-random": lambda: _random_dspark(target),
+        "dspark-shipped": lambda: make_drafter("dspark"),
     }
 
 
-@pytest.mark.parametrize("drafter_name", ["ngram", "draft-model-self", "draft-model-random"])
+def _random_dspark(target):
+    """A random-init DSpark drafter at the real target's shapes: mostly rejected drafts."""
+    from dspark.drafters.dspark import DSparkConfig, DSparkDrafter, DSparkModel
+
+    torch.manual_seed(0)
+    model = DSparkModel(DSparkConfig.for_target(target, num_hidden_layers=1, markov_rank=16))
+    with torch.no_grad():
+        model.markov_head.markov_w2.weight.normal_(std=0.5)
+    return DSparkDrafter(model)
+
+
+DRAFTERS = ["ngram", "draft-model-self", "draft-model-random", "dspark-random"]
+if (SHIPPED_DRAFTER / "config.json").is_file():
+    DRAFTERS.append("dspark-shipped")
+
+
+@pytest.mark.parametrize("drafter_name", DRAFTERS)
 def test_speculative_greedy_equals_plain_generate(default_target, oracle, drafter_name):
-    drafter = _drafters(default_target)[drafter_name]
+    drafter = _drafters(default_target)[drafter_name]()
     engine = SpeculativeEngine(default_target, drafter)
     accepted = 0
     for prompt in PROMPTS:
@@ -67,5 +86,5 @@ def test_speculative_greedy_equals_plain_generate(default_target, oracle, drafte
         result = engine.generate(request)
         assert result.token_ids == oracle[prompt], f"{drafter_name} diverged on {prompt!r}"
         accepted += sum(result.stats.accepted)
-    if drafter_name != "draft-model-random":
+    if drafter_name not in ("draft-model-random", "dspark-random"):
         assert accepted > 0, "the drafter never got a token accepted, so nothing was tested"
