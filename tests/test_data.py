@@ -403,7 +403,7 @@ def test_cli_prompts_mixes_and_reports(tmp_path, eval_dir):
         (["prompts", "--out", "x.jsonl"], "no prompt source"),
         (["prompts", "--out", "x.jsonl", "--sharegpt", "-1"], "--sharegpt must be >= 0"),
         (["prompts", "--out", "x.jsonl", "--jsonl", "/no/such.jsonl"], "not found"),
-        (["prompts", "--out", "x.jsonl", "--jsonl", "a.jsonl", "--eval-dir", "/no/eval"], "no evaluation sets"),
+        (["prompts", "--out", "x.jsonl", "--sharegpt", "1", "--eval-dir", "/no/eval"], "no evaluation sets"),
         (["generate", "--prompts", "/no/such.jsonl", "--out", "r.jsonl"], "not found"),
         (["generate", "--prompts", "p.jsonl", "--out", "r.jsonl", "--temperature", "-1"], "temperature"),
         (["generate", "--prompts", "p.jsonl", "--out", "r.jsonl", "--top-p", "2"], "top_p"),

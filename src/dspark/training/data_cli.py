@@ -12,6 +12,8 @@ from typing import List, Optional
 
 import typer
 
+from dspark.errors import DsparkError
+
 data_app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
@@ -94,7 +96,10 @@ def _mix(out, sharegpt, jsonl, jsonl_domain, jsonl_limit, magpie, magpie_batch_s
          model, device, eval_dir):
     from dspark.training import data
 
-    # The filter first: a missing eval dir must fail before minutes of synthesis.
+    missing = [str(p) for p in jsonl if not p.is_file()]
+    if missing:  # cheap checks first: nothing may fail after minutes of synthesis
+        raise DsparkError(f"prompt file not found: {', '.join(missing)}")
+    # The filter next: a missing eval dir must fail before minutes of synthesis.
     eval_filter = data.EvalOverlapFilter.from_dir(eval_dir or data.default_eval_dir())
     magpie_config = data.MagpieConfig(batch_size=magpie_batch_size, seed=seed)
     pools = []
