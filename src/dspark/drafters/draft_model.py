@@ -66,18 +66,19 @@ class DraftModelDrafter:
 
             self._cache = DynamicCache(config=self.model.config)
         crop_cache(self._cache, keep)
-        self._cached = committed[:keep]
         feed = tokens[keep:].unsqueeze(0)  # [1, n] the unseen committed tokens, anchor last
         drafted, probs = [], []
         for _ in range(gamma):
             logits = self.model(input_ids=feed, cache=self._cache, use_cache=True).logits[0, -1]
             x, q = sample_from_logits(logits, draft_input.params, draft_input.generator)
-            self._cached.extend(feed[0].tolist())
             drafted.append(x)
             probs.append(q)
             feed = x.view(1, 1)
+        draft = torch.stack(drafted)
+        # The cache now holds every committed id and all drafts but the last (never fed).
+        self._cached = committed + draft[:-1].tolist()
         q = None if probs[0] is None else torch.stack(probs)
-        return DraftBlock(tokens=torch.stack(drafted), q=q)
+        return DraftBlock(tokens=draft, q=q)
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
