@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dspark.training.batches import Batch
+from dspark.training.batches import Batch, make_batch
 
 
 @dataclass(frozen=True)
@@ -83,19 +83,11 @@ class CachedFeatures:
         data = np.memmap(folder / "features.f16", dtype=np.float16, mode="w+", shape=(offsets[-1], width + target.hidden_size))
         online = OnlineFeatures(target, layer_ids)
         for start in tqdm(range(0, len(sequences), batch_size), desc="feature cache", unit="batch"):
-            chunk = sequences[start : start + batch_size]
-            width_s = max(len(s.input_ids) for s in chunk)
-            ids = torch.zeros(len(chunk), width_s, dtype=torch.long)
-            attn = torch.zeros_like(ids)
-            for b, s in enumerate(chunk):
-                ids[b, : len(s.input_ids)] = torch.as_tensor(s.input_ids)
-                attn[b, : len(s.input_ids)] = 1
-            batch = Batch(ids, attn, attn, torch.zeros(len(chunk), 0, dtype=torch.long), [])
-            out = online(batch)
+            indices = range(start, min(start + batch_size, len(sequences)))
+            out = online(make_batch(sequences, indices, anchors_per_sequence=0, step=0, seed=0))
             both = torch.cat([out.features, out.last_hidden], dim=-1).to(torch.float16).cpu().numpy()
-            for b, s in enumerate(chunk):
-                i = start + b
-                data[offsets[i] : offsets[i + 1]] = both[b, : len(s.input_ids)]
+            for b, i in enumerate(indices):
+                data[offsets[i] : offsets[i + 1]] = both[b, : offsets[i + 1] - offsets[i]]
         data.flush()
         meta = {"offsets": offsets, "feature_width": width, "hidden_size": target.hidden_size, "layer_ids": list(layer_ids)}
         (folder / "meta.json").write_text(json.dumps(meta))  # written last: marks the cache complete

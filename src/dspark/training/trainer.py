@@ -12,6 +12,7 @@ it: since data order and anchors are functions of (seed, step), nothing is lost 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -171,7 +172,7 @@ def train(
     ddp = model
     if world > 1:
         ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _null()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     weights = config.loss_weights
     end = config.steps if stop_after is None else min(config.steps, start_step + stop_after)
     bar = tqdm(range(start_step, end), initial=start_step, total=config.steps, disable=not progress or rank != 0, desc=f"train {config.variant}")
@@ -219,14 +220,6 @@ def train(
             last_saved = _save(out, done, model, optimizer, scheduler, rank)
     bar.close()
     return last_saved or out / (out / "latest").read_text().strip()
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _global_denominator(valid: torch.Tensor, gamma: int, gamma_w: float, world: int) -> torch.Tensor:
