@@ -139,8 +139,9 @@ def test_rnn_head_carries_history(target):
     assert all(not torch.allclose(a[0, k], b[0, k]) for k in range(GAMMA))
 
 
-def test_save_load_round_trip_is_bit_exact(target, tmp_path):
-    model = make_model(target)
+@pytest.mark.parametrize("family, architecture", [("llama", "LlamaDSparkModel"), ("qwen3", "Qwen3DSparkModel")])
+def test_save_load_round_trip_is_bit_exact(target, tmp_path, family, architecture):
+    model = make_model(target, layer_family=family)
     model.save_pretrained(tmp_path / "d")
     loaded = DSparkModel.from_pretrained(tmp_path / "d")
     for key, value in model.state_dict().items():
@@ -150,7 +151,7 @@ def test_save_load_round_trip_is_bit_exact(target, tmp_path):
     for field in ("block_size", "target_layer_ids", "mask_token_id", "markov_rank", "markov_head_type",
                   "enable_confidence_head", "confidence_head_with_markov"):
         assert field in cfg
-    assert cfg["architectures"] == ["Qwen3DSparkModel"]
+    assert cfg["architectures"] == [architecture]
     from safetensors.torch import load_file
 
     keys = set(load_file(str(tmp_path / "d" / "model.safetensors")))
@@ -188,3 +189,26 @@ def test_config_rejects_final_layer_and_bad_values(target):
         DSparkConfig.for_target(target, markov_head_type="lstm")
     with pytest.raises(DsparkError, match="not a DSpark drafter folder"):
         DSparkModel.from_pretrained("/no/such/folder")
+
+
+def test_init_from_target_starts_as_the_targets_top_layers(target):
+    model = make_model(target)
+    model.init_from_target(target)
+    layers = target.model.model.layers
+    top = layers[len(layers) - len(model.layers) :]
+    for mine, theirs in zip(model.layers, top):
+        for name, value in theirs.state_dict().items():
+            assert torch.equal(mine.state_dict()[name], value), name
+    # H_ctx begins as the normalised input of the layer that reads the deepest feature layer.
+    ids = [3, 7, 1, 9, 4]
+    config = model.config
+    deepest = max(config.target_layer_ids)
+    hidden = target.model(torch.tensor([ids]), output_hidden_states=True).hidden_states[deepest + 1]
+    expected = layers[deepest + 1].input_layernorm(hidden)
+    torch.testing.assert_close(model.context_states(features_of(target, ids)), expected)
+    torch.testing.assert_close(model.norm.weight, target.model.model.norm.weight)
+
+
+def test_drafter_family_follows_the_target(target):
+    assert DSparkConfig.for_target(target).layer_family == "llama"
+    assert DSparkConfig.for_target(target, layer_family="qwen3").layer_family == "qwen3"

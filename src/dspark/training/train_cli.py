@@ -26,6 +26,7 @@ def train_command(
     markov_rank: int = typer.Option(32, help="Markov head rank r (dspark)."),
     markov_head_type: str = typer.Option("vanilla", help="vanilla or rnn (dspark)."),
     layer_ids: Optional[List[int]] = typer.Option(None, "--layer-id", help="Target feature layer (repeatable); default 5 spread."),
+    init_from_target: bool = typer.Option(True, "--init-from-target/--random-init", help="Warm-start the draft layers from the target's top layers."),
     lr: float = typer.Option(6e-4, help="Peak learning rate (AdamW, warmup + cosine)."),
     gamma_w: float = typer.Option(7.0, help="Position decay γ_w of w_k = exp(-(k-1)/γ_w)."),
     max_length: int = typer.Option(1024, help="Truncate training sequences to this many tokens."),
@@ -48,7 +49,7 @@ def train_command(
     config = TrainConfig(
         out_dir=str(out), variant=variant, num_layers=num_layers, block_size=block_size,
         markov_rank=markov_rank, markov_head_type=markov_head_type,
-        target_layer_ids=tuple(layer_ids or ()), steps=steps, batch_size=batch_size,
+        target_layer_ids=tuple(layer_ids or ()), init_from_target=init_from_target, steps=steps, batch_size=batch_size,
         anchors_per_sequence=anchors, lr=lr, gamma_w=gamma_w, save_every=save_every,
         log_every=log_every, seed=seed,
     )

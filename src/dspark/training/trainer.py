@@ -52,6 +52,8 @@ class TrainConfig:
     """"vanilla" or "rnn" (dspark only)."""
     target_layer_ids: tuple[int, ...] = ()
     """Feature layers; empty = 5 spread over the target's depth."""
+    init_from_target: bool = True
+    """Warm-start the draft layers from the target's top layers (DSparkModel.init_from_target)."""
     steps: int = 1000
     """Optimizer steps in total."""
     batch_size: int = 4
@@ -161,6 +163,8 @@ def train(
     torch.manual_seed(config.seed)  # identical initial weights on every rank
     model = DSparkModel(drafter_config).to(device)
     model.attach_target(target)
+    if config.init_from_target:
+        model.init_from_target(target)
     features = features or OnlineFeatures(target, drafter_config.target_layer_ids)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))

@@ -50,7 +50,8 @@ class DSparkConfig:
     max_position_embeddings: int = 8192
     hidden_act: str = "silu"
     layer_family: str = "qwen3"
-    """transformers block family of the backbone; qwen3 (Llama + q/k norm) exports to vLLM/SGLang."""
+    """transformers block family of the backbone: the target's own family where dspark has it
+    (llama for Llama-style targets such as SmolLM2), else qwen3, the family vLLM/SGLang serve."""
     markov_rank: int = 256
     """r of the low-rank Markov head W1 (V×r) · W2 (r×V); 0 turns the head off (DFlash)."""
     markov_head_type: str = "vanilla"
@@ -114,6 +115,7 @@ class DSparkConfig:
             max_position_embeddings=getattr(cfg, "max_position_embeddings", 8192),
             hidden_act=getattr(cfg, "hidden_act", "silu"),
             mask_token_id=pick_mask_token(target),
+            layer_family="llama" if getattr(cfg, "model_type", "") == "llama" else "qwen3",
         )
         values.update(overrides)
         if "target_layer_ids" in overrides:

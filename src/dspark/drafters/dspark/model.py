@@ -179,6 +179,32 @@ class DSparkModel(nn.Module):
         head = target.model.get_output_embeddings()
         self._shared = (embed, head)  # a plain tuple: not registered, not saved, not trained
 
+    @torch.no_grad()
+    def init_from_target(self, target) -> None:
+        """Start the backbone from the target's own top layers (a warm start for training).
+
+        Draft layer i copies target layer L - n + i wherever names and shapes agree (all of a
+        same-family layer; a qwen3 backbone on a Llama target keeps its fresh q/k norms). fc
+        starts by selecting the deepest feature layer and hidden_norm takes the norm weight of
+        the target layer that reads it, so H_ctx begins as that layer's normalised input; the
+        final norm is the target's.
+        """
+        model = target.model
+        decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+        target_layers = decoder.layers
+        n, total = len(self.layers), len(target_layers)
+        for i, layer in enumerate(self.layers):
+            source = target_layers[total - n + i].state_dict()
+            own = layer.state_dict()
+            layer.load_state_dict({k: source[k] if k in source and source[k].shape == v.shape else v for k, v in own.items()})
+        d = self.config.hidden_size
+        deepest = max(range(len(self.config.target_layer_ids)), key=lambda j: self.config.target_layer_ids[j])
+        self.fc.weight.zero_()
+        self.fc.weight[:, deepest * d : (deepest + 1) * d] = torch.eye(d)
+        reader = target_layers[self.config.target_layer_ids[deepest] + 1]
+        self.hidden_norm.weight.copy_(reader.input_layernorm.weight)
+        self.norm.weight.copy_(decoder.norm.weight)
+
     @property
     def embed_tokens(self) -> nn.Embedding:
         if self._shared is None:
