@@ -3,6 +3,24 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    """One verification round as the evaluation harness and calibration need it."""
+
+    proposed: int
+    """Draft tokens verified (γ of the round)."""
+    accepted: int
+    """Draft tokens accepted (a prefix of the proposed ones)."""
+    draft_s: float
+    """Seconds spent in ``Drafter.propose``."""
+    verify_s: float
+    """Seconds spent in the target forward, the rejection rule and the cache rollback."""
+    confidences: Any = None
+    """[γ] raw c_k of the block as the drafter returned it (a tensor, possibly on the
+    accelerator: converting it here would be a host sync per round), or None."""
 
 
 @dataclass
@@ -21,11 +39,23 @@ class GenerationStats:
     draft_s: float = 0.0
     verify_s: float = 0.0
     wall_s: float = 0.0
+    round_records: list[RoundRecord] = field(default_factory=list)
+    """Every round in order, with its own timings and raw confidences."""
 
-    def record_round(self, proposed: int, accepted: int) -> None:
+    def record_round(
+        self,
+        proposed: int,
+        accepted: int,
+        draft_s: float = 0.0,
+        verify_s: float = 0.0,
+        confidences: Any = None,
+    ) -> None:
         self.rounds += 1
         self.proposed.append(proposed)
         self.accepted.append(accepted)
+        self.draft_s += draft_s
+        self.verify_s += verify_s
+        self.round_records.append(RoundRecord(proposed, accepted, draft_s, verify_s, confidences))
 
     @property
     def tau(self) -> float:

@@ -1,0 +1,220 @@
+"""``dspark eval`` and ``dspark calibrate``. Only typer is imported at module top."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+BUILTIN_HELP = "gsm8k, humaneval, mbpp, mt-bench"
+
+
+def eval_command(
+    dataset: Optional[List[str]] = typer.Option(
+        None, "--dataset", help=f"Built-in set ({BUILTIN_HELP}) or a .jsonl of {{\"turns\": [...]}} (repeatable); default: all built-ins."),
+    drafter: Optional[List[str]] = typer.Option(
+        None, "--drafter", help="Drafter to compare (repeatable): none | ngram | model:<path> | dspark[:<folder>] | dflash:<folder>; "
+        "default: the shipped DSpark drafter. Plain decoding (none) always runs as the reference."),
+    model: Optional[str] = typer.Option(None, help="Target: HF id, folder or .gguf; default SmolLM2-135M-Instruct."),
+    limit: int = typer.Option(10, help="Conversations per dataset: the first N of the split."),
+    max_new_tokens: int = typer.Option(256, help="Most new tokens per turn."),
+    temperature: float = typer.Option(0.0, help="0 = greedy (every drafter must match plain decoding); the paper uses 1.0."),
+    seed: int = typer.Option(0, help="Seed of every request's random stream."),
+    gamma: Optional[int] = typer.Option(None, help="Draft tokens per round (drafter default if unset)."),
+    split: str = typer.Option("test", help="test (first 80% of each set) or all; the last 20% belongs to `dspark calibrate`."),
+    turns: Optional[int] = typer.Option(None, help="Only the first N turns of each conversation (mt-bench has 2); default all."),
+    ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Always generate --max-new-tokens tokens."),
+    device: str = typer.Option("cpu", help="cpu or cuda[:i]; the target and every drafter go there."),
+    out: Path = typer.Option(Path("dspark-eval"), help="Folder for results.json, the PNG plots and report.md."),
+    plots: bool = typer.Option(True, "--plots/--no-plots", help="Write the PNG plots."),
+) -> None:
+    """Compare drafters against plain decoding: τ, acceptance per position, speedup, time split."""
+    from dspark.errors import DsparkError
+
+    try:
+        if limit < 1:
+            raise DsparkError(f"--limit must be >= 1, got {limit}")
+        if gamma is not None and gamma < 1:
+            raise DsparkError(f"--gamma must be >= 1, got {gamma}")
+        if split not in ("test", "all"):
+            raise DsparkError(f"--split must be test or all, got {split!r} (the calibration split belongs to `dspark calibrate`)")
+        _eval(dataset, drafter, model, limit, max_new_tokens, temperature, seed, gamma, split, turns, ignore_eos, device, out, plots)
+    except (DsparkError, ValueError) as exc:
+        _fail(str(exc))
+
+
+def _eval(dataset_specs, drafter_specs, model, limit, max_new_tokens, temperature, seed, gamma, split, turns,
+          ignore_eos, device, out, plots):
+    import os
+
+    from tqdm import tqdm
+
+    from dspark.evaluation import report, runner
+    from dspark.evaluation.datasets import builtin_names, load_dataset
+
+    settings = runner.EvalSettings(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, ignore_eos=ignore_eos)
+    datasets = [load_dataset(s, split=split, limit=limit, max_turns=turns) for s in (dataset_specs or builtin_names())]
+    specs = _drafter_specs(drafter_specs)
+    if split == "all":
+        typer.echo("warning: --split all includes the calibration prompts; the confidence check is not held out",
+                   err=True)
+    target, engines, calibrations = _load(model, specs, gamma, device)
+    encode = target.encode_conversation
+    machine = runner.machine_info(target)
+    runner.warm_up_engines(engines, encode([{"role": "user", "content": datasets[0].conversations[0].turns[0]}]))
+    total = sum(d.num_turns for d in datasets) * len(engines)
+    # tqdm rather than rich's bar: it also shows progress (rate, ETA) when stderr is a log file.
+    with tqdm(total=total, unit="gen", dynamic_ncols=True) as progress:
+        records = runner.run_generations(datasets, engines, settings, encode, progress)
+    aggregates = runner.aggregate(records, list(engines), calibrations)
+    results = runner.results_dict(
+        model=target.name, datasets=datasets, drafters={s: e.drafter.name for s, e in engines.items()},
+        settings=settings, gamma=gamma, records=records, aggregates=aggregates, machine=machine,
+        load_avg_end=list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    )
+    written = report.write_eval_report(results, out, plots=plots)
+    report.print_eval_table(report.json_safe(results))
+    mismatches = [r for r in records if r.identical_to_plain is False]
+    for r in mismatches:
+        typer.echo(f"mismatch: {r.dataset} #{r.prompt_index} turn {r.turn} {r.drafter}: differs from plain "
+                   f"decoding at new token {r.first_mismatch}", err=True)
+    typer.echo(f"wrote {', '.join(str(p) for p in written.values())}", err=True)
+
+
+def calibrate_command(
+    drafter: Optional[str] = typer.Option(None, help="dspark[:<folder>]: a drafter with a confidence head; default: the shipped one."),
+    dataset: Optional[List[str]] = typer.Option(
+        None, "--dataset", help=f"Built-in set ({BUILTIN_HELP}) or a .jsonl (repeatable); its calibration split "
+        "(last 20%) is used; default: all built-ins."),
+    model: Optional[str] = typer.Option(None, help="Target: HF id, folder or .gguf; default SmolLM2-135M-Instruct."),
+    limit: int = typer.Option(10, help="Conversations per dataset: the first N of the calibration split."),
+    max_new_tokens: int = typer.Option(256, help="Most new tokens per turn."),
+    temperature: float = typer.Option(0.0, help="Sampling temperature of the rollouts: calibrate at the one you serve with."),
+    seed: int = typer.Option(0, help="Seed of every request's random stream."),
+    gamma: Optional[int] = typer.Option(None, help="Draft tokens per round (drafter default if unset)."),
+    bins: int = typer.Option(15, help="Equal-width bins of the ECE and the reliability diagram."),
+    min_events: int = typer.Option(10, help="Fit a slot only with at least this many survivals and rejections; else T = 1."),
+    device: str = typer.Option("cpu", help="cpu or cuda[:i]."),
+    save: bool = typer.Option(True, "--save/--no-save", help="Write calibration.json beside the drafter's weights."),
+    out: Path = typer.Option(Path("dspark-calibrate"), help="Folder for calibration_report.json and the PNG plots."),
+    plots: bool = typer.Option(True, "--plots/--no-plots", help="Write the reliability diagram and threshold sweep."),
+) -> None:
+    """Fit Sequential Temperature Scaling of the confidence head on real speculative rollouts."""
+    from dspark.errors import DsparkError
+
+    try:
+        if limit < 1:
+            raise DsparkError(f"--limit must be >= 1, got {limit}")
+        if bins < 2:
+            raise DsparkError(f"--bins must be >= 2, got {bins}")
+        if gamma is not None and gamma < 1:
+            raise DsparkError(f"--gamma must be >= 1, got {gamma}")
+        if min_events < 0:
+            raise DsparkError(f"--min-events must be >= 0, got {min_events}")
+        _calibrate(drafter, dataset, model, limit, max_new_tokens, temperature, seed, gamma, bins, min_events, device,
+                   save, out, plots)
+    except (DsparkError, ValueError) as exc:
+        _fail(str(exc))
+
+
+def _calibrate(spec, dataset_specs, model, limit, max_new_tokens, temperature, seed, gamma, bins, min_events, device,
+               save, out, plots):
+    import datetime as dt
+
+    from tqdm import tqdm
+
+    from dspark.calibration import DEFAULT_GRID
+    from dspark.errors import DsparkError
+    from dspark.evaluation import report, runner
+    from dspark.evaluation.datasets import builtin_names, load_dataset
+
+    spec = spec or "dspark"
+    folder = drafter_folder(spec)
+    if folder is None:
+        raise DsparkError(f"calibrate needs a DSpark drafter (dspark[:<folder>]), got {spec!r}")
+    settings = runner.EvalSettings(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+    datasets = [load_dataset(s, split="calibration", limit=limit) for s in (dataset_specs or builtin_names())]
+    target, engines, _ = _load(model, [spec], gamma, device)
+    engine = engines[spec]
+    with tqdm(total=sum(d.num_turns for d in datasets), unit="turn", dynamic_ncols=True) as progress:
+        rounds = runner.collect_rounds(datasets, engine, settings, target.encode_conversation, progress)
+    if not any(rounds.values()):
+        raise DsparkError("the rollouts produced no drafting rounds; raise --max-new-tokens or --limit")
+    fit = runner.fit_calibration(rounds, bins, min_events)
+    body = report.json_safe({
+        "drafter": spec,
+        "model": target.name,
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "temperature": temperature,
+        "max_new_tokens": max_new_tokens,
+        "seed": seed,
+        "gamma": gamma,
+        "min_events": min_events,
+        "datasets": {d.name: {"path": d.path, "split": d.split, "conversations": [c.index for c in d.conversations]}
+                     for d in datasets},
+        **fit.to_json(),
+    })
+    out.mkdir(parents=True, exist_ok=True)
+    written = [report.write_json(out / "calibration_report.json", body)]
+    if plots:
+        written.append(report.plot_reliability(body, out / "reliability.png"))
+        written.append(report.plot_threshold_sweep(body, out / "threshold_sweep.png"))
+    report.print_calibration_table(body)
+    if body["unfitted_slots"]:
+        typer.echo(f"warning: slot(s) {body['unfitted_slots']} saw fewer than {min_events} survivals or "
+                   "rejections and keep T = 1; raise --limit or --max-new-tokens to fit them", err=True)
+    edges = (min(DEFAULT_GRID), max(DEFAULT_GRID))
+    stuck = [k + 1 for k, t in enumerate(body["temperatures"]) if any(abs(t - e) < 1e-9 * e for e in edges)]
+    if stuck:
+        typer.echo(f"warning: T_k hit the edge of the grid [{edges[0]:.3g}, {edges[1]:.3g}] at slot(s) {stuck}: "
+                   "no interior optimum (temperature scaling cannot move c_k across 0.5)", err=True)
+    if save:
+        summary = {k: body[k] for k in ("drafter", "model", "date", "temperature", "bins", "rounds", "unfitted_slots",
+                                        "mean_ece_before", "mean_ece_after", "datasets")}
+        summary["per_slot"] = [{"slot": b["slot"], "ece_before": b["ece"], "ece_after": a["ece"], "auc": a["auc"],
+                                "brier_before": b["brier"], "brier_after": a["brier"]}
+                               for b, a in zip(body["before"], body["after"])]
+        written.append(fit.calibration.save(folder, **summary))
+    typer.echo(f"wrote {', '.join(str(p) for p in written)}", err=True)
+
+
+# -- helpers --------------------------------------------------------------------------------------
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code=2)
+
+
+def _drafter_specs(given) -> list[str]:
+    from dspark.drafters import default_drafter_spec
+    from dspark.evaluation.runner import REFERENCE
+
+    specs = list(dict.fromkeys(given or [default_drafter_spec()]))
+    return [REFERENCE] + [s for s in specs if s != REFERENCE]
+
+
+def drafter_folder(spec: str) -> Path | None:
+    """The checkpoint folder of a dspark/dflash spec (where calibration.json lives), else None."""
+    from dspark.drafters import SHIPPED_DRAFTER
+
+    kind, _, arg = spec.partition(":")
+    if kind not in ("dspark", "dflash"):
+        return None
+    return Path(arg).expanduser() if arg else SHIPPED_DRAFTER
+
+
+def _load(model, specs, gamma, device):
+    """The target, one engine per drafter spec, and each drafter's stored calibration (or None)."""
+    from dspark.calibration import Calibration
+    from dspark.drafters import make_drafter
+    from dspark.engine import SpeculativeEngine
+    from dspark.target import TargetModel
+
+    drafters = {s: make_drafter(s, gamma=gamma, device=device) for s in specs}  # fail fast, before the target loads
+    target = TargetModel.load(model, device=device)
+    engines = {s: SpeculativeEngine(target, d) for s, d in drafters.items()}
+    calibrations = {}
+    for s in specs:
+        folder = drafter_folder(s)
+        calibrations[s] = Calibration.load(folder) if folder is not None else None
+    return target, engines, calibrations
