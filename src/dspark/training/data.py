@@ -302,10 +302,12 @@ class EvalOverlapFilter:
 
 
 def default_eval_dir() -> Path:
-    """``$DSPARK_EVAL_DIR``, else ``shared/data/eval`` beside the repository checkout."""
+    """``$DSPARK_EVAL_DIR``, else the built-in evaluation sets shipped with the package."""
     if os.environ.get("DSPARK_EVAL_DIR"):
         return Path(os.environ["DSPARK_EVAL_DIR"])
-    return Path(__file__).resolve().parents[4] / "shared" / "data" / "eval"
+    from dspark.evaluation.datasets import ASSET_DIR
+
+    return ASSET_DIR
 
 
 # -- mixing ------------------------------------------------------------------------------

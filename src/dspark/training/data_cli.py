@@ -51,7 +51,7 @@ def prompts(
     model: Optional[str] = typer.Option(None, help="Target for Magpie; default: SmolLM2-135M-Instruct."),
     device: Optional[str] = typer.Option(None, help="cpu or cuda; default: cuda when available."),
     eval_dir: Optional[Path] = typer.Option(
-        None, help="Evaluation sets (*.jsonl) kept out of the mix; default: $DSPARK_EVAL_DIR or shared/data/eval."
+        None, help="Evaluation sets (*.jsonl) kept out of the mix; default: $DSPARK_EVAL_DIR or the built-in eval sets."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON object."),
 ) -> None:
