@@ -13,6 +13,7 @@ import typer
 
 from dspark.errors import DsparkError
 from dspark.evaluation.eval_cli import calibrate_command, eval_command
+from dspark.profile_cli import profile_command
 from dspark.training.data_cli import data_app
 from dspark.training.train_cli import train_command
 
@@ -25,6 +26,7 @@ app = typer.Typer(
 
 app.add_typer(data_app, name="data")
 app.command("train")(train_command)
+app.command("profile")(profile_command)
 app.command("eval")(eval_command)
 app.command("calibrate")(calibrate_command)
 

@@ -4,9 +4,16 @@ One round: fold the target features of newly committed tokens into the context K
 (kept across rounds), run the parallel backbone once over [anchor, mask × (γ-1)], then the
 sequential loop: for k = 1..γ sample x_k from q_k = softmax((U_k + B(x_{k-1})) / T) (argmax
 at T = 0) and compute c_k from [h_k; W1[x_{k-1}]].
+
+:class:`BatchedDSparkDrafter` does the same for many requests at once (the batched engine):
+every request's context K/V lives in a slot of one :class:`~dspark.slot_cache.SlotCache`,
+one backbone pass runs all blocks over their padded contexts under a mask, and the
+sequential loop advances every request's slot k together.
 """
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 
@@ -14,6 +21,7 @@ from dspark.drafters.base import DraftBlock, DraftInput
 from dspark.drafters.dspark.model import ContextKV, DSparkModel
 from dspark.errors import DsparkError
 from dspark.sampling import sample_from_logits
+from dspark.slot_cache import SlotCache, SlotContextView, SlotWriteView, context_block_mask
 
 
 class DSparkDrafter:
@@ -93,3 +101,132 @@ class DSparkDrafter:
         confidences = torch.sigmoid(conf_logits) if conf_logits is not None else None
         q = None if probs[0] is None else torch.stack(probs)
         return DraftBlock(tokens=tokens, q=q, confidences=confidences)
+
+
+class BatchedDSparkDrafter:
+    """A :class:`~dspark.drafters.batched.BatchDrafter` over the model of a DSparkDrafter.
+
+    Per request it computes exactly what :class:`DSparkDrafter` computes; only the padding
+    differs, and the masks keep padded context positions out of every attention.
+    """
+
+    def __init__(self, drafter: DSparkDrafter) -> None:
+        self.model = drafter.model
+        self.config = drafter.config
+        self.name = drafter.name
+        self.feature_layer_ids = drafter.feature_layer_ids
+        self.gamma = drafter.gamma
+        self._cache: SlotCache | None = None
+        self._lengths: list[int] = []  # context positions per slot (= its anchor position)
+
+    def check_target(self, target) -> None:
+        self.model.attach_target(target)
+
+    def allocate(self, num_slots: int, capacity: int) -> None:
+        hf, weight = self.model.hf_config, self.model.fc.weight
+        self._cache = SlotCache(
+            len(self.model.layers), num_slots, capacity, hf.num_key_value_heads, hf.head_dim,
+            weight.dtype, weight.device,
+        )
+        self._lengths = [0] * num_slots
+
+    def open(self, slot: int) -> None:
+        self._lengths[slot] = 0  # stale K/V stay in the slot, masked until overwritten
+
+    def accepted(self, slots: Sequence[int], num_accepted: Sequence[int]) -> None:
+        return None  # the accepted tokens' features arrive with the next inputs
+
+    @torch.inference_mode()
+    def propose_batch(self, slots: Sequence[int], inputs: Sequence[DraftInput]) -> list[DraftBlock]:
+        if self._cache is None:
+            raise DsparkError("allocate() must be called before propose_batch()")
+        self._fold(slots, [inp.new_features for inp in inputs])
+        for s, inp in zip(slots, inputs):
+            if self._lengths[s] != inp.tokens.shape[0] - 1:
+                raise DsparkError(
+                    f"drafter slot {s} holds {self._lengths[s]} context positions but the anchor is "
+                    f"at {inp.tokens.shape[0] - 1}; the engine must pass features of every committed token once"
+                )
+        device = inputs[0].tokens.device
+        gammas = [max(0, min(self.gamma, inp.max_tokens)) for inp in inputs]
+        rows = [i for i, g in enumerate(gammas) if g > 0]
+        blocks = [DraftBlock.empty(device) for _ in inputs]
+        if not rows:
+            return blocks
+        model = self.model
+        anchors = torch.stack([inputs[i].tokens[-1] for i in rows])  # [R]
+        anchor_pos = torch.tensor([self._lengths[slots[i]] for i in rows], device=device)  # [R]
+        ctx_len = max(self._lengths[slots[i]] for i in rows)
+        block_ids = model.block_input_ids(anchors)  # [R, γ_max]
+        width = block_ids.shape[-1]
+        positions = anchor_pos.unsqueeze(1) + torch.arange(width, device=device)
+        view = SlotContextView(self._cache, torch.tensor([slots[i] for i in rows], device=device), ctx_len)
+        out = model.backbone(block_ids, positions, view, context_block_mask(anchor_pos, ctx_len, width))
+        drafted = self._sequential(out.hidden, out.base_logits, anchors, [inputs[i] for i in rows], [gammas[i] for i in rows])
+        for i, block in zip(rows, drafted):
+            blocks[i] = block
+        return blocks
+
+    def _fold(self, slots: Sequence[int], features: Sequence[torch.Tensor | None]) -> None:
+        """Append the new committed tokens' H_ctx to each slot's context K/V.
+
+        Rounds bring at most γ+1 positions per request and are folded in one padded call;
+        a prompt (a request's first round) is folded on its own, unpadded.
+        """
+        short = [i for i, f in enumerate(features) if f is not None and 0 < f.shape[0] <= self.config.block_size + 1]
+        long = [i for i, f in enumerate(features) if f is not None and f.shape[0] > self.config.block_size + 1]
+        for i in long:
+            self._extend([slots[i]], features[i].unsqueeze(0))
+        if short:
+            n_max = max(features[i].shape[0] for i in short)
+            padded = features[short[0]].new_zeros(len(short), n_max, features[short[0]].shape[-1])
+            for j, i in enumerate(short):
+                padded[j, : features[i].shape[0]] = features[i]
+            # Padded positions get K/V too, past each slot's length, where the mask hides them
+            # and the next fold overwrites them.
+            self._extend([slots[i] for i in short], padded)
+        for i in long + short:
+            self._lengths[slots[i]] += features[i].shape[0]
+
+    def _extend(self, slots: Sequence[int], features: torch.Tensor) -> None:
+        """Write H_ctx of ``features`` # [R, n, m*d] at each slot's current length."""
+        device = features.device
+        starts = torch.tensor([self._lengths[s] for s in slots], device=device)
+        n = features.shape[1]
+        positions = starts.unsqueeze(1) + torch.arange(n, device=device)
+        view = SlotWriteView(self._cache, torch.tensor(list(slots), device=device), starts, max(self._lengths[s] for s in slots) + n)
+        self.model.extend_context(view, self.model.context_states(features), positions)
+
+    def _sequential(self, hidden, base, anchors, inputs: Sequence[DraftInput], gammas: Sequence[int]) -> list[DraftBlock]:
+        """Slot k of every request at once: hidden # [R, γ_max, d], base # [R, γ_max, V]."""
+        head, model = self.model.markov_head, self.model
+        num, width = len(inputs), max(gammas)
+        prev = anchors  # [R]
+        state = head.init_state((num,), anchors.device) if head is not None else None
+        drafted, prevs = [], []
+        probs: list[list[torch.Tensor]] = [[] for _ in range(num)]
+        for k in range(width):
+            logits = base[:, k]  # [R, V]
+            if head is not None:
+                bias, state = head.step(prev, hidden[:, k], state)
+                logits = logits + bias
+            x = logits.argmax(-1)  # [R]; greedy rows keep it, rows past their γ ignore it
+            for i, inp in enumerate(inputs):
+                if k < gammas[i] and not inp.params.greedy:
+                    token, q = sample_from_logits(logits[i], inp.params, inp.generator)
+                    x[i] = token
+                    probs[i].append(q)
+            prevs.append(prev)
+            drafted.append(x)
+            prev = x
+        tokens = torch.stack(drafted, dim=1)  # [R, γ]
+        conf_logits = model.confidence_logits(hidden[:, :width], torch.stack(prevs, dim=1))
+        confidences = torch.sigmoid(conf_logits) if conf_logits is not None else None  # [R, γ]
+        return [
+            DraftBlock(
+                tokens=tokens[i, :g],
+                q=torch.stack(probs[i]) if probs[i] else None,
+                confidences=confidences[i, :g] if confidences is not None else None,
+            )
+            for i, g in enumerate(gammas)
+        ]

@@ -1,0 +1,364 @@
+"""The batched speculative decoding loop: prefill -> draft -> schedule -> verify -> commit, for R
+requests per step, each verifying its own ℓ_r.
+
+Every live request owns a slot: its committed ids, its target K/V in one row of a
+:class:`~dspark.slot_cache.SlotCache`, its sampling parameters, a torch.Generator seeded from
+the request seed (drafting and verification share it) and its stop checks. Between steps the
+batch-1 invariant of :mod:`dspark.engine` holds per request: the committed ids end with the
+*anchor* and the slot holds K/V of exactly ``len(committed ids) - 1`` positions.
+
+One step: the drafter proposes γ_r tokens per request in one batched call; the policy
+(:mod:`dspark.scheduler`) picks ℓ_r <= γ_r from the calibrated confidences c_k; one target
+forward runs [anchor, x_1..x_ℓ_r] for every request, right-padded to the longest row; each
+request is verified with its own parameters and generator and commits accepted + recovered
+or bonus tokens. Requests join (prefill into a free slot) and leave (slot freed at once)
+between steps, so up to ``max_batch`` requests are always in flight.
+
+Padding never changes a result. A row's real queries carry their own position ids and a mask
+(:func:`~dspark.slot_cache.ragged_causal_mask`) that shows them only their own history and
+their own earlier tokens of this step; padded queries are never read; the K/V they write lie
+past the row's committed length, hidden by the mask and overwritten by the next step's
+tokens before any query can see them. Rolling back rejected tokens is the same move: the
+next write simply starts at the committed length.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from dspark.drafters.base import DraftInput
+from dspark.drafters.batched import BatchDrafter, as_batch_drafter
+from dspark.engine import GenerationRequest, GenerationResult, _Stopper
+from dspark.sampling import sample_from_logits
+from dspark.scheduler import Policy
+from dspark.slot_cache import SlotCache, SlotWriteView, ragged_causal_mask
+from dspark.stats import GenerationStats
+from dspark.target import TargetModel, TargetOutput
+from dspark.verify import verify
+
+Calibrate = Callable[[torch.Tensor], torch.Tensor]
+"""Raw confidences # [R, W] -> calibrated c_k # [R, W] (Calibration.apply)."""
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One batched verification step."""
+
+    requests: int
+    """R: requests verified in this step."""
+    budget: int
+    """B = Σ_r (1 + ℓ_r): tokens the target verified."""
+    drafted: int
+    """Σ_r γ_r: tokens drafted (B - R of them were verified)."""
+    committed: int
+    """Tokens committed over all requests (Σ accepted + R)."""
+    expected_tokens: float | None
+    """τ* predicted by the scheduler, when it makes a prediction."""
+    draft_s: float
+    schedule_s: float
+    verify_s: float
+
+
+@dataclass
+class BatchStats:
+    """Engine-wide counters of one :meth:`BatchEngine.generate` call."""
+
+    steps: list[StepRecord] = field(default_factory=list)
+    prefill_s: float = 0.0
+    wall_s: float = 0.0
+    new_tokens: int = 0
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Aggregate throughput: new tokens of all requests / wall time (prefills included)."""
+        return self.new_tokens / self.wall_s if self.wall_s > 0 else 0.0
+
+    @property
+    def verify_length(self) -> float:
+        """Mean ℓ_r per request and step."""
+        rows = sum(s.requests for s in self.steps)
+        return sum(s.budget - s.requests for s in self.steps) / rows if rows else 0.0
+
+    @property
+    def tau(self) -> float:
+        """Mean tokens committed per request and step (accepted + 1)."""
+        rows = sum(s.requests for s in self.steps)
+        return sum(s.committed for s in self.steps) / rows if rows else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "steps": len(self.steps),
+            "new_tokens": self.new_tokens,
+            "wall_s": self.wall_s,
+            "prefill_s": self.prefill_s,
+            "tokens_per_second": self.tokens_per_second,
+            "verify_length": self.verify_length,
+            "tau": self.tau,
+            "mean_requests": sum(s.requests for s in self.steps) / len(self.steps) if self.steps else 0.0,
+            "mean_budget": sum(s.budget for s in self.steps) / len(self.steps) if self.steps else 0.0,
+            "draft_s": sum(s.draft_s for s in self.steps),
+            "schedule_s": sum(s.schedule_s for s in self.steps),
+            "verify_s": sum(s.verify_s for s in self.steps),
+        }
+
+
+@dataclass
+class BatchResult:
+    """Per-request results in the order the requests were given, and the engine's counters."""
+
+    results: list[GenerationResult]
+    stats: BatchStats
+
+
+@dataclass
+class _Live:
+    """The state of one request in flight."""
+
+    index: int
+    request: GenerationRequest
+    slot: int
+    generator: torch.Generator
+    buf: torch.Tensor
+    """[prompt + max_new_tokens + 1] committed ids in the first ``length`` entries."""
+    length: int
+    stops: _Stopper
+    start: float
+    stats: GenerationStats
+    committed: list[int] = field(default_factory=list)
+    new_features: torch.Tensor | None = None
+    """[n, m*d] target features of committed tokens the drafter has not seen yet."""
+    finish: str | None = None
+
+    def commit(self, tokens: list[int]) -> None:
+        self.buf[self.length : self.length + len(tokens)] = torch.as_tensor(tokens, device=self.buf.device)
+        self.length += len(tokens)
+        self.committed.extend(tokens)
+        self.finish = self.stops.check(self.committed)
+
+    def result(self, now: float) -> GenerationResult:
+        ids = self.committed[: self.stops.cut]
+        self.stats.new_tokens = len(ids)
+        self.stats.wall_s = now - self.start
+        return GenerationResult(ids, self.stops.text(ids), self.stats, self.finish or "length")
+
+
+def verify_forward(
+    target: TargetModel,
+    cache: SlotCache,
+    slots: Sequence[int],
+    starts: Sequence[int],
+    feed: torch.Tensor,
+    layer_ids: Sequence[int] = (),
+) -> TargetOutput:
+    """One ragged target forward: row r of ``feed`` # [R, T] continues slot slots[r] at
+    position starts[r]; returns logits # [R, T, V] (padded rows' tails are garbage)."""
+    device = feed.device
+    num_new = feed.shape[1]
+    kv_len = max(starts) + num_new
+    starts_t = torch.tensor(list(starts), device=device)
+    view = SlotWriteView(cache, torch.tensor(list(slots), device=device), starts_t, kv_len)
+    positions = starts_t.unsqueeze(1) + torch.arange(num_new, device=device)
+    mask = ragged_causal_mask(starts_t, num_new, kv_len)
+    return target.forward(feed, view, layer_ids, attention_mask=mask, position_ids=positions)
+
+
+class BatchEngine:
+    """Continuous-batching speculative decoding with a per-step verification policy."""
+
+    def __init__(
+        self,
+        target: TargetModel,
+        drafter,
+        policy: Policy,
+        max_batch: int = 16,
+        calibrate: Calibrate | None = None,
+    ) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.drafter: BatchDrafter = as_batch_drafter(drafter)
+        self.drafter.check_target(target)
+        target.check_layer_ids(self.drafter.feature_layer_ids)
+        self.target, self.policy, self.max_batch, self.calibrate = target, policy, max_batch, calibrate
+        self.max_draft = min(self.drafter.gamma, policy.max_draft if policy.max_draft is not None else self.drafter.gamma)
+        policy.check_budget(max_batch * (1 + self.max_draft))  # fail now, not in the middle of a run
+
+    @classmethod
+    def from_spec(
+        cls,
+        target: TargetModel,
+        drafter,
+        policy: str,
+        max_batch: int = 16,
+        calibrate: Calibrate | None = None,
+        profile_dir=None,
+        profile_if_missing: bool = False,
+    ) -> "BatchEngine":
+        """Build the policy named ``policy`` (scheduler.POLICY_HELP); ``dspark`` loads the cost
+        table of this target now, measures and saves it when ``profile_if_missing``, and
+        otherwise raises an error that names ``dspark profile``."""
+        from dspark.profiling import require_cost_table
+        from dspark.scheduler import make_policy
+
+        drafter = as_batch_drafter(drafter)
+        cost = None
+        if policy == "dspark":
+            most = max_batch * (1 + drafter.gamma)
+            cost = require_cost_table(
+                target, profile_dir, profile_if_missing, min_budget=most,
+                max_requests=max_batch, max_draft=drafter.gamma,
+            )
+        return cls(target, drafter, make_policy(policy, cost), max_batch, calibrate)
+
+    def context_limit(self) -> int:
+        return int(getattr(self.target.model.config, "max_position_embeddings", 1 << 30))
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> BatchResult:
+        """Serve every request, at most ``max_batch`` at a time, in arrival order."""
+        if not requests:
+            return BatchResult([], BatchStats())
+        for request in requests:
+            self._check(request)
+        target = self.target
+        num_slots = min(self.max_batch, len(requests))
+        # Rows padded to the longest block write up to max_draft positions past their own end.
+        capacity = max(len(r.prompt_ids) + r.max_new_tokens for r in requests) + self.max_draft + 1
+        dtype = next(target.model.parameters()).dtype
+        cache = SlotCache.for_hf_config(target.model.config, num_slots, capacity, dtype, target.device)
+        self.drafter.allocate(num_slots, capacity)
+        pending = deque(enumerate(requests))
+        free = list(range(num_slots - 1, -1, -1))
+        live: list[_Live] = []
+        results: list[GenerationResult | None] = [None] * len(requests)
+        stats = BatchStats()
+        start = time.perf_counter()
+
+        while pending or live:
+            while pending and free:  # requests join between steps
+                live.append(self._prefill(*pending.popleft(), free.pop(), cache, stats))
+            live = self._retire(live, results, free)
+            if live:
+                stats.steps.append(self._step(live, cache))
+                live = self._retire(live, results, free)
+
+        stats.wall_s = time.perf_counter() - start
+        stats.new_tokens = sum(len(r.token_ids) for r in results)
+        return BatchResult(results, stats)
+
+    def _check(self, request: GenerationRequest) -> None:
+        prompt_len = len(request.prompt_ids)
+        if prompt_len + request.max_new_tokens > self.context_limit():
+            raise ValueError(
+                f"prompt ({prompt_len} tokens) + max_new_tokens ({request.max_new_tokens}) "
+                f"exceeds the model's context window of {self.context_limit()} tokens"
+            )
+        if max(request.prompt_ids) >= self.target.vocab_size or min(request.prompt_ids) < 0:
+            raise ValueError(f"prompt token ids must lie in [0, {self.target.vocab_size})")
+
+    def _prefill(self, index: int, request: GenerationRequest, slot: int, cache: SlotCache, stats: BatchStats) -> _Live:
+        """Run the prompt into ``slot`` and sample the first anchor."""
+        target, device = self.target, self.target.device
+        t0 = time.perf_counter()
+        prompt_len = len(request.prompt_ids)
+        buf = torch.empty(prompt_len + request.max_new_tokens + 1, dtype=torch.long, device=device)
+        buf[:prompt_len] = torch.as_tensor(list(request.prompt_ids), device=device)
+        generator = torch.Generator(device=device).manual_seed(request.seed)
+        out = verify_forward(target, cache, [slot], [0], buf[:prompt_len].unsqueeze(0), self.drafter.feature_layer_ids)
+        first, _ = sample_from_logits(out.logits[0, -1], request.params, generator)
+        self.drafter.open(slot)
+        live = _Live(
+            index, request, slot, generator, buf, prompt_len, _Stopper(target, request), t0,
+            GenerationStats(prompt_tokens=prompt_len),
+            new_features=out.features[0] if out.features is not None else None,
+        )
+        live.commit([int(first)])  # host sync: the first token must be checked for EOS/stop
+        live.stats.prefill_s = time.perf_counter() - t0
+        stats.prefill_s += live.stats.prefill_s
+        return live
+
+    def _step(self, live: list[_Live], cache: SlotCache) -> StepRecord:
+        target, device = self.target, self.target.device
+        t0 = time.perf_counter()
+        inputs = [
+            DraftInput(
+                r.buf[: r.length], r.new_features, r.request.params, r.generator,
+                max_tokens=min(self.max_draft, r.request.max_new_tokens - len(r.committed) - 1),
+            )
+            for r in live
+        ]
+        slots = [r.slot for r in live]
+        blocks = self.drafter.propose_batch(slots, inputs)
+        t1 = time.perf_counter()
+        drafted = [b.gamma for b in blocks]
+        schedule = self.policy.schedule(drafted, self._confidences(blocks, drafted))
+        lengths = schedule.lengths
+        t2 = time.perf_counter()
+
+        feed = torch.zeros(len(live), 1 + max(lengths), dtype=torch.long, device=device)  # [R, T]
+        for i, (r, block, ell) in enumerate(zip(live, blocks, lengths)):
+            feed[i, 0] = r.buf[r.length - 1]
+            feed[i, 1 : 1 + ell] = block.tokens[:ell]
+        out = verify_forward(target, cache, slots, [r.length - 1 for r in live], feed, self.drafter.feature_layer_ids)
+        accepted, committed = [], 0
+        # Per request: its own parameters and generator; one host sync each (first_rejection).
+        for i, (r, block, ell) in enumerate(zip(live, blocks, lengths)):
+            q = block.q[:ell] if block.q is not None else None
+            result = verify(block.tokens[:ell], q, out.logits[i, : ell + 1], r.request.params, r.generator)
+            n = result.num_accepted
+            # The slot keeps the anchor and the n accepted tokens: the next write starts at
+            # length - 1 after this commit of n + 1 tokens, past exactly those positions.
+            r.new_features = out.features[i, : n + 1] if out.features is not None else None
+            accepted.append(n)
+            committed += len(result.tokens)
+            r.commit(result.tokens)
+        self.drafter.accepted(slots, accepted)
+        t3 = time.perf_counter()
+        for r, block, ell, n in zip(live, blocks, lengths, accepted):
+            conf = block.confidences[:ell] if block.confidences is not None else None
+            r.stats.record_round(ell, n, t1 - t0, t3 - t2, conf)  # step times, shared by the batch
+        return StepRecord(
+            requests=len(live), budget=len(live) + sum(lengths), drafted=sum(drafted), committed=committed,
+            expected_tokens=schedule.expected_tokens, draft_s=t1 - t0, schedule_s=t2 - t1, verify_s=t3 - t2,
+        )
+
+    def _confidences(self, blocks, drafted: list[int]) -> torch.Tensor | None:
+        """Calibrated c_k # [R, max γ_r], or None when the policy needs none or a block lacks them."""
+        if not self.policy.needs_confidences:
+            return None
+        width = max(drafted)
+        if any(g and b.confidences is None for b, g in zip(blocks, drafted)):
+            return None
+        device = self.target.device
+        # 0.5 (logit 0) in the padding keeps any calibration map finite; the policy ignores it.
+        conf = torch.full((len(blocks), width), 0.5, device=device)
+        for i, (b, g) in enumerate(zip(blocks, drafted)):
+            if g:
+                conf[i, :g] = b.confidences.to(conf.dtype)
+        return self.calibrate(conf) if self.calibrate is not None else conf
+
+    @staticmethod
+    def _retire(live: list[_Live], results: list, free: list[int]) -> list[_Live]:
+        """Move finished requests to ``results`` and free their slots at once."""
+        now = time.perf_counter()
+        still = []
+        for r in live:
+            if r.finish is None:
+                still.append(r)
+            else:
+                results[r.index] = r.result(now)
+                free.append(r.slot)
+        return still
+
+
+def load_calibration(drafter_folder) -> Calibrate | None:
+    """``Calibration.apply`` of the STS calibration saved beside a drafter, if there is one."""
+    try:
+        from dspark.calibration import Calibration
+    except ImportError:
+        return None
+    calibration = Calibration.load(drafter_folder)
+    return calibration.apply if calibration is not None else None

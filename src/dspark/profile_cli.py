@@ -1,0 +1,74 @@
+"""``dspark profile``: measure and save the cost table SPS(B) the DSpark scheduler reads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from dspark.errors import DsparkError
+
+DTYPES = {"auto": None, "float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+def profile_command(
+    model: Optional[str] = typer.Option(None, help="HF id, folder or .gguf; default: SmolLM2-135M-Instruct."),
+    device: str = typer.Option("cpu", help="torch device the engine will run on."),
+    dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16 (auto: as loaded)."),
+    threads: Optional[int] = typer.Option(None, help="torch threads (default: torch's choice); part of the table's key."),
+    max_requests: int = typer.Option(16, help="Most concurrent requests the engine will serve."),
+    max_draft: int = typer.Option(7, help="Most draft tokens per request and step (the drafter's γ)."),
+    context: int = typer.Option(256, help="Committed tokens per request while measuring."),
+    repeats: int = typer.Option(5, help="Timed runs per budget (the median is kept)."),
+    out_dir: Optional[Path] = typer.Option(None, help="Where tables live (default: $DSPARK_PROFILE_DIR or ~/.cache/dspark/profiles)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the table as JSON instead of text."),
+) -> None:
+    """Measure steps/s SPS(B) for B = 1 .. max-requests·(1+max-draft) verification tokens and save it."""
+    for name, value, low in [("--max-requests", max_requests, 1), ("--max-draft", max_draft, 0),
+                             ("--context", context, 1), ("--repeats", repeats, 1)]:
+        if value < low:
+            _fail(f"{name} must be >= {low}, got {value}")
+    if dtype not in DTYPES:
+        _fail(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if threads is not None and threads < 1:
+        _fail(f"--threads must be >= 1, got {threads}")
+    try:
+        _profile(model, device, DTYPES[dtype], threads, max_requests, max_draft, context, repeats, out_dir, as_json)
+    except (DsparkError, ValueError, RuntimeError) as exc:
+        _fail(str(exc))
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code=2)
+
+
+def _profile(model, device, dtype, threads, max_requests, max_draft, context, repeats, out_dir, as_json) -> None:
+    import torch
+    from tqdm import tqdm
+
+    from dspark.profiling import default_budgets, measure_cost_table
+    from dspark.target import TargetModel
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    target = TargetModel.load(model, device=device, dtype=getattr(torch, dtype) if dtype else None)
+    budgets = default_budgets(max_requests * (1 + max_draft))
+    with tqdm(total=len(budgets), unit="B", desc="profiling SPS(B)", dynamic_ncols=True) as bar:
+
+        def progress(budget: int, sps: float) -> None:
+            bar.set_postfix_str(f"B={budget} {sps:.1f} steps/s")
+            bar.update()
+
+        table = measure_cost_table(target, max_requests, max_draft, context, repeats, budgets, progress=progress)
+    path = table.save(out_dir)
+    if as_json:
+        typer.echo(json.dumps({"path": str(path), **table.to_json()}))
+        return
+    typer.echo(f"{table.key.describe()} · context {context} · median of {repeats}")
+    typer.echo(f"{'B':>5} {'steps/s':>9} {'ms/step':>9} {'tokens/s':>10}")
+    for b, s in zip(table.budgets, table.steps_per_s):
+        typer.echo(f"{b:>5} {s:>9.2f} {1000 / s:>9.2f} {b * s:>10.1f}")
+    typer.echo(f"wrote {path}", err=True)

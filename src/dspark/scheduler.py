@@ -1,0 +1,227 @@
+"""Verification-length policies: how many drafted tokens ℓ_r each request verifies this step.
+
+Glossary (paper §3.2.2): request r drafted γ_r tokens with calibrated confidences c_{r,k}
+(c_k: probability that x_k survives given x_<k did). a_{r,j} = ∏_{i≤j} c_{r,i} is the prefix
+survival of j tokens. A step verifies B = Σ_r (1 + ℓ_r) target tokens and is expected to
+commit τ* = Σ_r (1 + Σ_{j≤ℓ_r} a_{r,j}) tokens; SPS(B) is the profiled steps per second, and
+Θ = τ*·SPS(B) the expected token throughput.
+
+Every policy maps (γ_r, c_{r,·}) to ℓ_r ≤ γ_r. Losslessness needs only one property of it:
+the decision ℓ_r ≥ k must not depend on x_{r,k} (nor later tokens), because c_{r,k+1} is
+computed from x_{r,k}. Fixed lengths and the static threshold (which reads c_{r,1..k} only)
+have it trivially; DSpark has it because of its early stop (Appendix A): candidates are
+admitted in descending a, and (r, k+1) can never precede (r, k), so the admission of (r, k)
+is settled before any quantity that depends on x_{r,k} is looked at.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+import torch
+
+from dspark.errors import DsparkError
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The verification lengths of one step."""
+
+    lengths: list[int]
+    """ℓ_r per request, 0 <= ℓ_r <= γ_r."""
+    expected_tokens: float | None = None
+    """τ*: tokens the step is expected to commit under the confidences (DSpark only)."""
+
+
+class CostModel(Protocol):
+    """What DSpark needs from a profiled cost table (see :mod:`dspark.profiling`)."""
+
+    max_budget: int
+    """Largest B the table covers."""
+
+    def steps_per_second(self, budgets: torch.Tensor) -> torch.Tensor:
+        """SPS(B) for budgets # [N] (any B in 1..max_budget) -> # [N] float."""
+
+
+class Policy(Protocol):
+    """Chooses ℓ_r for every request of a step."""
+
+    name: str
+    max_draft: int | None
+    """Most tokens worth drafting per request (None: the drafter's whole block)."""
+    needs_confidences: bool
+
+    def schedule(self, drafted: Sequence[int], confidences: torch.Tensor | None) -> Schedule:
+        """``drafted`` γ_r per request # [R] (host ints), ``confidences`` # [R, W] (W >= max γ_r;
+        entries at or beyond γ_r are ignored) or None -> ℓ_r per request."""
+
+    def check_budget(self, most: int) -> None:
+        """Raise DsparkError if steps of up to ``most`` verification tokens cannot be scheduled."""
+
+
+def _check(drafted: Sequence[int], confidences: torch.Tensor | None, needed: bool, name: str) -> None:
+    if any(g < 0 for g in drafted):
+        raise ValueError(f"drafted lengths must be >= 0, got {list(drafted)}")
+    if confidences is None:
+        if needed and any(drafted):
+            raise DsparkError(
+                f"the {name} policy needs confidences c_k, but the drafter returned none "
+                "(only DSpark drafters with a confidence head provide them)"
+            )
+        return
+    width = max(drafted, default=0)
+    if confidences.dim() != 2 or confidences.shape[0] != len(drafted) or confidences.shape[1] < width:
+        raise ValueError(
+            f"confidences must be [R={len(drafted)}, W>={width}], got {tuple(confidences.shape)}"
+        )
+
+
+class FixedGamma:
+    """Verify min(γ_r, gamma) tokens: the whole block when ``gamma`` is None (fixed-γ)."""
+
+    needs_confidences = False
+
+    def __init__(self, gamma: int | None = None, name: str | None = None) -> None:
+        if gamma is not None and gamma < 0:
+            raise ValueError(f"gamma must be >= 0, got {gamma}")
+        self.gamma = gamma
+        self.max_draft = gamma
+        self.name = name or ("fixed" if gamma is None else f"fixed-{gamma}")
+
+    def check_budget(self, most: int) -> None:
+        return None
+
+    def schedule(self, drafted: Sequence[int], confidences: torch.Tensor | None) -> Schedule:
+        _check(drafted, confidences, False, self.name)
+        cap = self.gamma
+        return Schedule([g if cap is None else min(g, cap) for g in drafted])
+
+
+def gamma_one() -> FixedGamma:
+    """γ = 1: one draft token per request and step, the analogue of the paper's MTP-1."""
+    return FixedGamma(1, name="gamma-1")
+
+
+class StaticThreshold:
+    """Cut each block at its first c_k below ``threshold`` (single-request heuristics)."""
+
+    needs_confidences = True
+    max_draft = None
+
+    def __init__(self, threshold: float) -> None:
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"threshold must lie in [0, 1], got {threshold}")
+        self.threshold = threshold
+        self.name = f"threshold-{threshold:g}"
+
+    def check_budget(self, most: int) -> None:
+        return None
+
+    def schedule(self, drafted: Sequence[int], confidences: torch.Tensor | None) -> Schedule:
+        _check(drafted, confidences, True, self.name)
+        if confidences is None:
+            return Schedule([0] * len(drafted))
+        width = confidences.shape[1]
+        valid = torch.arange(width, device=confidences.device) < torch.tensor(drafted, device=confidences.device).view(-1, 1)
+        keep = (confidences >= self.threshold) & valid  # [R, W]
+        lengths = keep.long().cumprod(dim=1).sum(dim=1)  # leading run of kept slots
+        return Schedule(lengths.tolist())  # host sync: the engine slices the blocks on the host
+
+
+class DSparkScheduler:
+    """The hardware-aware prefix scheduler (Algorithm 1) over a profiled cost table.
+
+    Candidates (r, j) are taken in descending a_{r,j}, ties broken by position j (then by
+    request), so (r, j) always precedes (r, j+1). Starting from B = R and τ* = R, each one is
+    admitted while Θ = τ*·SPS(B) strictly improves; the first non-improvement stops the
+    search, which is what keeps the scheduler non-anticipating (Appendix A).
+    """
+
+    name = "dspark"
+    needs_confidences = True
+    max_draft = None
+
+    def __init__(self, cost: CostModel) -> None:
+        if cost is None:
+            raise DsparkError(
+                "the dspark policy needs a cost table SPS(B); measure one with `dspark profile`"
+            )
+        self.cost = cost
+
+    def check_budget(self, most: int) -> None:
+        if most > self.cost.max_budget:
+            raise DsparkError(
+                f"steps may verify up to B = {most} tokens but the cost table covers only "
+                f"B <= {self.cost.max_budget}; rerun `dspark profile` with a larger "
+                "--max-requests or --max-draft"
+            )
+
+    def schedule(self, drafted: Sequence[int], confidences: torch.Tensor | None) -> Schedule:
+        _check(drafted, confidences, True, self.name)
+        num = len(drafted)
+        most = num + sum(drafted)
+        self.check_budget(most)
+        if confidences is None or most == num:
+            return Schedule([0] * num, float(num))
+        lengths, tau = dspark_lengths(confidences, drafted, self.cost.steps_per_second)
+        values = torch.cat([lengths.to(tau.dtype), tau.view(1)]).tolist()  # the one host sync
+        return Schedule([int(v) for v in values[:-1]], values[-1])
+
+
+def prefix_survival(confidences: torch.Tensor, drafted: Sequence[int]) -> torch.Tensor:
+    """a_{r,j} = ∏_{i≤j} c_{r,i} # [R, W], zero at and beyond γ_r."""
+    width = confidences.shape[1]
+    valid = torch.arange(width, device=confidences.device) < torch.tensor(drafted, device=confidences.device).view(-1, 1)
+    return torch.cumprod(confidences.float().clamp(0.0, 1.0), dim=1).masked_fill(~valid, 0.0)
+
+
+def dspark_lengths(confidences: torch.Tensor, drafted: Sequence[int], sps) -> tuple[torch.Tensor, torch.Tensor]:
+    """Algorithm 1 without host syncs: (ℓ # [R] long, τ* # [] float).
+
+    The greedy admission path is evaluated for all prefixes at once: the k-th admitted
+    candidate gives B_k = R + k and τ*_k = R + Σ_{i≤k} a_(i), and the search stops at the
+    first k with Θ_k <= Θ_{k-1} (while it improves, Θ_{k-1} is the best so far).
+    """
+    num = confidences.shape[0]
+    a = prefix_survival(confidences, drafted)  # [R, W]
+    # j-major flattening (index j*R + r) + a stable descending sort = ties broken by position.
+    flat = a.t().reshape(-1)
+    order = torch.sort(flat, descending=True, stable=True).indices
+    a_sorted = flat[order]  # candidates with a = 0 (invalid, or never surviving) sort last
+    steps = torch.arange(1, a_sorted.shape[0] + 1, device=a.device)
+    tau = num + torch.cumsum(a_sorted, 0)  # [N]
+    theta = tau * sps(num + steps)  # [N]
+    theta_prev = torch.cat([num * sps(torch.tensor([num], device=a.device)), theta[:-1]])
+    improves = (theta > theta_prev) & (a_sorted > 0)
+    admitted = improves.long().cumprod(0).sum()  # the leading run of improvements # []
+    taken = torch.arange(a_sorted.shape[0], device=a.device) < admitted
+    lengths = torch.zeros(num, dtype=torch.long, device=a.device).scatter_add_(0, order % num, taken.long())
+    tau_star = torch.where(admitted > 0, tau[(admitted - 1).clamp_min(0)], torch.tensor(float(num), device=a.device))
+    return lengths, tau_star
+
+
+POLICY_HELP = "plain | fixed[:γ] | gamma1 | threshold:<t> | dspark"
+
+
+def make_policy(spec: str, cost: CostModel | None = None) -> Policy:
+    """Build a policy from its command-line name (see POLICY_HELP).
+
+    ``plain`` verifies the anchor only (ℓ = 0); pair it with the ``none`` drafter to avoid
+    drafting at all. ``dspark`` needs ``cost``; it never falls back to verifying everything.
+    """
+    kind, _, arg = spec.partition(":")
+    try:
+        if kind == "plain" and not arg:
+            return FixedGamma(0, name="plain")
+        if kind == "fixed":
+            return FixedGamma(int(arg) if arg else None)
+        if kind == "gamma1" and not arg:
+            return gamma_one()
+        if kind == "threshold" and arg:
+            return StaticThreshold(float(arg))
+    except ValueError as exc:
+        raise DsparkError(f"bad policy {spec!r}: {exc}") from None
+    if kind == "dspark" and not arg:
+        return DSparkScheduler(cost)
+    raise DsparkError(f"unknown policy {spec!r}; choose one of: {POLICY_HELP}")

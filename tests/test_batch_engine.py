@@ -1,0 +1,301 @@
+"""The batched engine on tiny random targets: exactness against the batch-1 engine, and
+losslessness with continuous batching and the scheduler on.
+
+Oracles: :class:`~dspark.engine.SpeculativeEngine` (batch 1, itself checked against plain
+argmax decoding and exact distributions in test_lossless.py) and the exact enumerated target
+distribution of test_lossless.py.
+
+Two targets. ``rich`` (V = 64) has sharpened attention (q/k weights × 10), so that outputs
+depend on every attended position and its rotary position: a wrong mask, position id or
+slot changes them. ``target`` (V = 6) is test_lossless's, small enough to enumerate.
+
+Floating point: batching pads rows and masks them, so logits differ from batch 1 by
+reduction-order rounding (~1e-6). The targets are fp32 and the smallest top-1/top-2 logit
+margin along rich's greedy paths is ~1e-3, so greedy equality is exact; under sampling a
+flip would need a uniform draw within ~1e-6 of a CDF boundary.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+
+import dspark.verify
+from conftest import tiny_llama, tiny_target
+from dspark.batch_engine import BatchEngine, load_calibration
+from dspark.drafters.base import DraftInput, NoDrafter
+from dspark.drafters.batched import BatchDrafter, LoopedDrafter, as_batch_drafter
+from dspark.drafters.draft_model import DraftModelDrafter
+from dspark.drafters.dspark import DSparkConfig, DSparkDrafter, DSparkModel
+from dspark.drafters.ngram import NgramConfig, NgramDrafter
+from dspark.engine import GenerationRequest, SpeculativeEngine
+from dspark.errors import DsparkError
+from dspark.profiling import CostKey, CostTable
+from dspark.sampling import SamplingParams
+from dspark.scheduler import DSparkScheduler, FixedGamma, StaticThreshold, gamma_one
+from stats_helpers import chisquare_gof
+from test_lossless import NEW_TOKENS, PROMPT, T1, TARGET_SCALE, TARGET_SEED, V, exact_target_distribution
+
+GREEDY = SamplingParams()
+NUCLEUS = SamplingParams(temperature=0.7, top_k=5, top_p=0.8)
+BLOCK = 3
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+RICH_V = 64
+
+
+def rich_target():
+    target = tiny_target(vocab_size=RICH_V, hidden=32, seed=0, scale=8.0)
+    with torch.no_grad():
+        for layer in target.model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(10.0)
+            layer.self_attn.k_proj.weight.mul_(10.0)
+    return target
+
+
+@pytest.fixture(scope="module")
+def target():
+    return tiny_target(vocab_size=V, seed=TARGET_SEED, scale=TARGET_SCALE)
+
+
+@pytest.fixture(scope="module")
+def rich():
+    return rich_target()
+
+
+def dspark_drafter(rich: bool = False, seed: int = 11) -> DSparkDrafter:
+    """A random DSpark drafter (for the rich or the small target) whose Markov bias and
+    confidences vary with x_{k-1}."""
+    like_target = rich_target() if rich else tiny_target(vocab_size=V, seed=TARGET_SEED, scale=TARGET_SCALE)
+    torch.manual_seed(seed)
+    config = DSparkConfig.for_target(like_target, num_hidden_layers=1, markov_rank=4, block_size=BLOCK)
+    model = DSparkModel(config)
+    with torch.no_grad():  # a strong Markov bias: q far from p, so drafts are often rejected
+        model.markov_head.markov_w1.weight.normal_(std=1.0)
+        model.markov_head.markov_w2.weight.normal_(std=2.0)
+        model.confidence_head.proj.weight.normal_(std=0.2)
+        model.confidence_head.proj.bias.fill_(0.5)
+    return DSparkDrafter(model)
+
+
+DRAFTERS = {  # for the rich target
+    "none": NoDrafter,
+    "ngram": lambda: NgramDrafter(NgramConfig(gamma=4, max_ngram=2)),
+    "other-model": lambda: DraftModelDrafter(tiny_llama(vocab_size=RICH_V, hidden=32, seed=7, scale=20.0), gamma=3),
+    "dspark": lambda: dspark_drafter(rich=True),
+}
+
+# Step time 1 + B/16: every extra verified token costs 1/16 of a plain step, so the schedule
+# depends on both the confidences and how many requests share the step.
+COST = CostTable(CostKey("tiny", "cpu", "float32", 1), tuple(range(1, 65)), tuple(1.0 / (1.0 + b / 16) for b in range(1, 65)))
+
+POLICIES = {
+    "fixed": FixedGamma,
+    "gamma-1": gamma_one,
+    "threshold": lambda: StaticThreshold(0.5),
+    "dspark": lambda: DSparkScheduler(COST),
+}
+
+PROMPTS = [[3], [0, 1, 2, 3, 4, 5], [1, 1, 1, 1, 1, 1], [5, 2, 5, 2, 5, 2, 5], [4, 0, 3, 3, 1], [2, 4] * 6]
+RICH_PROMPTS = [[49], [53, 33, 62, 12, 24, 50], [8, 8, 8, 8, 8, 8], [41, 2, 41, 2, 41, 2, 41], [60, 0, 37, 37, 1], [19, 63] * 6]
+
+
+def mixed_requests(params: SamplingParams = GREEDY) -> list[GenerationRequest]:
+    """Requests of mixed prompts and lengths for the rich target."""
+    return [GenerationRequest(p, params, max_new_tokens=5 + 3 * i, seed=100 + i) for i, p in enumerate(RICH_PROMPTS)]
+
+
+@pytest.fixture(scope="module")
+def batch1_greedy(rich):
+    engine = SpeculativeEngine(rich, NoDrafter())
+    return [engine.generate(r).token_ids for r in mixed_requests()]
+
+
+def check_bookkeeping(batch) -> None:
+    """Counters agree: rounds per request, R and B per step, tokens committed."""
+    results, stats = batch.results, batch.stats
+    assert sum(s.requests for s in stats.steps) == sum(r.stats.rounds for r in results)
+    assert sum(s.budget - s.requests for s in stats.steps) == sum(sum(r.stats.proposed) for r in results)
+    for r in results:
+        assert all(0 <= a <= p for a, p in zip(r.stats.accepted, r.stats.proposed))
+        if r.finish_reason == "length":  # the prefill commits 1 token, each round accepted + 1
+            assert 1 + sum(r.stats.accepted) + r.stats.rounds == len(r.token_ids)
+
+
+# -- greedy: token for token equal to batch 1 -----------------------------------------------------------
+
+
+# Policies that read confidences run with the drafter that has them.
+GREEDY_CASES = [
+    (d, p) for d in DRAFTERS for p in POLICIES if d == "dspark" or not POLICIES[p]().needs_confidences
+]
+
+
+@pytest.mark.parametrize("drafter_name, policy_name", GREEDY_CASES)
+def test_greedy_batch_equals_batch1(rich, batch1_greedy, drafter_name, policy_name):
+    # 6 requests of mixed prompts and lengths through 4 slots: requests join and leave.
+    engine = BatchEngine(rich, DRAFTERS[drafter_name](), POLICIES[policy_name](), max_batch=4)
+    batch = engine.generate(mixed_requests())
+    assert [r.token_ids for r in batch.results] == batch1_greedy
+    assert all(r.finish_reason == "length" for r in batch.results)
+    assert max(s.requests for s in batch.stats.steps) == 4
+    check_bookkeeping(batch)
+    if drafter_name != "none":
+        assert batch.stats.verify_length > 0  # it really speculated
+
+
+def test_dspark_schedule_is_ragged_and_load_aware(rich):
+    engine = BatchEngine(rich, dspark_drafter(rich=True), DSparkScheduler(COST), max_batch=6)
+    proposed = [p for r in engine.generate(mixed_requests()).results for p in r.stats.proposed]
+    assert {0, 1, 2, 3} <= set(proposed)  # ℓ_r = 0 (a plain step) next to partial and whole blocks
+    alone = BatchEngine(rich, dspark_drafter(rich=True), DSparkScheduler(COST), max_batch=1)
+    busy = BatchEngine(rich, dspark_drafter(rich=True), DSparkScheduler(COST), max_batch=6)
+    requests = [GenerationRequest(RICH_PROMPTS[1], GREEDY, max_new_tokens=24, seed=s) for s in range(6)]
+    assert alone.generate(requests).stats.verify_length > busy.generate(requests).stats.verify_length
+
+
+def test_eos_and_stop_strings_match_batch1():
+    target = rich_target()
+    target.eos_token_ids = frozenset(range(0, RICH_V, 9))
+    requests = [
+        GenerationRequest(p, T1, max_new_tokens=3 + s, seed=s, stop=("3",) if s % 2 else ())
+        for s, p in enumerate(RICH_PROMPTS * 2)
+    ]
+    want = [SpeculativeEngine(target, dspark_drafter(rich=True)).generate(r) for r in requests]
+    got = BatchEngine(target, dspark_drafter(rich=True), FixedGamma(), max_batch=5).generate(requests).results
+    assert [(r.token_ids, r.finish_reason, r.text) for r in got] == [(r.token_ids, r.finish_reason, r.text) for r in want]
+    assert {"eos", "stop", "length"} <= {r.finish_reason for r in got}
+
+
+# -- sampling -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("drafter_name", ["dspark", "other-model"])
+def test_sampled_output_equals_batch1_with_the_same_seed(rich, drafter_name):
+    # Verifying whole blocks, a request consumes its random stream exactly as in batch 1, so
+    # its output cannot depend on what else is in the batch: padding changes nothing.
+    requests = mixed_requests(T1) + mixed_requests(NUCLEUS)
+    want = [SpeculativeEngine(rich, DRAFTERS[drafter_name]()).generate(r).token_ids for r in requests]
+    batch = BatchEngine(rich, DRAFTERS[drafter_name](), FixedGamma(), max_batch=5).generate(requests)
+    assert [r.token_ids for r in batch.results] == want
+    check_bookkeeping(batch)
+
+
+N_RUNS = 2000
+
+
+def batched_lossless_check(target, params: SamplingParams):
+    """N_RUNS requests of PROMPT (seeds 0..N-1) interleaved with distractors of other prompts,
+    parameters and lengths, 8 at a time under the DSpark scheduler; chi-square of PROMPT's
+    first NEW_TOKENS tokens against the exact target distribution."""
+    requests, ours = [], []
+    for seed in range(N_RUNS):
+        ours.append(len(requests))
+        requests.append(GenerationRequest(PROMPT, params, max_new_tokens=NEW_TOKENS, seed=seed))
+        if seed % 2 == 0:
+            other = PROMPTS[seed % len(PROMPTS)]
+            requests.append(GenerationRequest(other, NUCLEUS if seed % 4 else GREEDY, max_new_tokens=2 + seed % 9, seed=10**6 + seed))
+    batch = BatchEngine(target, dspark_drafter(), DSparkScheduler(COST), max_batch=8).generate(requests)
+    results = [batch.results[i] for i in ours]
+    counts = Counter(tuple(r.token_ids) for r in results)
+    exact = exact_target_distribution(target, PROMPT, params, NEW_TOKENS)
+    return chisquare_gof(counts, exact), results
+
+
+def test_sampled_output_is_target_distributed_with_batching_and_scheduler(target):
+    fit, results = batched_lossless_check(target, T1)
+    assert fit.cells >= 20, fit
+    proposed = [p for r in results for p in r.stats.proposed]
+    accepted = sum(a for r in results for a in r.stats.accepted)
+    # The scheduler really chose ragged lengths, and drafts were both accepted and rejected.
+    assert {0, 1, 2} <= set(proposed), Counter(proposed)
+    assert 0 < accepted < sum(proposed)
+    assert not fit.rejected, fit
+
+
+def test_the_batched_check_detects_a_broken_residual(target, monkeypatch):
+    monkeypatch.setattr(dspark.verify, "residual_distribution", lambda p, q: p)
+    fit, _ = batched_lossless_check(target, T1)
+    assert fit.rejected, fit
+
+
+# -- parts ----------------------------------------------------------------------------------------------
+
+
+def test_batched_dspark_drafter_proposes_what_the_batch1_drafter_proposes(rich):
+    target = rich
+    single = dspark_drafter(rich=True)
+    batched = as_batch_drafter(dspark_drafter(rich=True))
+    assert isinstance(batched, BatchDrafter) and not isinstance(batched, LoopedDrafter)
+    batched.check_target(target)
+    single.check_target(target)
+    batched.allocate(num_slots=4, capacity=32)
+    layers = single.feature_layer_ids
+    prompts = [RICH_PROMPTS[1], RICH_PROMPTS[3], RICH_PROMPTS[5]]
+    slots = [2, 0, 3]
+    params = [GREEDY, T1, NUCLEUS]
+    inputs, want = [], []
+    for slot, prompt, p in zip(slots, prompts, params):
+        batched.open(slot)
+        single.reset()
+        tokens = torch.tensor(prompt)
+        feats = target.forward(tokens[:-1].unsqueeze(0), layer_ids=layers).features[0]
+        want.append(single.propose(DraftInput(tokens, feats, p, torch.Generator().manual_seed(slot), max_tokens=BLOCK)))
+        inputs.append(DraftInput(tokens, feats, p, torch.Generator().manual_seed(slot), max_tokens=BLOCK))
+    got = batched.propose_batch(slots, inputs)
+    for g, w in zip(got, want):
+        assert torch.equal(g.tokens, w.tokens)
+        torch.testing.assert_close(g.confidences, w.confidences)
+        if w.q is not None:
+            torch.testing.assert_close(g.q, w.q)
+    with pytest.raises(DsparkError, match="anchor"):  # features must arrive exactly once
+        batched.propose_batch(slots[:1], [inputs[0]])
+
+
+def test_calibration_is_applied_before_scheduling(rich, tmp_path):
+    requests = mixed_requests()
+    never = BatchEngine(rich, dspark_drafter(rich=True), DSparkScheduler(COST), calibrate=torch.zeros_like)
+    assert never.generate(requests).stats.verify_length == 0.0  # a_{r,1} = 0: nothing to admit
+    sure = BatchEngine(rich, dspark_drafter(rich=True), StaticThreshold(0.99), calibrate=torch.ones_like)
+    assert all(set(r.stats.proposed) - {0} for r in sure.generate(requests).results)
+    assert load_calibration(tmp_path) is None
+    from dspark.calibration import Calibration
+
+    Calibration((2.0, 2.0, 2.0)).save(tmp_path)
+    apply = load_calibration(tmp_path)
+    torch.testing.assert_close(apply(torch.tensor([[0.5, 0.9]])), torch.tensor([[0.5, 0.75]]))
+
+
+def test_dspark_engine_loads_its_cost_table_or_says_so(target, tmp_path):
+    with pytest.raises(DsparkError, match="no cost table.*dspark profile"):
+        BatchEngine.from_spec(target, dspark_drafter(), "dspark", max_batch=2, profile_dir=tmp_path)
+    engine = BatchEngine.from_spec(
+        target, dspark_drafter(), "dspark", max_batch=2, profile_dir=tmp_path, profile_if_missing=True
+    )
+    assert engine.policy.cost.max_budget == 2 * (1 + BLOCK)  # measured on first use and saved
+    again = BatchEngine.from_spec(target, dspark_drafter(), "dspark", max_batch=2, profile_dir=tmp_path)
+    assert again.policy.cost == engine.policy.cost
+    with pytest.raises(DsparkError, match="covers B <= 8.*dspark profile"):  # too small for 4 slots
+        BatchEngine.from_spec(target, dspark_drafter(), "dspark", max_batch=4, profile_dir=tmp_path)
+    with pytest.raises(DsparkError, match="covers only B <= 64.*dspark profile"):
+        BatchEngine(target, dspark_drafter(), DSparkScheduler(COST), max_batch=32)
+
+
+def test_errors_are_clear(target, rich):
+    with pytest.raises(DsparkError, match="needs confidences"):
+        BatchEngine(rich, NgramDrafter(), DSparkScheduler(COST), max_batch=4).generate(mixed_requests())
+    with pytest.raises(ValueError, match="context window"):
+        BatchEngine(target, NoDrafter(), FixedGamma()).generate([GenerationRequest([1], max_new_tokens=1000)])
+    with pytest.raises(ValueError, match="max_batch"):
+        BatchEngine(target, NoDrafter(), FixedGamma(), max_batch=0)
+    assert BatchEngine(target, NoDrafter(), FixedGamma()).generate([]).results == []

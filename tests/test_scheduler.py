@@ -1,0 +1,276 @@
+"""Verification-length policies, the cost table, and Appendix A's counterexample.
+
+Oracles: a line-by-line transcription of Algorithm 1 in plain Python (the vectorized
+scheduler must agree with it on random inputs), hand-computed schedules, and, for
+Appendix A, the paper's two-token example run through the real rejection sampler.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from scipy.stats import binomtest
+from typer.testing import CliRunner
+
+from conftest import tiny_target
+from dspark.errors import DsparkError
+from dspark.profiling import (
+    CostKey,
+    CostTable,
+    cost_key,
+    default_budgets,
+    load_cost_table,
+    measure_cost_table,
+    require_cost_table,
+    spread,
+)
+from dspark.scheduler import DSparkScheduler, FixedGamma, StaticThreshold, gamma_one, make_policy, prefix_survival
+from dspark.verify import rejection_sample
+from stats_helpers import ALPHA
+
+KEY = CostKey("test-model", "cpu", "float32", 1)
+
+
+def table(sps: list[float]) -> CostTable:
+    """A cost table measured at every B = 1..len(sps)."""
+    return CostTable(KEY, tuple(range(1, len(sps) + 1)), tuple(sps))
+
+
+def algorithm_1(confidences: list[list[float]], drafted: list[int], sps, early_stop: bool = True) -> list[int]:
+    """Algorithm 1 as printed (lines 1-16); ``early_stop=False`` is the retrospective global
+    search of Appendix A, which exists only here, as the counterexample."""
+    num = len(drafted)
+    cands = []
+    for r in range(num):
+        a = 1.0
+        for j in range(1, drafted[r] + 1):
+            a *= confidences[r][j - 1]
+            if a > 0:
+                cands.append((a, j, r))
+    cands.sort(key=lambda c: (-c[0], c[1], c[2]))  # descending a, ties by position
+    lengths, budget, tau = [0] * num, num, float(num)
+    best, best_lengths = num * sps(num), [0] * num
+    for a, j, r in cands:
+        lengths[r] = j
+        budget += 1
+        tau += a
+        theta = tau * sps(budget)
+        if theta > best:
+            best, best_lengths = theta, list(lengths)
+        elif early_stop:
+            break
+    return best_lengths
+
+
+def sps_of(cost: CostTable):
+    return lambda b: float(cost.steps_per_second(torch.tensor([b]))[0])
+
+
+# -- fixed, γ=1, threshold ---------------------------------------------------------------------------
+
+
+def test_fixed_gamma_one_and_plain():
+    drafted = [5, 0, 3]
+    assert FixedGamma().schedule(drafted, None).lengths == [5, 0, 3]
+    assert FixedGamma(4).schedule(drafted, None).lengths == [4, 0, 3]
+    assert gamma_one().schedule(drafted, None).lengths == [1, 0, 1]
+    assert gamma_one().max_draft == 1 and gamma_one().name == "gamma-1"
+    assert make_policy("plain").schedule(drafted, None).lengths == [0, 0, 0]
+    assert make_policy("fixed:7").name == "fixed-7" and make_policy("fixed").max_draft is None
+
+
+def test_static_threshold_cuts_at_the_first_low_confidence():
+    c = torch.tensor([[0.9, 0.4, 0.95, 0.9], [0.3, 0.9, 0.9, 0.9], [0.8, 0.8, 0.8, 0.1]])
+    assert StaticThreshold(0.5).schedule([4, 4, 2], c).lengths == [1, 0, 2]
+    with pytest.raises(DsparkError, match="needs confidences"):
+        StaticThreshold(0.5).schedule([4], None)
+
+
+def test_policies_validate_their_inputs():
+    with pytest.raises(ValueError, match="confidences must be"):
+        StaticThreshold(0.5).schedule([3, 3], torch.ones(2, 2))
+    with pytest.raises(DsparkError, match="unknown policy"):
+        make_policy("verify-everything")
+    with pytest.raises(DsparkError, match="bad policy"):
+        make_policy("threshold:high")
+
+
+# -- DSpark (Algorithm 1) -----------------------------------------------------------------------------
+
+
+def test_dspark_refuses_to_run_without_a_cost_table():
+    with pytest.raises(DsparkError, match="dspark profile"):
+        make_policy("dspark")
+    with pytest.raises(DsparkError, match="needs confidences"):
+        DSparkScheduler(table([1.0, 0.9])).schedule([1], None)
+
+
+def test_dspark_refuses_budgets_beyond_the_table():
+    with pytest.raises(DsparkError, match="dspark profile"):
+        DSparkScheduler(table([1.0, 0.9, 0.8])).schedule([2, 2], torch.ones(2, 2))
+
+
+def test_dspark_hand_computed_schedule():
+    # a = [[0.9, 0.45], [0.6, 0.06]]; sorted: (0,1) .9, (1,1) .6, (0,2) .45, (1,2) .06.
+    c = torch.tensor([[0.9, 0.5], [0.6, 0.1]])
+    cost = table([1.0, 1.0, 0.95, 0.8, 0.72, 0.7])
+    # Θ: B=2 -> 2.0; +0.9 at B=3: 2.755; +0.6 at B=4: 2.8; +0.45 at B=5: 2.844; +0.06 at B=6: 2.807 (stop)
+    schedule = DSparkScheduler(cost).schedule([2, 2], c)
+    assert schedule.lengths == [2, 1]
+    assert schedule.expected_tokens == pytest.approx(2 + 0.9 + 0.6 + 0.45)
+
+
+def test_dspark_ties_are_broken_by_position():
+    # c = 1 makes a_{r,1} = a_{r,2}: (r, 1) must still come first, and equal a across requests
+    # go by position before request, so one more admission lands on request 1's first slot.
+    c = torch.tensor([[0.8, 1.0], [0.8, 1.0]])
+    cost = table([1.0, 1.0, 1.0, 0.95, 0.5, 0.4])  # room for exactly two admissions
+    assert DSparkScheduler(cost).schedule([2, 2], c).lengths == [1, 1]
+    assert algorithm_1(c.tolist(), [2, 2], sps_of(cost)) == [1, 1]
+
+
+def test_dspark_verifies_more_when_idle_and_less_when_busy():
+    # A latency-bound curve: flat up to B = 16, then the step time grows with B.
+    sps = [1.0 if b <= 16 else 16.0 / b for b in range(1, 129)]
+    scheduler = DSparkScheduler(table(sps))
+    c = torch.tensor([0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6])
+    idle = scheduler.schedule([7], c.unsqueeze(0)).lengths
+    busy = scheduler.schedule([7] * 16, c.expand(16, -1)).lengths
+    assert idle == [7]  # extra tokens are free: verify the whole block
+    assert sum(busy) / 16 < 1.0  # the batch is compute-bound: most requests verify nothing extra
+
+
+def test_dspark_matches_the_transcribed_algorithm_on_random_inputs():
+    rng = random.Random(0)
+    for trial in range(300):
+        num = rng.randint(1, 6)
+        gamma = rng.randint(1, 7)
+        drafted = [rng.randint(0, gamma) for _ in range(num)]
+        # coarse values make ties (across requests and c = 1 within a block) common
+        c = [[rng.choice([0.0, 0.25, 0.5, 0.75, 0.9, 1.0]) for _ in range(gamma)] for _ in range(num)]
+        max_b = num * (1 + gamma)
+        sps = sorted((rng.uniform(0.2, 1.0) for _ in range(max_b)), reverse=True)
+        if trial % 3 == 0:  # jagged, non-monotone curves too
+            sps = [rng.uniform(0.2, 1.0) for _ in range(max_b)]
+        cost = table(sps + [0.1])
+        got = DSparkScheduler(cost).schedule(drafted, torch.tensor(c)).lengths
+        assert got == algorithm_1(c, drafted, sps_of(cost)), (c, drafted, sps)
+
+
+def test_prefix_survival_ignores_slots_past_the_draft():
+    a = prefix_survival(torch.tensor([[0.5, 0.5, 0.5]]), [2])
+    assert a.tolist() == [[0.5, 0.25, 0.0]]
+
+
+# -- Appendix A: selection bias without the early stop --------------------------------------------------
+
+APPENDIX_COST = CostTable(KEY, (1, 2, 3), (1.0, 0.5, 0.45))
+P_TARGET = torch.tensor([0.7, 0.3])  # p_t(A), p_t(B)
+Q_DRAFT = torch.tensor([0.5, 0.5])  # p_d(A), p_d(B)
+A_TOKEN = 0
+TRIALS = 4000
+"""Power: under 0.85 the count of A sits (0.85 - 0.7) / sqrt(0.21 / 4000) ≈ 21 standard errors
+from what 0.7 predicts, so the check below rejects the biased scheduler with certainty."""
+
+
+def appendix_a_first_token(schedule_fn, generator: torch.Generator) -> int:
+    """One round of the appendix's R = 1, γ = 2 example: returns the first output token Y.
+
+    c_1 = 0.8 is known before x_1 is drawn; c_2 depends on x_1 through the Markov feature:
+    0.9 when x_1 = A, 0 when x_1 = B. The round is then verified by the real rejection
+    sampler over the ℓ tokens the scheduler admitted.
+    """
+    x = torch.multinomial(Q_DRAFT.expand(2, -1), 1, generator=generator).view(2)  # x_1, x_2 ~ p_d
+    c2 = 0.9 if int(x[0]) == A_TOKEN else 0.0
+    ell = schedule_fn([2], torch.tensor([[0.8, c2]]))
+    q = Q_DRAFT.expand(ell, -1)
+    p = P_TARGET.expand(ell + 1, -1)
+    return rejection_sample(x[:ell], q, p, generator).tokens[0]
+
+
+def count_a(schedule_fn) -> int:
+    generator = torch.Generator().manual_seed(1234)
+    return sum(appendix_a_first_token(schedule_fn, generator) == A_TOKEN for _ in range(TRIALS))
+
+
+def test_appendix_a_the_paper_numbers():
+    sps = sps_of(APPENDIX_COST)
+    assert algorithm_1([[0.8, 0.9]], [2], sps, early_stop=False) == [2]  # Θ2 = 1.134 is the max
+    assert algorithm_1([[0.8, 0.0]], [2], sps, early_stop=False) == [0]  # Θ0 = 1.0 is the max
+    real = DSparkScheduler(APPENDIX_COST)
+    for c2 in (0.9, 0.0):  # Θ1 = 0.9 < Θ0 = 1.0: stop before c_2 is ever read
+        assert real.schedule([2], torch.tensor([[0.8, c2]])).lengths == [0]
+
+
+def test_appendix_a_global_search_is_biased_and_the_early_stop_is_not():
+    def global_search(drafted, c):
+        return algorithm_1(c.tolist(), drafted, sps_of(APPENDIX_COST), early_stop=False)[0]
+
+    def real(drafted, c):
+        return DSparkScheduler(APPENDIX_COST).schedule(drafted, c).lengths[0]
+
+    biased = count_a(global_search)
+    assert binomtest(biased, TRIALS, 0.7).pvalue < ALPHA, biased / TRIALS  # not the target ...
+    assert binomtest(biased, TRIALS, 0.85).pvalue >= ALPHA, biased / TRIALS  # ... but the bias
+    causal = count_a(real)
+    assert binomtest(causal, TRIALS, 0.7).pvalue >= ALPHA, causal / TRIALS
+
+
+# -- the cost table -----------------------------------------------------------------------------------
+
+
+def test_cost_table_interpolates_step_time_and_round_trips(tmp_path):
+    cost = CostTable(KEY, (1, 3), (10.0, 5.0))  # 0.1 s at B=1, 0.2 s at B=3
+    sps = cost.steps_per_second(torch.tensor([1, 2, 3]))
+    torch.testing.assert_close(sps, torch.tensor([10.0, 1 / 0.15, 5.0]))
+    path = cost.save(tmp_path)
+    assert path.name == KEY.filename() and json.loads(path.read_text())["key"]["threads"] == 1
+    assert CostTable.load(path) == cost
+    with pytest.raises(ValueError, match="increase from 1"):
+        CostTable(KEY, (2, 3), (1.0, 1.0))
+
+
+def test_default_budgets_and_spread():
+    budgets = default_budgets(128)
+    assert budgets[:16] == list(range(1, 17)) and budgets[-1] == 128 and budgets == sorted(set(budgets))
+    assert spread(20, 16) == [2, 2, 2, 2] + [1] * 12
+    assert spread(3, 16) == [1, 1, 1]
+
+
+def test_missing_or_short_table_is_an_error_naming_dspark_profile(tmp_path):
+    target = tiny_target(vocab_size=8)
+    assert load_cost_table(target, tmp_path) is None
+    with pytest.raises(DsparkError, match="no cost table.*dspark profile"):
+        require_cost_table(target, tmp_path)
+    CostTable(cost_key(target), (1, 2), (2.0, 1.0)).save(tmp_path)
+    assert load_cost_table(target, tmp_path).max_budget == 2
+    with pytest.raises(DsparkError, match="covers B <= 2.*dspark profile"):
+        require_cost_table(target, tmp_path, min_budget=16)
+
+
+def test_measure_profiles_the_engine_step_and_saves_on_first_use(tmp_path):
+    torch.set_num_threads(1)
+    target = tiny_target(vocab_size=8)
+    calls = []
+    cost = require_cost_table(
+        target, tmp_path, profile_if_missing=True, min_budget=6,
+        max_requests=2, max_draft=2, context=8, repeats=1, progress=lambda b, s: calls.append(b),
+    )
+    assert cost.budgets == (1, 2, 3, 4, 5, 6) and calls == list(cost.budgets)
+    assert cost.key == cost_key(target) and all(s > 0 for s in cost.steps_per_s)
+    assert load_cost_table(target, tmp_path) == cost
+    again = measure_cost_table(target, max_requests=2, max_draft=0, context=4, repeats=1)
+    assert again.budgets == (1, 2)
+
+
+def test_profile_command_help_and_bad_input():
+    from dspark.cli import app
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["profile", "--help"])
+    assert result.exit_code == 0 and "--max-requests" in result.output
+    result = runner.invoke(app, ["profile", "--max-requests", "0"])
+    assert result.exit_code == 2 and "--max-requests must be >= 1" in result.stderr
