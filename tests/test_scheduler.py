@@ -143,6 +143,21 @@ def test_dspark_verifies_more_when_idle_and_less_when_busy():
     assert sum(busy) / 16 < 1.0  # the batch is compute-bound: most requests verify nothing extra
 
 
+def test_drafting_overhead_makes_extra_verification_relatively_cheaper():
+    # Verify-only step time 1.0 s + 0.25 s per extra token; a = 0.2 per slot does not pay
+    # off on verification cost alone: Θ = 1.2 / 1.25 < 1.
+    sps = [1.0 / (1.0 + 0.25 * (b - 1)) for b in range(1, 9)]
+    scheduler = DSparkScheduler(table(sps))
+    c = torch.tensor([[0.2, 1.0, 1.0]])
+    assert scheduler.schedule([3], c).lengths == [0]
+    scheduler.observe_overhead(1, 2.0)  # a measured 2 s of drafting per step at R = 1
+    # Step time 3.0 -> 3.25 -> 3.5 -> 3.75: Θ = 1/3 < 1.2/3.25 < 1.4/3.5 < 1.6/3.75, all three pay.
+    assert scheduler.schedule([3], c).lengths == [3]
+    assert scheduler.schedule([3, 3], c.expand(2, -1)).lengths == [0, 0]  # R = 2 has no observation
+    scheduler.observe_overhead(1, 0.0)
+    assert scheduler.step_rate(1)(torch.tensor([1]))[0] == pytest.approx(1 / (0.8 * 2.0 + 1.0))
+
+
 def test_dspark_matches_the_transcribed_algorithm_on_random_inputs():
     rng = random.Random(0)
     for trial in range(300):

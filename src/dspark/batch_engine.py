@@ -317,6 +317,8 @@ class BatchEngine:
             r.commit(result.tokens)
         self.drafter.accepted(slots, accepted)
         t3 = time.perf_counter()
+        if hasattr(self.policy, "observe_overhead"):
+            self.policy.observe_overhead(len(live), t2 - t0)
         for r, block, ell, n in zip(live, blocks, lengths, accepted):
             conf = block.confidences[:ell] if block.confidences is not None else None
             r.stats.record_round(ell, n, t1 - t0, t3 - t2, conf)  # step times, shared by the batch

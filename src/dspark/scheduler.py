@@ -142,12 +142,33 @@ class DSparkScheduler:
     needs_confidences = True
     max_draft = None
 
-    def __init__(self, cost: CostModel) -> None:
+    def __init__(self, cost: CostModel, overhead_decay: float = 0.8) -> None:
         if cost is None:
             raise DsparkError(
                 "the dspark policy needs a cost table SPS(B); measure one with `dspark profile`"
             )
         self.cost = cost
+        self.overhead_decay = overhead_decay
+        self._overhead: dict[int, float] = {}
+        """Seconds per step spent outside the profiled verification (drafting, scheduling),
+        an exponential average per batch size R, measured on earlier steps."""
+
+    def observe_overhead(self, requests: int, seconds: float) -> None:
+        """Record a finished step's time outside verification, for batches of ``requests``.
+
+        SPS(B) is then the whole engine step's rate, 1 / (overhead(R) + 1 / SPS_verify(B)): on a
+        CPU, drafting is a large fixed part of a step and makes verifying more tokens relatively
+        cheaper. Only past steps feed it, so it cannot depend on this step's drafted tokens.
+        """
+        old = self._overhead.get(requests)
+        self._overhead[requests] = seconds if old is None else self.overhead_decay * old + (1 - self.overhead_decay) * seconds
+
+    def step_rate(self, requests: int):
+        """SPS(B) of the whole step for a batch of ``requests``: budgets # [N] -> # [N]."""
+        overhead = self._overhead.get(requests, 0.0)
+        if overhead <= 0:
+            return self.cost.steps_per_second
+        return lambda budgets: 1.0 / (overhead + 1.0 / self.cost.steps_per_second(budgets))
 
     def check_budget(self, most: int) -> None:
         if most > self.cost.max_budget:
@@ -164,7 +185,7 @@ class DSparkScheduler:
         self.check_budget(most)
         if confidences is None or most == num:
             return Schedule([0] * num, float(num))
-        lengths, tau = dspark_lengths(confidences, drafted, self.cost.steps_per_second)
+        lengths, tau = dspark_lengths(confidences, drafted, self.step_rate(num))
         values = torch.cat([lengths.to(tau.dtype), tau.view(1)]).tolist()  # the one host sync
         return Schedule([int(v) for v in values[:-1]], values[-1])
 
