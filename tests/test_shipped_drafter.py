@@ -1,0 +1,35 @@
+"""The trained DSpark drafter that ships inside the package (the default of `dspark generate`)."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from dspark.drafters import SHIPPED_DRAFTER, default_drafter_spec
+from dspark.drafters.dspark import DSparkConfig
+
+
+def test_shipped_drafter_is_small_fp16_and_fits_the_default_target():
+    from safetensors.torch import load_file
+
+    weights = SHIPPED_DRAFTER / "model.safetensors"
+    assert weights.is_file(), "the package must ship a trained DSpark drafter"
+    assert weights.stat().st_size <= 25 * 2**20
+    state = load_file(str(weights))
+    assert all(t.dtype == torch.float16 for t in state.values())
+    assert not any(k.startswith(("embed_tokens", "lm_head")) for k in state)
+    config = DSparkConfig.load(SHIPPED_DRAFTER)
+    assert (config.vocab_size, config.hidden_size, config.num_target_layers) == (49152, 576, 30)
+    assert config.markov_rank > 0 and config.enable_confidence_head
+    assert default_drafter_spec() == "dspark"
+
+
+def test_shipped_calibration_has_one_temperature_per_slot():
+    from dspark.calibration import Calibration
+
+    calibration = Calibration.load(SHIPPED_DRAFTER)
+    assert calibration is not None, "run `dspark calibrate` on the shipped drafter"
+    config = json.loads((SHIPPED_DRAFTER / "config.json").read_text())
+    assert len(calibration.temperatures) == config["block_size"]
+    assert all(t > 0 for t in calibration.temperatures)
