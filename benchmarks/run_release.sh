@@ -19,10 +19,9 @@ for step in $STEPS; do
   case $step in
     calibrate)  # calibration split (last 20% of each set), disjoint from eval's test split
       $DS calibrate --limit 10 --max-new-tokens 128 --temperature 0 --out $RESULTS/calibration ;;
-    eval)  # T = 0 and T = 1 side by side, one thread each: plain decoding runs interleaved in each
-      OMP_NUM_THREADS=1 $DS eval "${EVAL_ARGS[@]}" --temperature 0 --out $RESULTS/eval_t0 > $RESULTS/eval_t0.log 2>&1 &
-      OMP_NUM_THREADS=1 $DS eval "${EVAL_ARGS[@]}" --temperature 1 --out $RESULTS/eval_t1 > $RESULTS/eval_t1.log 2>&1 &
-      wait ;;
+    eval)  # ~50 min each on 2 cores; plain decoding runs interleaved in each
+      $DS eval "${EVAL_ARGS[@]}" --temperature 0 --out $RESULTS/eval_t0
+      $DS eval "${EVAL_ARGS[@]}" --temperature 1 --out $RESULTS/eval_t1 ;;
     profile)
       $DS profile ;;
     concurrency)
