@@ -28,11 +28,12 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import shlex
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from dspark.evaluation.runner import machine_info
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -221,18 +222,7 @@ def run(args) -> dict:
         "benchmark": "concurrency",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "command": shlex.join([sys.executable, *sys.argv]),
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "torch_num_threads": torch.get_num_threads(),
-            "cpu_count": os.cpu_count(),
-            "device": str(target.device),
-            "dtype": str(next(target.model.parameters()).dtype),
-            "load_avg_start": load_avg_start,
-            "load_avg_end": os.getloadavg(),
-        },
+        "machine": {**machine_info(target), "load_avg_start": load_avg_start, "load_avg_end": os.getloadavg()},
         "git": git_state(),
         "model": target.name,
         "settings": {

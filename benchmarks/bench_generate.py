@@ -20,12 +20,13 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import shlex
 import subprocess
 import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+
+from dspark.evaluation.runner import machine_info
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data" / "eval"
@@ -256,18 +257,7 @@ def run(args: argparse.Namespace) -> dict:
         "benchmark": f"generate_t{args.temperature:g}",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "command": shlex.join([sys.executable, *sys.argv]),
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "torch_num_threads": torch.get_num_threads(),
-            "cpu_count": os.cpu_count(),
-            "device": str(target.device),
-            "dtype": str(next(target.model.parameters()).dtype),
-            "load_avg_start": load_avg_start,
-            "load_avg_end": os.getloadavg(),
-        },
+        "machine": {**machine_info(target), "load_avg_start": load_avg_start, "load_avg_end": os.getloadavg()},
         "git": git_state(),
         "model": target.name,
         "settings": {
