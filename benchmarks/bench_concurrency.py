@@ -8,8 +8,9 @@ gsm8k, ...), the same for every policy. Policies:
 - ``plain``: no drafter, one token per request and step (the reference);
 - ``gamma1``: verify one draft token (the analogue of the paper's MTP-1);
 - ``fixed:7``: verify the whole block of 7;
-- ``dspark``: the hardware-aware prefix scheduler over the profiled SPS(B) (Algorithm 1);
-  its cost table is loaded, or measured and saved on first use (``--no-profile`` refuses).
+- ``dspark``: the hardware-aware prefix scheduler over the profiled SPS(R, W) (Algorithm 1,
+  by levels on this padded engine), drafting lazily with backoff; its cost table is loaded,
+  or measured and saved on first use (``--no-profile`` refuses).
 
 Measured per (level, policy): aggregate tokens/s (all new tokens over wall time, prefills
 included), mean per-user tokens/s (each request's tokens over its own time in the engine),
@@ -172,12 +173,12 @@ def run(args) -> dict:
                 skip[name] = f"drafter {spec} has no confidence head"
                 console.print(f"[yellow]{name}: skipped, {skip[name]}[/yellow]")
     if "dspark" in args.policies and "dspark" not in skip:
-        need = max(args.concurrency) * (1 + drafter.gamma)
+        most = max(args.concurrency)
         try:
-            with console.status(f"cost table for B <= {need} (profiling if missing)"):
+            with console.status(f"cost table for R <= {most}, W <= {1 + drafter.gamma} (profiling if missing)"):
                 cost = require_cost_table(
-                    target, args.profile_dir, profile_if_missing=not args.no_profile, min_budget=need,
-                    max_requests=max(args.concurrency), max_draft=drafter.gamma, context=args.profile_context,
+                    target, args.profile_dir, profile_if_missing=not args.no_profile,
+                    max_requests=most, max_draft=drafter.gamma, context=args.profile_context,
                 )
         except DsparkError as exc:
             raise SystemExit(f"error: {exc}") from None

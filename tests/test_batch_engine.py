@@ -34,7 +34,7 @@ from dspark.engine import GenerationRequest, SpeculativeEngine
 from dspark.errors import DsparkError
 from dspark.profiling import CostKey, CostTable
 from dspark.sampling import SamplingParams
-from dspark.scheduler import DSparkScheduler, FixedGamma, StaticThreshold, gamma_one
+from dspark.scheduler import DSparkScheduler, FixedGamma, FlatCost, StaticThreshold, gamma_one
 from stats_helpers import chisquare_gof
 from test_lossless import NEW_TOKENS, PROMPT, T1, TARGET_SCALE, TARGET_SEED, V, exact_target_distribution
 
@@ -97,13 +97,19 @@ DRAFTERS = {  # for the rich target
 
 # Step time 1 + B/16: every extra verified token costs 1/16 of a plain step, so the schedule
 # depends on both the confidences and how many requests share the step.
-COST = CostTable(CostKey("tiny", "cpu", "float32", 1), tuple(range(1, 65)), tuple(1.0 / (1.0 + b / 16) for b in range(1, 65)))
+COST = FlatCost([1.0 / (1.0 + b / 16) for b in range(1, 65)])
+# The same curve over this engine's padded shapes: R rows of W tokens cost 1 + R·W/16.
+PADDED = CostTable(
+    CostKey("tiny", "cpu", "float32", 1), tuple(range(1, 9)),
+    tuple(tuple(1.0 / (1.0 + r * w / 16) for w in range(1, 9)) for r in range(1, 9)),
+)
 
 POLICIES = {
     "fixed": FixedGamma,
     "gamma-1": gamma_one,
     "threshold": lambda: StaticThreshold(0.5),
     "dspark": lambda: DSparkScheduler(COST),
+    "dspark-padded": lambda: DSparkScheduler(PADDED),
 }
 
 PROMPTS = [[3], [0, 1, 2, 3, 4, 5], [1, 1, 1, 1, 1, 1], [5, 2, 5, 2, 5, 2, 5], [4, 0, 3, 3, 1], [2, 4] * 6]
@@ -282,13 +288,53 @@ def test_dspark_engine_loads_its_cost_table_or_says_so(target, tmp_path):
     engine = BatchEngine.from_spec(
         target, dspark_drafter(), "dspark", max_batch=2, profile_dir=tmp_path, profile_if_missing=True
     )
-    assert engine.policy.cost.max_budget == 2 * (1 + BLOCK)  # measured on first use and saved
+    cost = engine.policy.cost  # measured on first use and saved
+    assert (cost.max_requests, cost.max_width) == (2, 1 + BLOCK)
     again = BatchEngine.from_spec(target, dspark_drafter(), "dspark", max_batch=2, profile_dir=tmp_path)
     assert again.policy.cost == engine.policy.cost
-    with pytest.raises(DsparkError, match="covers B <= 8.*dspark profile"):  # too small for 4 slots
+    with pytest.raises(DsparkError, match="covers R <= 2 requests.*dspark profile"):  # too small for 4 slots
         BatchEngine.from_spec(target, dspark_drafter(), "dspark", max_batch=4, profile_dir=tmp_path)
     with pytest.raises(DsparkError, match="covers only B <= 64.*dspark profile"):
         BatchEngine(target, dspark_drafter(), DSparkScheduler(COST), max_batch=32)
+
+
+class CountingDrafter:
+    """Counts the batched drafter's calls and the slots it drafts."""
+
+    def __init__(self, drafter) -> None:
+        self.inner = as_batch_drafter(drafter)
+        self.calls = 0
+        for name in ("name", "feature_layer_ids", "gamma", "check_target", "allocate", "open", "accepted"):
+            setattr(self, name, getattr(self.inner, name))
+
+    def propose_batch(self, slots, inputs, gate=None):
+        self.calls += 1
+        return self.inner.propose_batch(slots, inputs, gate)
+
+
+@pytest.mark.parametrize("cost", [COST, PADDED], ids=["flat", "padded"])
+def test_lazy_drafting_drafts_less_and_schedules_the_same(rich, batch1_greedy, cost):
+    def run(lazy: bool):
+        engine = BatchEngine(rich, dspark_drafter(rich=True), DSparkScheduler(cost), max_batch=4, lazy_drafting=lazy, backoff=False)
+        return engine.generate(mixed_requests())
+
+    eager, lazy = run(False), run(True)
+    assert [r.token_ids for r in lazy.results] == batch1_greedy
+    assert [(s.requests, s.budget, s.committed) for s in lazy.stats.steps] == [
+        (s.requests, s.budget, s.committed) for s in eager.stats.steps
+    ]
+    assert [s.expected_tokens for s in lazy.stats.steps] == pytest.approx([s.expected_tokens for s in eager.stats.steps])
+    assert sum(s.drafted for s in lazy.stats.steps) < sum(s.drafted for s in eager.stats.steps)
+
+
+def test_backoff_skips_the_drafter_while_nothing_is_verified(rich, batch1_greedy):
+    never = CountingDrafter(dspark_drafter(rich=True))
+    batch = BatchEngine(rich, never, DSparkScheduler(COST), max_batch=4, calibrate=torch.zeros_like).generate(mixed_requests())
+    assert [r.token_ids for r in batch.results] == batch1_greedy  # skipped rounds fold their features later
+    assert batch.stats.verify_length == 0.0 and never.calls <= len(batch.stats.steps) // 3
+    sure = CountingDrafter(dspark_drafter(rich=True))
+    batch = BatchEngine(rich, sure, DSparkScheduler(COST), max_batch=4, calibrate=torch.ones_like).generate(mixed_requests())
+    assert sure.calls == len(batch.stats.steps)  # every step verified drafts: no backoff
 
 
 def test_errors_are_clear(target, rich):

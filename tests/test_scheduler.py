@@ -21,27 +21,39 @@ from dspark.profiling import (
     CostKey,
     CostTable,
     cost_key,
-    default_budgets,
+    default_requests,
     load_cost_table,
     measure_cost_table,
     require_cost_table,
-    spread,
 )
-from dspark.scheduler import DSparkScheduler, FixedGamma, StaticThreshold, gamma_one, make_policy, prefix_survival
+from dspark.scheduler import (
+    DSparkScheduler,
+    FixedGamma,
+    FlatCost,
+    SlotGate,
+    StaticThreshold,
+    gamma_one,
+    make_policy,
+    prefix_survival,
+)
 from dspark.verify import rejection_sample
 from stats_helpers import ALPHA
 
 KEY = CostKey("test-model", "cpu", "float32", 1)
 
 
-def table(sps: list[float]) -> CostTable:
-    """A cost table measured at every B = 1..len(sps)."""
-    return CostTable(KEY, tuple(range(1, len(sps) + 1)), tuple(sps))
+def table(sps: list[float]) -> FlatCost:
+    """The paper's cost model: SPS(B) at every B = 1..len(sps)."""
+    return FlatCost(sps)
 
 
 def algorithm_1(confidences: list[list[float]], drafted: list[int], sps, early_stop: bool = True) -> list[int]:
     """Algorithm 1 as printed (lines 1-16); ``early_stop=False`` is the retrospective global
-    search of Appendix A, which exists only here, as the counterexample."""
+    search of Appendix A, which exists only here, as the counterexample. ``sps(B)``, or
+    ``sps(B, W)`` with W = 1 + max ℓ for a padded engine."""
+    if sps.__code__.co_argcount == 1:
+        flat = sps
+        sps = lambda b, w: flat(b)  # noqa: E731
     num = len(drafted)
     cands = []
     for r in range(num):
@@ -52,12 +64,12 @@ def algorithm_1(confidences: list[list[float]], drafted: list[int], sps, early_s
                 cands.append((a, j, r))
     cands.sort(key=lambda c: (-c[0], c[1], c[2]))  # descending a, ties by position
     lengths, budget, tau = [0] * num, num, float(num)
-    best, best_lengths = num * sps(num), [0] * num
+    best, best_lengths = num * sps(num, 1), [0] * num
     for a, j, r in cands:
         lengths[r] = j
         budget += 1
         tau += a
-        theta = tau * sps(budget)
+        theta = tau * sps(budget, 1 + max(lengths))
         if theta > best:
             best, best_lengths = theta, list(lengths)
         elif early_stop:
@@ -65,8 +77,12 @@ def algorithm_1(confidences: list[list[float]], drafted: list[int], sps, early_s
     return best_lengths
 
 
-def sps_of(cost: CostTable):
-    return lambda b: float(cost.steps_per_second(torch.tensor([b]))[0])
+def sps_of(cost: FlatCost):
+    return lambda b: cost.sps[b - 1]
+
+
+def padded_sps_of(cost: CostTable, num: int):
+    return lambda b, w: float(cost.steps_per_second(num, torch.tensor([w]))[0])
 
 
 # -- fixed, γ=1, threshold ---------------------------------------------------------------------------
@@ -155,7 +171,8 @@ def test_drafting_overhead_makes_extra_verification_relatively_cheaper():
     assert scheduler.schedule([3], c).lengths == [3]
     assert scheduler.schedule([3, 3], c.expand(2, -1)).lengths == [0, 0]  # R = 2 has no observation
     scheduler.observe_overhead(1, 0.0)
-    assert scheduler.step_rate(1)(torch.tensor([1]))[0] == pytest.approx(1 / (0.8 * 2.0 + 1.0))
+    one = torch.tensor([1])
+    assert scheduler.step_rate(1)(one, one)[0] == pytest.approx(1 / (0.8 * 2.0 + 1.0))
 
 
 def test_dspark_matches_the_transcribed_algorithm_on_random_inputs():
@@ -175,6 +192,59 @@ def test_dspark_matches_the_transcribed_algorithm_on_random_inputs():
         assert got == algorithm_1(c, drafted, sps_of(cost)), (c, drafted, sps)
 
 
+def random_padded_table(rng: random.Random, max_requests: int, max_width: int) -> CostTable:
+    grid = sorted({1, max_requests, *(rng.randint(1, max_requests) for _ in range(2))})
+    rows = [[rng.uniform(1.0, 5.0) for _ in range(max_width)] for _ in grid]
+    return CostTable(KEY, tuple(grid), tuple(tuple(row) for row in rows))
+
+
+def levels_algorithm(confidences: list[list[float]], drafted: list[int], sps) -> list[int]:
+    """Algorithm 1 for a padded engine, transcribed: admit level j (slot j of every request)
+    while Θ = τ*·SPS(B, W = j + 1) improves; stop at the first level that does not."""
+    num = len(drafted)
+    survival = []
+    for r in range(num):
+        a, row = 1.0, []
+        for j in range(max(drafted)):
+            a = a * confidences[r][j] if j < drafted[r] else 0.0
+            row.append(a)
+        survival.append(row)
+    best, tau, admitted = num * sps(num, 1), float(num), 0
+    for j in range(1, max(drafted) + 1):
+        gain = sum(row[j - 1] for row in survival)
+        if gain <= 0:
+            break
+        tau += gain
+        theta = tau * sps(num + sum(min(g, j) for g in drafted), j + 1)
+        if theta <= best:
+            break
+        best, admitted = theta, j
+    return [min(g, admitted) for g in drafted]
+
+
+def test_dspark_on_the_padded_cost_matches_the_transcribed_level_algorithm():
+    rng = random.Random(1)
+    for _ in range(300):
+        num, gamma = rng.randint(1, 6), rng.randint(1, 7)
+        drafted = [rng.randint(0, gamma) for _ in range(num)]
+        c = [[rng.choice([0.0, 0.25, 0.5, 0.75, 0.9, 1.0]) for _ in range(gamma)] for _ in range(num)]
+        cost = random_padded_table(rng, 6, 8)
+        got = DSparkScheduler(cost).schedule(drafted, torch.tensor(c)).lengths
+        want = levels_algorithm(c, drafted, padded_sps_of(cost, num)) if any(drafted) else [0] * num
+        assert got == want, (c, drafted, cost)
+        if num == 1:  # one request: levels are Algorithm 1's candidates
+            assert got == algorithm_1(c, drafted, padded_sps_of(cost, num))
+
+
+def test_padding_makes_a_paid_width_free_for_every_request():
+    # Width 2 costs 2x a plain step at R = 1 but only 1.2x at R = 4; c_1 = 0.4 pays for the
+    # latter, and then every request verifies its first slot, even the one with c_1 = 0.
+    cost = CostTable(KEY, (1, 4), ((1.0, 0.5), (1.0, 1 / 1.2)))
+    assert DSparkScheduler(cost).schedule([1], torch.tensor([[0.4]])).lengths == [0]
+    busy = DSparkScheduler(cost).schedule([1] * 4, torch.tensor([[0.5], [0.5], [0.5], [0.0]]))
+    assert busy.lengths == [1, 1, 1, 1] and busy.expected_tokens == pytest.approx(5.5)
+
+
 def test_prefix_survival_ignores_slots_past_the_draft():
     a = prefix_survival(torch.tensor([[0.5, 0.5, 0.5]]), [2])
     assert a.tolist() == [[0.5, 0.25, 0.0]]
@@ -182,7 +252,9 @@ def test_prefix_survival_ignores_slots_past_the_draft():
 
 # -- Appendix A: selection bias without the early stop --------------------------------------------------
 
-APPENDIX_COST = CostTable(KEY, (1, 2, 3), (1.0, 0.5, 0.45))
+APPENDIX_COST = FlatCost((1.0, 0.5, 0.45))
+APPENDIX_PADDED = CostTable(KEY, (1,), ((1.0, 0.5, 0.45),))
+"""The same curve as this engine's measured table: one request, W = B."""
 P_TARGET = torch.tensor([0.7, 0.3])  # p_t(A), p_t(B)
 Q_DRAFT = torch.tensor([0.5, 0.5])  # p_d(A), p_d(B)
 A_TOKEN = 0
@@ -220,12 +292,13 @@ def test_appendix_a_the_paper_numbers():
         assert real.schedule([2], torch.tensor([[0.8, c2]])).lengths == [0]
 
 
-def test_appendix_a_global_search_is_biased_and_the_early_stop_is_not():
+@pytest.mark.parametrize("cost", [APPENDIX_COST, APPENDIX_PADDED], ids=["flat", "padded"])
+def test_appendix_a_global_search_is_biased_and_the_early_stop_is_not(cost):
     def global_search(drafted, c):
         return algorithm_1(c.tolist(), drafted, sps_of(APPENDIX_COST), early_stop=False)[0]
 
     def real(drafted, c):
-        return DSparkScheduler(APPENDIX_COST).schedule(drafted, c).lengths[0]
+        return DSparkScheduler(cost).schedule(drafted, c).lengths[0]
 
     biased = count_a(global_search)
     assert binomtest(biased, TRIALS, 0.7).pvalue < ALPHA, biased / TRIALS  # not the target ...
@@ -237,22 +310,29 @@ def test_appendix_a_global_search_is_biased_and_the_early_stop_is_not():
 # -- the cost table -----------------------------------------------------------------------------------
 
 
-def test_cost_table_interpolates_step_time_and_round_trips(tmp_path):
-    cost = CostTable(KEY, (1, 3), (10.0, 5.0))  # 0.1 s at B=1, 0.2 s at B=3
-    sps = cost.steps_per_second(torch.tensor([1, 2, 3]))
-    torch.testing.assert_close(sps, torch.tensor([10.0, 1 / 0.15, 5.0]))
+def test_cost_table_interpolates_step_time_over_requests_and_round_trips(tmp_path):
+    # R = 1: 0.1 s at W = 1, 0.2 s at W = 2; R = 3: 0.3 s and 0.4 s.
+    cost = CostTable(KEY, (1, 3), ((10.0, 5.0), (1 / 0.3, 2.5)))
+    widths = torch.tensor([1, 2])
+    torch.testing.assert_close(cost.steps_per_second(1, widths), torch.tensor([10.0, 5.0]))
+    torch.testing.assert_close(cost.steps_per_second(2, widths), torch.tensor([1 / 0.2, 1 / 0.3]))
+    assert cost.covers(3, 2) and not cost.covers(4, 2) and not cost.covers(3, 3)
     path = cost.save(tmp_path)
     assert path.name == KEY.filename() and json.loads(path.read_text())["key"]["threads"] == 1
     assert CostTable.load(path) == cost
     with pytest.raises(ValueError, match="increase from 1"):
-        CostTable(KEY, (2, 3), (1.0, 1.0))
+        CostTable(KEY, (2, 3), ((1.0,), (1.0,)))
+    with pytest.raises(ValueError, match="same widths"):
+        CostTable(KEY, (1, 3), ((1.0, 1.0), (1.0,)))
+    old = {"format": 1, "key": KEY.__dict__, "budgets": [1, 2], "steps_per_s": [1.0, 0.5]}
+    path.write_text(json.dumps(old))
+    with pytest.raises(DsparkError, match="measure it again with `dspark profile`"):
+        CostTable.load(path)
 
 
-def test_default_budgets_and_spread():
-    budgets = default_budgets(128)
-    assert budgets[:16] == list(range(1, 17)) and budgets[-1] == 128 and budgets == sorted(set(budgets))
-    assert spread(20, 16) == [2, 2, 2, 2] + [1] * 12
-    assert spread(3, 16) == [1, 1, 1]
+def test_default_requests_grid():
+    assert default_requests(16) == [1, 2, 3, 4, 6, 9, 13, 16]
+    assert default_requests(1) == [1] and default_requests(3) == [1, 2, 3]
 
 
 def test_missing_or_short_table_is_an_error_naming_dspark_profile(tmp_path):
@@ -260,10 +340,10 @@ def test_missing_or_short_table_is_an_error_naming_dspark_profile(tmp_path):
     assert load_cost_table(target, tmp_path) is None
     with pytest.raises(DsparkError, match="no cost table.*dspark profile"):
         require_cost_table(target, tmp_path)
-    CostTable(cost_key(target), (1, 2), (2.0, 1.0)).save(tmp_path)
-    assert load_cost_table(target, tmp_path).max_budget == 2
-    with pytest.raises(DsparkError, match="covers B <= 2.*dspark profile"):
-        require_cost_table(target, tmp_path, min_budget=16)
+    CostTable(cost_key(target), (1, 2), ((2.0, 1.0), (1.0, 0.5))).save(tmp_path)
+    assert load_cost_table(target, tmp_path).max_requests == 2
+    with pytest.raises(DsparkError, match="covers R <= 2 requests of W <= 2 tokens.*dspark profile"):
+        require_cost_table(target, tmp_path, max_requests=16, max_draft=1)
 
 
 def test_measure_profiles_the_engine_step_and_saves_on_first_use(tmp_path):
@@ -271,14 +351,56 @@ def test_measure_profiles_the_engine_step_and_saves_on_first_use(tmp_path):
     target = tiny_target(vocab_size=8)
     calls = []
     cost = require_cost_table(
-        target, tmp_path, profile_if_missing=True, min_budget=6,
-        max_requests=2, max_draft=2, context=8, repeats=1, progress=lambda b, s: calls.append(b),
+        target, tmp_path, profile_if_missing=True, max_requests=2, max_draft=2, context=8, repeats=1,
+        progress=lambda r, w, s: calls.append((r, w)),
     )
-    assert cost.budgets == (1, 2, 3, 4, 5, 6) and calls == list(cost.budgets)
-    assert cost.key == cost_key(target) and all(s > 0 for s in cost.steps_per_s)
-    assert load_cost_table(target, tmp_path) == cost
+    assert cost.requests == (1, 2) and cost.max_width == 3
+    assert calls == [(r, w) for r in (1, 2) for w in (1, 2, 3)]
+    assert cost.key == cost_key(target) and load_cost_table(target, tmp_path) == cost
+    seconds = [[1 / v for v in row] for row in cost.steps_per_s]  # noise removed: monotone in R and W
+    assert all(row == sorted(row) for row in seconds) and all(a <= b for a, b in zip(seconds[0], seconds[1]))
     again = measure_cost_table(target, max_requests=2, max_draft=0, context=4, repeats=1)
-    assert again.budgets == (1, 2)
+    assert again.max_width == 1
+
+
+# -- the drafting gate ------------------------------------------------------------------------------
+
+
+def gated_schedule(policy, drafted: list[int], c: torch.Tensor, calibrate=None):
+    """What the engine gets when the drafter asks the gate before each slot: (schedule, slots drafted)."""
+    rows = [i for i, g in enumerate(drafted) if g]
+    gate = SlotGate(policy, len(drafted), calibrate)
+    for k in range(max(drafted)):
+        if not gate(k, rows, [drafted[i] for i in rows], c[rows, : k + 1]):
+            return gate.schedule, k
+    return None, max(drafted)
+
+
+@pytest.mark.parametrize("kind", ["flat", "padded", "threshold", "fixed"])
+def test_the_gate_stops_drafting_without_changing_the_schedule(kind):
+    rng = random.Random(2)
+    stopped = 0
+    for _ in range(300):
+        num, gamma = rng.randint(1, 6), rng.randint(1, 7)
+        drafted = [rng.randint(0, gamma) for _ in range(num)]
+        if not any(drafted):
+            continue
+        c = torch.tensor([[rng.choice([0.0, 0.1, 0.3, 0.5, 0.75, 0.9, 1.0]) for _ in range(gamma)] for _ in range(num)])
+        policy = {
+            "flat": lambda: DSparkScheduler(table([rng.uniform(0.2, 1.0) for _ in range(num * (1 + gamma))])),
+            "padded": lambda: DSparkScheduler(random_padded_table(rng, 6, 8)),
+            "threshold": lambda: StaticThreshold(0.5),
+            "fixed": lambda: FixedGamma(rng.randint(0, gamma)),
+        }[kind]()
+        full = policy.schedule(drafted, c)
+        early, slots = gated_schedule(policy, drafted, c)
+        if early is None:
+            continue
+        stopped += 1
+        assert early.lengths == full.lengths
+        assert early.expected_tokens == (None if full.expected_tokens is None else pytest.approx(full.expected_tokens))
+        assert max(full.lengths) <= slots < max(drafted)  # what is verified was drafted
+    assert stopped > (0 if kind == "fixed" else 50)
 
 
 def test_profile_command_help_and_bad_input():

@@ -8,7 +8,9 @@ batch-1 invariant of :mod:`dspark.engine` holds per request: the committed ids e
 *anchor* and the slot holds K/V of exactly ``len(committed ids) - 1`` positions.
 
 One step: the drafter proposes γ_r tokens per request in one batched call; the policy
-(:mod:`dspark.scheduler`) picks ℓ_r <= γ_r from the calibrated confidences c_k; one target
+(:mod:`dspark.scheduler`) picks ℓ_r <= γ_r from the calibrated confidences c_k (with a
+confidence policy, drafting itself stops at the first slot no request will verify:
+:class:`~dspark.scheduler.SlotGate`); one target
 forward runs [anchor, x_1..x_ℓ_r] for every request, right-padded to the longest row; each
 request is verified with its own parameters and generator and commits accepted + recovered
 or bonus tokens. Requests join (prefill into a free slot) and leave (slot freed at once)
@@ -31,11 +33,11 @@ from typing import Callable, Sequence
 
 import torch
 
-from dspark.drafters.base import DraftInput
+from dspark.drafters.base import DraftBlock, DraftInput
 from dspark.drafters.batched import BatchDrafter, as_batch_drafter
 from dspark.engine import GenerationRequest, GenerationResult, _Stopper
 from dspark.sampling import sample_from_logits
-from dspark.scheduler import Policy
+from dspark.scheduler import Policy, SlotGate
 from dspark.slot_cache import SlotCache, SlotWriteView, ragged_causal_mask
 from dspark.stats import GenerationStats
 from dspark.target import TargetModel, TargetOutput
@@ -43,6 +45,9 @@ from dspark.verify import verify
 
 Calibrate = Callable[[torch.Tensor], torch.Tensor]
 """Raw confidences # [R, W] -> calibrated c_k # [R, W] (Calibration.apply)."""
+
+MAX_BACKOFF = 32
+"""Most steps a lazily drafting engine skips the drafter after steps that verified nothing."""
 
 
 @dataclass(frozen=True)
@@ -177,15 +182,25 @@ class BatchEngine:
         policy: Policy,
         max_batch: int = 16,
         calibrate: Calibrate | None = None,
+        lazy_drafting: bool = True,
+        backoff: bool = True,
     ) -> None:
+        """``lazy_drafting``: with a policy that reads confidences, draft a slot only while some
+        request may still verify it (the schedule is the same either way). ``backoff`` (lazy
+        drafting only): after k drafted steps in a row that verified nothing, skip the drafter
+        for min(2^(k-1), 32) steps, which are plain decoding steps. Both decisions read only
+        the past and this step's confidences, never a drafted token's fate, so verification
+        stays lossless."""
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.drafter: BatchDrafter = as_batch_drafter(drafter)
         self.drafter.check_target(target)
         target.check_layer_ids(self.drafter.feature_layer_ids)
         self.target, self.policy, self.max_batch, self.calibrate = target, policy, max_batch, calibrate
+        self.lazy_drafting = lazy_drafting and policy.needs_confidences
+        self.backoff = backoff and self.lazy_drafting
         self.max_draft = min(self.drafter.gamma, policy.max_draft if policy.max_draft is not None else self.drafter.gamma)
-        policy.check_budget(max_batch * (1 + self.max_draft))  # fail now, not in the middle of a run
+        policy.check_shape(max_batch, 1 + self.max_draft)  # fail now, not in the middle of a run
 
     @classmethod
     def from_spec(
@@ -207,10 +222,8 @@ class BatchEngine:
         drafter = as_batch_drafter(drafter)
         cost = None
         if policy == "dspark":
-            most = max_batch * (1 + drafter.gamma)
             cost = require_cost_table(
-                target, profile_dir, profile_if_missing, min_budget=most,
-                max_requests=max_batch, max_draft=drafter.gamma,
+                target, profile_dir, profile_if_missing, max_requests=max_batch, max_draft=drafter.gamma,
             )
         return cls(target, drafter, make_policy(policy, cost), max_batch, calibrate)
 
@@ -235,6 +248,7 @@ class BatchEngine:
         live: list[_Live] = []
         results: list[GenerationResult | None] = [None] * len(requests)
         stats = BatchStats()
+        self._skip, self._backoff = 0, 0
         start = time.perf_counter()
 
         while pending or live:
@@ -291,11 +305,24 @@ class BatchEngine:
             for r in live
         ]
         slots = [r.slot for r in live]
-        blocks = self.drafter.propose_batch(slots, inputs)
+        gate = SlotGate(self.policy, len(live), self.calibrate, device) if self.lazy_drafting else None
+        if self._skip:  # backing off: a plain step; the drafter sees these tokens' features later
+            self._skip -= 1
+            blocks = [DraftBlock.empty(device) for _ in live]
+        else:
+            blocks = self.drafter.propose_batch(slots, inputs, gate)
+            for r in live:
+                r.new_features = None  # folded into the drafter's context
         t1 = time.perf_counter()
         drafted = [b.gamma for b in blocks]
-        schedule = self.policy.schedule(drafted, self._confidences(blocks, drafted))
+        if gate is not None and gate.schedule is not None:
+            schedule = gate.schedule  # drafting stopped where the policy stops verifying
+        else:
+            schedule = self.policy.schedule(drafted, self._confidences(blocks, drafted))
         lengths = schedule.lengths
+        asked = gate is not None and (any(drafted) or gate.schedule is not None)
+        if asked and self.backoff:  # the drafter ran and the gate saw confidences
+            self._back_off(any(lengths))
         t2 = time.perf_counter()
 
         feed = torch.zeros(len(live), 1 + max(lengths), dtype=torch.long, device=device)  # [R, T]
@@ -311,7 +338,9 @@ class BatchEngine:
             n = result.num_accepted
             # The slot keeps the anchor and the n accepted tokens: the next write starts at
             # length - 1 after this commit of n + 1 tokens, past exactly those positions.
-            r.new_features = out.features[i, : n + 1] if out.features is not None else None
+            if out.features is not None:
+                new = out.features[i, : n + 1]
+                r.new_features = new if r.new_features is None else torch.cat([r.new_features, new])
             accepted.append(n)
             committed += len(result.tokens)
             r.commit(result.tokens)
@@ -326,6 +355,11 @@ class BatchEngine:
             requests=len(live), budget=len(live) + sum(lengths), drafted=sum(drafted), committed=committed,
             expected_tokens=schedule.expected_tokens, draft_s=t1 - t0, schedule_s=t2 - t1, verify_s=t3 - t2,
         )
+
+    def _back_off(self, verified: bool) -> None:
+        """After a drafted step: reset the backoff if it verified a drafted token, else double it."""
+        self._backoff = 0 if verified else min(MAX_BACKOFF, max(1, 2 * self._backoff))
+        self._skip = self._backoff
 
     def _confidences(self, blocks, drafted: list[int]) -> torch.Tensor | None:
         """Calibrated c_k # [R, max γ_r], or None when the policy needs none or a block lacks them."""

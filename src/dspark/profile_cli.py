@@ -1,4 +1,4 @@
-"""``dspark profile``: measure and save the cost table SPS(B) the DSpark scheduler reads."""
+"""``dspark profile``: measure and save the cost table SPS(R, W) the DSpark scheduler reads."""
 
 from __future__ import annotations
 
@@ -21,11 +21,12 @@ def profile_command(
     max_requests: int = typer.Option(16, help="Most concurrent requests the engine will serve."),
     max_draft: int = typer.Option(7, help="Most draft tokens per request and step (the drafter's γ)."),
     context: int = typer.Option(256, help="Committed tokens per request while measuring."),
-    repeats: int = typer.Option(5, help="Timed runs per budget (the median is kept)."),
+    repeats: int = typer.Option(5, help="Timed runs per step shape (the median is kept)."),
     out_dir: Optional[Path] = typer.Option(None, help="Where tables live (default: $DSPARK_PROFILE_DIR or ~/.cache/dspark/profiles)."),
     as_json: bool = typer.Option(False, "--json", help="Print the table as JSON instead of text."),
 ) -> None:
-    """Measure steps/s SPS(B) for B = 1 .. max-requests·(1+max-draft) verification tokens and save it."""
+    """Measure steps/s SPS(R, W) for R requests of W verification tokens each (R up to
+    --max-requests, W up to 1 + --max-draft) and save it."""
     for name, value, low in [("--max-requests", max_requests, 1), ("--max-draft", max_draft, 0),
                              ("--context", context, 1), ("--repeats", repeats, 1)]:
         if value < low:
@@ -49,26 +50,26 @@ def _profile(model, device, dtype, threads, max_requests, max_draft, context, re
     import torch
     from tqdm import tqdm
 
-    from dspark.profiling import default_budgets, measure_cost_table
+    from dspark.profiling import default_requests, measure_cost_table
     from dspark.target import TargetModel
 
     if threads is not None:
         torch.set_num_threads(threads)
     target = TargetModel.load(model, device=device, dtype=getattr(torch, dtype) if dtype else None)
-    budgets = default_budgets(max_requests * (1 + max_draft))
-    with tqdm(total=len(budgets), unit="B", desc="profiling SPS(B)", dynamic_ncols=True) as bar:
+    grid = default_requests(max_requests)
+    with tqdm(total=len(grid) * (1 + max_draft), unit="shape", desc="profiling SPS(R, W)", dynamic_ncols=True) as bar:
 
-        def progress(budget: int, sps: float) -> None:
-            bar.set_postfix_str(f"B={budget} {sps:.1f} steps/s")
+        def progress(rows: int, width: int, sps: float) -> None:
+            bar.set_postfix_str(f"R={rows} W={width} {sps:.1f} steps/s")
             bar.update()
 
-        table = measure_cost_table(target, max_requests, max_draft, context, repeats, budgets, progress=progress)
+        table = measure_cost_table(target, max_requests, max_draft, context, repeats, grid, progress=progress)
     path = table.save(out_dir)
     if as_json:
         typer.echo(json.dumps({"path": str(path), **table.to_json()}))
         return
-    typer.echo(f"{table.key.describe()} · context {context} · median of {repeats}")
-    typer.echo(f"{'B':>5} {'steps/s':>9} {'ms/step':>9} {'tokens/s':>10}")
-    for b, s in zip(table.budgets, table.steps_per_s):
-        typer.echo(f"{b:>5} {s:>9.2f} {1000 / s:>9.2f} {b * s:>10.1f}")
+    typer.echo(f"{table.key.describe()} · context {context} · median of {repeats} · ms per step")
+    typer.echo(f"{'R':>4} " + " ".join(f"{'W=' + str(w):>8}" for w in range(1, table.max_width + 1)))
+    for rows, sps in zip(table.requests, table.steps_per_s):
+        typer.echo(f"{rows:>4} " + " ".join(f"{1000 / v:>8.1f}" for v in sps))
     typer.echo(f"wrote {path}", err=True)

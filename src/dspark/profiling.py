@@ -1,17 +1,25 @@
-"""The cost table SPS(B): how many engine steps per second the target sustains when one step
-verifies B tokens in total (B = Σ_r (1 + ℓ_r), paper §3.2.2).
+"""The cost table: how many engine steps per second the target sustains, SPS(R, W), when one
+step verifies R requests whose rows are padded to W = 1 + max_r ℓ_r tokens each.
+
+The paper writes SPS(B) with B = Σ_r (1 + ℓ_r), the cost of an engine that flattens a step's
+tokens. This engine pads the rows of a step to the longest one (:mod:`dspark.batch_engine`),
+so the target really processes R × W positions and B alone misprices a step: at R = 4, one
+row verifying 4 drafted tokens costs what four such rows cost. The table is therefore
+measured over the engine's real shapes, and the scheduler (:mod:`dspark.scheduler`) costs
+every candidate step by its (R, W).
 
 ``measure_cost_table`` times the batched engine's own verification step
-(:func:`~dspark.batch_engine.verify_forward` plus the per-request verify rule) for B from 1
-to ``max_requests · (1 + max_draft)``, with the B tokens spread as evenly as possible over
-min(B, max_requests) requests whose slots hold ``context`` committed positions each. Tables
-are JSON files keyed by model, device, dtype and thread count, under
-``~/.cache/dspark/profiles/`` (or ``$DSPARK_PROFILE_DIR``). Between measured budgets the step
-*time* is interpolated linearly. A table is never invented: a missing one is an error that
-names ``dspark profile``.
+(:func:`~dspark.batch_engine.verify_forward` plus the per-request verify rule) for every W
+from 1 to 1 + ``max_draft`` and R on a grid up to ``max_requests``, with each request's slot
+holding ``context`` committed positions. Between measured R the step *time* is interpolated
+linearly. Step time never decreases with R or W in truth, so measurement noise that says
+otherwise is removed with a running maximum along both axes. Tables are JSON files keyed by
+model, device, dtype and thread count, under ``~/.cache/dspark/profiles/`` (or
+``$DSPARK_PROFILE_DIR``). A table is never invented: a missing one is an error that names
+``dspark profile``.
 
-Not measured: drafting, which costs the same whatever the scheduler picks, and the
-dependence on context length beyond the one profiled.
+Not measured: drafting (the scheduler adds the drafting time it observes on earlier steps)
+and the dependence on context length beyond the one profiled.
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ import torch
 from dspark.errors import DsparkError
 
 PROFILE_DIR_ENV = "DSPARK_PROFILE_DIR"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -55,40 +63,61 @@ class CostKey:
 
 @dataclass(frozen=True)
 class CostTable:
-    """Measured SPS(B) of one (model, device, dtype, threads)."""
+    """Measured SPS(R, W) of one (model, device, dtype, threads)."""
 
     key: CostKey
-    budgets: tuple[int, ...]
-    """Measured B, increasing, starting at 1."""
-    steps_per_s: tuple[float, ...]
-    """SPS(B) at each measured budget."""
-    max_requests: int = 16
-    """Most requests per measured step (B tokens spread over min(B, max_requests) rows)."""
+    requests: tuple[int, ...]
+    """Measured batch sizes R, increasing, starting at 1."""
+    steps_per_s: tuple[tuple[float, ...], ...]
+    """SPS at (requests[i], W = w + 1) in ``steps_per_s[i][w]``; every row covers W = 1..max_width."""
     context: int = 256
     """Committed positions per request while measuring."""
     created: str = ""
 
+    padded = True
+    """Costs depend on the padded shape (R, W), not on B: see :class:`~dspark.scheduler.DSparkScheduler`."""
+
     def __post_init__(self) -> None:
-        if len(self.budgets) != len(self.steps_per_s) or len(self.budgets) < 2:
-            raise ValueError("a cost table needs at least 2 budgets and one SPS value per budget")
-        if self.budgets[0] != 1 or any(b <= a for a, b in zip(self.budgets, self.budgets[1:])):
-            raise ValueError(f"budgets must increase from 1, got {self.budgets}")
-        if any(not (s > 0.0) for s in self.steps_per_s):
+        if len(self.requests) != len(self.steps_per_s) or not self.requests:
+            raise ValueError("a cost table needs one row of SPS values per measured batch size")
+        if self.requests[0] != 1 or any(b <= a for a, b in zip(self.requests, self.requests[1:])):
+            raise ValueError(f"batch sizes must increase from 1, got {self.requests}")
+        if len({len(row) for row in self.steps_per_s}) != 1 or not self.steps_per_s[0]:
+            raise ValueError("every batch size needs SPS at the same widths W = 1..max_width")
+        if any(not (v > 0.0) for row in self.steps_per_s for v in row):
             raise ValueError("steps per second must be positive")
 
     @property
-    def max_budget(self) -> int:
-        return self.budgets[-1]
+    def max_requests(self) -> int:
+        return self.requests[-1]
 
-    def steps_per_second(self, budgets: torch.Tensor) -> torch.Tensor:
-        """SPS at ``budgets`` # [N] (1 <= B <= max_budget) -> # [N] float32."""
-        device = budgets.device
-        xs = torch.tensor(self.budgets, dtype=torch.float32, device=device)
-        ys = 1.0 / torch.tensor(self.steps_per_s, dtype=torch.float32, device=device)  # s per step
-        b = budgets.to(torch.float32)
-        hi = torch.searchsorted(xs, b).clamp(1, len(self.budgets) - 1)
-        x0, x1, y0, y1 = xs[hi - 1], xs[hi], ys[hi - 1], ys[hi]
-        return 1.0 / (y0 + (b - x0) / (x1 - x0) * (y1 - y0))
+    @property
+    def max_width(self) -> int:
+        return len(self.steps_per_s[0])
+
+    def covers(self, requests: int, width: int) -> bool:
+        return 1 <= requests <= self.max_requests and 1 <= width <= self.max_width
+
+    def describe_coverage(self) -> str:
+        return f"R <= {self.max_requests} requests of W <= {self.max_width} tokens"
+
+    def step_seconds(self, requests: int) -> list[float]:
+        """Seconds per step at W = 1..max_width for ``requests`` rows, interpolated between
+        measured batch sizes."""
+        if not self.covers(requests, 1):
+            raise ValueError(f"the table covers {self.describe_coverage()}, not R = {requests}")
+        hi = next(i for i, r in enumerate(self.requests) if r >= requests)
+        upper = [1.0 / v for v in self.steps_per_s[hi]]
+        if self.requests[hi] == requests:
+            return upper
+        lower = [1.0 / v for v in self.steps_per_s[hi - 1]]
+        f = (requests - self.requests[hi - 1]) / (self.requests[hi] - self.requests[hi - 1])
+        return [lo + f * (up - lo) for lo, up in zip(lower, upper)]
+
+    def steps_per_second(self, requests: int, widths: torch.Tensor, budgets: torch.Tensor | None = None) -> torch.Tensor:
+        """SPS of ``requests`` rows padded to ``widths`` # [N] (B is not needed) -> # [N] float32."""
+        seconds = torch.tensor(self.step_seconds(requests), dtype=torch.float32, device=widths.device)
+        return 1.0 / seconds[widths.long().clamp(1, self.max_width) - 1]
 
     def to_json(self) -> dict:
         return {"format": FORMAT_VERSION, **asdict(self)}
@@ -96,11 +125,14 @@ class CostTable:
     @classmethod
     def from_json(cls, data: dict) -> "CostTable":
         if data.get("format") != FORMAT_VERSION:
-            raise ValueError(f"unknown cost table format {data.get('format')!r}")
+            raise ValueError(
+                f"cost table format {data.get('format')!r} is not {FORMAT_VERSION} (SPS over R × W); "
+                "measure it again with `dspark profile`"
+            )
         fields = {k: v for k, v in data.items() if k != "format"}
         fields["key"] = CostKey(**fields["key"])
-        fields["budgets"] = tuple(int(b) for b in fields["budgets"])
-        fields["steps_per_s"] = tuple(float(s) for s in fields["steps_per_s"])
+        fields["requests"] = tuple(int(r) for r in fields["requests"])
+        fields["steps_per_s"] = tuple(tuple(float(v) for v in row) for row in fields["steps_per_s"])
         return cls(**fields)
 
     def save(self, directory: str | Path | None = None) -> Path:
@@ -114,7 +146,7 @@ class CostTable:
         try:
             return cls.from_json(json.loads(Path(path).read_text(encoding="utf-8")))
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise DsparkError(f"{path} is not a dspark cost table: {exc}") from exc
+            raise DsparkError(f"{path} is not a usable dspark cost table: {exc}") from exc
 
 
 def profile_dir(directory: str | Path | None = None) -> Path:
@@ -157,49 +189,62 @@ def require_cost_table(
     target,
     directory: str | Path | None = None,
     profile_if_missing: bool = False,
-    min_budget: int | None = None,
+    max_requests: int = 16,
+    max_draft: int = 7,
     **measure_kwargs,
 ) -> CostTable:
     """Load the table for ``target``; measure (and save) it when allowed, else raise.
 
-    ``min_budget`` is the largest B the caller may verify in one step; a table that does
-    not reach it is treated as missing.
+    A table that does not cover ``max_requests`` rows of 1 + ``max_draft`` tokens is treated
+    as missing.
     """
     key = cost_key(target)
-    table = load_cost_table(target, directory)
-    if table is not None and (min_budget is None or table.max_budget >= min_budget):
+    width = 1 + max_draft
+    where = profile_dir(directory) / key.filename()
+    try:
+        table = load_cost_table(target, directory)
+    except DsparkError as exc:
+        if not profile_if_missing:
+            raise DsparkError(f"{exc}; run `dspark profile` (see `dspark profile --help`)") from None
+        table = None
+    if table is not None and table.covers(max_requests, width):
         return table
     if not profile_if_missing:
-        where = profile_dir(directory) / key.filename()
         if table is None:
             problem = f"no cost table for {key.describe()} at {where}"
         else:
-            problem = f"the cost table at {where} covers B <= {table.max_budget}, but B up to {min_budget} is needed"
+            problem = (
+                f"the cost table at {where} covers {table.describe_coverage()}, but "
+                f"{max_requests} requests of {width} tokens are needed"
+            )
         raise DsparkError(
-            f"{problem}; the dspark policy needs SPS(B). Run `dspark profile` with the same "
+            f"{problem}; the dspark policy needs SPS(R, W). Run `dspark profile` with the same "
             "model, device, dtype and threads (see `dspark profile --help`) and try again"
         )
-    table = measure_cost_table(target, **measure_kwargs)
-    if min_budget is not None and table.max_budget < min_budget:
-        raise DsparkError(f"the measured table covers B <= {table.max_budget} < {min_budget}; raise max_requests or max_draft")
+    table = measure_cost_table(target, max_requests=max_requests, max_draft=max_draft, **measure_kwargs)
     table.save(directory)
     return table
 
 
-def default_budgets(max_budget: int) -> list[int]:
-    """Every B up to 16, then steps of 1/8 of the current power of two, then max_budget."""
-    budgets = list(range(1, min(16, max_budget) + 1))
-    b = 16
-    while b < max_budget:
-        b += max(2, 1 << max(0, b.bit_length() - 4))
-        budgets.append(min(b, max_budget))
-    return sorted(set(budgets))
+def default_requests(max_requests: int) -> list[int]:
+    """Batch sizes to measure: 1..4, then about 1.5× apart, and ``max_requests`` itself."""
+    grid, r = [], 1
+    while r < max_requests:
+        grid.append(r)
+        r = r + 1 if r < 4 else r + max(1, r // 2)
+    return [*grid, max_requests]
 
 
-def spread(budget: int, max_requests: int) -> list[int]:
-    """B tokens over min(B, max_requests) rows as evenly as possible: (1 + ℓ_r) per row."""
-    rows = min(budget, max_requests)
-    return [budget // rows + (1 if r < budget % rows else 0) for r in range(rows)]
+def _monotone(rows: list[list[float]]) -> list[list[float]]:
+    """Step times made non-decreasing along W (within a row) and along R (across rows)."""
+    out: list[list[float]] = []
+    for row in rows:
+        fixed, most = [], 0.0
+        for i, t in enumerate(row):
+            most = max(most, t, out[-1][i] if out else 0.0)
+            fixed.append(most)
+        out.append(fixed)
+    return out
 
 
 @torch.inference_mode()
@@ -209,25 +254,27 @@ def measure_cost_table(
     max_draft: int = 7,
     context: int = 256,
     repeats: int = 5,
-    budgets: Sequence[int] | None = None,
+    requests: Sequence[int] | None = None,
     seed: int = 0,
-    progress: Callable[[int, float], None] | None = None,
+    progress: Callable[[int, int, float], None] | None = None,
 ) -> CostTable:
-    """Time the engine's verification step at each budget; the median of ``repeats`` runs
-    (after one warm-up) gives SPS(B). ``progress(B, sps)`` is called after each budget."""
+    """Time the engine's verification step for every (R, W); the median of ``repeats`` runs
+    (after one warm-up) gives its step time. ``progress(R, W, sps)`` is called after each."""
     from dspark.batch_engine import verify_forward
     from dspark.slot_cache import SlotCache
     from dspark.verify import greedy_verify
 
     if max_requests < 1 or max_draft < 0 or context < 1 or repeats < 1:
         raise ValueError("max_requests, context and repeats must be >= 1 and max_draft >= 0")
-    max_budget = max_requests * (1 + max_draft)
-    budgets = sorted(set(budgets)) if budgets is not None else default_budgets(max_budget)
-    if budgets[0] != 1:
-        budgets = [1, *budgets]
+    grid = sorted(set(requests)) if requests is not None else default_requests(max_requests)
+    if grid[0] != 1:
+        grid = [1, *grid]
+    if grid[-1] != max_requests or any(r < 1 or r > max_requests for r in grid):
+        raise ValueError(f"batch sizes must lie in 1..{max_requests} and include it, got {grid}")
     device = target.device
     dtype = next(target.model.parameters()).dtype
-    cache = SlotCache.for_hf_config(target.model.config, max_requests, context + max_draft + 1, dtype, device)
+    width = 1 + max_draft
+    cache = SlotCache.for_hf_config(target.model.config, max_requests, context + width, dtype, device)
     generator = torch.Generator().manual_seed(seed)
 
     def tokens(*shape: int) -> torch.Tensor:
@@ -235,27 +282,27 @@ def measure_cost_table(
 
     for slot in range(max_requests):
         verify_forward(target, cache, [slot], [0], tokens(1, context))
-    sps = []
-    for budget in budgets:
-        lengths = spread(budget, max_requests)
-        rows = len(lengths)
-        feed = tokens(rows, max(lengths))
-        times = []
-        for run in range(repeats + 1):
-            start = time.perf_counter()
-            out = verify_forward(target, cache, list(range(rows)), [context] * rows, feed)
-            for r, n in enumerate(lengths):  # the engine's per-request rule, host syncs included
-                greedy_verify(feed[r, 1:n], out.logits[r, :n])
-            if run:  # the first run warms up allocators and kernels
-                times.append(time.perf_counter() - start)
-        sps.append(1.0 / statistics.median(times))
-        if progress is not None:
-            progress(budget, sps[-1])
+    seconds = []
+    for rows in grid:
+        row_times = []
+        for w in range(1, width + 1):
+            feed = tokens(rows, w)
+            times = []
+            for run in range(repeats + 1):
+                start = time.perf_counter()
+                out = verify_forward(target, cache, list(range(rows)), [context] * rows, feed)
+                for r in range(rows):  # the engine's per-request rule, host syncs included
+                    greedy_verify(feed[r, 1:], out.logits[r])
+                if run:  # the first run warms up allocators and kernels
+                    times.append(time.perf_counter() - start)
+            row_times.append(statistics.median(times))
+            if progress is not None:
+                progress(rows, w, 1.0 / row_times[-1])
+        seconds.append(row_times)
     return CostTable(
         key=cost_key(target),
-        budgets=tuple(budgets),
-        steps_per_s=tuple(sps),
-        max_requests=max_requests,
+        requests=tuple(grid),
+        steps_per_s=tuple(tuple(1.0 / t for t in row) for row in _monotone(seconds)),
         context=context,
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     )

@@ -6,6 +6,12 @@ survival of j tokens. A step verifies B = Σ_r (1 + ℓ_r) target tokens and is 
 commit τ* = Σ_r (1 + Σ_{j≤ℓ_r} a_{r,j}) tokens; SPS(B) is the profiled steps per second, and
 Θ = τ*·SPS(B) the expected token throughput.
 
+The cost model: the engine pads a step's rows to the longest one, so what a step really costs
+is a function of its shape, R rows × W = 1 + max_r ℓ_r tokens, not of B alone. A
+:class:`CostModel` answers SPS for (R, W, B); the profiled table (:mod:`dspark.profiling`)
+reads (R, W), :class:`FlatCost` reads B (the paper's flattened-token model). Algorithm 1 is
+the same under either: every admission changes (W, B), and Θ is evaluated there.
+
 Every policy maps (γ_r, c_{r,·}) to ℓ_r ≤ γ_r. Losslessness needs only one property of it:
 the decision ℓ_r ≥ k must not depend on x_{r,k} (nor later tokens), because c_{r,k+1} is
 computed from x_{r,k}. Fixed lengths and the static threshold (which reads c_{r,1..k} only)
@@ -35,13 +41,41 @@ class Schedule:
 
 
 class CostModel(Protocol):
-    """What DSpark needs from a profiled cost table (see :mod:`dspark.profiling`)."""
+    """What DSpark needs from a cost table (see :mod:`dspark.profiling`)."""
 
-    max_budget: int
-    """Largest B the table covers."""
+    padded: bool
+    """True when a step costs by its padded shape (R, W); False when by its B tokens."""
 
-    def steps_per_second(self, budgets: torch.Tensor) -> torch.Tensor:
-        """SPS(B) for budgets # [N] (any B in 1..max_budget) -> # [N] float."""
+    def covers(self, requests: int, width: int) -> bool:
+        """Whether steps of ``requests`` rows of up to ``width`` tokens each can be costed."""
+
+    def describe_coverage(self) -> str:
+        """What the table covers, for error messages."""
+
+    def steps_per_second(self, requests: int, widths: torch.Tensor, budgets: torch.Tensor) -> torch.Tensor:
+        """SPS of steps of ``requests`` rows, padded widths # [N] and budgets # [N] -> # [N] float."""
+
+
+class FlatCost:
+    """SPS as a function of the total tokens B only: the paper's model, exact for an engine
+    that flattens the step's tokens instead of padding them. ``sps[b - 1]`` is SPS(B = b)."""
+
+    padded = False
+
+    def __init__(self, sps) -> None:
+        self.sps = tuple(float(v) for v in sps)
+        if not self.sps or any(not (v > 0.0) for v in self.sps):
+            raise ValueError("SPS values must be positive, one per B = 1, 2, ...")
+
+    def covers(self, requests: int, width: int) -> bool:
+        return requests * width <= len(self.sps)
+
+    def describe_coverage(self) -> str:
+        return f"B <= {len(self.sps)}"
+
+    def steps_per_second(self, requests: int, widths: torch.Tensor, budgets: torch.Tensor) -> torch.Tensor:
+        table = torch.tensor(self.sps, dtype=torch.float32, device=budgets.device)
+        return table[budgets.long() - 1]
 
 
 class Policy(Protocol):
@@ -56,8 +90,9 @@ class Policy(Protocol):
         """``drafted`` γ_r per request # [R] (host ints), ``confidences`` # [R, W] (W >= max γ_r;
         entries at or beyond γ_r are ignored) or None -> ℓ_r per request."""
 
-    def check_budget(self, most: int) -> None:
-        """Raise DsparkError if steps of up to ``most`` verification tokens cannot be scheduled."""
+    def check_shape(self, requests: int, width: int) -> None:
+        """Raise DsparkError if steps of ``requests`` rows of up to ``width`` tokens cannot be
+        scheduled."""
 
 
 def _check(drafted: Sequence[int], confidences: torch.Tensor | None, needed: bool, name: str) -> None:
@@ -89,7 +124,7 @@ class FixedGamma:
         self.max_draft = gamma
         self.name = name or ("fixed" if gamma is None else f"fixed-{gamma}")
 
-    def check_budget(self, most: int) -> None:
+    def check_shape(self, requests: int, width: int) -> None:
         return None
 
     def schedule(self, drafted: Sequence[int], confidences: torch.Tensor | None) -> Schedule:
@@ -115,7 +150,7 @@ class StaticThreshold:
         self.threshold = threshold
         self.name = f"threshold-{threshold:g}"
 
-    def check_budget(self, most: int) -> None:
+    def check_shape(self, requests: int, width: int) -> None:
         return None
 
     def schedule(self, drafted: Sequence[int], confidences: torch.Tensor | None) -> Schedule:
@@ -136,6 +171,14 @@ class DSparkScheduler:
     request), so (r, j) always precedes (r, j+1). Starting from B = R and τ* = R, each one is
     admitted while Θ = τ*·SPS(B) strictly improves; the first non-improvement stops the
     search, which is what keeps the scheduler non-anticipating (Appendix A).
+
+    On a padded cost (``cost.padded``, the measured table of this engine) the candidates are
+    whole *levels*: admitting (r, j) pays for width j + 1 in every row, after which every
+    row's slots up to j cost nothing more, so level j = {(r, j) : all r} is admitted or not as
+    one. Levels come in the order of their total survival Σ_r a_{r,j}, which is the order of
+    j, and the search again stops at the first level that does not improve Θ. The decision
+    ℓ_r ≥ j reads a_{·,≤j} only, never a_{r,j+1}: still non-anticipating, and at R = 1 it is
+    Algorithm 1 exactly.
     """
 
     name = "dspark"
@@ -164,30 +207,67 @@ class DSparkScheduler:
         self._overhead[requests] = seconds if old is None else self.overhead_decay * old + (1 - self.overhead_decay) * seconds
 
     def step_rate(self, requests: int):
-        """SPS(B) of the whole step for a batch of ``requests``: budgets # [N] -> # [N]."""
+        """SPS of the whole step for a batch of ``requests``: (widths # [N], budgets # [N]) -> # [N]."""
         overhead = self._overhead.get(requests, 0.0)
-        if overhead <= 0:
-            return self.cost.steps_per_second
-        return lambda budgets: 1.0 / (overhead + 1.0 / self.cost.steps_per_second(budgets))
 
-    def check_budget(self, most: int) -> None:
-        if most > self.cost.max_budget:
+        def rate(widths: torch.Tensor, budgets: torch.Tensor) -> torch.Tensor:
+            sps = self.cost.steps_per_second(requests, widths, budgets)
+            return sps if overhead <= 0 else 1.0 / (overhead + 1.0 / sps)
+
+        return rate
+
+    def check_shape(self, requests: int, width: int) -> None:
+        if not self.cost.covers(requests, width):
             raise DsparkError(
-                f"steps may verify up to B = {most} tokens but the cost table covers only "
-                f"B <= {self.cost.max_budget}; rerun `dspark profile` with a larger "
+                f"steps may verify {requests} requests × up to {width} tokens but the cost table "
+                f"covers only {self.cost.describe_coverage()}; rerun `dspark profile` with a larger "
                 "--max-requests or --max-draft"
             )
 
     def schedule(self, drafted: Sequence[int], confidences: torch.Tensor | None) -> Schedule:
         _check(drafted, confidences, True, self.name)
         num = len(drafted)
-        most = num + sum(drafted)
-        self.check_budget(most)
-        if confidences is None or most == num:
+        self.check_shape(num, 1 + max(drafted, default=0))
+        if confidences is None or not any(drafted):
             return Schedule([0] * num, float(num))
-        lengths, tau = dspark_lengths(confidences, drafted, self.step_rate(num))
+        solve = dspark_levels if getattr(self.cost, "padded", False) else dspark_lengths
+        lengths, tau = solve(confidences, drafted, self.step_rate(num))
         values = torch.cat([lengths.to(tau.dtype), tau.view(1)]).tolist()  # the one host sync
         return Schedule([int(v) for v in values[:-1]], values[-1])
+
+
+class SlotGate:
+    """A :class:`~dspark.drafters.batched.DraftGate` that stops drafting once ``policy`` would
+    verify no further slot: drafting costs what it drafts, so slots that no request will
+    verify are never drafted.
+
+    Asked before slot k+1 is drafted, it schedules the step as if every block ended at slot
+    k+1; c_{k+1} is already known (it needs x_k, not x_{k+1}). If no request gets ℓ = k+1,
+    drafting stops and that schedule is the step's: it is exactly the schedule of the whole
+    blocks, whatever slots k+1.. would have held. Fixed lengths and the static threshold
+    decide each request from its own first k+1 confidences. For DSpark, the search stops at
+    its first non-improving candidate; every (r, k+1) lies at or after that point (none was
+    admitted), every (r, j > k+1) after its (r, k+1), so the longer blocks only add
+    candidates the search never reaches. The step's ℓ is thus the whole-block schedule's,
+    itself non-anticipating, and verification stays lossless.
+    """
+
+    def __init__(self, policy: Policy, num: int, calibrate=None, device="cpu") -> None:
+        self.policy, self.num, self.calibrate, self.device = policy, num, calibrate, device
+        self.schedule: Schedule | None = None
+        """The step's schedule once the gate has stopped drafting, else None."""
+
+    def __call__(self, k: int, rows: Sequence[int], gammas: Sequence[int], confidences: torch.Tensor) -> bool:
+        full = torch.full((self.num, k + 1), 0.5, device=self.device)  # 0.5: finite under any calibration
+        full[list(rows)] = confidences.to(full.dtype)
+        drafted = [0] * self.num
+        for i, g in zip(rows, gammas):
+            drafted[i] = min(g, k + 1)
+        schedule = self.policy.schedule(drafted, self.calibrate(full) if self.calibrate is not None else full)
+        if any(ell == k + 1 for ell in schedule.lengths):
+            return True
+        self.schedule = schedule
+        return False
 
 
 def prefix_survival(confidences: torch.Tensor, drafted: Sequence[int]) -> torch.Tensor:
@@ -200,9 +280,10 @@ def prefix_survival(confidences: torch.Tensor, drafted: Sequence[int]) -> torch.
 def dspark_lengths(confidences: torch.Tensor, drafted: Sequence[int], sps) -> tuple[torch.Tensor, torch.Tensor]:
     """Algorithm 1 without host syncs: (ℓ # [R] long, τ* # [] float).
 
-    The greedy admission path is evaluated for all prefixes at once: the k-th admitted
-    candidate gives B_k = R + k and τ*_k = R + Σ_{i≤k} a_(i), and the search stops at the
-    first k with Θ_k <= Θ_{k-1} (while it improves, Θ_{k-1} is the best so far).
+    ``sps(widths, budgets)`` is the step rate of this batch size. The greedy admission path is
+    evaluated for all prefixes at once: the k-th admitted candidate gives B_k = R + k,
+    W_k = 1 + the largest position admitted so far and τ*_k = R + Σ_{i≤k} a_(i), and the search
+    stops at the first k with Θ_k <= Θ_{k-1} (while it improves, Θ_{k-1} is the best so far).
     """
     num = confidences.shape[0]
     a = prefix_survival(confidences, drafted)  # [R, W]
@@ -211,14 +292,39 @@ def dspark_lengths(confidences: torch.Tensor, drafted: Sequence[int], sps) -> tu
     order = torch.sort(flat, descending=True, stable=True).indices
     a_sorted = flat[order]  # candidates with a = 0 (invalid, or never surviving) sort last
     steps = torch.arange(1, a_sorted.shape[0] + 1, device=a.device)
+    widths = 2 + torch.cummax(torch.div(order, num, rounding_mode="floor"), 0).values  # 1 + position
     tau = num + torch.cumsum(a_sorted, 0)  # [N]
-    theta = tau * sps(num + steps)  # [N]
-    theta_prev = torch.cat([num * sps(torch.tensor([num], device=a.device)), theta[:-1]])
+    theta = tau * sps(widths, num + steps)  # [N]
+    one = torch.ones(1, dtype=torch.long, device=a.device)
+    theta_prev = torch.cat([num * sps(one, one * num), theta[:-1]])
     improves = (theta > theta_prev) & (a_sorted > 0)
     admitted = improves.long().cumprod(0).sum()  # the leading run of improvements # []
     taken = torch.arange(a_sorted.shape[0], device=a.device) < admitted
     lengths = torch.zeros(num, dtype=torch.long, device=a.device).scatter_add_(0, order % num, taken.long())
     tau_star = torch.where(admitted > 0, tau[(admitted - 1).clamp_min(0)], torch.tensor(float(num), device=a.device))
+    return lengths, tau_star
+
+
+def dspark_levels(confidences: torch.Tensor, drafted: Sequence[int], sps) -> tuple[torch.Tensor, torch.Tensor]:
+    """Algorithm 1 over levels, for a padded engine: (ℓ # [R] long, τ* # [] float).
+
+    Admitting level j gives W = j + 1, ℓ_r = min(γ_r, j), B = Σ_r (1 + ℓ_r) and
+    τ* = R + Σ_{i≤j} Σ_r a_{r,i}; levels are admitted while Θ = τ*·SPS(R, W) strictly improves.
+    """
+    num, width = confidences.shape[0], max(drafted)
+    device = confidences.device
+    a = prefix_survival(confidences[:, :width], drafted)  # [R, J]
+    gain = a.sum(dim=0)  # [J], non-increasing in j
+    caps = torch.tensor(list(drafted), device=device)
+    levels = torch.arange(1, width + 1, device=device)
+    tau = num + torch.cumsum(gain, 0)  # [J]
+    budgets = num + torch.minimum(caps.unsqueeze(0), levels.unsqueeze(1)).sum(dim=1)  # [J]
+    theta = tau * sps(levels + 1, budgets)
+    one = torch.ones(1, dtype=torch.long, device=device)
+    theta_prev = torch.cat([num * sps(one, one * num), theta[:-1]])
+    admitted = ((theta > theta_prev) & (gain > 0)).long().cumprod(0).sum()  # # []
+    lengths = torch.minimum(caps, admitted)
+    tau_star = torch.where(admitted > 0, tau[(admitted - 1).clamp_min(0)], torch.tensor(float(num), device=device))
     return lengths, tau_star
 
 

@@ -10,9 +10,17 @@ the DSpark drafter has a truly batched path (one backbone pass for the whole bat
 from __future__ import annotations
 
 import copy
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Callable, Protocol, Sequence, runtime_checkable
+
+import torch
 
 from dspark.drafters.base import DraftBlock, DraftInput, Drafter, NoDrafter
+
+DraftGate = Callable[[int, Sequence[int], Sequence[int], torch.Tensor], bool]
+"""``gate(k, rows, gammas, confidences)``, asked before slot k+1 (1-based) is drafted:
+``rows`` are the indices (into the call's inputs) of the requests being drafted, ``gammas``
+their most tokens, and ``confidences`` # [len(rows), k+1] their raw c_1..c_{k+1}. False stops
+drafting: every block keeps its first k tokens. A drafter without confidences ignores it."""
 
 DEFAULT_GAMMA_CAP = 16
 """Tokens per round assumed for a drafter that does not say how many it proposes."""
@@ -36,8 +44,11 @@ class BatchDrafter(Protocol):
     def open(self, slot: int) -> None:
         """A new request takes ``slot``: forget what the slot held."""
 
-    def propose_batch(self, slots: Sequence[int], inputs: Sequence[DraftInput]) -> list[DraftBlock]:
-        """One block per request; ``inputs[i]`` belongs to the request in ``slots[i]``."""
+    def propose_batch(
+        self, slots: Sequence[int], inputs: Sequence[DraftInput], gate: DraftGate | None = None
+    ) -> list[DraftBlock]:
+        """One block per request; ``inputs[i]`` belongs to the request in ``slots[i]``. A
+        drafter may ignore ``gate`` (and then drafts whole blocks)."""
 
     def accepted(self, slots: Sequence[int], num_accepted: Sequence[int]) -> None:
         """Told after verification how many tokens of each request's block survived."""
@@ -66,7 +77,9 @@ class LoopedDrafter:
         drafter.reset()
         self._slots[slot] = drafter
 
-    def propose_batch(self, slots: Sequence[int], inputs: Sequence[DraftInput]) -> list[DraftBlock]:
+    def propose_batch(
+        self, slots: Sequence[int], inputs: Sequence[DraftInput], gate: DraftGate | None = None
+    ) -> list[DraftBlock]:
         return [self._slots[s].propose(inp) for s, inp in zip(slots, inputs)]
 
     def accepted(self, slots: Sequence[int], num_accepted: Sequence[int]) -> None:
@@ -84,10 +97,11 @@ def _gamma_of(drafter: Drafter) -> int:
 
 
 def as_batch_drafter(drafter) -> BatchDrafter:
-    """The batched form of ``drafter``: DSpark's own batched path, else a LoopedDrafter."""
+    """The batched form of ``drafter``: itself if it already is one, DSpark's own batched path,
+    else a LoopedDrafter."""
     from dspark.drafters.dspark.drafter import BatchedDSparkDrafter, DSparkDrafter
 
-    if isinstance(drafter, (BatchedDSparkDrafter, LoopedDrafter)):
+    if isinstance(drafter, BatchDrafter):
         return drafter
     if isinstance(drafter, DSparkDrafter):
         return BatchedDSparkDrafter(drafter)

@@ -8,7 +8,10 @@ at T = 0) and compute c_k from [h_k; W1[x_{k-1}]].
 :class:`BatchedDSparkDrafter` does the same for many requests at once (the batched engine):
 every request's context K/V lives in a slot of one :class:`~dspark.slot_cache.SlotCache`,
 one backbone pass runs all blocks over their padded contexts under a mask, and the
-sequential loop advances every request's slot k together.
+sequential loop advances every request's slot k together. Given a *gate* (the engine's
+:class:`~dspark.drafters.batched.DraftGate`), it asks before each slot whether any request
+could still verify it, and stops drafting as soon as none can. The LM head then runs only
+for slots that are drafted, in chunks of about :data:`LAZY_LOGIT_ROWS` rows.
 """
 
 from __future__ import annotations
@@ -18,10 +21,16 @@ from typing import Sequence
 import torch
 
 from dspark.drafters.base import DraftBlock, DraftInput
+from dspark.drafters.batched import DraftGate
 from dspark.drafters.dspark.model import ContextKV, DSparkModel
 from dspark.errors import DsparkError
 from dspark.sampling import sample_from_logits
 from dspark.slot_cache import SlotCache, SlotContextView, SlotWriteView, context_block_mask
+
+LAZY_LOGIT_ROWS = 16
+"""With a gate, each LM-head call covers about this many rows (requests × slots): at batch 1
+one call drafts the whole block, at batch 16 one slot. On a CPU the LM head of a small target
+is bound by reading its weights, so one call for 1 row costs most of one call for 16."""
 
 
 class DSparkDrafter:
@@ -137,7 +146,9 @@ class BatchedDSparkDrafter:
         return None  # the accepted tokens' features arrive with the next inputs
 
     @torch.inference_mode()
-    def propose_batch(self, slots: Sequence[int], inputs: Sequence[DraftInput]) -> list[DraftBlock]:
+    def propose_batch(
+        self, slots: Sequence[int], inputs: Sequence[DraftInput], gate: DraftGate | None = None
+    ) -> list[DraftBlock]:
         if self._cache is None:
             raise DsparkError("allocate() must be called before propose_batch()")
         self._fold(slots, [inp.new_features for inp in inputs])
@@ -161,8 +172,12 @@ class BatchedDSparkDrafter:
         width = block_ids.shape[-1]
         positions = anchor_pos.unsqueeze(1) + torch.arange(width, device=device)
         view = SlotContextView(self._cache, torch.tensor([slots[i] for i in rows], device=device), ctx_len)
-        out = model.backbone(block_ids, positions, view, context_block_mask(anchor_pos, ctx_len, width))
-        drafted = self._sequential(out.hidden, out.base_logits, anchors, [inputs[i] for i in rows], [gammas[i] for i in rows])
+        out = model.backbone(block_ids, positions, view, context_block_mask(anchor_pos, ctx_len, width), logits=False)
+        row_gammas = [gammas[i] for i in rows]
+        row_gate = None
+        if gate is not None and model.confidence_head is not None:
+            row_gate = lambda k, conf: gate(k, rows, row_gammas, conf)  # noqa: E731
+        drafted = self._sequential(out.hidden, anchors, [inputs[i] for i in rows], row_gammas, row_gate)
         for i, block in zip(rows, drafted):
             blocks[i] = block
         return blocks
@@ -197,16 +212,26 @@ class BatchedDSparkDrafter:
         view = SlotWriteView(self._cache, torch.tensor(list(slots), device=device), starts, max(self._lengths[s] for s in slots) + n)
         self.model.extend_context(view, self.model.context_states(features), positions)
 
-    def _sequential(self, hidden, base, anchors, inputs: Sequence[DraftInput], gammas: Sequence[int]) -> list[DraftBlock]:
-        """Slot k of every request at once: hidden # [R, γ_max, d], base # [R, γ_max, V]."""
+    def _sequential(self, hidden, anchors, inputs: Sequence[DraftInput], gammas: Sequence[int], gate) -> list[DraftBlock]:
+        """Slot k of every request at once, hidden # [R, γ_max, d]; ``gate(k, c[R, k+1])`` may
+        stop the loop before slot k+1 is drafted (it is given c_{k+1}, which needs no logits)."""
         head, model = self.model.markov_head, self.model
         num, width = len(inputs), max(gammas)
+        chunk = width if gate is None else max(1, LAZY_LOGIT_ROWS // num)
         prev = anchors  # [R]
         state = head.init_state((num,), anchors.device) if head is not None else None
-        drafted, prevs = [], []
+        drafted, conf = [], []
         probs: list[list[torch.Tensor]] = [[] for _ in range(num)]
+        base, base_from = None, 0
         for k in range(width):
-            logits = base[:, k]  # [R, V]
+            conf_logits = model.confidence_logits(hidden[:, k], prev)  # [R] or None
+            if conf_logits is not None:
+                conf.append(torch.sigmoid(conf_logits))
+                if gate is not None and not gate(k, torch.stack(conf, dim=1)):
+                    break
+            if base is None or k >= base_from + base.shape[1]:
+                base, base_from = model.slot_logits(hidden[:, k : k + chunk]), k  # [R, n, V]
+            logits = base[:, k - base_from]  # [R, V]
             if head is not None:
                 bias, state = head.step(prev, hidden[:, k], state)
                 logits = logits + bias
@@ -216,17 +241,16 @@ class BatchedDSparkDrafter:
                     token, q = sample_from_logits(logits[i], inp.params, inp.generator)
                     x[i] = token
                     probs[i].append(q)
-            prevs.append(prev)
             drafted.append(x)
             prev = x
-        tokens = torch.stack(drafted, dim=1)  # [R, γ]
-        conf_logits = model.confidence_logits(hidden[:, :width], torch.stack(prevs, dim=1))
-        confidences = torch.sigmoid(conf_logits) if conf_logits is not None else None  # [R, γ]
+        done = len(drafted)
+        tokens = torch.stack(drafted, dim=1) if drafted else anchors.new_zeros(num, 0)  # [R, done]
+        confidences = torch.stack(conf[:done], dim=1) if conf and done else None  # [R, done]
         return [
             DraftBlock(
-                tokens=tokens[i, :g],
-                q=torch.stack(probs[i]) if probs[i] else None,
-                confidences=confidences[i, :g] if confidences is not None else None,
+                tokens=tokens[i, : min(g, done)],
+                q=torch.stack(probs[i][: min(g, done)]) if probs[i] else None,
+                confidences=confidences[i, : min(g, done)] if confidences is not None else None,
             )
             for i, g in enumerate(gammas)
         ]

@@ -104,8 +104,8 @@ class BlockOutput:
 
     hidden: torch.Tensor
     """[..., γ, d] normed hidden states h_k."""
-    base_logits: torch.Tensor
-    """[..., γ, V] U_k = lm_head(h_k)."""
+    base_logits: torch.Tensor | None
+    """[..., γ, V] U_k = lm_head(h_k), or None when the caller computes them per slot."""
 
 
 @dataclass(frozen=True)
@@ -251,19 +251,25 @@ class DSparkModel(nn.Module):
         positions: torch.Tensor,
         cache: ContextKV,
         attention_mask: torch.Tensor | None = None,
+        logits: bool = True,
     ) -> BlockOutput:
         """Run block tokens # [B, T] at ``positions`` # [B, T] over the context in ``cache``.
 
         ``attention_mask`` # [B, 1, T, n_ctx + T] (bool, True = attend) is needed only when
         several blocks share one context (training); None means every block query sees the
-        whole cached context and all T block positions.
+        whole cached context and all T block positions. ``logits=False`` skips the LM head
+        (see :meth:`slot_logits`).
         """
         x = self.embed_tokens(block_ids).to(self.fc.weight.dtype)
         position_embeddings = self.rotary_emb(x, positions)
         for layer in self.layers:
             x = layer(x, attention_mask=attention_mask, position_embeddings=position_embeddings, cache=cache)
         hidden = self.norm(x)
-        return BlockOutput(hidden=hidden, base_logits=self.lm_head(hidden.to(self.lm_head.weight.dtype)))
+        return BlockOutput(hidden=hidden, base_logits=self.slot_logits(hidden) if logits else None)
+
+    def slot_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """U_k = lm_head(h_k) for hidden states # [..., d] -> [..., V]."""
+        return self.lm_head(hidden.to(self.lm_head.weight.dtype))
 
     # -- heads -----------------------------------------------------------------------------------
     def teacher_forced_logits(self, out: BlockOutput, prev_tokens: torch.Tensor) -> torch.Tensor:
