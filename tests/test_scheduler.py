@@ -159,20 +159,41 @@ def test_dspark_verifies_more_when_idle_and_less_when_busy():
     assert sum(busy) / 16 < 1.0  # the batch is compute-bound: most requests verify nothing extra
 
 
-def test_drafting_overhead_makes_extra_verification_relatively_cheaper():
+def test_drafting_time_enters_the_step_cost():
     # Verify-only step time 1.0 s + 0.25 s per extra token; a = 0.2 per slot does not pay
     # off on verification cost alone: Θ = 1.2 / 1.25 < 1.
     sps = [1.0 / (1.0 + 0.25 * (b - 1)) for b in range(1, 9)]
-    scheduler = DSparkScheduler(table(sps))
+    scheduler = DSparkScheduler(table(sps), feedback=False)
     c = torch.tensor([[0.2, 1.0, 1.0]])
     assert scheduler.schedule([3], c).lengths == [0]
-    scheduler.observe_overhead(1, 2.0)  # a measured 2 s of drafting per step at R = 1
+    scheduler.observe_drafting(1, 2.0)  # 2 s of fixed drafting work per step at R = 1, spent anyway
     # Step time 3.0 -> 3.25 -> 3.5 -> 3.75: Θ = 1/3 < 1.2/3.25 < 1.4/3.5 < 1.6/3.75, all three pay.
     assert scheduler.schedule([3], c).lengths == [3]
     assert scheduler.schedule([3, 3], c.expand(2, -1)).lengths == [0, 0]  # R = 2 has no observation
-    scheduler.observe_overhead(1, 0.0)
+    scheduler.observe_drafting(1, 0.0)
     one = torch.tensor([1])
     assert scheduler.step_rate(1)(one, one)[0] == pytest.approx(1 / (0.8 * 2.0 + 1.0))
+    # Each slot must also be drafted: at 0.5 s per slot the first one no longer pays,
+    # 1.2 / (1.6 + 0.5 + 1.25) < 1 / (1.6 + 1), and the search stops there.
+    scheduler.observe_drafting(1, 1.6, 0.5)
+    assert scheduler.step_rate(1)(one + 1, one + 1)[0] == pytest.approx(1 / (1.6 + 0.5 + 1.25))
+    assert scheduler.schedule([3], c).lengths == [0]
+
+
+def test_feedback_scales_survival_by_what_earlier_steps_accepted():
+    sps = [1.0 / (1.0 + 0.25 * (b - 1)) for b in range(1, 9)]
+    c = torch.tensor([[0.8, 0.8]])
+    scheduler = DSparkScheduler(table(sps))
+    first = scheduler.schedule([2], c)  # Θ: 1 -> 1.8 / 1.25 -> 2.44 / 1.5: verifies both
+    assert first.lengths == [2] and first.survival_scale == 1.0
+    for _ in range(20):  # predicted 1.44 drafted tokens a step, none accepted
+        scheduler.observe_outcome(first, 1, 0)
+    assert scheduler.survival_scale < 0.15
+    assert scheduler.schedule([2], c).lengths == [0]  # overconfident: stop verifying
+    for _ in range(60):
+        scheduler.observe_outcome(first, 1, 2)  # 2 accepted per 1.44 predicted
+    assert scheduler.survival_scale == pytest.approx((2 / 0.2 + 1) / (1.44 / 0.2 + 1), rel=1e-3)
+    assert DSparkScheduler(table(sps), feedback=False).survival_scale == 1.0
 
 
 def test_dspark_matches_the_transcribed_algorithm_on_random_inputs():

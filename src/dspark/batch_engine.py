@@ -346,8 +346,7 @@ class BatchEngine:
             r.commit(result.tokens)
         self.drafter.accepted(slots, accepted)
         t3 = time.perf_counter()
-        if hasattr(self.policy, "observe_overhead"):
-            self.policy.observe_overhead(len(live), t2 - t0)
+        self._observe(len(live), gate, drafted, schedule, sum(accepted), t0, t1)
         for r, block, ell, n in zip(live, blocks, lengths, accepted):
             conf = block.confidences[:ell] if block.confidences is not None else None
             r.stats.record_round(ell, n, t1 - t0, t3 - t2, conf)  # step times, shared by the batch
@@ -355,6 +354,19 @@ class BatchEngine:
             requests=len(live), budget=len(live) + sum(lengths), drafted=sum(drafted), committed=committed,
             expected_tokens=schedule.expected_tokens, draft_s=t1 - t0, schedule_s=t2 - t1, verify_s=t3 - t2,
         )
+
+    def _observe(self, num: int, gate, drafted: list[int], schedule, accepted: int, t0: float, t1: float) -> None:
+        """Tell a policy that learns from earlier steps (DSpark) what this one cost and gave."""
+        policy = self.policy
+        if hasattr(policy, "observe_outcome"):
+            policy.observe_outcome(schedule, num, accepted)
+        if not hasattr(policy, "observe_drafting") or not any(drafted) and (gate is None or gate.first_call is None):
+            return  # the drafter did not run (backoff) or had nothing to draft
+        if gate is None or gate.first_call is None:  # eager: all of drafting is spent before scheduling
+            policy.observe_drafting(num, t1 - t0)
+            return
+        slots = max(drafted)
+        policy.observe_drafting(num, gate.first_call - t0, (t1 - gate.first_call) / slots if slots else None)
 
     def _back_off(self, verified: bool) -> None:
         """After a drafted step: reset the backoff if it verified a drafted token, else double it."""

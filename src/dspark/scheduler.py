@@ -22,6 +22,7 @@ is settled before any quantity that depends on x_{r,k} is looked at.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
@@ -38,6 +39,8 @@ class Schedule:
     """ℓ_r per request, 0 <= ℓ_r <= γ_r."""
     expected_tokens: float | None = None
     """τ*: tokens the step is expected to commit under the confidences (DSpark only)."""
+    survival_scale: float = 1.0
+    """The factor the prefix survivals were scaled by (DSpark's online feedback)."""
 
 
 class CostModel(Protocol):
@@ -185,34 +188,66 @@ class DSparkScheduler:
     needs_confidences = True
     max_draft = None
 
-    def __init__(self, cost: CostModel, overhead_decay: float = 0.8) -> None:
+    def __init__(self, cost: CostModel, decay: float = 0.8, feedback: bool = True) -> None:
         if cost is None:
             raise DsparkError(
-                "the dspark policy needs a cost table SPS(B); measure one with `dspark profile`"
+                "the dspark policy needs a cost table SPS(R, W); measure one with `dspark profile`"
             )
-        self.cost = cost
-        self.overhead_decay = overhead_decay
-        self._overhead: dict[int, float] = {}
-        """Seconds per step spent outside the profiled verification (drafting, scheduling),
-        an exponential average per batch size R, measured on earlier steps."""
+        self.cost, self.decay, self.feedback = cost, decay, feedback
+        self._fixed: dict[int, float] = {}
+        """Seconds of drafting per step before any slot is drafted (context fold, backbone),
+        an exponential average per batch size R over earlier steps."""
+        self._per_slot: dict[int, float] = {}
+        """Seconds per drafted slot (LM head, transition bias, sampling), likewise."""
+        self._accepted, self._predicted = 0.0, 0.0
+        """Decayed sums over earlier steps of drafted tokens accepted and of Σ a predicted."""
 
-    def observe_overhead(self, requests: int, seconds: float) -> None:
-        """Record a finished step's time outside verification, for batches of ``requests``.
+    def _average(self, table: dict[int, float], key: int, value: float) -> None:
+        old = table.get(key)
+        table[key] = value if old is None else self.decay * old + (1 - self.decay) * value
 
-        SPS(B) is then the whole engine step's rate, 1 / (overhead(R) + 1 / SPS_verify(B)): on a
-        CPU, drafting is a large fixed part of a step and makes verifying more tokens relatively
-        cheaper. Only past steps feed it, so it cannot depend on this step's drafted tokens.
+    def observe_drafting(self, requests: int, fixed_s: float, per_slot_s: float | None = None) -> None:
+        """Record a finished step's drafting time for batches of ``requests``: ``fixed_s``
+        before the first slot, ``per_slot_s`` per slot drafted (None: no slot was drafted).
+
+        A step then costs fixed(R) + (W - 1)·per_slot(R) + 1 / SPS(R, W): on a CPU drafting is
+        a large part of a step, and each verified slot must first be drafted. Only earlier
+        steps feed it, so it cannot depend on this step's drafted tokens.
         """
-        old = self._overhead.get(requests)
-        self._overhead[requests] = seconds if old is None else self.overhead_decay * old + (1 - self.overhead_decay) * seconds
+        self._average(self._fixed, requests, fixed_s)
+        if per_slot_s is not None:
+            self._average(self._per_slot, requests, per_slot_s)
+
+    def observe_outcome(self, schedule: Schedule, requests: int, accepted: int) -> None:
+        """Record how many drafted tokens a finished step accepted under ``schedule``."""
+        if schedule.expected_tokens is None or not any(schedule.lengths):
+            return
+        predicted = (schedule.expected_tokens - requests) / schedule.survival_scale
+        self._accepted = self.decay * self._accepted + accepted
+        self._predicted = self.decay * self._predicted + predicted
+
+    @property
+    def survival_scale(self) -> float:
+        """Observed / predicted accepted tokens on earlier steps (1 until there are some).
+
+        STS is fit offline, on one split and one temperature; serving other prompts or
+        temperatures, calibrated survival can still be off by a roughly constant factor (the
+        shipped drafter's slot 1 is overconfident on code and math). Scaling every a_{r,j}
+        by this ratio keeps their order, so the search and its early stop are unchanged,
+        and it reads only earlier steps' outcomes, so the schedule stays non-anticipating.
+        A pseudo-count of one predicted token keeps the first steps near 1.
+        """
+        if not self.feedback:
+            return 1.0
+        return (self._accepted + 1.0) / (self._predicted + 1.0)
 
     def step_rate(self, requests: int):
         """SPS of the whole step for a batch of ``requests``: (widths # [N], budgets # [N]) -> # [N]."""
-        overhead = self._overhead.get(requests, 0.0)
+        fixed, per_slot = self._fixed.get(requests, 0.0), self._per_slot.get(requests, 0.0)
 
         def rate(widths: torch.Tensor, budgets: torch.Tensor) -> torch.Tensor:
             sps = self.cost.steps_per_second(requests, widths, budgets)
-            return sps if overhead <= 0 else 1.0 / (overhead + 1.0 / sps)
+            return 1.0 / (fixed + per_slot * (widths - 1) + 1.0 / sps)
 
         return rate
 
@@ -231,9 +266,10 @@ class DSparkScheduler:
         if confidences is None or not any(drafted):
             return Schedule([0] * num, float(num))
         solve = dspark_levels if getattr(self.cost, "padded", False) else dspark_lengths
-        lengths, tau = solve(confidences, drafted, self.step_rate(num))
+        scale = self.survival_scale
+        lengths, tau = solve(confidences, drafted, self.step_rate(num), scale)
         values = torch.cat([lengths.to(tau.dtype), tau.view(1)]).tolist()  # the one host sync
-        return Schedule([int(v) for v in values[:-1]], values[-1])
+        return Schedule([int(v) for v in values[:-1]], values[-1], scale)
 
 
 class SlotGate:
@@ -256,8 +292,12 @@ class SlotGate:
         self.policy, self.num, self.calibrate, self.device = policy, num, calibrate, device
         self.schedule: Schedule | None = None
         """The step's schedule once the gate has stopped drafting, else None."""
+        self.first_call: float | None = None
+        """time.perf_counter() when the drafter first asked (its fixed work was done)."""
 
     def __call__(self, k: int, rows: Sequence[int], gammas: Sequence[int], confidences: torch.Tensor) -> bool:
+        if self.first_call is None:
+            self.first_call = time.perf_counter()
         full = torch.full((self.num, k + 1), 0.5, device=self.device)  # 0.5: finite under any calibration
         full[list(rows)] = confidences.to(full.dtype)
         drafted = [0] * self.num
@@ -270,14 +310,17 @@ class SlotGate:
         return False
 
 
-def prefix_survival(confidences: torch.Tensor, drafted: Sequence[int]) -> torch.Tensor:
-    """a_{r,j} = ∏_{i≤j} c_{r,i} # [R, W], zero at and beyond γ_r."""
+def prefix_survival(confidences: torch.Tensor, drafted: Sequence[int], scale: float = 1.0) -> torch.Tensor:
+    """a_{r,j} = ∏_{i≤j} c_{r,i} # [R, W] (times ``scale``, at most 1), zero at and beyond γ_r."""
     width = confidences.shape[1]
     valid = torch.arange(width, device=confidences.device) < torch.tensor(drafted, device=confidences.device).view(-1, 1)
-    return torch.cumprod(confidences.float().clamp(0.0, 1.0), dim=1).masked_fill(~valid, 0.0)
+    a = torch.cumprod(confidences.float().clamp(0.0, 1.0), dim=1)
+    if scale != 1.0:
+        a = (a * scale).clamp(max=1.0)
+    return a.masked_fill(~valid, 0.0)
 
 
-def dspark_lengths(confidences: torch.Tensor, drafted: Sequence[int], sps) -> tuple[torch.Tensor, torch.Tensor]:
+def dspark_lengths(confidences: torch.Tensor, drafted: Sequence[int], sps, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Algorithm 1 without host syncs: (ℓ # [R] long, τ* # [] float).
 
     ``sps(widths, budgets)`` is the step rate of this batch size. The greedy admission path is
@@ -286,7 +329,7 @@ def dspark_lengths(confidences: torch.Tensor, drafted: Sequence[int], sps) -> tu
     stops at the first k with Θ_k <= Θ_{k-1} (while it improves, Θ_{k-1} is the best so far).
     """
     num = confidences.shape[0]
-    a = prefix_survival(confidences, drafted)  # [R, W]
+    a = prefix_survival(confidences, drafted, scale)  # [R, W]
     # j-major flattening (index j*R + r) + a stable descending sort = ties broken by position.
     flat = a.t().reshape(-1)
     order = torch.sort(flat, descending=True, stable=True).indices
@@ -305,7 +348,7 @@ def dspark_lengths(confidences: torch.Tensor, drafted: Sequence[int], sps) -> tu
     return lengths, tau_star
 
 
-def dspark_levels(confidences: torch.Tensor, drafted: Sequence[int], sps) -> tuple[torch.Tensor, torch.Tensor]:
+def dspark_levels(confidences: torch.Tensor, drafted: Sequence[int], sps, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Algorithm 1 over levels, for a padded engine: (ℓ # [R] long, τ* # [] float).
 
     Admitting level j gives W = j + 1, ℓ_r = min(γ_r, j), B = Σ_r (1 + ℓ_r) and
@@ -313,7 +356,7 @@ def dspark_levels(confidences: torch.Tensor, drafted: Sequence[int], sps) -> tup
     """
     num, width = confidences.shape[0], max(drafted)
     device = confidences.device
-    a = prefix_survival(confidences[:, :width], drafted)  # [R, J]
+    a = prefix_survival(confidences[:, :width], drafted, scale)  # [R, J]
     gain = a.sum(dim=0)  # [J], non-increasing in j
     caps = torch.tensor(list(drafted), device=device)
     levels = torch.arange(1, width + 1, device=device)
