@@ -28,7 +28,7 @@ test: setup
 	$(PY) -m pytest -q
 
 bench: setup
-	$(PY) benchmarks/bench_generate.py
+	$(VENV)/bin/dspark eval --limit 5 --max-new-tokens 64 --out build/eval_quick
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

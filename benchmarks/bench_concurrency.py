@@ -2,8 +2,8 @@
 
 At each concurrency level c the engine serves ``c × --waves`` requests with at most c in
 flight (continuous batching: a finished request's slot is refilled at once). Prompts are the
-first turns of the four built-in eval sets, interleaved (gsm8k, humaneval, mbpp, mt-bench,
-gsm8k, ...), the same for every policy. Policies:
+first turns of the four built-in eval sets' test splits, interleaved (gsm8k, humaneval, mbpp,
+mt-bench, gsm8k, ...), the same for every policy. Policies:
 
 - ``plain``: no drafter, one token per request and step (the reference);
 - ``gamma1``: verify one draft token (the analogue of the paper's MTP-1);
@@ -34,11 +34,10 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from dspark.evaluation.runner import machine_info
+from dspark.evaluation.datasets import load_dataset
+from dspark.evaluation.runner import git_state, machine_info
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_generate import DEFAULT_DATA_DIR, git_state, load_dataset, resolve_dataset  # noqa: E402
 
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "concurrency.json"
 DEFAULT_POLICIES = ["plain", "gamma1", "fixed:7", "dspark"]
@@ -88,8 +87,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--policies", nargs="+", default=DEFAULT_POLICIES, help="plain | gamma1 | fixed[:γ] | threshold:<t> | dspark")
     parser.add_argument("--drafter", default=None, help="drafter spec for make_drafter; default: the shipped DSpark drafter")
     parser.add_argument("--gamma", type=int, default=None, help="drafter block size (drafter default if unset)")
-    parser.add_argument("--datasets", nargs="+", default=DEFAULT_DATASETS, help="names in --data-dir or .jsonl paths")
-    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    parser.add_argument("--datasets", nargs="+", default=DEFAULT_DATASETS, help="built-in eval sets or .jsonl paths")
     parser.add_argument("--waves", type=int, default=2, help="requests per level = concurrency × waves")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
@@ -122,12 +120,12 @@ def interleaved_prompts(args) -> list[tuple[str, int, str]]:
     """(dataset, line, first turn), round-robin over the datasets, enough for the largest level."""
     needed = max(args.concurrency) * args.waves
     per_set = -(-needed // len(args.datasets))
-    sets = [load_dataset(resolve_dataset(s, args.data_dir), per_set) for s in args.datasets]
+    sets = [load_dataset(spec, split="test", limit=per_set, max_turns=1) for spec in args.datasets]
     prompts = []
     for i in range(needed):
         d = sets[i % len(sets)]
-        line = (i // len(sets)) % len(d.prompts)
-        prompts.append((d.name, line, d.prompts[line]))
+        conversation = d.conversations[(i // len(sets)) % len(d.conversations)]
+        prompts.append((d.name, conversation.index, conversation.turns[0]))
     return prompts
 
 

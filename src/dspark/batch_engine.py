@@ -35,7 +35,7 @@ import torch
 
 from dspark.drafters.base import DraftBlock, DraftInput
 from dspark.drafters.batched import BatchDrafter, as_batch_drafter
-from dspark.engine import GenerationRequest, GenerationResult, _Stopper
+from dspark.engine import GenerationRequest, GenerationResult, StopChecker
 from dspark.sampling import sample_from_logits
 from dspark.scheduler import Policy, SlotGate
 from dspark.slot_cache import SlotCache, SlotWriteView, ragged_causal_mask
@@ -131,7 +131,7 @@ class _Live:
     buf: torch.Tensor
     """[prompt + max_new_tokens + 1] committed ids in the first ``length`` entries."""
     length: int
-    stops: _Stopper
+    stops: StopChecker
     start: float
     stats: GenerationStats
     committed: list[int] = field(default_factory=list)
@@ -285,7 +285,7 @@ class BatchEngine:
         first, _ = sample_from_logits(out.logits[0, -1], request.params, generator)
         self.drafter.open(slot)
         live = _Live(
-            index, request, slot, generator, buf, prompt_len, _Stopper(target, request), t0,
+            index, request, slot, generator, buf, prompt_len, StopChecker(target, request), t0,
             GenerationStats(prompt_tokens=prompt_len),
             new_features=out.features[0] if out.features is not None else None,
         )

@@ -90,7 +90,7 @@ class SpeculativeEngine:
         device, layers = target.device, drafter.feature_layer_ids
         generator = torch.Generator(device=device).manual_seed(request.seed)
         stats = GenerationStats(prompt_tokens=prompt_len)
-        stops = _Stopper(target, request)
+        stops = StopChecker(target, request)
         drafter.reset()
         start = time.perf_counter()
 
@@ -139,8 +139,9 @@ class SpeculativeEngine:
         return GenerationResult(token_ids, stops.text(token_ids), stats, finish)
 
 
-class _Stopper:
-    """Finds where generation ends: max_new_tokens, an EOS id, or a stop string."""
+class StopChecker:
+    """Finds where a request's generation ends: max_new_tokens, an EOS id, or a stop string
+    (shared by the batch-1 and the batched engine)."""
 
     def __init__(self, target: TargetModel, request: GenerationRequest) -> None:
         self.target = target
