@@ -180,6 +180,19 @@ def test_drafting_time_enters_the_step_cost():
     assert scheduler.schedule([3], c).lengths == [0]
 
 
+def test_drafting_pays_only_when_the_predicted_gain_covers_drafting_time():
+    sps = [1.0 / (1.0 + 0.25 * (b - 1)) for b in range(1, 9)]
+    scheduler = DSparkScheduler(table(sps), feedback=False)
+    c = torch.tensor([[0.9, 0.9]])
+    schedule = scheduler.schedule([2], c)  # Θ = 2.71 / 1.5 = 1.81 against 1 for a plain step
+    assert schedule.lengths == [2] and scheduler.drafting_pays(schedule, 1)
+    scheduler.observe_drafting(1, 1.0)  # 1 s of fixed drafting work: 2.71 / 2.5 > 1 still pays
+    assert scheduler.drafting_pays(schedule, 1)
+    scheduler.observe_drafting(1, 3.0, 0.5)  # fixed 1.4 s, 0.5 s per slot: 2.71 / 3.9 < 1
+    assert not scheduler.drafting_pays(scheduler.schedule([2], c), 1)
+    assert not scheduler.drafting_pays(scheduler.schedule([2], torch.zeros(1, 2)), 1)  # verifies nothing
+
+
 def test_feedback_scales_survival_by_what_earlier_steps_accepted():
     sps = [1.0 / (1.0 + 0.25 * (b - 1)) for b in range(1, 9)]
     c = torch.tensor([[0.8, 0.8]])

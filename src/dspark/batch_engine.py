@@ -47,7 +47,7 @@ Calibrate = Callable[[torch.Tensor], torch.Tensor]
 """Raw confidences # [R, W] -> calibrated c_k # [R, W] (Calibration.apply)."""
 
 MAX_BACKOFF = 32
-"""Most steps a lazily drafting engine skips the drafter after steps that verified nothing."""
+"""Most steps a lazily drafting engine skips the drafter after drafted steps that did not pay."""
 
 
 @dataclass(frozen=True)
@@ -187,10 +187,11 @@ class BatchEngine:
     ) -> None:
         """``lazy_drafting``: with a policy that reads confidences, draft a slot only while some
         request may still verify it (the schedule is the same either way). ``backoff`` (lazy
-        drafting only): after k drafted steps in a row that verified nothing, skip the drafter
-        for min(2^(k-1), 32) steps, which are plain decoding steps. Both decisions read only
-        the past and this step's confidences, never a drafted token's fate, so verification
-        stays lossless."""
+        drafting only): after k drafted steps in a row where drafting did not pay, skip the
+        drafter for min(2^(k-1), 32) steps, which are plain decoding steps. Drafting pays when
+        the policy says so (DSpark: predicted Θ with drafting time beats a plain step's),
+        else when a drafted token was verified. Both decisions read only the past and this
+        step's confidences, never a drafted token's fate, so verification stays lossless."""
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.drafter: BatchDrafter = as_batch_drafter(drafter)
@@ -322,7 +323,8 @@ class BatchEngine:
         lengths = schedule.lengths
         asked = gate is not None and (any(drafted) or gate.schedule is not None)
         if asked and self.backoff:  # the drafter ran and the gate saw confidences
-            self._back_off(any(lengths))
+            judge = getattr(self.policy, "drafting_pays", None)
+            self._back_off(judge(schedule, len(live)) if judge is not None else any(lengths))
         t2 = time.perf_counter()
 
         feed = torch.zeros(len(live), 1 + max(lengths), dtype=torch.long, device=device)  # [R, T]
@@ -368,9 +370,9 @@ class BatchEngine:
         slots = max(drafted)
         policy.observe_drafting(num, gate.first_call - t0, (t1 - gate.first_call) / slots if slots else None)
 
-    def _back_off(self, verified: bool) -> None:
-        """After a drafted step: reset the backoff if it verified a drafted token, else double it."""
-        self._backoff = 0 if verified else min(MAX_BACKOFF, max(1, 2 * self._backoff))
+    def _back_off(self, paid: bool) -> None:
+        """After a drafted step: reset the backoff if drafting paid, else double it."""
+        self._backoff = 0 if paid else min(MAX_BACKOFF, max(1, 2 * self._backoff))
         self._skip = self._backoff
 
     def _confidences(self, blocks, drafted: list[int]) -> torch.Tensor | None:

@@ -251,6 +251,18 @@ class DSparkScheduler:
 
         return rate
 
+    def drafting_pays(self, schedule: Schedule, requests: int) -> bool:
+        """Whether ``schedule``'s predicted Θ, drafting time included, beats a plain step that
+        drafts nothing: the engine's backoff asks this after each drafted step."""
+        if schedule.expected_tokens is None or not any(schedule.lengths):
+            return False
+        width = torch.tensor([1 + max(schedule.lengths)])
+        budget = torch.tensor([requests + sum(schedule.lengths)])
+        one = torch.ones(1, dtype=torch.long)
+        drafted = schedule.expected_tokens * float(self.step_rate(requests)(width, budget)[0])
+        plain = requests * float(self.cost.steps_per_second(requests, one, one * requests)[0])
+        return drafted > plain
+
     def check_shape(self, requests: int, width: int) -> None:
         if not self.cost.covers(requests, width):
             raise DsparkError(

@@ -11,7 +11,8 @@ one backbone pass runs all blocks over their padded contexts under a mask, and t
 sequential loop advances every request's slot k together. Given a *gate* (the engine's
 :class:`~dspark.drafters.batched.DraftGate`), it asks before each slot whether any request
 could still verify it, and stops drafting as soon as none can. The LM head then runs only
-for slots that are drafted, in chunks of about :data:`LAZY_LOGIT_ROWS` rows.
+for slots that are drafted, one slot at a time, so that each slot's drafting cost is the
+same and the scheduler can price it.
 """
 
 from __future__ import annotations
@@ -26,11 +27,6 @@ from dspark.drafters.dspark.model import ContextKV, DSparkModel
 from dspark.errors import DsparkError
 from dspark.sampling import sample_from_logits
 from dspark.slot_cache import SlotCache, SlotContextView, SlotWriteView, context_block_mask
-
-LAZY_LOGIT_ROWS = 16
-"""With a gate, each LM-head call covers about this many rows (requests × slots): at batch 1
-one call drafts the whole block, at batch 16 one slot. On a CPU the LM head of a small target
-is bound by reading its weights, so one call for 1 row costs most of one call for 16."""
 
 
 class DSparkDrafter:
@@ -217,7 +213,7 @@ class BatchedDSparkDrafter:
         stop the loop before slot k+1 is drafted (it is given c_{k+1}, which needs no logits)."""
         head, model = self.model.markov_head, self.model
         num, width = len(inputs), max(gammas)
-        chunk = width if gate is None else max(1, LAZY_LOGIT_ROWS // num)
+        chunk = width if gate is None else 1  # gated: pay the LM head per slot actually drafted
         prev = anchors  # [R]
         state = head.init_state((num,), anchors.device) if head is not None else None
         drafted, conf = [], []
