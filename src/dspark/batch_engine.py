@@ -46,8 +46,11 @@ from dspark.verify import verify
 Calibrate = Callable[[torch.Tensor], torch.Tensor]
 """Raw confidences # [R, W] -> calibrated c_k # [R, W] (Calibration.apply)."""
 
-MAX_BACKOFF = 32
-"""Most steps a lazily drafting engine skips the drafter after drafted steps that did not pay."""
+MAX_BACKOFF = 128
+"""Most steps a lazily drafting engine skips the drafter after drafted steps that did not pay:
+while drafting does not pay, looking again costs a drafter pass (and folding the context
+since the last look) every this many steps; a drafter that starts to pay is noticed at most
+this many steps late."""
 
 
 @dataclass(frozen=True)
@@ -135,9 +138,16 @@ class _Live:
     start: float
     stats: GenerationStats
     committed: list[int] = field(default_factory=list)
-    new_features: torch.Tensor | None = None
-    """[n, m*d] target features of committed tokens the drafter has not seen yet."""
+    unseen: list[torch.Tensor] = field(default_factory=list)
+    """Target features # [n_i, m*d] of committed tokens the drafter has not seen yet, in order
+    (a list: steps that skip the drafter add to it without copying what it holds)."""
     finish: str | None = None
+
+    def new_features(self) -> torch.Tensor | None:
+        """The unseen features as one tensor # [n, m*d], or None without any."""
+        if not self.unseen:
+            return None
+        return self.unseen[0] if len(self.unseen) == 1 else torch.cat(self.unseen)
 
     def commit(self, tokens: list[int]) -> None:
         self.buf[self.length : self.length + len(tokens)] = torch.as_tensor(tokens, device=self.buf.device)
@@ -188,7 +198,7 @@ class BatchEngine:
         """``lazy_drafting``: with a policy that reads confidences, draft a slot only while some
         request may still verify it (the schedule is the same either way). ``backoff`` (lazy
         drafting only): after k drafted steps in a row where drafting did not pay, skip the
-        drafter for min(2^(k-1), 32) steps, which are plain decoding steps. Drafting pays when
+        drafter for min(2^(k-1), MAX_BACKOFF) steps, which are plain decoding steps. Drafting pays when
         the policy says so (DSpark: predicted Θ with drafting time beats a plain step's),
         else when a drafted token was verified. Both decisions read only the past and this
         step's confidences, never a drafted token's fate, so verification stays lossless."""
@@ -288,7 +298,7 @@ class BatchEngine:
         live = _Live(
             index, request, slot, generator, buf, prompt_len, StopChecker(target, request), t0,
             GenerationStats(prompt_tokens=prompt_len),
-            new_features=out.features[0] if out.features is not None else None,
+            unseen=[out.features[0]] if out.features is not None else [],
         )
         live.commit([int(first)])  # host sync: the first token must be checked for EOS/stop
         live.stats.prefill_s = time.perf_counter() - t0
@@ -300,7 +310,7 @@ class BatchEngine:
         t0 = time.perf_counter()
         inputs = [
             DraftInput(
-                r.buf[: r.length], r.new_features, r.request.params, r.generator,
+                r.buf[: r.length], r.new_features() if not self._skip else None, r.request.params, r.generator,
                 max_tokens=min(self.max_draft, r.request.max_new_tokens - len(r.committed) - 1),
             )
             for r in live
@@ -313,7 +323,7 @@ class BatchEngine:
         else:
             blocks = self.drafter.propose_batch(slots, inputs, gate)
             for r in live:
-                r.new_features = None  # folded into the drafter's context
+                r.unseen.clear()  # folded into the drafter's context
         t1 = time.perf_counter()
         drafted = [b.gamma for b in blocks]
         if gate is not None and gate.schedule is not None:
@@ -341,8 +351,7 @@ class BatchEngine:
             # The slot keeps the anchor and the n accepted tokens: the next write starts at
             # length - 1 after this commit of n + 1 tokens, past exactly those positions.
             if out.features is not None:
-                new = out.features[i, : n + 1]
-                r.new_features = new if r.new_features is None else torch.cat([r.new_features, new])
+                r.unseen.append(out.features[i, : n + 1].clone())  # not a view of the whole step
             accepted.append(n)
             committed += len(result.tokens)
             r.commit(result.tokens)
