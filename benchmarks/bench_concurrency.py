@@ -12,7 +12,10 @@ mt-bench, gsm8k, ...), the same for every policy. Policies:
   by levels on this padded engine), drafting lazily with backoff; its cost table is loaded,
   or measured and saved on first use (``--no-profile`` refuses).
 
-Measured per (level, policy): aggregate tokens/s (all new tokens over wall time, prefills
+Each level first runs every policy briefly (warm-up), then ``--repeats`` rounds of all
+policies back to back in rotating order; a row reports its policy's fastest round (as timeit
+does: interference only ever slows a run) and records every round's throughput, so the
+spread between rounds is the measured noise. Measured per (level, policy): aggregate tokens/s (all new tokens over wall time, prefills
 included), mean per-user tokens/s (each request's tokens over its own time in the engine),
 mean verification length ℓ per request and step (and the budget 1 + ℓ), τ (tokens committed
 per request and step), and at T = 0 whether every output equals plain decoding's.
@@ -31,7 +34,7 @@ import json
 import os
 import shlex
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from dspark.evaluation.datasets import load_dataset
@@ -77,6 +80,8 @@ class Row:
     """Requests whose output equals plain decoding's (None above T = 0)."""
     skipped: str | None = None
     """Why the policy could not run (e.g. a drafter without confidences), else None."""
+    runs_tokens_per_s: list[float] | None = None
+    """Aggregate tokens/s of every repeat; the row's other numbers are the fastest repeat's."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -89,6 +94,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gamma", type=int, default=None, help="drafter block size (drafter default if unset)")
     parser.add_argument("--datasets", nargs="+", default=DEFAULT_DATASETS, help="built-in eval sets or .jsonl paths")
     parser.add_argument("--waves", type=int, default=2, help="requests per level = concurrency × waves")
+    parser.add_argument("--repeats", type=int, default=2, help="runs per level and policy, in rotating order; the fastest is reported, all are recorded")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
     parser.add_argument("--temperature", type=float, default=0.0)
@@ -103,8 +109,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if any(c < 1 for c in args.concurrency):
         parser.error("--concurrency levels must be >= 1")
-    if args.waves < 1 or args.max_new_tokens < 1:
-        parser.error("--waves and --max-new-tokens must be >= 1")
+    if args.waves < 1 or args.max_new_tokens < 1 or args.repeats < 1:
+        parser.error("--waves, --repeats and --max-new-tokens must be >= 1")
     if args.threads is not None and args.threads < 1:
         parser.error("--threads must be >= 1")
     if args.temperature < 0:
@@ -183,7 +189,12 @@ def run(args) -> dict:
 
     params = SamplingParams(temperature=args.temperature)
     rows: list[Row] = []
-    with tqdm(total=len(args.concurrency) * len(args.policies), unit="run", dynamic_ncols=True) as progress:
+    def engine_for(name: str, c: int):
+        policy = make_policy(name, cost)  # fresh: a scheduler learns within one run only
+        return BatchEngine(target, NoDrafter() if name == REFERENCE else drafter, policy, max_batch=c, calibrate=calibrate)
+
+    runnable = [name for name in args.policies if name not in skip]
+    with tqdm(total=len(args.concurrency) * len(runnable) * args.repeats, unit="run", dynamic_ncols=True) as progress:
         for level_index, c in enumerate(args.concurrency):
             requests = [
                 GenerationRequest(
@@ -192,30 +203,33 @@ def run(args) -> dict:
                 )
                 for i, (_, _, text) in enumerate(prompts[: c * args.waves])
             ]
-            shift = level_index % len(args.policies)
-            order = args.policies[shift:] + args.policies[:shift]
-            level: dict[str, tuple[int, object | str]] = {}
-            for position, name in enumerate(order):
-                progress.set_description(f"c={c} {name}")
-                if name in skip:
-                    level[name] = (position, skip[name])
-                    progress.update()
-                    continue
+            failed: dict[str, str] = dict(skip)
+            progress.set_description(f"c={c} warm-up")
+            for name in runnable:  # allocators and kernels meet this batch size before timing
                 try:
-                    policy = make_policy(name, cost)
-                    engine = BatchEngine(
-                        target, NoDrafter() if name == REFERENCE else drafter, policy, max_batch=c, calibrate=calibrate
-                    )
-                    level[name] = (position, engine.generate(requests))
-                    progress.set_postfix_str(f"{level[name][1].stats.tokens_per_second:.1f} tok/s")
+                    engine_for(name, c).generate([replace(r, max_new_tokens=4) for r in requests[:c]])
                 except DsparkError as exc:
-                    level[name] = (position, str(exc))
+                    failed[name] = str(exc)
                     progress.write(f"c={c} {name}: skipped: {exc}")
-                progress.update()
-            plain = level[REFERENCE][1]
+            runs: dict[str, list[tuple[int, object]]] = {name: [] for name in args.policies}
+            for repeat in range(args.repeats):
+                shift = (level_index + repeat) % len(args.policies)
+                order = [n for n in args.policies[shift:] + args.policies[:shift] if n not in failed]
+                for position, name in enumerate(order):
+                    progress.set_description(f"c={c} {name} #{repeat + 1}")
+                    batch = engine_for(name, c).generate(requests)
+                    runs[name].append((position, batch))
+                    progress.set_postfix_str(f"{batch.stats.tokens_per_second:.1f} tok/s")
+                    progress.update()
+            best = {n: max(r, key=lambda pb: pb[1].stats.tokens_per_second) for n, r in runs.items() if r}
+            plain = best[REFERENCE][1] if REFERENCE in best else "plain decoding failed"
             for name in args.policies:
-                position, batch = level[name]
-                rows.append(summarize(c, name, position, batch, plain, params.greedy))
+                if name in failed:
+                    rows.append(summarize(c, name, 0, failed[name], plain, params.greedy))
+                    continue
+                position, batch = best[name]
+                row = summarize(c, name, position, batch, plain, params.greedy)
+                rows.append(replace(row, runs_tokens_per_s=[b.stats.tokens_per_second for _, b in runs[name]]))
 
     return {
         "benchmark": "concurrency",
@@ -232,12 +246,14 @@ def run(args) -> dict:
             "drafter_gamma": drafter.gamma,
             "calibrated": calibrate is not None,
             "waves": args.waves,
+            "repeats": args.repeats,
             "max_new_tokens": args.max_new_tokens,
             "ignore_eos": args.ignore_eos,
             "temperature": args.temperature,
             "seed": args.seed,
             "prompts": [{"dataset": d, "line": line} for d, line, _ in prompts],
-            "order": "per level, all policies back to back; the order rotates by one each level",
+            "order": "per level: a short warm-up run of every policy, then --repeats rounds of all policies back to "
+                     "back, the order rotating by one each level and round; each row is its policy's fastest round",
         },
         "cost_table": cost.to_json() if cost is not None else None,
         "rows": [asdict(r) for r in rows],
