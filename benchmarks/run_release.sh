@@ -23,9 +23,9 @@ for step in $STEPS; do
       $DS eval "${EVAL_ARGS[@]}" --temperature 0 --out $RESULTS/eval_t0
       $DS eval "${EVAL_ARGS[@]}" --temperature 1 --out $RESULTS/eval_t1 ;;
     profile)
-      $DS profile ;;
+      $DS profile --repeats 7 ;;
     concurrency)
-      $PY benchmarks/bench_concurrency.py --out $RESULTS/concurrency.json ;;
+      $PY benchmarks/bench_concurrency.py --waves 2 --repeats 2 --out $RESULTS/concurrency.json ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
 done
