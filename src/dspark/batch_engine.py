@@ -198,10 +198,10 @@ class BatchEngine:
         """``lazy_drafting``: with a policy that reads confidences, draft a slot only while some
         request may still verify it (the schedule is the same either way). ``backoff`` (lazy
         drafting only): after k drafted steps in a row where drafting did not pay, skip the
-        drafter for min(2^(k-1), MAX_BACKOFF) steps, which are plain decoding steps. Drafting pays when
-        the policy says so (DSpark: predicted Θ with drafting time beats a plain step's),
-        else when a drafted token was verified. Both decisions read only the past and this
-        step's confidences, never a drafted token's fate, so verification stays lossless."""
+        drafter for min(2^(k-1), MAX_BACKOFF) steps, which are plain decoding steps. Drafting
+        pays when the policy says so (DSpark: predicted Θ with drafting time beats a plain
+        step's), else when a drafted token was verified. Both decisions read only the past and
+        this step's confidences, never a drafted token's fate, so verification stays lossless."""
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.drafter: BatchDrafter = as_batch_drafter(drafter)
@@ -210,6 +210,7 @@ class BatchEngine:
         self.target, self.policy, self.max_batch, self.calibrate = target, policy, max_batch, calibrate
         self.lazy_drafting = lazy_drafting and policy.needs_confidences
         self.backoff = backoff and self.lazy_drafting
+        self._skip, self._backoff = 0, 0  # steps left to skip the drafter; the current backoff
         self.max_draft = min(self.drafter.gamma, policy.max_draft if policy.max_draft is not None else self.drafter.gamma)
         policy.check_shape(max_batch, 1 + self.max_draft)  # fail now, not in the middle of a run
 
@@ -308,19 +309,21 @@ class BatchEngine:
     def _step(self, live: list[_Live], cache: SlotCache) -> StepRecord:
         target, device = self.target, self.target.device
         t0 = time.perf_counter()
-        inputs = [
-            DraftInput(
-                r.buf[: r.length], r.new_features() if not self._skip else None, r.request.params, r.generator,
-                max_tokens=min(self.max_draft, r.request.max_new_tokens - len(r.committed) - 1),
-            )
-            for r in live
-        ]
         slots = [r.slot for r in live]
-        gate = SlotGate(self.policy, len(live), self.calibrate, device) if self.lazy_drafting else None
+        gate = None
         if self._skip:  # backing off: a plain step; the drafter sees these tokens' features later
             self._skip -= 1
             blocks = [DraftBlock.empty(device) for _ in live]
         else:
+            inputs = [
+                DraftInput(
+                    r.buf[: r.length], r.new_features(), r.request.params, r.generator,
+                    max_tokens=min(self.max_draft, r.request.max_new_tokens - len(r.committed) - 1),
+                )
+                for r in live
+            ]
+            if self.lazy_drafting:
+                gate = SlotGate(self.policy, len(live), self.calibrate, device)
             blocks = self.drafter.propose_batch(slots, inputs, gate)
             for r in live:
                 r.unseen.clear()  # folded into the drafter's context
