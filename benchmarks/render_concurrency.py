@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
+
+REPO_ROOT = str(Path(__file__).resolve().parent.parent) + "/"
 
 
 def render(path: str) -> str:
@@ -21,7 +24,7 @@ def render(path: str) -> str:
     levels = sorted({r["concurrency"] for r in rows})
     cell = {(r["concurrency"], r["policy"]): r for r in rows}
     lines = [
-        f"`{report['command']}` → `{path}`",
+        f"`{report['command'].replace(REPO_ROOT, '')}` → `{path}`",
         "",
         f"{report['model']} · drafter {s['drafter_name']} · T = {s['temperature']:g} · ≤ {s['max_new_tokens']} new "
         f"tokens · {s['waves']} × c requests per level · best of {s.get('repeats', 1)} · "
