@@ -374,13 +374,14 @@ class BatchEngine:
         policy = self.policy
         if hasattr(policy, "observe_outcome"):
             policy.observe_outcome(schedule, num, accepted)
-        if not hasattr(policy, "observe_drafting") or not any(drafted) and (gate is None or gate.first_call is None):
-            return  # the drafter did not run (backoff) or had nothing to draft
-        if gate is None or gate.first_call is None:  # eager: all of drafting is spent before scheduling
-            policy.observe_drafting(num, t1 - t0)
+        if not hasattr(policy, "observe_drafting"):
             return
-        slots = max(drafted)
-        policy.observe_drafting(num, gate.first_call - t0, (t1 - gate.first_call) / slots if slots else None)
+        if gate is not None and gate.first_call is not None:  # gated: fixed work, then per slot
+            slots = max(drafted)
+            policy.observe_drafting(num, gate.first_call - t0, (t1 - gate.first_call) / slots if slots else None)
+        elif any(drafted):  # eager: all of drafting is spent before scheduling
+            policy.observe_drafting(num, t1 - t0)
+        # else the drafter did not run (backoff) or had nothing to draft
 
     def _back_off(self, paid: bool) -> None:
         """After a drafted step: reset the backoff if drafting paid, else double it."""

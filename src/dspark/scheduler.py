@@ -277,7 +277,7 @@ class DSparkScheduler:
         self.check_shape(num, 1 + max(drafted, default=0))
         if confidences is None or not any(drafted):
             return Schedule([0] * num, float(num))
-        solve = dspark_levels if getattr(self.cost, "padded", False) else dspark_lengths
+        solve = dspark_levels if self.cost.padded else dspark_lengths
         scale = self.survival_scale
         lengths, tau = solve(confidences, drafted, self.step_rate(num), scale)
         values = torch.cat([lengths.to(tau.dtype), tau.view(1)]).tolist()  # the one host sync
@@ -348,15 +348,9 @@ def dspark_lengths(confidences: torch.Tensor, drafted: Sequence[int], sps, scale
     a_sorted = flat[order]  # candidates with a = 0 (invalid, or never surviving) sort last
     steps = torch.arange(1, a_sorted.shape[0] + 1, device=a.device)
     widths = 2 + torch.cummax(torch.div(order, num, rounding_mode="floor"), 0).values  # 1 + position
-    tau = num + torch.cumsum(a_sorted, 0)  # [N]
-    theta = tau * sps(widths, num + steps)  # [N]
-    one = torch.ones(1, dtype=torch.long, device=a.device)
-    theta_prev = torch.cat([num * sps(one, one * num), theta[:-1]])
-    improves = (theta > theta_prev) & (a_sorted > 0)
-    admitted = improves.long().cumprod(0).sum()  # the leading run of improvements # []
+    admitted, tau_star = _early_stop(a_sorted, widths, num + steps, sps, num)
     taken = torch.arange(a_sorted.shape[0], device=a.device) < admitted
     lengths = torch.zeros(num, dtype=torch.long, device=a.device).scatter_add_(0, order % num, taken.long())
-    tau_star = torch.where(admitted > 0, tau[(admitted - 1).clamp_min(0)], torch.tensor(float(num), device=a.device))
     return lengths, tau_star
 
 
@@ -372,15 +366,24 @@ def dspark_levels(confidences: torch.Tensor, drafted: Sequence[int], sps, scale:
     gain = a.sum(dim=0)  # [J], non-increasing in j
     caps = torch.tensor(list(drafted), device=device)
     levels = torch.arange(1, width + 1, device=device)
-    tau = num + torch.cumsum(gain, 0)  # [J]
     budgets = num + torch.minimum(caps.unsqueeze(0), levels.unsqueeze(1)).sum(dim=1)  # [J]
-    theta = tau * sps(levels + 1, budgets)
-    one = torch.ones(1, dtype=torch.long, device=device)
+    admitted, tau_star = _early_stop(gain, levels + 1, budgets, sps, num)
+    return torch.minimum(caps, admitted), tau_star
+
+
+def _early_stop(gains: torch.Tensor, widths: torch.Tensor, budgets: torch.Tensor, sps, num: int):
+    """The admission search of Algorithm 1 over candidates already in their order: candidate k
+    adds ``gains[k]`` expected tokens and makes the step (``widths[k]``, ``budgets[k]``).
+    Starting from τ* = R at (W = 1, B = R), candidates are admitted while Θ = τ*·SPS strictly
+    improves (and they add something); the first that does not stops the search. Returns
+    (how many were admitted # [], τ* after them # [])."""
+    tau = num + torch.cumsum(gains, 0)  # [N]
+    theta = tau * sps(widths, budgets)  # [N]
+    one = torch.ones(1, dtype=torch.long, device=gains.device)
     theta_prev = torch.cat([num * sps(one, one * num), theta[:-1]])
-    admitted = ((theta > theta_prev) & (gain > 0)).long().cumprod(0).sum()  # # []
-    lengths = torch.minimum(caps, admitted)
-    tau_star = torch.where(admitted > 0, tau[(admitted - 1).clamp_min(0)], torch.tensor(float(num), device=device))
-    return lengths, tau_star
+    admitted = ((theta > theta_prev) & (gains > 0)).long().cumprod(0).sum()  # the leading run # []
+    tau_star = torch.where(admitted > 0, tau[(admitted - 1).clamp_min(0)], torch.tensor(float(num), device=gains.device))
+    return admitted, tau_star
 
 
 POLICY_HELP = "plain | fixed[:γ] | gamma1 | threshold:<t> | dspark"

@@ -213,21 +213,19 @@ class BatchedDSparkDrafter:
         stop the loop before slot k+1 is drafted (it is given c_{k+1}, which needs no logits)."""
         head, model = self.model.markov_head, self.model
         num, width = len(inputs), max(gammas)
-        chunk = width if gate is None else 1  # gated: pay the LM head per slot actually drafted
+        # Ungated, every slot is drafted: one LM-head call for all; gated, one per slot drafted.
+        base = model.slot_logits(hidden[:, :width]) if gate is None else None  # [R, γ, V]
         prev = anchors  # [R]
         state = head.init_state((num,), anchors.device) if head is not None else None
         drafted, conf = [], []
         probs: list[list[torch.Tensor]] = [[] for _ in range(num)]
-        base, base_from = None, 0
         for k in range(width):
             conf_logits = model.confidence_logits(hidden[:, k], prev)  # [R] or None
             if conf_logits is not None:
                 conf.append(torch.sigmoid(conf_logits))
                 if gate is not None and not gate(k, torch.stack(conf, dim=1)):
                     break
-            if base is None or k >= base_from + base.shape[1]:
-                base, base_from = model.slot_logits(hidden[:, k : k + chunk]), k  # [R, n, V]
-            logits = base[:, k - base_from]  # [R, V]
+            logits = base[:, k] if base is not None else model.slot_logits(hidden[:, k])  # [R, V]
             if head is not None:
                 bias, state = head.step(prev, hidden[:, k], state)
                 logits = logits + bias
