@@ -102,15 +102,23 @@ DRAFTERS = {
     "ngram": lambda: NgramDrafter(NgramConfig(gamma=3, max_ngram=2)),
     # A random-init DSpark drafter: q includes a non-zero Markov bias, sampled slot by slot.
     "dspark": lambda: random_dspark_drafter(),
+    # The same over a reduced draft vocabulary: q is zero on OUTSIDE_DRAFT_VOCAB, which only
+    # the residual or the bonus token can produce.
+    "dspark-reduced-vocab": lambda: random_dspark_drafter(draft_ids=REDUCED_DRAFT_IDS),
 }
+REDUCED_DRAFT_IDS = torch.tensor([0, 1, 3, 4])
+OUTSIDE_DRAFT_VOCAB = {2, 5}
 
 
-def random_dspark_drafter():
+def random_dspark_drafter(draft_ids: torch.Tensor | None = None):
     from dspark.drafters.dspark import DSparkConfig, DSparkDrafter, DSparkModel
 
     like_target = tiny_target(vocab_size=V, seed=TARGET_SEED, scale=TARGET_SCALE)
     torch.manual_seed(11)
-    model = DSparkModel(DSparkConfig.for_target(like_target, num_hidden_layers=1, markov_rank=4, block_size=3))
+    extra = {} if draft_ids is None else {"draft_vocab_size": draft_ids.numel()}
+    model = DSparkModel(DSparkConfig.for_target(like_target, num_hidden_layers=1, markov_rank=4, block_size=3, **extra))
+    if draft_ids is not None:
+        model.set_draft_vocab(draft_ids)
     with torch.no_grad():
         model.markov_head.markov_w2.weight.normal_(std=2.0)
     return DSparkDrafter(model)
@@ -213,8 +221,11 @@ def lossless_check(target, drafter_name: str, params: SamplingParams) -> tuple[G
         ("fixed-logits", T1),
         ("ngram", T1),
         ("dspark", T1),
+        ("dspark-reduced-vocab", T1),
+        ("dspark-reduced-vocab", NUCLEUS),
     ],
-    ids=["other-model-T1", "other-model-nucleus", "sharpened-T1", "fixed-T1", "ngram-T1", "dspark-T1"],
+    ids=["other-model-T1", "other-model-nucleus", "sharpened-T1", "fixed-T1", "ngram-T1", "dspark-T1",
+         "dspark-reduced-vocab-T1", "dspark-reduced-vocab-nucleus"],
 )
 def test_sampled_output_is_target_distributed(target, drafter_name, params):
     fit, sampled = lossless_check(target, drafter_name, params)
@@ -223,6 +234,42 @@ def test_sampled_output_is_target_distributed(target, drafter_name, params):
     # committed token (accepted, recovered, bonus) were exercised.
     assert sampled.proposed >= N_RUNS and 0 < sampled.accepted < sampled.proposed, sampled
     assert not fit.rejected, fit
+
+
+def test_reduced_vocab_tokens_outside_the_subset_come_from_the_residual_or_bonus(target):
+    # The drafter never proposes a token outside its vocabulary, yet such tokens appear after
+    # the prefill token in the outputs the chi-square test above accepts: rejection sampling
+    # produced them, from the residual max(0, p − q) or p_{γ+1}, where q is zero.
+    drafter = DRAFTERS["dspark-reduced-vocab"]()
+    blocks = []
+    propose = drafter.propose
+    drafter.propose = lambda draft_input: blocks.append(propose(draft_input)) or blocks[-1]
+    engine = SpeculativeEngine(target, drafter)
+    outside_later = 0
+    for seed in range(300):
+        result = engine.generate(GenerationRequest(PROMPT, T1, max_new_tokens=NEW_TOKENS, seed=seed))
+        outside_later += sum(t in OUTSIDE_DRAFT_VOCAB for t in result.token_ids[1:])
+    drafted = [b for b in blocks if b.gamma]
+    assert drafted and not any(int(t) in OUTSIDE_DRAFT_VOCAB for b in drafted for t in b.tokens)
+    for block in drafted:
+        assert torch.all(block.q[:, sorted(OUTSIDE_DRAFT_VOCAB)] == 0)
+        assert torch.allclose(block.q.sum(-1), torch.ones(block.gamma))
+    assert outside_later > 0
+
+
+def test_the_check_detects_q_placed_without_d2t(target, monkeypatch):
+    # Mutant: q over draft indices copied onto target ids 0..N-1 (d2t forgotten) while the
+    # tokens are mapped correctly; the same chi-square check must reject it.
+    from dspark.drafters.dspark.model import DSparkModel
+
+    def broken_expand_q(self, q):
+        full = q.new_zeros(*q.shape[:-1], self.config.vocab_size)
+        full[..., : q.shape[-1]] = q
+        return full
+
+    monkeypatch.setattr(DSparkModel, "expand_q", broken_expand_q)
+    fit, _ = lossless_check(target, "dspark-reduced-vocab", T1)
+    assert fit.rejected, fit
 
 
 def test_the_check_detects_a_broken_residual(target, monkeypatch):

@@ -60,6 +60,9 @@ class DSparkConfig:
     """Predict c_k, the probability that slot k survives given the earlier slots did."""
     confidence_head_with_markov: bool = True
     """Feed W1[x_{k-1}] to the confidence head besides h_k (eq. 7)."""
+    draft_vocab_size: int = 0
+    """N: tokens the drafter predicts over (a row subset of the target head, named by the
+    ``d2t``/``t2d`` tensors of the checkpoint); 0 means the whole target vocabulary."""
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
     """Unrecognised config.json fields, kept so a round trip loses nothing."""
 
@@ -82,6 +85,8 @@ class DSparkConfig:
             raise ValueError(f"markov_head_type must be one of {MARKOV_HEAD_TYPES}")
         if self.markov_rank < 0:
             raise ValueError("markov_rank must be >= 0")
+        if not 0 <= self.draft_vocab_size <= self.vocab_size:
+            raise ValueError(f"draft_vocab_size must be in 0..{self.vocab_size}, got {self.draft_vocab_size}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
 
@@ -89,6 +94,16 @@ class DSparkConfig:
     def is_dflash(self) -> bool:
         """True when the sequential and confidence heads are off: the DFlash baseline."""
         return self.markov_rank == 0 and not self.enable_confidence_head
+
+    @property
+    def num_draft_tokens(self) -> int:
+        """N, the size of the draft vocabulary (V when it is the whole target vocabulary)."""
+        return self.draft_vocab_size or self.vocab_size
+
+    @property
+    def reduced_vocab(self) -> bool:
+        """True when the drafter predicts over a strict subset of the target vocabulary."""
+        return self.num_draft_tokens < self.vocab_size
 
     def replace(self, **changes: Any) -> "DSparkConfig":
         return dataclasses.replace(self, **changes)
@@ -149,6 +164,7 @@ class DSparkConfig:
             model_type=self.layer_family,
             dspark_target_name=self.target_name,
             vocab_size=self.vocab_size,
+            draft_vocab_size=self.num_draft_tokens,
             hidden_size=self.hidden_size,
             num_target_layers=self.num_target_layers,
             target_hidden_size=self.hidden_size,
@@ -187,6 +203,8 @@ class DSparkConfig:
         values["layer_family"] = d.get("model_type", "qwen3")
         if "rope_theta" not in d and isinstance(d.get("rope_parameters"), dict):
             values["rope_theta"] = d["rope_parameters"].get("rope_theta", 10000.0)
+        if values.get("draft_vocab_size") == values.get("vocab_size"):
+            values["draft_vocab_size"] = 0  # written as V by full-vocabulary checkpoints
         values.setdefault("markov_head_type", "vanilla")
         values.setdefault("confidence_head_with_markov", False)
         values["extra"] = {k: v for k, v in d.items() if k not in known and k not in _WRITTEN}

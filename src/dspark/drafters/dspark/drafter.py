@@ -10,9 +10,10 @@ every request's context K/V lives in a slot of one :class:`~dspark.slot_cache.Sl
 one backbone pass runs all blocks over their padded contexts under a mask, and the
 sequential loop advances every request's slot k together. Given a *gate* (the engine's
 :class:`~dspark.drafters.batched.DraftGate`), it asks before each slot whether any request
-could still verify it, and stops drafting as soon as none can. The LM head then runs only
-for slots that are drafted, one slot at a time, so that each slot's drafting cost is the
-same and the scheduler can price it.
+could still verify it, and stops drafting as soon as none can. With the full vocabulary the
+LM head then runs only for slots that are drafted, one slot at a time, so that each slot's
+drafting cost is the same and the scheduler can price it; with a reduced draft vocabulary
+its rows are cheap and one call serves every slot.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ class DSparkDrafter:
         block_ids = model.block_input_ids(tokens[-1]).unsqueeze(0)  # [1, γ_max]
         positions = anchor_pos + torch.arange(block_ids.shape[-1], device=tokens.device).unsqueeze(0)
         out = model.backbone(block_ids, positions, self._context)
-        hidden, base = out.hidden[0, :gamma], out.base_logits[0, :gamma]  # [γ, d], [γ, V]
+        hidden, base = out.hidden[0, :gamma], out.base_logits[0, :gamma]  # [γ, d], [γ, N]
         return self._sequential(hidden, base, tokens[-1], draft_input)
 
     def _fold_context(self, features: torch.Tensor) -> None:
@@ -96,7 +97,8 @@ class DSparkDrafter:
             if head is not None:
                 bias, state = head.step(prev, hidden[k], state)
                 logits = logits + bias
-            x, q = sample_from_logits(logits, params, generator)
+            index, q = sample_from_logits(logits, params, generator)  # a draft index, q # [N]
+            x = model.to_target_ids(index)
             prevs.append(prev)
             drafted.append(x)
             probs.append(q)
@@ -104,7 +106,7 @@ class DSparkDrafter:
         tokens = torch.stack(drafted)
         conf_logits = model.confidence_logits(hidden, torch.stack(prevs))
         confidences = torch.sigmoid(conf_logits) if conf_logits is not None else None
-        q = None if probs[0] is None else torch.stack(probs)
+        q = None if probs[0] is None else model.expand_q(torch.stack(probs))  # [γ, V]
         return DraftBlock(tokens=tokens, q=q, confidences=confidences)
 
 
@@ -213,8 +215,10 @@ class BatchedDSparkDrafter:
         stop the loop before slot k+1 is drafted (it is given c_{k+1}, which needs no logits)."""
         head, model = self.model.markov_head, self.model
         num, width = len(inputs), max(gammas)
-        # Ungated, every slot is drafted: one LM-head call for all; gated, one per slot drafted.
-        base = model.slot_logits(hidden[:, :width]) if gate is None else None  # [R, γ, V]
+        # One LM-head call for all slots when every slot is drafted (ungated) or when the head
+        # is a reduced vocabulary, whose rows are cheap next to a call; else one per drafted slot.
+        one_call = gate is None or model.config.reduced_vocab
+        base = model.slot_logits(hidden[:, :width]) if one_call else None  # [R, γ, N]
         prev = anchors  # [R]
         state = head.init_state((num,), anchors.device) if head is not None else None
         drafted, conf = [], []
@@ -225,16 +229,17 @@ class BatchedDSparkDrafter:
                 conf.append(torch.sigmoid(conf_logits))
                 if gate is not None and not gate(k, torch.stack(conf, dim=1)):
                     break
-            logits = base[:, k] if base is not None else model.slot_logits(hidden[:, k])  # [R, V]
+            logits = base[:, k] if base is not None else model.slot_logits(hidden[:, k])  # [R, N]
             if head is not None:
                 bias, state = head.step(prev, hidden[:, k], state)
                 logits = logits + bias
-            x = logits.argmax(-1)  # [R]; greedy rows keep it, rows past their γ ignore it
+            index = logits.argmax(-1)  # [R] draft indices; greedy rows keep them, rows past their γ ignore them
             for i, inp in enumerate(inputs):
                 if k < gammas[i] and not inp.params.greedy:
                     token, q = sample_from_logits(logits[i], inp.params, inp.generator)
-                    x[i] = token
-                    probs[i].append(q)
+                    index[i] = token
+                    probs[i].append(model.expand_q(q))  # [V]
+            x = model.to_target_ids(index)  # [R]
             drafted.append(x)
             prev = x
         done = len(drafted)

@@ -14,10 +14,11 @@ from torch import nn
 class MarkovHead(nn.Module):
     """Low-rank first-order transition bias B(x_{k-1}, ·) = W1[x_{k-1}] · W2 (paper eq. 5)."""
 
-    def __init__(self, vocab_size: int, rank: int) -> None:
+    def __init__(self, vocab_size: int, rank: int, draft_vocab_size: int | None = None) -> None:
         super().__init__()
+        # W1 is indexed by the previous token, any target token; W2 scores the N draft tokens.
         self.markov_w1 = nn.Embedding(vocab_size, rank)  # W1: V×r lookup table
-        self.markov_w2 = nn.Linear(rank, vocab_size, bias=False)  # W2: r×V (stored [V, r])
+        self.markov_w2 = nn.Linear(rank, draft_vocab_size or vocab_size, bias=False)  # W2: r×N (stored [N, r])
         nn.init.normal_(self.markov_w1.weight, std=0.02)
         nn.init.zeros_(self.markov_w2.weight)  # start as the plain parallel drafter
 
@@ -31,11 +32,11 @@ class MarkovHead(nn.Module):
     def step(
         self, prev_tokens: torch.Tensor, hidden: torch.Tensor, state: None
     ) -> tuple[torch.Tensor, None]:
-        """Bias for one slot: prev # [...], hidden # [..., d] -> (B # [..., V], state)."""
+        """Bias for one slot: prev # [...], hidden # [..., d] -> (B # [..., N], state)."""
         return self.markov_w2(self.embed(prev_tokens)), None
 
     def teacher_forced(self, prev_tokens: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        """All slots at once from the true previous tokens # [..., γ] -> [..., γ, V]."""
+        """All slots at once from the true previous tokens # [..., γ] -> [..., γ, N]."""
         return self.markov_w2(self.embed(prev_tokens))
 
 
@@ -46,11 +47,11 @@ class RNNHead(nn.Module):
     s_k = σ(g) ⊙ s_{k-1} + (1 − σ(g)) ⊙ tanh(c) and B_k = W2ᵀ tanh(o). s_0 = 0.
     """
 
-    def __init__(self, vocab_size: int, rank: int, hidden_size: int) -> None:
+    def __init__(self, vocab_size: int, rank: int, hidden_size: int, draft_vocab_size: int | None = None) -> None:
         super().__init__()
         self.rank = rank
         self.markov_w1 = nn.Embedding(vocab_size, rank)
-        self.markov_w2 = nn.Linear(rank, vocab_size, bias=False)
+        self.markov_w2 = nn.Linear(rank, draft_vocab_size or vocab_size, bias=False)
         self.joint_proj = nn.Linear(2 * rank + hidden_size, 3 * rank)
         nn.init.normal_(self.markov_w1.weight, std=0.02)
         nn.init.zeros_(self.markov_w2.weight)
@@ -71,7 +72,7 @@ class RNNHead(nn.Module):
         return self.markov_w2(torch.tanh(o)), state
 
     def teacher_forced(self, prev_tokens: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        """prev # [..., γ], hidden # [..., γ, d] -> biases # [..., γ, V], run left to right."""
+        """prev # [..., γ], hidden # [..., γ, d] -> biases # [..., γ, N], run left to right."""
         state = self.init_state(prev_tokens.shape[:-1], prev_tokens.device)
         biases = []
         for k in range(prev_tokens.shape[-1]):

@@ -7,7 +7,11 @@ token; all γ slots predict (slot k predicts the k-th token after the anchor). A
 every context position before its anchor and its whole own block, in both directions.
 
 The backbone layers are transformers' own decoder blocks; the target's embedding and LM
-head are borrowed (frozen) through :meth:`attach_target` and are never saved.
+head are borrowed (frozen) through :meth:`attach_target` and are never saved. With a reduced
+draft vocabulary (``draft_vocab_size`` N < V, see :mod:`dspark.drafters.dspark.vocab`) the
+LM head is the target head's rows of the N draft tokens and logits are over draft indices;
+:meth:`DSparkModel.to_target_ids` and :meth:`DSparkModel.expand_q` map drafts back to the
+target vocabulary, where q is zero outside the subset.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from torch import nn
 
 from dspark.drafters.dspark.config import DSparkConfig
 from dspark.drafters.dspark.heads import ConfidenceHead, MarkovHead, RNNHead
+from dspark.drafters.dspark.vocab import check_draft_ids, d2t_t2d, draft_ids_from_d2t, target_to_draft_index
 from dspark.errors import DsparkError
 
 WEIGHTS_NAME = "model.safetensors"
@@ -105,7 +110,8 @@ class BlockOutput:
     hidden: torch.Tensor
     """[..., γ, d] normed hidden states h_k."""
     base_logits: torch.Tensor | None
-    """[..., γ, V] U_k = lm_head(h_k), or None when the caller computes them per slot."""
+    """[..., γ, N] U_k = lm_head(h_k) over the draft vocabulary, or None when the caller
+    computes them per slot."""
 
 
 @dataclass(frozen=True)
@@ -113,7 +119,7 @@ class TrainOutput:
     """Teacher-forced outputs for [B, N] blocks."""
 
     draft_logits: torch.Tensor
-    """[B, N, γ, V] U_k + B_k(x*_{k-1})."""
+    """[B, N, γ, N_draft] U_k + B_k(x*_{k-1}) over the draft vocabulary."""
     confidence_logits: torch.Tensor | None
     """[B, N, γ] raw confidence logits, or None without the head."""
 
@@ -150,20 +156,25 @@ class DSparkModel(nn.Module):
             layer.self_attn.is_causal = False  # the block attends bidirectionally
         self.norm = Norm(d, eps=config.rms_norm_eps)
         self.rotary_emb = Rotary(config=hf_config)
-        r = config.markov_rank
+        r, n_draft = config.markov_rank, config.num_draft_tokens
         self.markov_head: MarkovHead | RNNHead | None = None
         if r > 0:
             self.markov_head = (
-                MarkovHead(config.vocab_size, r)
+                MarkovHead(config.vocab_size, r, n_draft)
                 if config.markov_head_type == "vanilla"
-                else RNNHead(config.vocab_size, r, d)
+                else RNNHead(config.vocab_size, r, d, n_draft)
             )
+        if config.reduced_vocab:
+            # Saved under the speculators names; set_draft_vocab() or a checkpoint fills them.
+            self.register_buffer("d2t", torch.zeros(n_draft, dtype=torch.long))
+            self.register_buffer("t2d", torch.zeros(config.vocab_size, dtype=torch.bool))
         self.confidence_head: ConfidenceHead | None = None
         if config.enable_confidence_head:
             with_markov = config.confidence_head_with_markov and r > 0
             self.confidence_head = ConfidenceHead(d, r if with_markov else 0)
         self._init_weights(hf_config.initializer_range)
         self._shared: tuple[nn.Embedding, nn.Linear] | None = None
+        self._head_rows: tuple[tuple, torch.Tensor] | None = None  # (key, [N, d]) cache
 
     def _init_weights(self, std: float) -> None:
         for module in [self.fc, *self.layers]:
@@ -204,6 +215,52 @@ class DSparkModel(nn.Module):
         reader = target_layers[self.config.target_layer_ids[deepest] + 1]
         self.hidden_norm.weight.copy_(reader.input_layernorm.weight)
         self.norm.weight.copy_(decoder.norm.weight)
+
+    # -- the draft vocabulary -------------------------------------------------------------
+    @torch.no_grad()
+    def set_draft_vocab(self, draft_ids: torch.Tensor) -> None:
+        """Fill d2t/t2d from ascending target ids # [N] (N = config.draft_vocab_size)."""
+        if not self.config.reduced_vocab:
+            raise DsparkError("this drafter predicts over the whole target vocabulary; it has no d2t")
+        if draft_ids.shape != self.d2t.shape:
+            raise ValueError(f"draft ids must be [{self.d2t.shape[0]}], got {tuple(draft_ids.shape)}")
+        d2t, t2d = d2t_t2d(draft_ids.cpu().long(), self.config.vocab_size)
+        self.d2t.copy_(d2t)
+        self.t2d.copy_(t2d)
+
+    @property
+    def draft_ids(self) -> torch.Tensor | None:
+        """Target id of each draft index # [N], or None for the full vocabulary."""
+        return draft_ids_from_d2t(self.d2t) if self.config.reduced_vocab else None
+
+    def check_draft_vocab(self) -> None:
+        """Raise DsparkError unless d2t and t2d describe one valid, consistent subset."""
+        if not self.config.reduced_vocab:
+            return
+        ids = self.draft_ids.cpu()
+        try:
+            check_draft_ids(ids, self.config.vocab_size)
+        except ValueError as exc:
+            raise DsparkError(f"the drafter's d2t is not a valid draft vocabulary: {exc}") from None
+        if not torch.equal(d2t_t2d(ids, self.config.vocab_size)[1], self.t2d.cpu()):
+            raise DsparkError("the drafter's t2d does not match its d2t")
+
+    def to_target_ids(self, draft_index: torch.Tensor) -> torch.Tensor:
+        """Target ids of draft indices # [...] (the identity for the full vocabulary)."""
+        return draft_index if not self.config.reduced_vocab else draft_index + self.d2t[draft_index]
+
+    def to_draft_index(self, target_ids: torch.Tensor) -> torch.Tensor:
+        """Draft index of target ids # [...], -1 where a token is outside the draft vocabulary."""
+        if not self.config.reduced_vocab:
+            return target_ids
+        return target_to_draft_index(self.draft_ids, self.config.vocab_size)[target_ids]
+
+    def expand_q(self, q: torch.Tensor) -> torch.Tensor:
+        """q over draft indices # [..., N] -> over the target vocabulary # [..., V], zero outside."""
+        if not self.config.reduced_vocab:
+            return q
+        full = q.new_zeros(*q.shape[:-1], self.config.vocab_size)
+        return full.index_copy_(-1, self.draft_ids, q)
 
     @property
     def embed_tokens(self) -> nn.Embedding:
@@ -268,12 +325,25 @@ class DSparkModel(nn.Module):
         return BlockOutput(hidden=hidden, base_logits=self.slot_logits(hidden) if logits else None)
 
     def slot_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """U_k = lm_head(h_k) for hidden states # [..., d] -> [..., V]."""
-        return self.lm_head(hidden.to(self.lm_head.weight.dtype))
+        """U_k = lm_head(h_k) over the draft vocabulary, hidden # [..., d] -> [..., N]."""
+        weight = self.draft_head_weight
+        return torch.nn.functional.linear(hidden.to(weight.dtype), weight)
+
+    @property
+    def draft_head_weight(self) -> torch.Tensor:
+        """[N, d] the frozen target head's rows of the draft tokens (all rows for N = V)."""
+        weight = self.lm_head.weight
+        if not self.config.reduced_vocab:
+            return weight
+        # Rebuilt only when the head or d2t changes (a checkpoint load copies into d2t in place).
+        key = (weight.data_ptr(), weight.dtype, self.d2t.data_ptr(), self.d2t._version)
+        if self._head_rows is None or self._head_rows[0] != key:
+            self._head_rows = (key, weight.detach()[self.draft_ids.to(weight.device)])
+        return self._head_rows[1]
 
     # -- heads -----------------------------------------------------------------------------------
     def teacher_forced_logits(self, out: BlockOutput, prev_tokens: torch.Tensor) -> torch.Tensor:
-        """U_k + B_k(x*_{k-1}) with the true previous tokens # [..., γ] -> [..., γ, V]."""
+        """U_k + B_k(x*_{k-1}) with the true previous tokens # [..., γ] -> [..., γ, N]."""
         if self.markov_head is None:
             return out.base_logits
         return out.base_logits + self.markov_head.teacher_forced(prev_tokens, out.hidden)
@@ -314,16 +384,24 @@ class DSparkModel(nn.Module):
         return TrainOutput(draft_logits=logits, confidence_logits=self.confidence_logits(hidden, prev))
 
     # -- checkpoints ---------------------------------------------------------------------------
-    def save_pretrained(self, folder: str | Path, dtype: torch.dtype | None = None) -> None:
-        """config.json + model.safetensors with the authors' key names; no embed/LM head."""
+    def save_pretrained(self, folder: str | Path, dtype: torch.dtype | None = None, with_lm_head: bool = False) -> None:
+        """config.json + model.safetensors with the authors' key names; no embed/LM head.
+
+        A reduced vocabulary saves ``d2t``/``t2d``; ``with_lm_head`` also stores the [N, d]
+        head rows, which vLLM requires for a reduced draft vocabulary (the target must be attached).
+        """
         from safetensors.torch import save_file
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
+        self.check_draft_vocab()
         self.config.save(folder)
+        tensors = dict(self.state_dict())
+        if with_lm_head:
+            tensors["lm_head.weight"] = self.draft_head_weight
         state = {
             k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
-            for k, v in self.state_dict().items()
+            for k, v in tensors.items()
         }
         save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
 
@@ -349,4 +427,5 @@ class DSparkModel(nn.Module):
             raise DsparkError(
                 f"checkpoint {folder} does not match its config: missing {missing}, unexpected {unexpected}"
             )
+        model.check_draft_vocab()
         return model.to(device=device, dtype=dtype).eval()
