@@ -54,7 +54,7 @@ def test_loss_terms_equal_hand_computed_values():
     labels = [[0, 1]]
     conf = [[0.3, -0.2]]
     weights = LossWeights(ce=0.1, tv=0.9, conf=1.0, gamma_w=2.0)
-    terms = dspark_loss(torch.tensor(draft), torch.tensor(tgt), torch.tensor(labels),
+    terms = dspark_loss(torch.tensor(draft), torch.tensor(tgt).softmax(-1), torch.tensor(labels),
                         torch.ones(1, 2, dtype=torch.bool), torch.tensor(conf), weights)
     w = [1.0, math.exp(-1 / 2.0)]
     ce, tv, bce, acc = [], [], [], []
@@ -80,8 +80,9 @@ def test_loss_terms_equal_hand_computed_values():
 def test_invalid_slots_do_not_count():
     logits = torch.randn(2, 3, 5)
     valid = torch.tensor([[True, True, False], [False, False, False]])
-    a = dspark_loss(logits, logits.flip(-1), torch.zeros(2, 3, dtype=torch.long), valid, None, LossWeights())
-    b = dspark_loss(logits[:1, :2], logits.flip(-1)[:1, :2], torch.zeros(1, 2, dtype=torch.long),
+    p_t = logits.flip(-1).softmax(-1)
+    a = dspark_loss(logits, p_t, torch.zeros(2, 3, dtype=torch.long), valid, None, LossWeights())
+    b = dspark_loss(logits[:1, :2], p_t[:1, :2], torch.zeros(1, 2, dtype=torch.long),
                     torch.ones(1, 2, dtype=torch.bool), None, LossWeights())
     assert a.total.item() == pytest.approx(b.total.item(), rel=1e-6)
 
@@ -93,7 +94,8 @@ def test_position_weights_decay():
 def test_anchors_and_labels_stay_inside_the_response():
     mask = [0, 0, 0, 1, 1, 1, 1]
     anchors = sample_anchors(mask, 10, torch.Generator().manual_seed(0))
-    assert sorted(a for a in anchors.tolist() if a >= 0) == [2, 3, 4, 5]  # next token is a response token
+    # a and a + 1 are response tokens: never the last prompt token, which inference never anchors
+    assert sorted(a for a in anchors.tolist() if a >= 0) == [3, 4, 5]
     seq = Seq(list(range(10, 17)), mask)
     batch = make_batch([seq], [0], 4, step=0, seed=0)
     labels, valid, target_pos = block_targets(batch, gamma=3)
@@ -177,3 +179,129 @@ def test_ddp_two_gloo_processes_match_one_process(tmp_path):
     log_one, log_two = _read_log(tmp_path / "one"), _read_log(tmp_path / "two")
     for a, b in zip(log_one, log_two):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+
+
+# -- reduced draft vocabulary, greedy labels, held-out selection, warm start -------------------
+
+
+def test_reduced_vocab_l1_counts_the_target_mass_outside_the_subset():
+    # ‖p_d − p_t‖₁ over the full vocabulary, with p_d zero outside D, equals the reduced form.
+    torch.manual_seed(0)
+    draft_ids = torch.tensor([0, 2, 3])
+    full_logits = torch.randn(2, 3, 5)
+    p_t = torch.randn(2, 3, 5).softmax(-1)
+    masked = torch.full_like(full_logits, float("-inf"))
+    masked[..., draft_ids] = full_logits[..., draft_ids]
+    labels = torch.tensor([[0, 2, 3], [2, 2, 0]])
+    valid = torch.ones(2, 3, dtype=torch.bool)
+    whole = dspark_loss(masked, p_t, labels, valid, None, LossWeights())
+    reduced = dspark_loss(
+        full_logits[..., draft_ids], p_t[..., draft_ids], torch.tensor([[0, 1, 2], [1, 1, 0]]), valid, None,
+        LossWeights(), target_outside=1 - p_t[..., draft_ids].sum(-1),
+    )
+    assert reduced.tv.item() == pytest.approx(whole.tv.item(), rel=1e-5)
+    assert reduced.ce.item() == pytest.approx(whole.ce.item(), rel=1e-5)
+    assert reduced.slot_acceptance.tolist() == pytest.approx(whole.slot_acceptance.tolist(), rel=1e-5)
+
+
+def test_a_label_outside_the_draft_vocabulary_has_no_ce():
+    logits = torch.randn(1, 2, 3)
+    p_t = torch.randn(1, 2, 3).softmax(-1)
+    valid = torch.ones(1, 2, dtype=torch.bool)
+    with_out = dspark_loss(logits, p_t, torch.tensor([[1, -1]]), valid, None, LossWeights())
+    log_pd = logits.log_softmax(-1)
+    w = position_weights(2, LossWeights().gamma_w)
+    assert with_out.ce.item() == pytest.approx((-log_pd[0, 0, 1] * w[0]).item() / w.sum().item(), rel=1e-5)
+
+
+def test_slot_targets_read_p_t_once_per_position():
+    from dspark.training.loss import slot_targets
+
+    logits = torch.randn(2, 6, 5)
+    pos = torch.tensor([[[0, 1], [3, 4]], [[2, 3], [4, 5]]])
+    ids = torch.tensor([1, 3])
+    out = slot_targets(logits, pos, ids)
+    p = logits.softmax(-1)
+    for b in range(2):
+        for n in range(2):
+            for k in range(2):
+                assert torch.allclose(out.probs[b, n, k], p[b, pos[b, n, k]][ids])
+                assert out.outside[b, n, k].item() == pytest.approx(1 - p[b, pos[b, n, k]][ids].sum().item(), abs=1e-6)
+    assert torch.equal(out.greedy, logits.argmax(-1))
+
+
+def test_greedy_label_rows_take_the_targets_greedy_token():
+    seqs = [Seq(list(range(10, 20)), [0, 0] + [1] * 8), Seq(list(range(10, 20)), [0, 0] + [1] * 8)]
+    seqs[1] = type("Text", (), {"input_ids": seqs[1].input_ids, "loss_mask": seqs[1].loss_mask, "greedy_labels": True})()
+    batch = make_batch(seqs, [0, 1], 3, step=0, seed=0)
+    greedy = torch.arange(100, 110).expand(2, 10)
+    labels, valid, target_pos = block_targets(batch, 2, greedy)
+    assert torch.equal(labels[0], batch.input_ids[0][target_pos[0] + 1])  # text the target wrote
+    assert torch.equal(labels[1], greedy[1][target_pos[1]])  # the target's greedy token at a + k - 1
+    with pytest.raises(ValueError, match="greedy"):
+        block_targets(batch, 2)
+
+
+def test_training_with_a_reduced_vocabulary_saves_d2t_and_drafts_inside_it(tmp_path):
+    from dspark.drafters.dspark import DSparkDrafter, DSparkModel
+
+    target = tiny_target(vocab_size=32, hidden=32, layers=6)
+    seqs = synthetic_sequences(vocab=20)  # tokens 20..31 never occur in the targets
+    folder = train(small_config(tmp_path / "rv", draft_vocab_size=12), target, seqs, progress=False)
+    model = DSparkModel.from_pretrained(folder)
+    assert model.config.num_draft_tokens == 12 and model.markov_head.markov_w2.weight.shape[0] == 12
+    ids = model.draft_ids
+    assert bool((ids < 20).all()) and torch.equal(model.t2d.nonzero().squeeze(-1), ids)
+    assert torch.equal(ids, ids.sort().values) and bool((model.d2t >= 0).all())
+    from safetensors.torch import load_file
+
+    keys = load_file(str(folder / "model.safetensors")).keys()
+    assert {"d2t", "t2d"} <= set(keys) and "lm_head.weight" not in keys
+    config = json.loads((folder / "config.json").read_text())
+    assert config["draft_vocab_size"] == 12 and config["vocab_size"] == 32
+    drafter = DSparkDrafter(model)
+    drafter.check_target(target)
+    from dspark.engine import GenerationRequest, SpeculativeEngine
+    from dspark.sampling import SamplingParams
+
+    engine = SpeculativeEngine(target, drafter)
+    result = engine.generate(GenerationRequest([1, 2, 3], SamplingParams(temperature=1.0), max_new_tokens=12, seed=0))
+    assert len(result.token_ids) == 12
+
+
+def test_heldout_score_keeps_the_best_drafter(tmp_path):
+    target = tiny_target(vocab_size=32, hidden=32, layers=6)
+    seqs = synthetic_sequences()
+    heldout = synthetic_sequences(n=4, seed=5)
+    train(small_config(tmp_path / "h"), target, seqs, progress=False, heldout=heldout)
+    log = [json.loads(line) for line in (tmp_path / "h" / "heldout_log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log] == [3, 6]
+    best = json.loads((tmp_path / "h" / "best" / "best.json").read_text())
+    assert best["tau_estimate"] == max(e["tau_estimate"] for e in log)
+    assert (tmp_path / "h" / "best" / "model.safetensors").is_file()
+
+
+def test_too_many_epochs_are_refused(tmp_path):
+    from dspark.errors import DsparkError
+
+    target = tiny_target(vocab_size=32, hidden=32, layers=6)
+    with pytest.raises(DsparkError, match="epochs"):
+        train(small_config(tmp_path / "e", steps=20), target, synthetic_sequences(), progress=False)
+
+
+def test_warm_start_moves_markov_rows_with_their_tokens(tmp_path):
+    from dspark.drafters.dspark import DSparkConfig, DSparkModel
+    from dspark.training.trainer import warm_start
+
+    target = tiny_target(vocab_size=32, hidden=32, layers=6)
+    full = DSparkModel(DSparkConfig.for_target(target, num_hidden_layers=1, markov_rank=4, block_size=3))
+    with torch.no_grad():
+        full.markov_head.markov_w2.weight.normal_()
+    full.save_pretrained(tmp_path / "full")
+    small = DSparkModel(DSparkConfig.for_target(target, num_hidden_layers=1, markov_rank=4, block_size=3, draft_vocab_size=5))
+    ids = torch.tensor([1, 4, 9, 20, 31])
+    small.set_draft_vocab(ids)
+    warm_start(small, tmp_path / "full")
+    assert torch.equal(small.markov_head.markov_w2.weight, full.markov_head.markov_w2.weight[ids])
+    assert torch.equal(small.layers[0].mlp.up_proj.weight, full.layers[0].mlp.up_proj.weight)
+    assert torch.equal(small.draft_ids, ids)

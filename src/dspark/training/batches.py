@@ -27,6 +27,9 @@ class Batch:
     """[B, N] anchor positions, -1 where a sequence had fewer candidates."""
     indices: list[int]
     """Dataset index of each row."""
+    greedy_labels: torch.Tensor | None = None
+    """[B] bool: rows whose CE label is the target's greedy token (text the target did not
+    write); None means no such row."""
 
 
 def global_batch_indices(step: int, batch_size: int, dataset_size: int, seed: int) -> list[int]:
@@ -40,9 +43,14 @@ def global_batch_indices(step: int, batch_size: int, dataset_size: int, seed: in
 
 
 def sample_anchors(loss_mask: Sequence[int], count: int, generator: torch.Generator) -> torch.Tensor:
-    """Up to ``count`` anchor positions a whose next token (a + 1) is a response token."""
+    """Up to ``count`` anchor positions a, ascending, where inference can place an anchor.
+
+    At inference the anchor is the last committed token, which the target itself produced:
+    a response token, never the last prompt token (the prefill emits the first response
+    token). So a and a + 1 must both be response tokens.
+    """
     mask = torch.as_tensor(loss_mask, dtype=torch.bool)
-    candidates = (mask[1:]).nonzero().squeeze(-1)  # a such that loss_mask[a + 1] == 1
+    candidates = (mask[:-1] & mask[1:]).nonzero().squeeze(-1)  # loss_mask[a] == loss_mask[a + 1] == 1
     if candidates.numel() > count:
         pick = torch.randperm(candidates.numel(), generator=generator)[:count]
         candidates = candidates[pick.sort().values]
@@ -65,6 +73,7 @@ def make_batch(
     attn = torch.zeros(len(rows), width, dtype=torch.long)
     loss = torch.zeros(len(rows), width, dtype=torch.long)
     anchors = []
+    greedy = torch.tensor([bool(getattr(r, "greedy_labels", False)) for r in rows])
     for b, (index, row) in enumerate(zip(indices, rows)):
         n = len(row.input_ids)
         ids[b, :n] = torch.as_tensor(row.input_ids)
@@ -73,23 +82,39 @@ def make_batch(
         # Seeded by (seed, step, dataset index): the same anchors whatever the rank layout.
         generator = torch.Generator().manual_seed(seed + 1_000_003 * step + index)
         anchors.append(sample_anchors(row.loss_mask, anchors_per_sequence, generator))
-    return Batch(ids, attn, loss, torch.stack(anchors), list(indices))
+    return Batch(ids, attn, loss, torch.stack(anchors), list(indices), greedy if bool(greedy.any()) else None)
 
 
-def block_targets(batch: Batch, gamma: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def block_targets(
+    batch: Batch, gamma: int, greedy_tokens: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Labels, validity and target-logit positions for every slot # -> 3 × [B, N, γ].
 
     Slot k of the block at anchor a predicts token a + k; its target distribution p_t is the
     target's output at position a + k - 1. A slot is valid when a + k is a response token.
+    The label is the token at a + k, except in rows with ``batch.greedy_labels``, where it is
+    the target's greedy token at a + k - 1, taken from ``greedy_tokens`` # [B, S].
     """
     ids, loss_mask, anchors = batch.input_ids, batch.loss_mask, batch.anchors
     seq = ids.shape[1]
-    a = anchors.clamp_min(0).unsqueeze(-1)
-    k = torch.arange(1, gamma + 1)
-    label_pos = a + k  # [B, N, γ]
+    label_pos = _label_positions(batch, gamma)  # [B, N, γ]
     inside = label_pos < seq
     safe = label_pos.clamp_max(seq - 1)
     flat = safe.view(ids.shape[0], -1)
     labels = ids.gather(1, flat).view_as(safe)
     valid = inside & (loss_mask.gather(1, flat).view_as(safe) == 1) & (anchors.unsqueeze(-1) >= 0)
+    if batch.greedy_labels is not None:
+        if greedy_tokens is None or greedy_tokens.shape != ids.shape:
+            raise ValueError(f"rows with greedy labels need greedy_tokens of shape {tuple(ids.shape)}")
+        greedy = greedy_tokens.to(ids.device).gather(1, (safe - 1).view(ids.shape[0], -1)).view_as(safe)
+        labels = torch.where(batch.greedy_labels.to(ids.device).view(-1, 1, 1), greedy, labels)
     return labels, valid, safe - 1
+
+
+def target_positions(batch: Batch, gamma: int) -> torch.Tensor:
+    """Where p_t of each slot is read: position a + k - 1, clamped inside the row # -> [B, N, γ]."""
+    return _label_positions(batch, gamma).clamp_max(batch.input_ids.shape[1] - 1) - 1
+
+
+def _label_positions(batch: Batch, gamma: int) -> torch.Tensor:
+    return batch.anchors.clamp_min(0).unsqueeze(-1) + torch.arange(1, gamma + 1)  # [B, N, γ]

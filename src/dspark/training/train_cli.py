@@ -14,44 +14,51 @@ import typer
 
 
 def train_command(
-    data: Path = typer.Option(..., help="responses.jsonl written by `dspark data generate`."),
-    out: Path = typer.Option(..., help="Run folder: checkpoints, latest pointer, train_log.jsonl."),
+    data: List[Path] = typer.Option(..., help="Training data (repeatable): a shard store folder (`dspark data regen` / `dspark data text`) or a responses.jsonl."),
+    out: Path = typer.Option(..., help="Run folder: checkpoints, latest pointer, train_log.jsonl, best/."),
     variant: str = typer.Option("dspark", help="dspark (Markov + confidence heads) or dflash (heads off, CE only)."),
     model: Optional[str] = typer.Option(None, help="Target: HF id, folder or .gguf; default SmolLM2-135M-Instruct."),
     steps: int = typer.Option(1000, help="Optimizer steps."),
     batch_size: int = typer.Option(4, help="Sequences per step, summed over processes."),
-    anchors: int = typer.Option(16, help="Blocks sampled per sequence."),
+    anchors: int = typer.Option(64, help="Blocks per sequence; they share one context pass."),
+    draft_vocab: int = typer.Option(8192, help="Draft vocabulary: the N most frequent training targets (0 = the whole vocabulary)."),
     num_layers: int = typer.Option(2, help="Draft transformer layers."),
     block_size: int = typer.Option(7, help="γ: draft tokens per block (anchor = slot 1)."),
     markov_rank: int = typer.Option(32, help="Markov head rank r (dspark)."),
     markov_head_type: str = typer.Option("vanilla", help="vanilla or rnn (dspark)."),
     layer_ids: Optional[List[int]] = typer.Option(None, "--layer-id", help="Target feature layer (repeatable); default 5 spread."),
     init_from_target: bool = typer.Option(True, "--init-from-target/--random-init", help="Warm-start the draft layers from the target's top layers."),
+    init_from: Optional[Path] = typer.Option(None, help="Warm-start from a trained drafter folder (after --init-from-target)."),
     lr: float = typer.Option(6e-4, help="Peak learning rate (AdamW, warmup + cosine)."),
-    gamma_w: float = typer.Option(7.0, help="Position decay γ_w of w_k = exp(-(k-1)/γ_w)."),
+    gamma_w: float = typer.Option(4.0, help="Position decay γ_w of w_k = exp(-(k-1)/γ_w); 4 as in DeepSpec's configs."),
     max_length: int = typer.Option(1024, help="Truncate training sequences to this many tokens."),
+    max_epochs: float = typer.Option(3.0, help="Refuse more passes over the data than this."),
+    heldout_fraction: float = typer.Option(0.02, help="Prompts held out (by id hash) to score checkpoints; best/ keeps the best."),
+    data_fraction: float = typer.Option(1.0, help="Train on this fraction of the prompts (by id hash; scaling studies)."),
     feature_cache: Optional[Path] = typer.Option(None, help="Optional fp16 memmap of target features (small CPU runs)."),
-    save_every: int = typer.Option(200, help="Checkpoint every N steps (and at the end)."),
+    save_every: int = typer.Option(200, help="Checkpoint (and score on the held-out split) every N steps and at the end."),
     log_every: int = typer.Option(10, help="Log every N steps."),
     seed: int = typer.Option(0, help="Seeds init, data order and anchors."),
-    export: Optional[Path] = typer.Option(None, help="Also write the final drafter here as fp16 safetensors."),
+    export: Optional[Path] = typer.Option(None, help="Also write the best (else the last) drafter here as fp16 safetensors."),
 ) -> None:
     """Train a drafter; rerun the same command to resume from the last checkpoint."""
     import torch
 
     from dspark.errors import DsparkError
     from dspark.target import TargetModel
-    from dspark.training.data import TokenizeConfig, load_training_sequences
     from dspark.training.trainer import TrainConfig, train
 
-    if not data.is_file():
-        raise DsparkError(f"training data not found: {data}")
+    for path in data:
+        if not path.exists():
+            raise DsparkError(f"training data not found: {path}")
+    if not 0.0 <= heldout_fraction < 1.0 or not 0.0 < data_fraction <= 1.0:
+        raise DsparkError("--heldout-fraction must be in [0, 1) and --data-fraction in (0, 1]")
     config = TrainConfig(
         out_dir=str(out), variant=variant, num_layers=num_layers, block_size=block_size,
         markov_rank=markov_rank, markov_head_type=markov_head_type,
         target_layer_ids=tuple(layer_ids or ()), init_from_target=init_from_target, steps=steps, batch_size=batch_size,
-        anchors_per_sequence=anchors, lr=lr, gamma_w=gamma_w, save_every=save_every,
-        log_every=log_every, seed=seed,
+        anchors_per_sequence=anchors, draft_vocab_size=draft_vocab, lr=lr, gamma_w=gamma_w, max_epochs=max_epochs,
+        init_from=str(init_from or ""), save_every=save_every, log_every=log_every, seed=seed,
     )
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -62,22 +69,43 @@ def train_command(
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     try:
         target = TargetModel.load(model, device=device)
-        sequences = load_training_sequences(data, target.tokenizer, TokenizeConfig(max_length=max_length))
-        tokens = sum(len(s.input_ids) for s in sequences)
-        typer.echo(f"dspark: {len(sequences)} sequences, {tokens} tokens", err=True)
+        split = _load_data(data, target, max_length, heldout_fraction, data_fraction)
+        tokens = sum(len(s.input_ids) for s in split.train)
+        typer.echo(
+            f"dspark: {len(split.train)} training sequences ({tokens} tokens), {len(split.heldout)} held out",
+            err=True,
+        )
         features = None
         if feature_cache is not None:
             from dspark.training.features import CachedFeatures
 
             layer_ids_used = config.drafter_config(target).target_layer_ids
-            features = CachedFeatures.build(feature_cache, sequences, target, layer_ids_used)
-        last = train(config, target, sequences, features=features)
+            features = CachedFeatures.build(feature_cache, split.train, target, layer_ids_used)
+        last = train(config, target, split.train, features=features, heldout=split.heldout)
         if export is not None and (world == 1 or torch.distributed.get_rank() == 0):
             from dspark.drafters.dspark import DSparkModel
 
-            DSparkModel.from_pretrained(last).save_pretrained(export, dtype=torch.float16)
-            typer.echo(f"dspark: exported {last} to {export} (fp16)", err=True)
+            chosen = out / "best" if (out / "best" / "model.safetensors").is_file() else last
+            DSparkModel.from_pretrained(chosen).save_pretrained(export, dtype=torch.float16)
+            typer.echo(f"dspark: exported {chosen} to {export} (fp16)", err=True)
         typer.echo(str(last))
     finally:
         if world > 1:
             torch.distributed.destroy_process_group()
+
+
+def _load_data(paths: List[Path], target, max_length: int, heldout_fraction: float, data_fraction: float):
+    """Sequences of every store and jsonl, split into train / held-out by prompt id."""
+    from dspark.training.data import TokenizeConfig, load_training_sequences
+    from dspark.training.shards import is_heldout, load_sequences, split_heldout
+
+    stores = [p for p in paths if p.is_dir()]
+    sequences = load_sequences(stores, max_length=max_length) if stores else []
+    for path in paths:
+        if path.is_file():
+            sequences += load_training_sequences(path, target.tokenizer, TokenizeConfig(max_length=max_length))
+    split = split_heldout(sequences, fraction=heldout_fraction)
+    if data_fraction < 1.0:
+        kept = [s for s in split.train if is_heldout(s.id, data_fraction, salt="data-fraction")]
+        split = type(split)(kept, split.heldout)
+    return split

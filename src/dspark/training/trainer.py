@@ -8,6 +8,12 @@ Checkpoints: ``out/step_XXXXXXXX/`` holds the drafter (config.json + model.safet
 loadable as a drafter) and ``training_state.pt`` (optimizer, scheduler, step, RNG); the file
 ``out/latest`` names the newest complete one. Restarting with the same ``out`` resumes from
 it: since data order and anchors are functions of (seed, step), nothing is lost or repeated.
+Given held-out sequences, every checkpoint is scored by its held-out τ estimate and the best
+drafter so far is kept in ``out/best/`` (drafter only, with ``best.json``).
+
+A reduced draft vocabulary (``draft_vocab_size``) is the most frequent training-target
+tokens, with the stop tokens forced in; its LM head is the target head's rows, so the run
+adds no weights for it.
 """
 
 from __future__ import annotations
@@ -30,8 +36,9 @@ from tqdm.auto import tqdm
 from dspark.drafters.dspark.config import DSparkConfig
 from dspark.drafters.dspark.model import DSparkModel
 from dspark.errors import DsparkError
-from dspark.training.batches import block_targets, global_batch_indices, make_batch
-from dspark.training.loss import DFLASH_WEIGHTS, LossWeights, dspark_loss
+from dspark.drafters.dspark.vocab import top_tokens
+from dspark.training.batches import Batch, block_targets, global_batch_indices, make_batch, target_positions
+from dspark.training.loss import DFLASH_WEIGHTS, LossTerms, LossWeights, dspark_loss, slot_targets
 
 
 @dataclass(frozen=True)
@@ -58,8 +65,10 @@ class TrainConfig:
     """Optimizer steps in total."""
     batch_size: int = 4
     """Sequences per step across all ranks (the global batch)."""
-    anchors_per_sequence: int = 16
-    """N: blocks sampled per sequence."""
+    anchors_per_sequence: int = 64
+    """N: blocks sampled per sequence; all share one context pass, so dense anchors are cheap."""
+    draft_vocab_size: int = 0
+    """Tokens the drafter predicts over (the most frequent training targets); 0 = all."""
     lr: float = 6e-4
     warmup_ratio: float = 0.04
     min_lr_ratio: float = 0.1
@@ -68,8 +77,14 @@ class TrainConfig:
     loss_ce: float = 0.1
     loss_tv: float = 0.9
     loss_conf: float = 1.0
-    gamma_w: float = 7.0
-    """Position decay γ_w of w_k = exp(-(k-1)/γ_w)."""
+    gamma_w: float = 4.0
+    """Position decay γ_w of w_k = exp(-(k-1)/γ_w); 4 as in every DeepSpec config."""
+    max_epochs: float = 3.0
+    """Refuse runs that would pass over the data more often than this (they memorise)."""
+    init_from: str = ""
+    """A drafter folder to warm-start from (weights whose names and shapes fit); "" = none."""
+    heldout_batches: int = 4
+    """Held-out batches scored at each checkpoint (the best τ estimate is kept in best/)."""
     save_every: int = 200
     log_every: int = 10
     seed: int = 0
@@ -82,6 +97,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1")
         if self.lr <= 0:
             raise ValueError("lr must be > 0")
+        if self.draft_vocab_size < 0 or self.max_epochs <= 0 or self.heldout_batches < 0:
+            raise ValueError("draft_vocab_size and heldout_batches must be >= 0, max_epochs > 0")
 
     @property
     def loss_weights(self) -> LossWeights:
@@ -91,6 +108,8 @@ class TrainConfig:
 
     def drafter_config(self, target) -> DSparkConfig:
         overrides = dict(num_hidden_layers=self.num_layers, block_size=self.block_size)
+        if self.draft_vocab_size and self.draft_vocab_size < target.vocab_size:
+            overrides["draft_vocab_size"] = self.draft_vocab_size
         if self.target_layer_ids:
             overrides["target_layer_ids"] = tuple(self.target_layer_ids)
         if self.variant == "dflash":
@@ -144,16 +163,24 @@ def train(
     features=None,
     stop_after: int | None = None,
     progress: bool = True,
+    heldout: Sequence = (),
 ) -> Path:
     """Train (or resume) and return the folder of the last checkpoint.
 
     ``features`` maps a Batch to BatchFeatures (default: the online target forward).
     ``stop_after`` ends this call after that many steps (tests use it to simulate a kill).
+    ``heldout`` sequences (split by prompt, never the eval sets) score every checkpoint.
     """
     from dspark.training.features import OnlineFeatures
 
     if not sequences:
         raise DsparkError("no training sequences")
+    epochs = config.steps * config.batch_size / len(sequences)
+    if epochs > config.max_epochs:
+        raise DsparkError(
+            f"{config.steps} steps × {config.batch_size} sequences is {epochs:.1f} epochs over "
+            f"{len(sequences)} sequences, more than max_epochs = {config.max_epochs:g}; add data or take fewer steps"
+        )
     rank, world = _world()
     if config.batch_size % world:
         raise DsparkError(f"batch_size {config.batch_size} must be divisible by the {world} processes")
@@ -163,21 +190,32 @@ def train(
     torch.manual_seed(config.seed)  # identical initial weights on every rank
     model = DSparkModel(drafter_config).to(device)
     model.attach_target(target)
+    if drafter_config.reduced_vocab:
+        model.set_draft_vocab(choose_draft_vocab(sequences, target, drafter_config.num_draft_tokens))
     if config.init_from_target:
         model.init_from_target(target)
+    if config.init_from:
+        warm_start(model, config.init_from)
     features = features or OnlineFeatures(target, drafter_config.target_layer_ids)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
     start_step = _resume(out, config, model, optimizer, scheduler)
+    data_record = _data_record(sequences, heldout)
+    if start_step and (out / "train_data.json").is_file():
+        if json.loads((out / "train_data.json").read_text()) != data_record:
+            raise DsparkError(
+                f"{out} was trained on other data (the sequences differ); to train further on more "
+                "data, start a new --out with --init-from that run's best/"
+            )
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.json").write_text(config.to_json())
+        (out / "train_data.json").write_text(json.dumps(data_record, indent=2) + "\n")
         _trim_log(out / "train_log.jsonl", start_step)
     ddp = model
     if world > 1:
         ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    weights = config.loss_weights
+    step_context = _StepContext(target, features, drafter_config, config.loss_weights, model.draft_ids, device, world)
     end = config.steps if stop_after is None else min(config.steps, start_step + stop_after)
     bar = tqdm(range(start_step, end), initial=start_step, total=config.steps, disable=not progress or rank != 0, desc=f"train {config.variant}")
     started = time.perf_counter()
@@ -185,28 +223,7 @@ def train(
     for step in bar:
         indices = global_batch_indices(step, config.batch_size, len(sequences), config.seed)[rank::world]
         batch = make_batch(sequences, indices, config.anchors_per_sequence, step, config.seed)
-        feats = features(batch)
-        labels, valid, target_pos = block_targets(batch, drafter_config.block_size)
-        labels, valid, target_pos = labels.to(device), valid.to(device), target_pos.to(device)
-        with torch.no_grad():
-            hidden = feats.last_hidden.to(device)
-            flat = target_pos.view(hidden.shape[0], -1)
-            picked = hidden.gather(1, flat.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
-            target_logits = model.lm_head(picked.to(model.lm_head.weight.dtype)).view(*labels.shape, -1)
-        denominator = _global_denominator(valid, drafter_config.block_size, weights.gamma_w, world)
-        with autocast:
-            output = ddp(feats.features.to(device), batch.input_ids.to(device), batch.anchors.to(device))
-        n_blocks = labels.shape[0] * labels.shape[1]
-        conf = output.confidence_logits
-        terms = dspark_loss(
-            output.draft_logits.reshape(n_blocks, drafter_config.block_size, -1),
-            target_logits.reshape(n_blocks, drafter_config.block_size, -1),
-            labels.reshape(n_blocks, -1),
-            valid.reshape(n_blocks, -1),
-            None if conf is None else conf.reshape(n_blocks, -1),
-            weights,
-            denominator=denominator,
-        )
+        terms = step_context.loss(ddp, batch)
         optimizer.zero_grad(set_to_none=True)
         # DDP averages gradients over ranks; scale so the sum matches one process.
         (terms.total * world).backward()
@@ -222,8 +239,163 @@ def train(
                 bar.set_postfix(loss=f"{log.loss:.3f}", tau=f"{log.tau_estimate:.2f}")
         if done % config.save_every == 0 or done == config.steps:
             last_saved = _save(out, done, model, optimizer, scheduler, rank)
+            if heldout and config.heldout_batches:
+                score = heldout_tau(model, step_context, heldout, config)
+                if rank == 0:
+                    _keep_if_best(out, done, score, model)
+                    bar.write(f"step {done}: held-out τ estimate {score.tau_estimate:.3f}")
     bar.close()
     return last_saved or out / (out / "latest").read_text().strip()
+
+
+def _data_record(sequences: Sequence, heldout: Sequence) -> dict:
+    """Counts and a digest of the training and held-out sequences (ids and lengths, in order)."""
+    import hashlib
+
+    def digest(rows: Sequence) -> str:
+        h = hashlib.sha1()
+        for s in rows:
+            h.update(f"{getattr(s, 'id', '')}:{len(s.input_ids)}:{sum(s.loss_mask)}|".encode())
+        return h.hexdigest()
+
+    return {
+        "sequences": len(sequences),
+        "tokens": sum(len(s.input_ids) for s in sequences),
+        "loss_tokens": sum(sum(s.loss_mask) for s in sequences),
+        "digest": digest(sequences),
+        "heldout_sequences": len(heldout),
+        "heldout_digest": digest(heldout),
+    }
+
+
+@dataclass(frozen=True)
+class HeldoutScore:
+    """A checkpoint's score on the held-out split."""
+
+    tau_estimate: float
+    """1 + Σ_k Π_{i≤k} a_i from the soft acceptance a_i on held-out blocks."""
+    slot_acceptance: list[float]
+    """[γ] mean soft acceptance per slot."""
+
+
+class _StepContext:
+    """The target side of a training step: features, p_t per slot, labels, the loss."""
+
+    def __init__(self, target, features, drafter_config: DSparkConfig, weights: LossWeights, draft_ids, device, world) -> None:
+        self.target, self.features, self.config = target, features, drafter_config
+        self.weights, self.device, self.world = weights, device, world
+        self.draft_ids = None if draft_ids is None else draft_ids.to(device)
+        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+    def loss(self, model, batch: Batch, all_reduce: bool = True) -> LossTerms:
+        gamma = self.config.block_size
+        feats = self.features(batch)
+        with torch.no_grad():
+            target_pos = target_positions(batch, gamma).to(self.device)
+            targets = slot_targets(feats.target_logits(self.target), target_pos, self.draft_ids)
+        labels, valid, _ = block_targets(batch, gamma, targets.greedy.cpu())
+        labels, valid = labels.to(self.device), valid.to(self.device)
+        if self.draft_ids is not None:
+            labels = _draft_index(labels, self.draft_ids, self.config.vocab_size)
+        world = self.world if all_reduce else 1
+        denominator = _global_denominator(valid, gamma, self.weights.gamma_w, world)
+        with self.autocast:
+            output = model(feats.features.to(self.device), batch.input_ids.to(self.device), batch.anchors.to(self.device))
+        n_blocks = labels.shape[0] * labels.shape[1]
+        conf = output.confidence_logits
+        return dspark_loss(
+            output.draft_logits.reshape(n_blocks, gamma, -1),
+            targets.probs.reshape(n_blocks, gamma, -1),
+            labels.reshape(n_blocks, -1),
+            valid.reshape(n_blocks, -1),
+            None if conf is None else conf.reshape(n_blocks, -1),
+            self.weights,
+            denominator=denominator,
+            target_outside=None if targets.outside is None else targets.outside.reshape(n_blocks, -1),
+        )
+
+
+def _draft_index(labels: torch.Tensor, draft_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    index = torch.full((vocab_size,), -1, dtype=torch.long, device=draft_ids.device)
+    index[draft_ids] = torch.arange(draft_ids.shape[0], device=draft_ids.device)
+    return index[labels]
+
+
+@torch.no_grad()
+def heldout_tau(model: DSparkModel, context: _StepContext, heldout: Sequence, config: TrainConfig) -> HeldoutScore:
+    """Soft-acceptance τ estimate of ``model`` on fixed held-out batches (same anchors every time)."""
+    was_training = model.training
+    model.eval()
+    sums = counts = None
+    for i in range(config.heldout_batches):
+        indices = global_batch_indices(i, config.batch_size, len(heldout), config.seed)
+        batch = make_batch(heldout, indices, config.anchors_per_sequence, step=i, seed=config.seed + 1)
+        terms = context.loss(model, batch, all_reduce=False)
+        part = terms.slot_acceptance * terms.slot_counts
+        sums = part if sums is None else sums + part
+        counts = terms.slot_counts if counts is None else counts + terms.slot_counts
+    model.train(was_training)
+    acceptance = (sums / counts.clamp_min(1.0)).tolist()  # host sync: once per checkpoint
+    tau = 1.0 + sum(math.prod(acceptance[: k + 1]) for k in range(len(acceptance)))
+    return HeldoutScore(tau_estimate=tau, slot_acceptance=[round(a, 4) for a in acceptance])
+
+
+def _keep_if_best(out: Path, step: int, score: HeldoutScore, model: DSparkModel) -> None:
+    """Append the score to heldout_log.jsonl and copy the drafter to best/ when it is the best."""
+    entry = {"step": step, **dataclasses.asdict(score)}
+    _trim_log(out / "heldout_log.jsonl", step - 1)
+    with open(out / "heldout_log.jsonl", "a") as fh:
+        fh.write(json.dumps(entry) + "\n")
+    best_file = out / "best" / "best.json"
+    if best_file.is_file() and json.loads(best_file.read_text())["tau_estimate"] >= score.tau_estimate:
+        return
+    staging = out / ".tmp_best"
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    (staging / "best.json").write_text(json.dumps(entry, indent=2) + "\n")
+    shutil.rmtree(out / "best", ignore_errors=True)
+    staging.rename(out / "best")
+
+
+def choose_draft_vocab(sequences: Sequence, target, size: int) -> torch.Tensor:
+    """The ``size`` most frequent loss-masked tokens of ``sequences``, stop tokens forced in # -> [N]."""
+    counts = torch.zeros(target.vocab_size, dtype=torch.long)
+    for seq in sequences:
+        ids = torch.as_tensor(seq.input_ids, dtype=torch.long)
+        mask = torch.as_tensor(seq.loss_mask, dtype=torch.bool)
+        counts += torch.bincount(ids[mask], minlength=target.vocab_size)
+    always = set(target.eos_token_ids)
+    if getattr(target.tokenizer, "chat_template", None):
+        from dspark.training.data import stop_ids
+
+        always |= stop_ids(target)
+    return top_tokens(counts, size, always=always)
+
+
+@torch.no_grad()
+def warm_start(model: DSparkModel, folder: str | Path) -> None:
+    """Copy a trained drafter's weights into ``model`` where names and shapes fit.
+
+    The Markov head's W2 rows follow the tokens: a full-vocabulary source gives the rows of
+    ``model``'s draft tokens. d2t/t2d are never copied (the run chose its own vocabulary).
+    """
+    source = DSparkModel.from_pretrained(folder)
+    if source.config.vocab_size != model.config.vocab_size:
+        raise DsparkError(f"cannot warm-start from {folder}: it was built for another vocabulary")
+    theirs = source.state_dict()
+    own = model.state_dict()
+    key = "markov_head.markov_w2.weight"
+    if key in theirs and key in own and theirs[key].shape != own[key].shape:
+        rows = torch.zeros(model.config.vocab_size, theirs[key].shape[1])  # [V, r] by target id
+        src_ids = source.draft_ids if source.draft_ids is not None else torch.arange(source.config.vocab_size)
+        rows[src_ids] = theirs[key].float()
+        mine = model.draft_ids if model.draft_ids is not None else torch.arange(model.config.vocab_size)
+        theirs[key] = rows[mine.cpu()]
+    merged = {
+        k: theirs[k].to(v.dtype) if k in theirs and theirs[k].shape == v.shape and k not in ("d2t", "t2d") else v
+        for k, v in own.items()
+    }
+    model.load_state_dict(merged)
 
 
 def _global_denominator(valid: torch.Tensor, gamma: int, gamma_w: float, world: int) -> torch.Tensor:
@@ -289,7 +461,7 @@ def _resume(out: Path, config: TrainConfig, model, optimizer, scheduler) -> int:
         return 0
     saved = json.loads((out / "train_config.json").read_text())
     mine = json.loads(config.to_json())
-    differ = [k for k in mine if k not in ("steps", "save_every", "log_every") and saved.get(k) != mine[k]]
+    differ = [k for k in mine if k not in ("steps", "save_every", "log_every", "heldout_batches", "max_epochs") and saved.get(k) != mine[k]]
     if differ:
         raise DsparkError(f"{out} holds a run with different settings ({', '.join(differ)}); use another --out")
     folder = out / pointer.read_text().strip()
