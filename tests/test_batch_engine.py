@@ -73,13 +73,16 @@ def rich():
     return rich_target()
 
 
-def dspark_drafter(rich: bool = False, seed: int = 11) -> DSparkDrafter:
+def dspark_drafter(rich: bool = False, seed: int = 11, draft_ids: torch.Tensor | None = None) -> DSparkDrafter:
     """A random DSpark drafter (for the rich or the small target) whose Markov bias and
-    confidences vary with x_{k-1}."""
+    confidences vary with x_{k-1}; ``draft_ids`` gives it a reduced draft vocabulary."""
     like_target = rich_target() if rich else tiny_target(vocab_size=V, seed=TARGET_SEED, scale=TARGET_SCALE)
     torch.manual_seed(seed)
-    config = DSparkConfig.for_target(like_target, num_hidden_layers=1, markov_rank=4, block_size=BLOCK)
+    extra = {} if draft_ids is None else {"draft_vocab_size": draft_ids.numel()}
+    config = DSparkConfig.for_target(like_target, num_hidden_layers=1, markov_rank=4, block_size=BLOCK, **extra)
     model = DSparkModel(config)
+    if draft_ids is not None:
+        model.set_draft_vocab(draft_ids)
     with torch.no_grad():  # a strong Markov bias: q far from p, so drafts are often rejected
         model.markov_head.markov_w1.weight.normal_(std=1.0)
         model.markov_head.markov_w2.weight.normal_(std=2.0)
@@ -93,6 +96,8 @@ DRAFTERS = {  # for the rich target
     "ngram": lambda: NgramDrafter(NgramConfig(gamma=4, max_ngram=2)),
     "other-model": lambda: DraftModelDrafter(tiny_llama(vocab_size=RICH_V, hidden=32, seed=7, scale=20.0), gamma=3),
     "dspark": lambda: dspark_drafter(rich=True),
+    # Every third token of the rich vocabulary: the others come only from residuals and bonuses.
+    "dspark-reduced-vocab": lambda: dspark_drafter(rich=True, draft_ids=torch.arange(0, RICH_V, 3)),
 }
 
 # Step time 1 + B/16: every extra verified token costs 1/16 of a plain step, so the schedule
@@ -145,7 +150,7 @@ def check_bookkeeping(batch) -> None:
 
 # Policies that read confidences run with the drafter that has them.
 GREEDY_CASES = [
-    (d, p) for d in DRAFTERS for p in POLICIES if d == "dspark" or not POLICIES[p]().needs_confidences
+    (d, p) for d in DRAFTERS for p in POLICIES if d.startswith("dspark") or not POLICIES[p]().needs_confidences
 ]
 
 
@@ -188,7 +193,7 @@ def test_eos_and_stop_strings_match_batch1():
 # -- sampling -------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("drafter_name", ["dspark", "other-model"])
+@pytest.mark.parametrize("drafter_name", ["dspark", "dspark-reduced-vocab", "other-model"])
 def test_sampled_output_equals_batch1_with_the_same_seed(rich, drafter_name):
     # Verifying whole blocks, a request consumes its random stream exactly as in batch 1, so
     # its output cannot depend on what else is in the batch: padding changes nothing.
@@ -240,10 +245,11 @@ def test_the_batched_check_detects_a_broken_residual(target, monkeypatch):
 # -- parts ----------------------------------------------------------------------------------------------
 
 
-def test_batched_dspark_drafter_proposes_what_the_batch1_drafter_proposes(rich):
+@pytest.mark.parametrize("drafter_name", ["dspark", "dspark-reduced-vocab"])
+def test_batched_dspark_drafter_proposes_what_the_batch1_drafter_proposes(rich, drafter_name):
     target = rich
-    single = dspark_drafter(rich=True)
-    batched = as_batch_drafter(dspark_drafter(rich=True))
+    single = DRAFTERS[drafter_name]()
+    batched = as_batch_drafter(DRAFTERS[drafter_name]())
     assert isinstance(batched, BatchDrafter) and not isinstance(batched, LoopedDrafter)
     batched.check_target(target)
     single.check_target(target)

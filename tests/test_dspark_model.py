@@ -212,3 +212,25 @@ def test_init_from_target_starts_as_the_targets_top_layers(target):
 def test_drafter_family_follows_the_target(target):
     assert DSparkConfig.for_target(target).layer_family == "llama"
     assert DSparkConfig.for_target(target, layer_family="qwen3").layer_family == "qwen3"
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_block_attention_equals_the_dense_mask_oracle(target, family):
+    # The training forward's block-by-block attention against one dense (Nγ) × (S + Nγ)
+    # mask through sdpa: same outputs and same gradients, with padded anchors (-1) and a
+    # block at anchor 0 that sees no context at all.
+    torch.manual_seed(3)
+    config = DSparkConfig.for_target(target, num_hidden_layers=2, markov_rank=4, block_size=3, layer_family=family)
+    model = DSparkModel(config)
+    model.attach_target(target)
+    seq = 17
+    features = torch.randn(2, seq, len(config.target_layer_ids) * config.hidden_size)
+    ids = torch.randint(0, config.vocab_size, (2, seq))
+    anchors = torch.tensor([[0, 4, 9, 15], [2, 3, 11, -1]])
+    fast = model(features, ids, anchors)
+    fast_grad = torch.autograd.grad(fast.draft_logits.square().sum(), model.fc.weight)[0]
+    slow = model(features, ids, anchors, dense_mask=True)
+    slow_grad = torch.autograd.grad(slow.draft_logits.square().sum(), model.fc.weight)[0]
+    assert torch.allclose(fast.draft_logits, slow.draft_logits, atol=1e-5)
+    assert torch.allclose(fast.confidence_logits, slow.confidence_logits, atol=1e-5)
+    assert torch.allclose(fast_grad, slow_grad, rtol=1e-4, atol=1e-5)

@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dspark.drafters.dspark.attention import BlockLayout
+from dspark.drafters.dspark.attention import register as register_block_attention
 from dspark.drafters.dspark.config import DSparkConfig
 from dspark.drafters.dspark.heads import ConfidenceHead, MarkovHead, RNNHead
 from dspark.drafters.dspark.vocab import check_draft_ids, d2t_t2d, draft_ids_from_d2t, target_to_draft_index
@@ -65,7 +67,8 @@ def _family(config: DSparkConfig):
         attention_bias=False,
         rope_parameters={"rope_theta": config.rope_theta, "rope_type": "default"},
     )
-    hf_config._attn_implementation = "sdpa"
+    # transformers' sdpa for every mask, except the training forward's BlockLayout (attention.py).
+    hf_config._attn_implementation = register_block_attention()
     return hf_config, Layer, Norm, Rotary, apply_rotary_pos_emb
 
 
@@ -358,12 +361,16 @@ class DSparkModel(nn.Module):
         return self.confidence_head(hidden, prev)
 
     # -- training forward ----------------------------------------------------------------------
-    def forward(self, features: torch.Tensor, input_ids: torch.Tensor, anchors: torch.Tensor) -> "TrainOutput":
+    def forward(
+        self, features: torch.Tensor, input_ids: torch.Tensor, anchors: torch.Tensor, dense_mask: bool = False
+    ) -> "TrainOutput":
         """Draft many blocks per sequence at once, teacher-forced (training).
 
         features # [B, S, m*d] target features of every position, input_ids # [B, S],
         anchors # [B, N] anchor positions (-1 = padding). Block n of sequence b sees context
         positions < anchors[b, n] and its own γ slots; slot k sits at position anchor + k - 1.
+        The attention runs block by block (:mod:`~dspark.drafters.dspark.attention`);
+        ``dense_mask`` runs the slow oracle, one dense (Nγ) × (S + Nγ) mask, instead.
         """
         batch, seq = input_ids.shape
         gamma = self.config.block_size
@@ -374,7 +381,7 @@ class DSparkModel(nn.Module):
         self.extend_context(cache, self.context_states(features), ctx_positions)
         slot_pos = a.unsqueeze(-1) + torch.arange(gamma, device=a.device)  # [B, N, γ]
         block_ids = self.block_input_ids(input_ids.gather(1, a)).view(batch, num * gamma)
-        mask = block_attention_mask(a, seq, gamma)
+        mask = block_attention_mask(a, seq, gamma) if dense_mask else BlockLayout(a, seq, gamma)
         out = self.backbone(block_ids, slot_pos.view(batch, -1), cache, mask)
         hidden = out.hidden.view(batch, num, gamma, -1)
         base = out.base_logits.view(batch, num, gamma, -1)
