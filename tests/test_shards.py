@@ -278,7 +278,7 @@ def test_text_store_gets_greedy_labels_and_loads_with_regen(tiny_chat_target, to
     fp = S.tokenizer_fingerprint(tokenizer)
     with S.ShardStore.open_or_create(tmp_path / "text", "text", config.store_settings("sharegpt"), None, fp) as store:
         summary = S.tokenize_texts(tokenizer, convs, store, config, eval_filter, progress=False)
-    assert (summary.written, summary.skipped, summary.shards) == (3, 2, 2)  # eval overlap and a repeated id
+    assert (summary.written, summary.skipped, summary.refused_eval, summary.shards) == (3, 1, 1, 2)
     with S.ShardStore.open_or_create(tmp_path / "text", "text", config.store_settings("sharegpt"), None, fp) as store:
         again = S.tokenize_texts(tokenizer, convs, store, config, eval_filter, progress=False)
     assert (again.written, again.already_done) == (0, 3)

@@ -342,7 +342,7 @@ def _report_fill(summary, total, as_json: bool) -> None:
         return
     typer.echo(
         f"{summary.written} written in {summary.shards} shards, {summary.already_done} already done, "
-        f"{summary.skipped} skipped · {summary.new_tokens} tokens in {summary.seconds:.0f} s "
+        f"{summary.skipped} skipped, {summary.refused_eval} refused as eval overlaps · {summary.new_tokens} tokens in {summary.seconds:.0f} s "
         f"({summary.tokens_per_second:.1f} tok/s)"
     )
     typer.echo(_store_line(total))

@@ -554,13 +554,15 @@ class FillSummary:
     written: int
     """Records this run added."""
     skipped: int
-    """Too long for the prompt limit (regen) or refused/duplicate (text)."""
+    """Too long for the prompt limit (regen) or a repeated id (text)."""
     new_tokens: int
     """Tokens generated (regen) or stored (text) by this run."""
     shards: int
     """Shards this run wrote."""
     seconds: float
     finish_reasons: dict[str, int]
+    refused_eval: int = 0
+    """Refused for overlapping an evaluation prompt (text; the pool was filtered before regen)."""
 
     @property
     def tokens_per_second(self) -> float:
@@ -766,15 +768,18 @@ def tokenize_texts(
     done = store.done_ids()
     seen: set[str] = set()
     buffer: list[ShardRecord] = []
-    skipped = tokens = shards = written = already = 0
+    skipped = refused = tokens = shards = written = already = 0
     start = time.perf_counter()
     for c in tqdm(conversations, desc=f"tokenizing {store.folder.name}", unit="conv", disable=not progress):
         if c.id in done:
             already += c.id not in seen
             seen.add(c.id)
             continue
-        if c.id in seen or any(eval_filter.overlaps(t) for t in c.user_turns):
+        if c.id in seen:
             skipped += 1
+            continue
+        if any(eval_filter.overlaps(t) for t in c.user_turns):
+            refused += 1
             continue
         seen.add(c.id)
         seq = tokenize_conversation(tokenizer, c.messages, id=c.id, max_length=config.max_tokens)
@@ -789,7 +794,7 @@ def tokenize_texts(
     return FillSummary(
         prompts=len(conversations), already_done=already, written=written, skipped=skipped,
         new_tokens=tokens, shards=shards, seconds=time.perf_counter() - start,
-        finish_reasons={TEXT_FINISH: written} if written else {},
+        finish_reasons={TEXT_FINISH: written} if written else {}, refused_eval=refused,
     )
 
 
