@@ -122,7 +122,7 @@ class SpeculativeEngine:
             n = result.num_accepted
             target.rollback(cache, length + n)  # keep the anchor and the accepted tokens
             t2 = time.perf_counter()
-            stats.record_round(block.gamma, n, t1 - t0, t2 - t1, block.confidences)
+            stats.record_round(block.gamma, n, t1 - t0, t2 - t1, block.confidences, block.margins)
             drafter.accepted(n)
             new_features = out.features[0, : n + 1] if out.features is not None else None
             buf[length : length + len(result.tokens)] = torch.as_tensor(result.tokens, device=device)

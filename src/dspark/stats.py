@@ -21,6 +21,8 @@ class RoundRecord:
     confidences: Any = None
     """[γ] raw c_k of the block as the drafter returned it (a tensor, possibly on the
     accelerator: converting it here would be a host sync per round), or None."""
+    margins: Any = None
+    """[γ] top-1 minus top-2 draft logit per slot as the drafter returned it, or None."""
 
 
 @dataclass
@@ -49,13 +51,14 @@ class GenerationStats:
         draft_s: float = 0.0,
         verify_s: float = 0.0,
         confidences: Any = None,
+        margins: Any = None,
     ) -> None:
         self.rounds += 1
         self.proposed.append(proposed)
         self.accepted.append(accepted)
         self.draft_s += draft_s
         self.verify_s += verify_s
-        self.round_records.append(RoundRecord(proposed, accepted, draft_s, verify_s, confidences))
+        self.round_records.append(RoundRecord(proposed, accepted, draft_s, verify_s, confidences, margins))
 
     @property
     def tau(self) -> float:

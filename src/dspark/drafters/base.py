@@ -43,6 +43,9 @@ class DraftBlock:
     """[γ, V] warped draft distributions; None means a point mass on each token."""
     confidences: torch.Tensor | None = None
     """[γ] c_k: estimated probability that x_k survives given x_<k survived."""
+    margins: torch.Tensor | None = None
+    """[γ] top-1 minus top-2 logit of each slot's draft distribution, for drafters that have
+    logits (an alternative confidence signal, compared with c_k in calibration reports)."""
 
     def __post_init__(self) -> None:
         if self.tokens.dim() != 1:
@@ -52,6 +55,8 @@ class DraftBlock:
             raise ValueError(f"DraftBlock.q must be [γ={gamma}, V], got {tuple(self.q.shape)}")
         if self.confidences is not None and self.confidences.shape != (gamma,):
             raise ValueError(f"DraftBlock.confidences must be [{gamma}]")
+        if self.margins is not None and self.margins.shape != (gamma,):
+            raise ValueError(f"DraftBlock.margins must be [{gamma}]")
 
     @property
     def gamma(self) -> int:

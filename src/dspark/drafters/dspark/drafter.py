@@ -91,12 +91,14 @@ class DSparkDrafter:
         gamma = base.shape[0]
         prev = anchor
         state = head.init_state((), anchor.device) if head is not None else None
-        drafted, probs, prevs = [], [], []
+        drafted, probs, prevs, margins = [], [], [], []
         for k in range(gamma):
             logits = base[k]
             if head is not None:
                 bias, state = head.step(prev, hidden[k], state)
                 logits = logits + bias
+            top2 = logits.topk(2).values
+            margins.append(top2[0] - top2[1])
             index, q = sample_from_logits(logits, params, generator)  # a draft index, q # [N]
             x = model.to_target_ids(index)
             prevs.append(prev)
@@ -107,7 +109,7 @@ class DSparkDrafter:
         conf_logits = model.confidence_logits(hidden, torch.stack(prevs))
         confidences = torch.sigmoid(conf_logits) if conf_logits is not None else None
         q = None if probs[0] is None else model.expand_q(torch.stack(probs))  # [γ, V]
-        return DraftBlock(tokens=tokens, q=q, confidences=confidences)
+        return DraftBlock(tokens=tokens, q=q, confidences=confidences, margins=torch.stack(margins))
 
 
 class BatchedDSparkDrafter:
