@@ -305,3 +305,13 @@ def test_warm_start_moves_markov_rows_with_their_tokens(tmp_path):
     assert torch.equal(small.markov_head.markov_w2.weight, full.markov_head.markov_w2.weight[ids])
     assert torch.equal(small.layers[0].mlp.up_proj.weight, full.layers[0].mlp.up_proj.weight)
     assert torch.equal(small.draft_ids, ids)
+
+
+def test_greedy_survival_is_the_prefix_of_argmax_matches():
+    # Block 0 matches at slots 1 and 2, then misses; block 1 misses at once; slot 3 of block 1 is invalid.
+    logits = torch.tensor([[[5.0, 0, 0], [0, 5.0, 0], [5.0, 0, 0]], [[0, 0, 5.0], [0, 5.0, 0], [0, 0, 5.0]]])
+    greedy = torch.tensor([[0, 1, 2], [0, 1, -1]])
+    valid = torch.tensor([[True, True, True], [True, True, False]])
+    p_t = torch.full((2, 3, 3), 1 / 3)
+    terms = dspark_loss(logits, p_t, greedy.clamp_min(0), valid, None, LossWeights(), greedy_index=greedy)
+    assert terms.greedy_survival.tolist() == pytest.approx([0.5, 0.5, 0.0])

@@ -68,6 +68,9 @@ class LossTerms:
     """[γ] mean soft acceptance 1 − ½‖p_d − p_t‖₁ per slot (detached)."""
     slot_counts: torch.Tensor
     """[γ] valid slots that entered slot_acceptance."""
+    greedy_survival: torch.Tensor | None = None
+    """[γ] fraction of blocks whose slots 1..k all match the target's argmax (T = 0 prefix
+    survival, exact on text the target wrote greedily); None without ``greedy_index``."""
 
     def tau_estimate(self) -> float:
         """1 + Σ_k Π_{i≤k} acceptance_i: the training-time estimate of τ."""
@@ -83,11 +86,14 @@ def dspark_loss(
     weights: LossWeights,
     denominator: torch.Tensor | None = None,
     target_outside: torch.Tensor | None = None,
+    greedy_index: torch.Tensor | None = None,
 ) -> LossTerms:
     """Loss over blocks: draft logits and p_t # [n, γ, N], labels/valid # [n, γ], confidence # [n, γ].
 
     ``labels`` are draft-vocabulary indices (-1: no CE for that slot); ``target_outside``
-    # [n, γ] is p_t's mass outside the draft vocabulary (None: the vocabulary is whole).
+    # [n, γ] is p_t's mass outside the draft vocabulary (None: the vocabulary is whole);
+    ``greedy_index`` # [n, γ] is the draft index of the target's argmax (-1 outside), for the
+    T = 0 survival statistic.
     """
     n, gamma, vocab = draft_logits.shape
     if target_probs.shape != draft_logits.shape:
@@ -120,7 +126,13 @@ def dspark_loss(
 
     counts = valid.float().sum(0)
     acceptance = (soft_accept * valid.float()).sum(0) / counts.clamp_min(1.0)
-    return LossTerms(total, ce_term.detach(), tv_term.detach(), conf_term.detach(), acceptance, counts)
+    greedy = None
+    if greedy_index is not None:
+        with torch.no_grad():
+            match = (draft_logits.argmax(-1) == greedy_index) & valid  # [n, γ]
+            survived = match.long().cumprod(-1).float()  # slots 1..k all matched
+            greedy = (survived * valid.float()).sum(0) / counts.clamp_min(1.0)
+    return LossTerms(total, ce_term.detach(), tv_term.detach(), conf_term.detach(), acceptance, counts, greedy)
 
 
 def expected_tau(acceptance: list[float]) -> float:

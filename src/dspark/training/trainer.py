@@ -273,9 +273,14 @@ class HeldoutScore:
     """A checkpoint's score on the held-out split."""
 
     tau_estimate: float
-    """1 + Σ_k Π_{i≤k} a_i from the soft acceptance a_i on held-out blocks."""
+    """1 + Σ_k Π_{i≤k} a_i from the soft acceptance a_i on held-out blocks (T = 1)."""
     slot_acceptance: list[float]
     """[γ] mean soft acceptance per slot."""
+    tau_greedy: float
+    """1 + Σ_k (fraction of blocks whose slots 1..k match the target's argmax): τ at T = 0,
+    exact on greedily regenerated text, a proxy on text the target did not write."""
+    greedy_survival: list[float]
+    """[γ] T = 0 prefix survival per slot."""
 
 
 class _StepContext:
@@ -295,8 +300,10 @@ class _StepContext:
             targets = slot_targets(feats.target_logits(self.target), target_pos, self.draft_ids)
         labels, valid, _ = block_targets(batch, gamma, targets.greedy.cpu())
         labels, valid = labels.to(self.device), valid.to(self.device)
+        greedy = targets.greedy.gather(1, target_pos.view(target_pos.shape[0], -1)).view_as(target_pos)
         if self.draft_ids is not None:
             labels = _draft_index(labels, self.draft_ids, self.config.vocab_size)
+            greedy = _draft_index(greedy, self.draft_ids, self.config.vocab_size)
         world = self.world if all_reduce else 1
         denominator = _global_denominator(valid, gamma, self.weights.gamma_w, world)
         with self.autocast:
@@ -312,6 +319,7 @@ class _StepContext:
             self.weights,
             denominator=denominator,
             target_outside=None if targets.outside is None else targets.outside.reshape(n_blocks, -1),
+            greedy_index=greedy.reshape(n_blocks, -1),
         )
 
 
@@ -326,18 +334,22 @@ def heldout_tau(model: DSparkModel, context: _StepContext, heldout: Sequence, co
     """Soft-acceptance τ estimate of ``model`` on fixed held-out batches (same anchors every time)."""
     was_training = model.training
     model.eval()
-    sums = counts = None
+    sums = greedy_sums = counts = 0.0
     for i in range(config.heldout_batches):
         indices = global_batch_indices(i, config.batch_size, len(heldout), config.seed)
         batch = make_batch(heldout, indices, config.anchors_per_sequence, step=i, seed=config.seed + 1)
         terms = context.loss(model, batch, all_reduce=False)
-        part = terms.slot_acceptance * terms.slot_counts
-        sums = part if sums is None else sums + part
-        counts = terms.slot_counts if counts is None else counts + terms.slot_counts
+        sums = sums + terms.slot_acceptance * terms.slot_counts
+        greedy_sums = greedy_sums + terms.greedy_survival * terms.slot_counts
+        counts = counts + terms.slot_counts
     model.train(was_training)
     acceptance = (sums / counts.clamp_min(1.0)).tolist()  # host sync: once per checkpoint
+    survival = (greedy_sums / counts.clamp_min(1.0)).tolist()
     tau = 1.0 + sum(math.prod(acceptance[: k + 1]) for k in range(len(acceptance)))
-    return HeldoutScore(tau_estimate=tau, slot_acceptance=[round(a, 4) for a in acceptance])
+    return HeldoutScore(
+        tau_estimate=tau, slot_acceptance=[round(a, 4) for a in acceptance],
+        tau_greedy=1.0 + sum(survival), greedy_survival=[round(a, 4) for a in survival],
+    )
 
 
 def _keep_if_best(out: Path, step: int, score: HeldoutScore, model: DSparkModel) -> None:
