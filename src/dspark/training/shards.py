@@ -509,7 +509,8 @@ class RegenConfig:
     top_p: float = 0.95
     """Nucleus filter of the sampling (ignored, and recorded as 1.0, when greedy)."""
     seed: int = 0
-    """Seeds every batch (mixed with the batch's ids: a resumed run draws the same)."""
+    """Seeds every batch, mixed with its prompt ids (a resumed run batches the rest anew, so
+    its samples are reproducible given the store's state, not equal to an unbroken run's)."""
     max_prompt_tokens: int = 1024
     """Longer prompts are skipped (and counted), never truncated."""
     batch_size: int = 32
