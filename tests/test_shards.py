@@ -160,18 +160,18 @@ def _regen_store(target, folder: Path, config: S.RegenConfig) -> S.ShardStore:
     )
 
 
-def test_regen_sequences_are_prompt_ids_plus_generated_ids(tiny_chat_target, tmp_path, monkeypatch):
-    """The oracle: each prompt answered alone by sample_batch; and no text round trip anywhere."""
+@pytest.mark.parametrize("generator", ["engine", "generate"])
+def test_regen_sequences_are_prompt_ids_plus_generated_ids(tiny_chat_target, tmp_path, monkeypatch, generator):
+    """The oracle: each prompt answered alone by sample_batch, ids compared exactly.
+
+    While regenerating, decoding yields a wrong text, so a decode and re-encode anywhere on
+    the way into the store would show up as wrong ids.
+    """
     target = tiny_chat_target
     prompts = _prompts(7)
-    config = S.RegenConfig(max_new_tokens=6, batch_size=3, shard_size=4)
-
-    def no_text(*args, **kwargs):
-        raise AssertionError("regeneration must not decode or re-encode text")
-
-    monkeypatch.setattr(target.tokenizer, "decode", no_text)
-    monkeypatch.setattr(target.tokenizer, "batch_decode", no_text)
-    monkeypatch.setattr(target, "decode", no_text)
+    config = S.RegenConfig(max_new_tokens=6, generator=generator, batch_size=3, shard_size=4)
+    monkeypatch.setattr(target.tokenizer, "decode", lambda *args, **kwargs: "wrong text")
+    monkeypatch.setattr(target.tokenizer, "batch_decode", lambda ids, **kwargs: ["wrong text"] * len(ids))
     with _regen_store(target, tmp_path / "g", config) as store:
         summary = S.regenerate(target, prompts, store, config, progress=False)
     monkeypatch.undo()
@@ -188,6 +188,19 @@ def test_regen_sequences_are_prompt_ids_plus_generated_ids(tiny_chat_target, tmp
         assert (r.domain, r.source, r.finish_reason) == (p.domain, "t", alone.finish_reasons[0])
 
 
+def test_engine_and_generate_sample_alike_per_prompt_seed(tiny_chat_target):
+    """Under sampling the engine draws per request: a prompt's answer does not depend on its batch."""
+    target = tiny_chat_target
+    ids = [target.encode_conversation(p.messages[:1]) for p in _prompts(4)]
+    names = [p.id for p in _prompts(4)]
+    config = S.RegenConfig(max_new_tokens=5, temperature=0.8, batch_size=4)
+    stops = D.stop_ids(target)
+    together = S.answer_batch(target, ids, names, config, stops)
+    alone = [S.answer_batch(target, [i], [n], config, stops).tokens[0] for i, n in zip(ids, names)]
+    assert together.tokens == alone
+    assert together.num_new_tokens == sum(map(len, alone)) + together.finish_reasons.count("stop")
+
+
 def test_answer_record_appends_end_of_turn_only_after_a_stop():
     p = D.PromptRecord.make("t", "math", ["2 + 2?"])
     stopped = S.answer_record(p, [5, 6, 7], [8, 9], "stop", eot=2)
@@ -198,27 +211,29 @@ def test_answer_record_appends_end_of_turn_only_after_a_stop():
         S.answer_record(p, [5], [8], "eos", eot=2)
 
 
-def test_a_killed_regen_resumes_and_generates_nothing_twice(tiny_chat_target, tmp_path, monkeypatch):
+@pytest.mark.parametrize("generator, kill_after", [("generate", 6), ("engine", 4)])
+def test_a_killed_regen_resumes_and_generates_nothing_twice(tiny_chat_target, tmp_path, monkeypatch, generator, kill_after):
+    """A kill during the call after the first shard: generate calls answer 2, the engine's a shard of 4."""
     target = tiny_chat_target
     prompts = _prompts(10)
-    config = S.RegenConfig(max_new_tokens=4, temperature=0.8, batch_size=2, shard_size=4)
-    real = S.sample_batch
+    config = S.RegenConfig(max_new_tokens=4, temperature=0.8, generator=generator, batch_size=2, shard_size=4)
+    real = S.answer_batch
     answered: list[list[int]] = []
+    kill = [kill_after]
 
     def counting(target, batch, *args, **kwargs):
-        if kill_after is not None and len(answered) >= kill_after:
-            raise KeyboardInterrupt  # the kill, after the first shard and one more batch
+        if kill[0] is not None and len(answered) >= kill[0]:
+            raise KeyboardInterrupt
         answered.extend(list(ids) for ids in batch)
         return real(target, batch, *args, **kwargs)
 
-    monkeypatch.setattr(S, "sample_batch", counting)
-    kill_after = 6
+    monkeypatch.setattr(S, "answer_batch", counting)
     with pytest.raises(KeyboardInterrupt):
         with _regen_store(target, tmp_path / "s", config) as store:
             S.regenerate(target, prompts, store, config, progress=False)
     assert len(S.ShardStore.open(tmp_path / "s").manifests) == 1
     first_run = list(answered)
-    kill_after = None
+    kill[0] = None
     with _regen_store(target, tmp_path / "s", config) as store:
         summary = S.regenerate(target, prompts, store, config, progress=False)
     assert (summary.already_done, summary.written) == (4, 6)
@@ -238,7 +253,9 @@ def test_regen_settings_bind_the_sampling_not_the_batching():
     assert greedy.store_settings() == S.RegenConfig(temperature=0.0, top_p=0.95, batch_size=32).store_settings()
     assert greedy.store_settings()["top_p"] == 1.0
     assert S.RegenConfig(temperature=0.8).store_settings() != S.RegenConfig(temperature=0.8, top_p=0.9).store_settings()
+    assert S.RegenConfig(generator="generate").store_settings() != S.RegenConfig().store_settings()
     for kwargs, message in [(dict(shard_size=0), "shard_size"), (dict(temperature=-1.0), "temperature"),
+                            (dict(generator="vllm"), "generator"),
                             (dict(top_p=0.0), "top_p"), (dict(batch_size=0), "batch_size")]:
         with pytest.raises(ValueError, match=message):
             S.RegenConfig(**kwargs)

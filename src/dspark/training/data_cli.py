@@ -234,7 +234,8 @@ def regen(
     temperature: float = typer.Option(0.0, help="0 = greedy. Each setting needs its own store folder."),
     top_p: float = typer.Option(0.95, help="Nucleus filter in (0, 1]; ignored when greedy."),
     max_new_tokens: int = typer.Option(256, help="Longest answer."),
-    batch_size: int = typer.Option(32, help="Prompts per generate call."),
+    generator: str = typer.Option("engine", help="engine (continuous batching, faster on CPU) or generate (static batches)."),
+    batch_size: int = typer.Option(32, help="Concurrency of the engine, or prompts per generate call."),
     shard_size: int = typer.Option(64, help="Records per shard: a kill loses at most one shard's work."),
     seed: int = typer.Option(0, help="Seeds the sampling of every batch."),
     max_prompt_tokens: int = typer.Option(1024, help="Longer prompts are skipped, not truncated."),
@@ -251,7 +252,7 @@ def regen(
 
         config = shards.RegenConfig(
             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-            max_prompt_tokens=max_prompt_tokens, batch_size=batch_size, shard_size=shard_size,
+            max_prompt_tokens=max_prompt_tokens, generator=generator, batch_size=batch_size, shard_size=shard_size,
         )
         records = data.read_prompts(prompts)[:limit]
         if not records:

@@ -40,6 +40,7 @@ from dspark.training.data import (
     SHAREGPT_PACKAGE,
     EvalOverlapFilter,
     PromptRecord,
+    SampledBatch,
     TrainingSequence,
     _derived_seed,
     classify_domain,
@@ -498,6 +499,10 @@ def split_heldout(sequences: Iterable[TrainingSequence], fraction: float = 0.02,
 
 
 # -- filling a store: the target's own answers -------------------------------------------
+GENERATORS = {"engine": "dspark.BatchEngine plain", "generate": "transformers.generate"}
+"""The ways :func:`regenerate` can decode, and how a store's settings name them."""
+
+
 @dataclass(frozen=True)
 class RegenConfig:
     """How the target answers the prompts of a ``regenerated`` store."""
@@ -509,12 +514,17 @@ class RegenConfig:
     top_p: float = 0.95
     """Nucleus filter of the sampling (ignored, and recorded as 1.0, when greedy)."""
     seed: int = 0
-    """Seeds every batch, mixed with its prompt ids (a resumed run batches the rest anew, so
-    its samples are reproducible given the store's state, not equal to an unbroken run's)."""
+    """Mixed with each prompt id into that request's seed (engine: a resumed run draws what an
+    unbroken one would), or with a batch's ids into the batch's seed (generate)."""
     max_prompt_tokens: int = 1024
     """Longer prompts are skipped (and counted), never truncated."""
+    generator: str = "engine"
+    """``engine``: :class:`~dspark.batch_engine.BatchEngine` decoding plainly with continuous
+    batching and a generator per request (measured faster on CPU, see
+    benchmarks/results/generation_backends.json); ``generate``: :func:`sample_batch` over
+    static batches. Greedy answers agree; sampled ones differ, so it binds the store."""
     batch_size: int = 32
-    """Prompts per generate call (not a setting of the store: it does not change greedy answers)."""
+    """Concurrency of the engine, or prompts per generate call (not a setting of the store)."""
     shard_size: int = 64
     """Records per shard: a kill loses at most this much work."""
     sort_window: int = 4
@@ -529,12 +539,14 @@ class RegenConfig:
             raise ValueError(f"temperature must be in [0, 100], got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.generator not in GENERATORS:
+            raise ValueError(f"generator must be one of {GENERATORS}, got {self.generator!r}")
 
     def store_settings(self) -> dict[str, Any]:
         """What the store is bound to: whatever changes the answers."""
         greedy = self.temperature == 0
         return {
-            "generator": "transformers.generate",
+            "generator": GENERATORS[self.generator],
             "turns": 1,
             "max_new_tokens": self.max_new_tokens,
             "temperature": self.temperature,
@@ -594,14 +606,49 @@ def answer_record(
     )
 
 
+def answer_batch(
+    target, prompts: Sequence[Sequence[int]], ids: Sequence[str], config: RegenConfig, stops: frozenset[int]
+) -> SampledBatch:
+    """Continue every prompt (token ids) with the configured generator; same result type either way.
+
+    Tokens exclude the stop token, as :func:`sample_batch` returns them.
+    """
+    if config.generator == "generate":
+        seed = _derived_seed(config.seed, *ids)
+        return sample_batch(target, prompts, config.max_new_tokens, config.temperature, config.top_p, seed, stops)
+    from dspark.batch_engine import BatchEngine
+    from dspark.drafters import NoDrafter
+    from dspark.engine import GenerationRequest
+    from dspark.sampling import SamplingParams
+    from dspark.scheduler import make_policy
+
+    if stops != target.eos_token_ids:
+        raise DsparkError(
+            f"the engine stops at the eos ids {sorted(target.eos_token_ids)} only, but this target's turns "
+            f"also end at {sorted(stops - target.eos_token_ids)}; use --generator generate"
+        )
+    params = SamplingParams(temperature=config.temperature, top_p=config.top_p if config.temperature > 0 else 1.0)
+    requests = [
+        GenerationRequest(list(p), params, max_new_tokens=config.max_new_tokens, seed=_derived_seed(config.seed, i))
+        for p, i in zip(prompts, ids)
+    ]
+    engine = BatchEngine(target, NoDrafter(), make_policy("plain"), max_batch=config.batch_size)
+    tokens, reasons = [], []
+    for r in engine.generate(requests).results:
+        stopped = r.finish_reason == "eos"  # the engine keeps the eos id; sample_batch cuts it
+        tokens.append(list(r.token_ids[:-1] if stopped else r.token_ids))
+        reasons.append("stop" if stopped else "length")
+    return SampledBatch(tokens, reasons, sum(len(t) for t in tokens) + reasons.count("stop"))
+
+
 def regenerate(
     target, prompts: Sequence[PromptRecord], store: ShardStore, config: RegenConfig, progress: bool = True
 ) -> FillSummary:
     """Let the target answer (first user turn) every prompt whose id is not in ``store`` yet.
 
-    Answers are batched through :func:`sample_batch`; a shard is written every
-    ``shard_size`` records and at the end, so a kill loses at most one shard's work and a
-    rerun generates nothing twice.
+    Answers come from :func:`answer_batch`; a shard is written every ``shard_size`` records
+    and at the end, so a kill loses at most one shard's work and a rerun generates nothing
+    twice.
     """
     from tqdm.auto import tqdm
 
@@ -615,6 +662,9 @@ def regenerate(
     if eot is None:
         eot = min(stops)
     window = config.shard_size * config.sort_window
+    # A static batch is one generate call; the engine refills its slots, so it takes a shard's
+    # worth of requests per call and only drains at the shard's end.
+    step = config.batch_size if config.generator == "generate" else max(config.batch_size, config.shard_size)
     buffer: list[ShardRecord] = []
     reasons: Counter[str] = Counter()
     skipped = new_tokens = shards = written = 0
@@ -630,13 +680,9 @@ def regenerate(
                 else:
                     encoded.append((p, ids))
             encoded.sort(key=lambda item: len(item[1]))  # stable: ties keep the pool's order
-            for b in range(0, len(encoded), config.batch_size):
-                batch = encoded[b : b + config.batch_size]
-                seed = _derived_seed(config.seed, *(p.id for p, _ in batch))
-                sampled = sample_batch(
-                    target, [ids for _, ids in batch], config.max_new_tokens,
-                    config.temperature, config.top_p, seed, stops,
-                )
+            for b in range(0, len(encoded), step):
+                batch = encoded[b : b + step]
+                sampled = answer_batch(target, [ids for _, ids in batch], [p.id for p, _ in batch], config, stops)
                 for (p, ids), tokens, reason in zip(batch, sampled.tokens, sampled.finish_reasons):
                     buffer.append(answer_record(p, ids, tokens, reason, eot))
                     reasons[reason] += 1
