@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from dspark.drafters.dspark.config import DSparkConfig
 from dspark.drafters.dspark.model import DSparkModel
 from dspark.errors import DsparkError
-from dspark.drafters.dspark.vocab import top_tokens
+from dspark.drafters.dspark.vocab import target_to_draft_index, top_tokens
 from dspark.training.batches import Batch, block_targets, global_batch_indices, make_batch, target_positions
 from dspark.training.loss import DFLASH_WEIGHTS, LossTerms, LossWeights, dspark_loss, slot_targets
 
@@ -302,8 +302,8 @@ class _StepContext:
         labels, valid = labels.to(self.device), valid.to(self.device)
         greedy = targets.greedy.gather(1, target_pos.view(target_pos.shape[0], -1)).view_as(target_pos)
         if self.draft_ids is not None:
-            labels = _draft_index(labels, self.draft_ids, self.config.vocab_size)
-            greedy = _draft_index(greedy, self.draft_ids, self.config.vocab_size)
+            index = target_to_draft_index(self.draft_ids, self.config.vocab_size)  # [V], -1 outside
+            labels, greedy = index[labels], index[greedy]
         world = self.world if all_reduce else 1
         denominator = _global_denominator(valid, gamma, self.weights.gamma_w, world)
         with self.autocast:
@@ -321,12 +321,6 @@ class _StepContext:
             target_outside=None if targets.outside is None else targets.outside.reshape(n_blocks, -1),
             greedy_index=greedy.reshape(n_blocks, -1),
         )
-
-
-def _draft_index(labels: torch.Tensor, draft_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    index = torch.full((vocab_size,), -1, dtype=torch.long, device=draft_ids.device)
-    index[draft_ids] = torch.arange(draft_ids.shape[0], device=draft_ids.device)
-    return index[labels]
 
 
 @torch.no_grad()
