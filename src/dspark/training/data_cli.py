@@ -237,7 +237,7 @@ def regen(
     generator: str = typer.Option("engine", help="engine (continuous batching, faster on CPU) or generate (static batches)."),
     batch_size: int = typer.Option(32, help="Concurrency of the engine, or prompts per generate call."),
     shard_size: int = typer.Option(64, help="Records per shard: a kill loses at most one shard's work."),
-    seed: int = typer.Option(0, help="Seeds the sampling of every batch."),
+    seed: int = typer.Option(0, help="Mixed with each prompt id into its sampling seed."),
     max_prompt_tokens: int = typer.Option(1024, help="Longer prompts are skipped, not truncated."),
     limit: Optional[int] = typer.Option(None, help="Only the first N prompts of the file."),
     model: Optional[str] = typer.Option(None, help="HF id, folder or .gguf; default: SmolLM2-135M-Instruct."),
