@@ -62,6 +62,10 @@ def main() -> None:
     parser.add_argument("--runs", nargs="+", required=True, type=Path)
     parser.add_argument("--run-data", nargs="+", required=True, type=Path, help="the stores the runs trained on")
     parser.add_argument("--heldout", nargs="+", required=True, type=Path, help="stores whose held-out split scores")
+    parser.add_argument("--heldout-all", action="store_true",
+                        help="score on every sequence of --heldout (stores the runs never trained on)")
+    parser.add_argument("--heldout-source", nargs="*", default=None,
+                        help="keep only held-out sequences whose id is from these sources (e.g. magpie-code magpie-math)")
     parser.add_argument("--heldout-batches", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--threads", type=int, default=2)
@@ -77,14 +81,23 @@ def main() -> None:
     from dspark.evaluation.runner import git_state, machine_info
     from dspark.target import TargetModel
     from dspark.training.features import OnlineFeatures
-    from dspark.training.shards import load_sequences, split_heldout
+    from dspark.training.shards import ShardStore, load_sequences, split_heldout
     from dspark.training.trainer import TrainConfig, _StepContext, heldout_tau
 
     target = TargetModel.load(None)
-    heldout = split_heldout(load_sequences(args.heldout, max_length=args.max_length, progress=False)).heldout
+    heldout = load_sequences(args.heldout, max_length=args.max_length, progress=False)
+    if args.heldout_source:
+        sources = {r.id: r.source for store in args.heldout for r in ShardStore.open(store).iter_records()}
+        heldout = [s for s in heldout if sources.get(s.id) in set(args.heldout_source)]
+    if not args.heldout_all:
+        heldout = split_heldout(heldout).heldout
+    if not heldout:
+        raise SystemExit("error: no held-out sequences")
     result = {
         "command": "python benchmarks/scaling_study.py --runs " + " ".join(map(str, args.runs))
         + " --run-data " + " ".join(map(str, args.run_data)) + " --heldout " + " ".join(map(str, args.heldout))
+        + (" --heldout-all" if args.heldout_all else "")
+        + (" --heldout-source " + " ".join(args.heldout_source) if args.heldout_source else "")
         + f" --heldout-batches {args.heldout_batches} --max-length {args.max_length} --threads {args.threads}",
         "machine": machine_info(target),
         "git": git_state(),
