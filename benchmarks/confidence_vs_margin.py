@@ -53,12 +53,16 @@ def main() -> None:
                 accepted.append(r.accepted)
     if not conf:
         raise SystemExit(f"error: drafter {args.drafter!r} gave no rounds with confidences and margins")
-    gamma = min(len(c) for c in conf)
-    c = torch.stack([x[:gamma] for x in conf])  # [N, γ]
-    m = torch.stack([x[:gamma] for x in margin])  # [N, γ]
+    gamma = max(len(c) for c in conf)
+    # Rounds near the token budget draft fewer slots; pad them and score slot k only where drafted.
+    pad = lambda x: torch.cat([x, x.new_full((gamma - len(x),), float("nan"))])  # noqa: E731
+    c = torch.stack([pad(x) for x in conf])  # [N, γ]
+    m = torch.stack([pad(x) for x in margin])  # [N, γ]
     n = torch.tensor(accepted)  # [N]
     slots = []
     for k in range(gamma):
+        keep = ~c[:, k].isnan()
+        c, m, n = c[keep], m[keep], n[keep]
         reached = n >= k  # slots < k+1 survived, so slot k+1 was a real test
         survived = n >= k + 1
         slots.append({
