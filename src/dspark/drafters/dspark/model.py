@@ -27,7 +27,7 @@ from dspark.drafters.dspark.attention import BlockLayout
 from dspark.drafters.dspark.attention import register as register_block_attention
 from dspark.drafters.dspark.config import DSparkConfig
 from dspark.drafters.dspark.heads import ConfidenceHead, MarkovHead, RNNHead
-from dspark.drafters.dspark.vocab import check_draft_ids, d2t_t2d, draft_ids_from_d2t, target_to_draft_index
+from dspark.drafters.dspark.vocab import check_draft_ids, d2t_t2d, draft_ids_from_d2t
 from dspark.errors import DsparkError
 
 WEIGHTS_NAME = "model.safetensors"
@@ -251,12 +251,6 @@ class DSparkModel(nn.Module):
     def to_target_ids(self, draft_index: torch.Tensor) -> torch.Tensor:
         """Target ids of draft indices # [...] (the identity for the full vocabulary)."""
         return draft_index if not self.config.reduced_vocab else draft_index + self.d2t[draft_index]
-
-    def to_draft_index(self, target_ids: torch.Tensor) -> torch.Tensor:
-        """Draft index of target ids # [...], -1 where a token is outside the draft vocabulary."""
-        if not self.config.reduced_vocab:
-            return target_ids
-        return target_to_draft_index(self.draft_ids, self.config.vocab_size)[target_ids]
 
     def expand_q(self, q: torch.Tensor) -> torch.Tensor:
         """q over draft indices # [..., N] -> over the target vocabulary # [..., V], zero outside."""

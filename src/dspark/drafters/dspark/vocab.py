@@ -71,8 +71,3 @@ def check_draft_ids(draft_ids: torch.Tensor, vocab_size: int) -> None:
     if draft_ids.numel() > 1 and not bool((draft_ids[1:] > draft_ids[:-1]).all()):
         raise ValueError("draft ids must be strictly ascending (d2t offsets non-decreasing)")
 
-
-def coverage(counts: torch.Tensor, draft_ids: torch.Tensor) -> float:
-    """Fraction of the counted tokens that the draft vocabulary contains."""
-    total = float(counts.sum())
-    return float(counts[draft_ids].sum()) / total if total > 0 else 0.0
