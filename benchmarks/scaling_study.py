@@ -57,6 +57,28 @@ def fit_log_linear(xs: list[float], ys: list[float]) -> dict | None:
     return {"a": a, "b_per_ln_token": b, "tau_gain_per_doubling": b * math.log(2), "tokens_for_tau": tokens_for}
 
 
+def training_rate(run: Path, seen: dict[int, dict]) -> dict | None:
+    """Sequence tokens per second of wall time the run trained at (its own log's clock, at the
+    latest checkpoint step it logged; held-out scoring at checkpoints included)."""
+    log = run / "train_log.jsonl"
+    if not log.is_file():
+        return None
+    elapsed = {e["step"]: e["elapsed_s"] for e in map(json.loads, log.read_text().splitlines()) if "elapsed_s" in e}
+    steps = [s for s in seen if s in elapsed]
+    if not steps:
+        return None
+    step = max(steps)
+    return {"step": step, "elapsed_s": elapsed[step], "tokens_per_s": seen[step]["tokens"] / elapsed[step]}
+
+
+def with_hours(fit: dict | None, rate: dict | None) -> dict | None:
+    """The fit plus the hours of training at ``rate`` its tokens_for_tau would take."""
+    if fit is None or rate is None:
+        return fit
+    hours = {k: (v / rate["tokens_per_s"] / 3600 if v is not None else None) for k, v in fit["tokens_for_tau"].items()}
+    return {**fit, "hours_for_tau_at_this_rate": hours}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", nargs="+", required=True, type=Path)
@@ -119,11 +141,13 @@ def main() -> None:
             score = heldout_tau(model, context, heldout, config)
             points.append({"step": step, **seen[step], **dataclasses.asdict(score)})
             print(f"{run.name} step {step}: τ(T=0) {score.tau_greedy:.3f}  τ(T=1 est.) {score.tau_estimate:.3f}", flush=True)
+        rate = training_rate(run, seen)
         result["runs"][run.name] = {
             "variant": config.variant,
             "points": points,
-            "fit_tau_greedy": fit_log_linear([p["tokens"] for p in points], [p["tau_greedy"] for p in points]),
-            "fit_tau_soft": fit_log_linear([p["tokens"] for p in points], [p["tau_estimate"] for p in points]),
+            "training_rate": rate,
+            "fit_tau_greedy": with_hours(fit_log_linear([p["tokens"] for p in points], [p["tau_greedy"] for p in points]), rate),
+            "fit_tau_soft": with_hours(fit_log_linear([p["tokens"] for p in points], [p["tau_estimate"] for p in points]), rate),
         }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "scaling.json").write_text(json.dumps(result, indent=2) + "\n")
