@@ -141,7 +141,6 @@ def run(args) -> dict:
     from tqdm import tqdm
 
     from dspark.batch_engine import BatchEngine, load_calibration
-    from dspark.cli import warm_up
     from dspark.drafters import SHIPPED_DRAFTER, NoDrafter, default_drafter_spec, make_drafter
     from dspark.drafters.batched import as_batch_drafter
     from dspark.engine import GenerationRequest
@@ -167,7 +166,7 @@ def run(args) -> dict:
     calibrate = None
     if kind in ("dspark", "dflash"):
         calibrate = load_calibration(Path(folder).expanduser() if folder else SHIPPED_DRAFTER)
-    warm_up(target)
+    target.warm_up()
 
     cost = None
     skip: dict[str, str] = {}

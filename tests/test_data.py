@@ -44,7 +44,7 @@ def tokenizer():
     """The default target's tokenizer, from the de-quantized cache folder (no model weights)."""
     from transformers import AutoTokenizer
 
-    from dspark.loading import resolve
+    from dspark.target.loading import resolve
 
     return AutoTokenizer.from_pretrained(resolve(None)[0])
 

@@ -21,7 +21,7 @@ SETTINGS = {"temperature": 0.0, "max_new_tokens": 8}
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from dspark.loading import resolve
+    from dspark.target.loading import resolve
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(resolve(None)[0])

@@ -2,7 +2,7 @@
 requests per step, each verifying its own ℓ_r.
 
 Every live request owns a slot: its committed ids, its target K/V in one row of a
-:class:`~dspark.slot_cache.SlotCache`, its sampling parameters, a torch.Generator seeded from
+:class:`~dspark.target.slot_cache.SlotCache`, its sampling parameters, a torch.Generator seeded from
 the request seed (drafting and verification share it) and its stop checks. Between steps the
 batch-1 invariant of :mod:`dspark.engine` holds per request: the committed ids end with the
 *anchor* and the slot holds K/V of exactly ``len(committed ids) - 1`` positions.
@@ -17,7 +17,7 @@ or bonus tokens. Requests join (prefill into a free slot) and leave (slot freed 
 between steps, so up to ``max_batch`` requests are always in flight.
 
 Padding never changes a result. A row's real queries carry their own position ids and a mask
-(:func:`~dspark.slot_cache.ragged_causal_mask`) that shows them only their own history and
+(:func:`~dspark.target.slot_cache.ragged_causal_mask`) that shows them only their own history and
 their own earlier tokens of this step; padded queries are never read; the K/V they write lie
 past the row's committed length, hidden by the mask and overwritten by the next step's
 tokens before any query can see them. Rolling back rejected tokens is the same move: the
@@ -38,9 +38,10 @@ from dspark.drafters.batched import BatchDrafter, as_batch_drafter
 from dspark.engine import GenerationRequest, GenerationResult, StopChecker
 from dspark.sampling import sample_from_logits
 from dspark.scheduler import Policy, SlotGate
-from dspark.slot_cache import SlotCache, SlotWriteView, ragged_causal_mask
 from dspark.stats import GenerationStats
-from dspark.target import TargetModel, TargetOutput
+from dspark.target.model import TargetModel
+from dspark.target.ragged import verify_forward
+from dspark.target.slot_cache import SlotCache
 from dspark.verify import verify
 
 Calibrate = Callable[[torch.Tensor], torch.Tensor]
@@ -160,26 +161,6 @@ class _Live:
         self.stats.new_tokens = len(ids)
         self.stats.wall_s = now - self.start
         return GenerationResult(ids, self.stops.text(ids), self.stats, self.finish or "length")
-
-
-def verify_forward(
-    target: TargetModel,
-    cache: SlotCache,
-    slots: Sequence[int],
-    starts: Sequence[int],
-    feed: torch.Tensor,
-    layer_ids: Sequence[int] = (),
-) -> TargetOutput:
-    """One ragged target forward: row r of ``feed`` # [R, T] continues slot slots[r] at
-    position starts[r]; returns logits # [R, T, V] (padded rows' tails are garbage)."""
-    device = feed.device
-    num_new = feed.shape[1]
-    kv_len = max(starts) + num_new
-    starts_t = torch.tensor(list(starts), device=device)
-    view = SlotWriteView(cache, torch.tensor(list(slots), device=device), starts_t, kv_len)
-    positions = starts_t.unsqueeze(1) + torch.arange(num_new, device=device)
-    mask = ragged_causal_mask(starts_t, num_new, kv_len)
-    return target.forward(feed, view, layer_ids, attention_mask=mask, position_ids=positions)
 
 
 class BatchEngine:

@@ -92,7 +92,7 @@ def _generate(prompt, model, drafter_spec, gamma, params, max_new_tokens, seed, 
         stop=stop,
         seed=seed,
     )
-    warm_up(target)
+    target.warm_up()
     streamer = None if as_json else _Streamer(target, stop)
     result = engine.generate(request, on_tokens=streamer)
     if streamer is not None:
@@ -129,14 +129,6 @@ def _generate(prompt, model, drafter_spec, gamma, params, max_new_tokens, seed, 
             f" · identical to plain: {'yes' if summary['identical_to_plain'] else 'no'}"
         )
     typer.echo(line, err=True)
-
-
-def warm_up(target) -> None:
-    """One throwaway forward so thread pools and allocators don't bill the first timed run."""
-    import torch
-
-    ids = torch.zeros(1, 8, dtype=torch.long, device=target.device)
-    target.forward(ids, target.new_cache())
 
 
 class _Streamer:

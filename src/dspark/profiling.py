@@ -9,7 +9,7 @@ measured over the engine's real shapes, and the scheduler (:mod:`dspark.schedule
 every candidate step by its (R, W).
 
 ``measure_cost_table`` times the batched engine's own verification step
-(:func:`~dspark.batch_engine.verify_forward` plus the per-request verify rule) for every W
+(:func:`~dspark.target.ragged.verify_forward` plus the per-request verify rule) for every W
 from 1 to 1 + ``max_draft`` and R on a grid up to ``max_requests``, with each request's slot
 holding ``context`` committed positions. Between measured R the step *time* is interpolated
 linearly. Step time never decreases with R or W in truth, so measurement noise that says
@@ -260,8 +260,8 @@ def measure_cost_table(
 ) -> CostTable:
     """Time the engine's verification step for every (R, W); the median of ``repeats`` runs
     (after one warm-up) gives its step time. ``progress(R, W, sps)`` is called after each."""
-    from dspark.batch_engine import verify_forward
-    from dspark.slot_cache import SlotCache
+    from dspark.target.ragged import verify_forward
+    from dspark.target.slot_cache import SlotCache
     from dspark.verify import greedy_verify
 
     if max_requests < 1 or max_draft < 0 or context < 1 or repeats < 1:

@@ -70,7 +70,7 @@ def load_tokenizer(spec: str | None = None):
     from transformers import AutoTokenizer
 
     from dspark.errors import ModelLoadError
-    from dspark.loading import resolve
+    from dspark.target.loading import resolve
 
     where, kwargs = resolve(spec)
     try:

@@ -6,7 +6,7 @@ sequential loop: for k = 1..γ sample x_k from q_k = softmax((U_k + B(x_{k-1})) 
 at T = 0) and compute c_k from [h_k; W1[x_{k-1}]].
 
 :class:`BatchedDSparkDrafter` does the same for many requests at once (the batched engine):
-every request's context K/V lives in a slot of one :class:`~dspark.slot_cache.SlotCache`,
+every request's context K/V lives in a slot of one :class:`~dspark.target.slot_cache.SlotCache`,
 one backbone pass runs all blocks over their padded contexts under a mask, and the
 sequential loop advances every request's slot k together. Given a *gate* (the engine's
 :class:`~dspark.drafters.batched.DraftGate`), it asks before each slot whether any request
@@ -27,7 +27,7 @@ from dspark.drafters.batched import DraftGate
 from dspark.drafters.dspark.model import ContextKV, DSparkModel
 from dspark.errors import DsparkError
 from dspark.sampling import sample_from_logits
-from dspark.slot_cache import SlotCache, SlotContextView, SlotWriteView, context_block_mask
+from dspark.target.slot_cache import SlotCache, SlotContextView, SlotWriteView, context_block_mask
 
 
 class DSparkDrafter:
