@@ -141,8 +141,7 @@ def run(args) -> dict:
     from tqdm import tqdm
 
     from dspark.batch_engine import BatchEngine, load_calibration
-    from dspark.drafters import SHIPPED_DRAFTER, NoDrafter, default_drafter_spec, make_drafter
-    from dspark.drafters.batched import as_batch_drafter
+    from dspark.drafters import SHIPPED_DRAFTER, NoDrafter, as_batch_drafter, default_drafter_spec, make_drafter
     from dspark.engine import GenerationRequest
     from dspark.errors import DsparkError
     from dspark.profiling import require_cost_table

@@ -25,10 +25,11 @@ import torch
 import dspark.verify
 from conftest import tiny_llama, tiny_target
 from dspark.batch_engine import BatchEngine, load_calibration
-from dspark.drafters.base import DraftInput, NoDrafter
-from dspark.drafters.batched import BatchDrafter, LoopedDrafter, as_batch_drafter
+from dspark.drafters.base import BatchDrafter, DraftInput, NoDrafter
 from dspark.drafters.draft_model import DraftModelDrafter
 from dspark.drafters.dspark import DSparkConfig, DSparkDrafter, DSparkModel
+from dspark.drafters.factory import as_batch_drafter
+from dspark.drafters.looped import LoopedDrafter
 from dspark.drafters.ngram import NgramConfig, NgramDrafter
 from dspark.engine import GenerationRequest, SpeculativeEngine
 from dspark.errors import DsparkError

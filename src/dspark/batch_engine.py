@@ -33,8 +33,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from dspark.drafters.base import DraftBlock, DraftInput
-from dspark.drafters.batched import BatchDrafter, as_batch_drafter
+from dspark.drafters.base import BatchDrafter, DraftBlock, DraftInput
+from dspark.drafters.factory import as_batch_drafter
 from dspark.engine import GenerationRequest, GenerationResult, StopChecker
 from dspark.sampling import sample_from_logits
 from dspark.scheduler import Policy, SlotGate

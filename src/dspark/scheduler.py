@@ -285,7 +285,7 @@ class DSparkScheduler:
 
 
 class SlotGate:
-    """A :class:`~dspark.drafters.batched.DraftGate` that stops drafting once ``policy`` would
+    """A :class:`~dspark.drafters.base.DraftGate` that stops drafting once ``policy`` would
     verify no further slot: drafting costs what it drafts, so slots that no request will
     verify are never drafted.
 

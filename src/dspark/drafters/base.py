@@ -1,15 +1,19 @@
-"""The narrow interface between the engine and every drafter.
+"""The narrow interfaces between the engines and every drafter.
 
 A drafter sees the committed tokens of one request (the last one is the *anchor*: committed
 by the target but not yet run through it) and the target features of committed tokens it
 has not seen yet. It returns a :class:`DraftBlock`: γ tokens, their draft distributions q
 and, optionally, confidences c_k. After verification it is told how many were accepted.
+
+:class:`Drafter` is what the batch-1 engine talks to; :class:`BatchDrafter` is what the
+batched engine talks to: per-request state in *slots* (one per live request) and one
+:class:`DraftBlock` per request in a single call, which a :data:`DraftGate` may cut short.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Callable, Protocol, Sequence, runtime_checkable
 
 import torch
 
@@ -109,3 +113,38 @@ class NoDrafter:
 
     def accepted(self, num_accepted: int) -> None:
         return None
+
+
+DraftGate = Callable[[int, Sequence[int], Sequence[int], torch.Tensor], bool]
+"""``gate(k, rows, gammas, confidences)``, asked before slot k+1 (1-based) is drafted:
+``rows`` are the indices (into the call's inputs) of the requests being drafted, ``gammas``
+their most tokens, and ``confidences`` # [len(rows), k+1] their raw c_1..c_{k+1}. False stops
+drafting: every block keeps its first k tokens. A drafter without confidences ignores it."""
+
+
+@runtime_checkable
+class BatchDrafter(Protocol):
+    """What the batched engine needs from a drafter."""
+
+    name: str
+    feature_layer_ids: tuple[int, ...]
+    gamma: int
+    """Most tokens proposed per request and round; the engine sizes its caches with it."""
+
+    def check_target(self, target) -> None:
+        """Raise IncompatibleDrafterError when the drafter cannot serve ``target``."""
+
+    def allocate(self, num_slots: int, capacity: int) -> None:
+        """Prepare ``num_slots`` slots of up to ``capacity`` positions; drops all state."""
+
+    def open(self, slot: int) -> None:
+        """A new request takes ``slot``: forget what the slot held."""
+
+    def propose_batch(
+        self, slots: Sequence[int], inputs: Sequence[DraftInput], gate: DraftGate | None = None
+    ) -> list[DraftBlock]:
+        """One block per request; ``inputs[i]`` belongs to the request in ``slots[i]``. A
+        drafter may ignore ``gate`` (and then drafts whole blocks)."""
+
+    def accepted(self, slots: Sequence[int], num_accepted: Sequence[int]) -> None:
+        """Told after verification how many tokens of each request's block survived."""

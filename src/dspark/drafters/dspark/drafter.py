@@ -9,7 +9,7 @@ at T = 0) and compute c_k from [h_k; W1[x_{k-1}]].
 every request's context K/V lives in a slot of one :class:`~dspark.target.slot_cache.SlotCache`,
 one backbone pass runs all blocks over their padded contexts under a mask, and the
 sequential loop advances every request's slot k together. Given a *gate* (the engine's
-:class:`~dspark.drafters.batched.DraftGate`), it asks before each slot whether any request
+:class:`~dspark.drafters.base.DraftGate`), it asks before each slot whether any request
 could still verify it, and stops drafting as soon as none can. With the full vocabulary the
 LM head then runs only for slots that are drafted, one slot at a time, so that each slot's
 drafting cost is the same and the scheduler can price it; with a reduced draft vocabulary
@@ -22,8 +22,7 @@ from typing import Sequence
 
 import torch
 
-from dspark.drafters.base import DraftBlock, DraftInput
-from dspark.drafters.batched import DraftGate
+from dspark.drafters.base import DraftBlock, DraftGate, DraftInput
 from dspark.drafters.dspark.model import ContextKV, DSparkModel
 from dspark.errors import DsparkError
 from dspark.sampling import sample_from_logits
@@ -113,7 +112,7 @@ class DSparkDrafter:
 
 
 class BatchedDSparkDrafter:
-    """A :class:`~dspark.drafters.batched.BatchDrafter` over the model of a DSparkDrafter.
+    """A :class:`~dspark.drafters.base.BatchDrafter` over the model of a DSparkDrafter.
 
     Per request it computes exactly what :class:`DSparkDrafter` computes; only the padding
     differs, and the masks keep padded context positions out of every attention.
