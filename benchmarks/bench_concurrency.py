@@ -144,9 +144,9 @@ def run(args) -> dict:
     from dspark.drafters import SHIPPED_DRAFTER, NoDrafter, as_batch_drafter, default_drafter_spec, make_drafter
     from dspark.engine import GenerationRequest
     from dspark.errors import DsparkError
-    from dspark.profiling import require_cost_table
+    from dspark.scheduling.profiling import require_cost_table
     from dspark.sampling import SamplingParams
-    from dspark.scheduler import make_policy
+    from dspark.scheduling import make_policy
     from dspark.target import TargetModel
 
     console = Console(stderr=True)

@@ -78,7 +78,7 @@ def run(args) -> dict:
     from dspark.engine import GenerationRequest
     from dspark.evaluation.runner import git_state, machine_info
     from dspark.sampling import SamplingParams
-    from dspark.scheduler import make_policy
+    from dspark.scheduling import make_policy
     from dspark.target import TargetModel
     from dspark.training import data
 

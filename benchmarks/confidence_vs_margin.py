@@ -32,7 +32,7 @@ def main() -> None:
     from tqdm.auto import tqdm
 
     torch.set_num_threads(args.threads)
-    from dspark.calibration import roc_auc
+    from dspark.scheduling.calibration import roc_auc
     from dspark.drafters import make_drafter
     from dspark.engine import GenerationRequest, SpeculativeEngine
     from dspark.evaluation.datasets import load_dataset

@@ -33,9 +33,9 @@ from dspark.drafters.looped import LoopedDrafter
 from dspark.drafters.ngram import NgramConfig, NgramDrafter
 from dspark.engine import GenerationRequest, SpeculativeEngine
 from dspark.errors import DsparkError
-from dspark.profiling import CostKey, CostTable
 from dspark.sampling import SamplingParams
-from dspark.scheduler import DSparkScheduler, FixedGamma, FlatCost, StaticThreshold, gamma_one
+from dspark.scheduling import DSparkScheduler, FixedGamma, FlatCost, StaticThreshold, gamma_one
+from dspark.scheduling.profiling import CostKey, CostTable
 from stats_helpers import chisquare_gof
 from test_lossless import NEW_TOKENS, PROMPT, T1, TARGET_SCALE, TARGET_SEED, V, exact_target_distribution
 
@@ -284,7 +284,7 @@ def test_calibration_is_applied_before_scheduling(rich, tmp_path):
     sure = BatchEngine(rich, dspark_drafter(rich=True), StaticThreshold(0.99), calibrate=torch.ones_like)
     assert all(set(r.stats.proposed) - {0} for r in sure.generate(requests).results)
     assert load_calibration(tmp_path) is None
-    from dspark.calibration import Calibration
+    from dspark.scheduling.calibration import Calibration
 
     Calibration((2.0, 2.0, 2.0)).save(tmp_path)
     apply = load_calibration(tmp_path)

@@ -12,7 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import tiny_llama
-from dspark.calibration import Calibration
+from dspark.scheduling.calibration import Calibration
 from dspark.cli import app
 from dspark.drafters.base import DraftBlock, DraftInput, NoDrafter
 from dspark.drafters.ngram import NgramConfig, NgramDrafter

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from conftest import tiny_target
 from dspark.errors import DsparkError
-from dspark.profiling import (
+from dspark.scheduling.profiling import (
     CostKey,
     CostTable,
     cost_key,
@@ -26,7 +26,7 @@ from dspark.profiling import (
     measure_cost_table,
     require_cost_table,
 )
-from dspark.scheduler import (
+from dspark.scheduling import (
     DSparkScheduler,
     FixedGamma,
     FlatCost,
@@ -34,8 +34,8 @@ from dspark.scheduler import (
     StaticThreshold,
     gamma_one,
     make_policy,
-    prefix_survival,
 )
+from dspark.scheduling.algorithm1 import prefix_survival
 from dspark.verify import rejection_sample
 from stats_helpers import ALPHA
 

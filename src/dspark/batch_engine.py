@@ -8,9 +8,9 @@ batch-1 invariant of :mod:`dspark.engine` holds per request: the committed ids e
 *anchor* and the slot holds K/V of exactly ``len(committed ids) - 1`` positions.
 
 One step: the drafter proposes γ_r tokens per request in one batched call; the policy
-(:mod:`dspark.scheduler`) picks ℓ_r <= γ_r from the calibrated confidences c_k (with a
+(:mod:`dspark.scheduling`) picks ℓ_r <= γ_r from the calibrated confidences c_k (with a
 confidence policy, drafting itself stops at the first slot no request will verify:
-:class:`~dspark.scheduler.SlotGate`); one target
+:class:`~dspark.scheduling.gate.SlotGate`); one target
 forward runs [anchor, x_1..x_ℓ_r] for every request, right-padded to the longest row; each
 request is verified with its own parameters and generator and commits accepted + recovered
 or bonus tokens. Requests join (prefill into a free slot) and leave (slot freed at once)
@@ -37,7 +37,8 @@ from dspark.drafters.base import BatchDrafter, DraftBlock, DraftInput
 from dspark.drafters.factory import as_batch_drafter
 from dspark.engine import GenerationRequest, GenerationResult, StopChecker
 from dspark.sampling import sample_from_logits
-from dspark.scheduler import Policy, SlotGate
+from dspark.scheduling.gate import SlotGate
+from dspark.scheduling.policy import Policy
 from dspark.stats import GenerationStats
 from dspark.target.model import TargetModel
 from dspark.target.ragged import verify_forward
@@ -206,11 +207,11 @@ class BatchEngine:
         profile_dir=None,
         profile_if_missing: bool = False,
     ) -> "BatchEngine":
-        """Build the policy named ``policy`` (scheduler.POLICY_HELP); ``dspark`` loads the cost
+        """Build the policy named ``policy`` (dspark.scheduling.factory.POLICY_HELP); ``dspark`` loads the cost
         table of this target now, measures and saves it when ``profile_if_missing``, and
         otherwise raises an error that names ``dspark profile``."""
-        from dspark.profiling import require_cost_table
-        from dspark.scheduler import make_policy
+        from dspark.scheduling.profiling import require_cost_table
+        from dspark.scheduling.factory import make_policy
 
         drafter = as_batch_drafter(drafter)
         cost = None
@@ -401,7 +402,7 @@ class BatchEngine:
 def load_calibration(drafter_folder) -> Calibrate | None:
     """``Calibration.apply`` of the STS calibration saved beside a drafter, if there is one."""
     try:
-        from dspark.calibration import Calibration
+        from dspark.scheduling.calibration import Calibration
     except ImportError:
         return None
     calibration = Calibration.load(drafter_folder)

@@ -50,7 +50,7 @@ def _profile(model, device, dtype, threads, max_requests, max_draft, context, re
     import torch
     from tqdm import tqdm
 
-    from dspark.profiling import default_requests, measure_cost_table
+    from dspark.scheduling.profiling import default_requests, measure_cost_table
     from dspark.target import TargetModel
 
     if threads is not None:

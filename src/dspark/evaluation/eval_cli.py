@@ -124,7 +124,7 @@ def _calibrate(spec, dataset_specs, model, limit, max_new_tokens, temperature, s
 
     from tqdm import tqdm
 
-    from dspark.calibration import DEFAULT_GRID
+    from dspark.scheduling.calibration import DEFAULT_GRID
     from dspark.errors import DsparkError
     from dspark.evaluation import report, runner
     from dspark.evaluation.datasets import builtin_names, load_dataset
@@ -205,7 +205,7 @@ def drafter_folder(spec: str) -> Path | None:
 
 def _load(model, specs, gamma, device):
     """The target, one engine per drafter spec, and each drafter's stored calibration (or None)."""
-    from dspark.calibration import Calibration
+    from dspark.scheduling.calibration import Calibration
     from dspark.drafters import make_drafter
     from dspark.engine import SpeculativeEngine
     from dspark.target import TargetModel

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
-from dspark.calibration import (
+from dspark.scheduling.calibration import (
     DEFAULT_MIN_EVENTS,
     Calibration,
     CalibrationData,

@@ -620,7 +620,7 @@ def answer_batch(
     from dspark.drafters import NoDrafter
     from dspark.engine import GenerationRequest
     from dspark.sampling import SamplingParams
-    from dspark.scheduler import make_policy
+    from dspark.scheduling.factory import make_policy
 
     if stops != target.eos_token_ids:
         raise DsparkError(

@@ -1,170 +1,24 @@
-"""Verification-length policies: how many drafted tokens ℓ_r each request verifies this step.
+"""DSpark's hardware-aware prefix scheduler (Algorithm 1), without host syncs.
 
-Glossary (paper §3.2.2): request r drafted γ_r tokens with calibrated confidences c_{r,k}
-(c_k: probability that x_k survives given x_<k did). a_{r,j} = ∏_{i≤j} c_{r,i} is the prefix
-survival of j tokens. A step verifies B = Σ_r (1 + ℓ_r) target tokens and is expected to
-commit τ* = Σ_r (1 + Σ_{j≤ℓ_r} a_{r,j}) tokens; SPS(B) is the profiled steps per second, and
-Θ = τ*·SPS(B) the expected token throughput.
+Glossary as in :mod:`dspark.scheduling.policy`: a_{r,j} = ∏_{i≤j} c_{r,i} is the prefix
+survival of j drafted tokens of request r, τ* the tokens a step is expected to commit and
+Θ = τ*·SPS the expected token throughput, SPS coming from a
+:class:`~dspark.scheduling.cost.CostModel`.
 
-The cost model: the engine pads a step's rows to the longest one, so what a step really costs
-is a function of its shape, R rows × W = 1 + max_r ℓ_r tokens, not of B alone. A
-:class:`CostModel` answers SPS for (R, W, B); the profiled table (:mod:`dspark.profiling`)
-reads (R, W), :class:`FlatCost` reads B (the paper's flattened-token model). Algorithm 1 is
-the same under either: every admission changes (W, B), and Θ is evaluated there.
-
-Every policy maps (γ_r, c_{r,·}) to ℓ_r ≤ γ_r. Losslessness needs only one property of it:
-the decision ℓ_r ≥ k must not depend on x_{r,k} (nor later tokens), because c_{r,k+1} is
-computed from x_{r,k}. Fixed lengths and the static threshold (which reads c_{r,1..k} only)
-have it trivially; DSpark has it because of its early stop (Appendix A): candidates are
-admitted in descending a, and (r, k+1) can never precede (r, k), so the admission of (r, k)
-is settled before any quantity that depends on x_{r,k} is looked at.
+Candidates are admitted in descending a, and (r, k+1) can never precede (r, k), so the
+admission of (r, k) is settled before any quantity that depends on x_{r,k} is looked at: the
+early stop keeps the schedule non-anticipating (Appendix A), hence verification lossless.
 """
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Sequence
 
 import torch
 
 from dspark.errors import DsparkError
-
-
-@dataclass(frozen=True)
-class Schedule:
-    """The verification lengths of one step."""
-
-    lengths: list[int]
-    """ℓ_r per request, 0 <= ℓ_r <= γ_r."""
-    expected_tokens: float | None = None
-    """τ*: tokens the step is expected to commit under the confidences (DSpark only)."""
-    survival_scale: float = 1.0
-    """The factor the prefix survivals were scaled by (DSpark's online feedback)."""
-
-
-class CostModel(Protocol):
-    """What DSpark needs from a cost table (see :mod:`dspark.profiling`)."""
-
-    padded: bool
-    """True when a step costs by its padded shape (R, W); False when by its B tokens."""
-
-    def covers(self, requests: int, width: int) -> bool:
-        """Whether steps of ``requests`` rows of up to ``width`` tokens each can be costed."""
-
-    def describe_coverage(self) -> str:
-        """What the table covers, for error messages."""
-
-    def steps_per_second(self, requests: int, widths: torch.Tensor, budgets: torch.Tensor) -> torch.Tensor:
-        """SPS of steps of ``requests`` rows, padded widths # [N] and budgets # [N] -> # [N] float."""
-
-
-class FlatCost:
-    """SPS as a function of the total tokens B only: the paper's model, exact for an engine
-    that flattens the step's tokens instead of padding them. ``sps[b - 1]`` is SPS(B = b)."""
-
-    padded = False
-
-    def __init__(self, sps) -> None:
-        self.sps = tuple(float(v) for v in sps)
-        if not self.sps or any(not (v > 0.0) for v in self.sps):
-            raise ValueError("SPS values must be positive, one per B = 1, 2, ...")
-
-    def covers(self, requests: int, width: int) -> bool:
-        return requests * width <= len(self.sps)
-
-    def describe_coverage(self) -> str:
-        return f"B <= {len(self.sps)}"
-
-    def steps_per_second(self, requests: int, widths: torch.Tensor, budgets: torch.Tensor) -> torch.Tensor:
-        table = torch.tensor(self.sps, dtype=torch.float32, device=budgets.device)
-        return table[budgets.long() - 1]
-
-
-class Policy(Protocol):
-    """Chooses ℓ_r for every request of a step."""
-
-    name: str
-    max_draft: int | None
-    """Most tokens worth drafting per request (None: the drafter's whole block)."""
-    needs_confidences: bool
-
-    def schedule(self, drafted: Sequence[int], confidences: torch.Tensor | None) -> Schedule:
-        """``drafted`` γ_r per request # [R] (host ints), ``confidences`` # [R, W] (W >= max γ_r;
-        entries at or beyond γ_r are ignored) or None -> ℓ_r per request."""
-
-    def check_shape(self, requests: int, width: int) -> None:
-        """Raise DsparkError if steps of ``requests`` rows of up to ``width`` tokens cannot be
-        scheduled."""
-
-
-def _check(drafted: Sequence[int], confidences: torch.Tensor | None, needed: bool, name: str) -> None:
-    if any(g < 0 for g in drafted):
-        raise ValueError(f"drafted lengths must be >= 0, got {list(drafted)}")
-    if confidences is None:
-        if needed and any(drafted):
-            raise DsparkError(
-                f"the {name} policy needs confidences c_k, but the drafter returned none "
-                "(only DSpark drafters with a confidence head provide them)"
-            )
-        return
-    width = max(drafted, default=0)
-    if confidences.dim() != 2 or confidences.shape[0] != len(drafted) or confidences.shape[1] < width:
-        raise ValueError(
-            f"confidences must be [R={len(drafted)}, W>={width}], got {tuple(confidences.shape)}"
-        )
-
-
-class FixedGamma:
-    """Verify min(γ_r, gamma) tokens: the whole block when ``gamma`` is None (fixed-γ)."""
-
-    needs_confidences = False
-
-    def __init__(self, gamma: int | None = None, name: str | None = None) -> None:
-        if gamma is not None and gamma < 0:
-            raise ValueError(f"gamma must be >= 0, got {gamma}")
-        self.gamma = gamma
-        self.max_draft = gamma
-        self.name = name or ("fixed" if gamma is None else f"fixed-{gamma}")
-
-    def check_shape(self, requests: int, width: int) -> None:
-        return None
-
-    def schedule(self, drafted: Sequence[int], confidences: torch.Tensor | None) -> Schedule:
-        _check(drafted, confidences, False, self.name)
-        cap = self.gamma
-        return Schedule([g if cap is None else min(g, cap) for g in drafted])
-
-
-def gamma_one() -> FixedGamma:
-    """γ = 1: one draft token per request and step, the analogue of the paper's MTP-1."""
-    return FixedGamma(1, name="gamma-1")
-
-
-class StaticThreshold:
-    """Cut each block at its first c_k below ``threshold`` (single-request heuristics)."""
-
-    needs_confidences = True
-    max_draft = None
-
-    def __init__(self, threshold: float) -> None:
-        if not 0.0 <= threshold <= 1.0:
-            raise ValueError(f"threshold must lie in [0, 1], got {threshold}")
-        self.threshold = threshold
-        self.name = f"threshold-{threshold:g}"
-
-    def check_shape(self, requests: int, width: int) -> None:
-        return None
-
-    def schedule(self, drafted: Sequence[int], confidences: torch.Tensor | None) -> Schedule:
-        _check(drafted, confidences, True, self.name)
-        if confidences is None:
-            return Schedule([0] * len(drafted))
-        width = confidences.shape[1]
-        valid = torch.arange(width, device=confidences.device) < torch.tensor(drafted, device=confidences.device).view(-1, 1)
-        keep = (confidences >= self.threshold) & valid  # [R, W]
-        lengths = keep.long().cumprod(dim=1).sum(dim=1)  # leading run of kept slots
-        return Schedule(lengths.tolist())  # host sync: the engine slices the blocks on the host
+from dspark.scheduling.cost import CostModel
+from dspark.scheduling.policy import Schedule, check_inputs
 
 
 class DSparkScheduler:
@@ -272,7 +126,7 @@ class DSparkScheduler:
             )
 
     def schedule(self, drafted: Sequence[int], confidences: torch.Tensor | None) -> Schedule:
-        _check(drafted, confidences, True, self.name)
+        check_inputs(drafted, confidences, True, self.name)
         num = len(drafted)
         self.check_shape(num, 1 + max(drafted, default=0))
         if confidences is None or not any(drafted):
@@ -282,44 +136,6 @@ class DSparkScheduler:
         lengths, tau = solve(confidences, drafted, self.step_rate(num), scale)
         values = torch.cat([lengths.to(tau.dtype), tau.view(1)]).tolist()  # the one host sync
         return Schedule([int(v) for v in values[:-1]], values[-1], scale)
-
-
-class SlotGate:
-    """A :class:`~dspark.drafters.base.DraftGate` that stops drafting once ``policy`` would
-    verify no further slot: drafting costs what it drafts, so slots that no request will
-    verify are never drafted.
-
-    Asked before slot k+1 is drafted, it schedules the step as if every block ended at slot
-    k+1; c_{k+1} is already known (it needs x_k, not x_{k+1}). If no request gets ℓ = k+1,
-    drafting stops and that schedule is the step's: it is exactly the schedule of the whole
-    blocks, whatever slots k+1.. would have held. Fixed lengths and the static threshold
-    decide each request from its own first k+1 confidences. For DSpark, the search stops at
-    its first non-improving candidate; every (r, k+1) lies at or after that point (none was
-    admitted), every (r, j > k+1) after its (r, k+1), so the longer blocks only add
-    candidates the search never reaches. The step's ℓ is thus the whole-block schedule's,
-    itself non-anticipating, and verification stays lossless.
-    """
-
-    def __init__(self, policy: Policy, num: int, calibrate=None, device="cpu") -> None:
-        self.policy, self.num, self.calibrate, self.device = policy, num, calibrate, device
-        self.schedule: Schedule | None = None
-        """The step's schedule once the gate has stopped drafting, else None."""
-        self.first_call: float | None = None
-        """time.perf_counter() when the drafter first asked (its fixed work was done)."""
-
-    def __call__(self, k: int, rows: Sequence[int], gammas: Sequence[int], confidences: torch.Tensor) -> bool:
-        if self.first_call is None:
-            self.first_call = time.perf_counter()
-        full = torch.full((self.num, k + 1), 0.5, device=self.device)  # 0.5: finite under any calibration
-        full[list(rows)] = confidences.to(full.dtype)
-        drafted = [0] * self.num
-        for i, g in zip(rows, gammas):
-            drafted[i] = min(g, k + 1)
-        schedule = self.policy.schedule(drafted, self.calibrate(full) if self.calibrate is not None else full)
-        if any(ell == k + 1 for ell in schedule.lengths):
-            return True
-        self.schedule = schedule
-        return False
 
 
 def prefix_survival(confidences: torch.Tensor, drafted: Sequence[int], scale: float = 1.0) -> torch.Tensor:
@@ -384,29 +200,3 @@ def _early_stop(gains: torch.Tensor, widths: torch.Tensor, budgets: torch.Tensor
     admitted = ((theta > theta_prev) & (gains > 0)).long().cumprod(0).sum()  # the leading run # []
     tau_star = torch.where(admitted > 0, tau[(admitted - 1).clamp_min(0)], torch.tensor(float(num), device=gains.device))
     return admitted, tau_star
-
-
-POLICY_HELP = "plain | fixed[:γ] | gamma1 | threshold:<t> | dspark"
-
-
-def make_policy(spec: str, cost: CostModel | None = None) -> Policy:
-    """Build a policy from its command-line name (see POLICY_HELP).
-
-    ``plain`` verifies the anchor only (ℓ = 0); pair it with the ``none`` drafter to avoid
-    drafting at all. ``dspark`` needs ``cost``; it never falls back to verifying everything.
-    """
-    kind, _, arg = spec.partition(":")
-    try:
-        if kind == "plain" and not arg:
-            return FixedGamma(0, name="plain")
-        if kind == "fixed":
-            return FixedGamma(int(arg) if arg else None)
-        if kind == "gamma1" and not arg:
-            return gamma_one()
-        if kind == "threshold" and arg:
-            return StaticThreshold(float(arg))
-    except ValueError as exc:
-        raise DsparkError(f"bad policy {spec!r}: {exc}") from None
-    if kind == "dspark" and not arg:
-        return DSparkScheduler(cost)
-    raise DsparkError(f"unknown policy {spec!r}; choose one of: {POLICY_HELP}")

@@ -5,7 +5,7 @@ The paper writes SPS(B) with B = Σ_r (1 + ℓ_r), the cost of an engine that fl
 tokens. This engine pads the rows of a step to the longest one (:mod:`dspark.batch_engine`),
 so the target really processes R × W positions and B alone misprices a step: at R = 4, one
 row verifying 4 drafted tokens costs what four such rows cost. The table is therefore
-measured over the engine's real shapes, and the scheduler (:mod:`dspark.scheduler`) costs
+measured over the engine's real shapes, and the scheduler (:mod:`dspark.scheduling.algorithm1`) costs
 every candidate step by its (R, W).
 
 ``measure_cost_table`` times the batched engine's own verification step
@@ -75,7 +75,7 @@ class CostTable:
     created: str = ""
 
     padded = True
-    """Costs depend on the padded shape (R, W), not on B: see :class:`~dspark.scheduler.DSparkScheduler`."""
+    """Costs depend on the padded shape (R, W), not on B: see :class:`~dspark.scheduling.algorithm1.DSparkScheduler`."""
 
     def __post_init__(self) -> None:
         if len(self.requests) != len(self.steps_per_s) or not self.requests:
