@@ -140,13 +140,13 @@ def run(args) -> dict:
     from rich.console import Console
     from tqdm import tqdm
 
-    from dspark.batch_engine import BatchEngine, load_calibration
     from dspark.drafters import SHIPPED_DRAFTER, NoDrafter, as_batch_drafter, default_drafter_spec, make_drafter
-    from dspark.engine import GenerationRequest
+    from dspark.engine import BatchEngine, GenerationRequest
     from dspark.errors import DsparkError
-    from dspark.scheduling.profiling import require_cost_table
     from dspark.sampling import SamplingParams
     from dspark.scheduling import make_policy
+    from dspark.scheduling.calibration import load_calibration
+    from dspark.scheduling.profiling import require_cost_table
     from dspark.target import TargetModel
 
     console = Console(stderr=True)

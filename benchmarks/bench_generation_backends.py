@@ -4,7 +4,7 @@ Both decode the same prompts greedily (plain decoding, no drafter) for ``--max-n
 
 - ``generate``: :func:`dspark.training.data.sample_batch`, i.e. ``model.generate`` over static
   left-padded batches of 16 and 32 (a finished row keeps its place until the batch ends);
-- ``engine``: :class:`dspark.batch_engine.BatchEngine` with the ``none`` drafter and the
+- ``engine``: :class:`dspark.engine.batched.BatchEngine` with the ``none`` drafter and the
   ``plain`` policy at concurrency 16 and 32 (continuous batching: a finished request leaves
   at once and the next prompt takes its slot).
 
@@ -73,9 +73,8 @@ def run(args) -> dict:
     import torch
     from tqdm import tqdm
 
-    from dspark.batch_engine import BatchEngine
     from dspark.drafters import NoDrafter
-    from dspark.engine import GenerationRequest
+    from dspark.engine import BatchEngine, GenerationRequest
     from dspark.evaluation.runner import git_state, machine_info
     from dspark.sampling import SamplingParams
     from dspark.scheduling import make_policy

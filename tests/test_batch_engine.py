@@ -24,17 +24,17 @@ import torch
 
 import dspark.verify
 from conftest import tiny_llama, tiny_target
-from dspark.batch_engine import BatchEngine, load_calibration
 from dspark.drafters.base import BatchDrafter, DraftInput, NoDrafter
 from dspark.drafters.draft_model import DraftModelDrafter
 from dspark.drafters.dspark import DSparkConfig, DSparkDrafter, DSparkModel
 from dspark.drafters.factory import as_batch_drafter
 from dspark.drafters.looped import LoopedDrafter
 from dspark.drafters.ngram import NgramConfig, NgramDrafter
-from dspark.engine import GenerationRequest, SpeculativeEngine
+from dspark.engine import BatchEngine, GenerationRequest, SpeculativeEngine
 from dspark.errors import DsparkError
 from dspark.sampling import SamplingParams
 from dspark.scheduling import DSparkScheduler, FixedGamma, FlatCost, StaticThreshold, gamma_one
+from dspark.scheduling.calibration import load_calibration
 from dspark.scheduling.profiling import CostKey, CostTable
 from stats_helpers import chisquare_gof
 from test_lossless import NEW_TOKENS, PROMPT, T1, TARGET_SCALE, TARGET_SEED, V, exact_target_distribution

@@ -2,7 +2,7 @@
 step verifies R requests whose rows are padded to W = 1 + max_r ℓ_r tokens each.
 
 The paper writes SPS(B) with B = Σ_r (1 + ℓ_r), the cost of an engine that flattens a step's
-tokens. This engine pads the rows of a step to the longest one (:mod:`dspark.batch_engine`),
+tokens. This engine pads the rows of a step to the longest one (:mod:`dspark.engine.batched`),
 so the target really processes R × W positions and B alone misprices a step: at R = 4, one
 row verifying 4 drafted tokens costs what four such rows cost. The table is therefore
 measured over the engine's real shapes, and the scheduler (:mod:`dspark.scheduling.algorithm1`) costs

@@ -519,7 +519,7 @@ class RegenConfig:
     max_prompt_tokens: int = 1024
     """Longer prompts are skipped (and counted), never truncated."""
     generator: str = "engine"
-    """``engine``: :class:`~dspark.batch_engine.BatchEngine` decoding plainly with continuous
+    """``engine``: :class:`~dspark.engine.batched.BatchEngine` decoding plainly with continuous
     batching and a generator per request (measured faster on CPU, see
     benchmarks/results/generation_backends.json); ``generate``: :func:`sample_batch` over
     static batches. Greedy answers agree; sampled ones differ, so it binds the store."""
@@ -616,9 +616,8 @@ def answer_batch(
     if config.generator == "generate":
         seed = _derived_seed(config.seed, *ids)
         return sample_batch(target, prompts, config.max_new_tokens, config.temperature, config.top_p, seed, stops)
-    from dspark.batch_engine import BatchEngine
     from dspark.drafters import NoDrafter
-    from dspark.engine import GenerationRequest
+    from dspark.engine import BatchEngine, GenerationRequest
     from dspark.sampling import SamplingParams
     from dspark.scheduling.factory import make_policy
 

@@ -4,7 +4,7 @@ requests per step, each verifying its own ℓ_r.
 Every live request owns a slot: its committed ids, its target K/V in one row of a
 :class:`~dspark.target.slot_cache.SlotCache`, its sampling parameters, a torch.Generator seeded from
 the request seed (drafting and verification share it) and its stop checks. Between steps the
-batch-1 invariant of :mod:`dspark.engine` holds per request: the committed ids end with the
+batch-1 invariant of :mod:`dspark.engine.single` holds per request: the committed ids end with the
 *anchor* and the slot holds K/V of exactly ``len(committed ids) - 1`` positions.
 
 One step: the drafter proposes γ_r tokens per request in one batched call; the policy
@@ -35,11 +35,11 @@ import torch
 
 from dspark.drafters.base import BatchDrafter, DraftBlock, DraftInput
 from dspark.drafters.factory import as_batch_drafter
-from dspark.engine import GenerationRequest, GenerationResult, StopChecker
+from dspark.engine.request import GenerationRequest, GenerationResult, StopChecker
+from dspark.engine.stats import GenerationStats
 from dspark.sampling import sample_from_logits
 from dspark.scheduling.gate import SlotGate
 from dspark.scheduling.policy import Policy
-from dspark.stats import GenerationStats
 from dspark.target.model import TargetModel
 from dspark.target.ragged import verify_forward
 from dspark.target.slot_cache import SlotCache
@@ -397,13 +397,3 @@ class BatchEngine:
                 results[r.index] = r.result(now)
                 free.append(r.slot)
         return still
-
-
-def load_calibration(drafter_folder) -> Calibrate | None:
-    """``Calibration.apply`` of the STS calibration saved beside a drafter, if there is one."""
-    try:
-        from dspark.scheduling.calibration import Calibration
-    except ImportError:
-        return None
-    calibration = Calibration.load(drafter_folder)
-    return calibration.apply if calibration is not None else None
