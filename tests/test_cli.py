@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import tiny_llama
-from dspark.cli import app
+from dspark.cli.main import app
 
 runner = CliRunner()
 

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from conftest import tiny_llama
 from dspark.scheduling.calibration import Calibration
-from dspark.cli import app
+from dspark.cli.main import app
 from dspark.drafters.base import DraftBlock, DraftInput, NoDrafter
 from dspark.drafters.ngram import NgramConfig, NgramDrafter
 from dspark.engine import SpeculativeEngine

@@ -438,7 +438,7 @@ def test_the_gate_stops_drafting_without_changing_the_schedule(kind):
 
 
 def test_profile_command_help_and_bad_input():
-    from dspark.cli import app
+    from dspark.cli.main import app
 
     runner = CliRunner()
     result = runner.invoke(app, ["profile", "--help"])
