@@ -124,10 +124,10 @@ def _calibrate(spec, dataset_specs, model, limit, max_new_tokens, temperature, s
 
     from tqdm import tqdm
 
-    from dspark.scheduling.calibration import DEFAULT_GRID
     from dspark.errors import DsparkError
-    from dspark.evaluation import report, runner
+    from dspark.evaluation import report, rollouts, runner
     from dspark.evaluation.datasets import builtin_names, load_dataset
+    from dspark.scheduling.calibration import DEFAULT_GRID
 
     spec = spec or "dspark"
     folder = drafter_folder(spec)
@@ -138,10 +138,10 @@ def _calibrate(spec, dataset_specs, model, limit, max_new_tokens, temperature, s
     target, engines, _ = _load(model, [spec], gamma, device)
     engine = engines[spec]
     with tqdm(total=sum(d.num_turns for d in datasets), unit="turn", dynamic_ncols=True) as progress:
-        rounds = runner.collect_rounds(datasets, engine, settings, target.encode_conversation, progress)
+        rounds = rollouts.collect_rounds(datasets, engine, settings, target.encode_conversation, progress)
     if not any(rounds.values()):
         raise DsparkError("the rollouts produced no drafting rounds; raise --max-new-tokens or --limit")
-    fit = runner.fit_calibration(rounds, bins, min_events)
+    fit = rollouts.fit_calibration(rounds, bins, min_events)
     body = report.json_safe({
         "drafter": spec,
         "model": target.name,
@@ -205,9 +205,9 @@ def drafter_folder(spec: str) -> Path | None:
 
 def _load(model, specs, gamma, device):
     """The target, one engine per drafter spec, and each drafter's stored calibration (or None)."""
-    from dspark.scheduling.calibration import Calibration
     from dspark.drafters import make_drafter
     from dspark.engine import SpeculativeEngine
+    from dspark.scheduling.calibration import Calibration
     from dspark.target import TargetModel
 
     drafters = {s: make_drafter(s, gamma=gamma, device=device) for s in specs}  # fail fast, before the target loads
