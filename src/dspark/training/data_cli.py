@@ -94,31 +94,33 @@ def prompts(
 
 def _mix(out, sharegpt, jsonl, jsonl_domain, jsonl_limit, magpie, magpie_batch_size, max_turns, seed,
          model, device, eval_dir):
-    from dspark.training import data
+    from dspark.training.data.magpie import MagpieConfig, synthesize_magpie
+    from dspark.training.data.mix import EvalOverlapFilter, PromptPool, default_eval_dir, mix_prompts
+    from dspark.training.data.prompts import read_prompt_jsonl, read_sharegpt, write_prompts
 
     missing = [str(p) for p in jsonl if not p.is_file()]
     if missing:  # cheap checks first: nothing may fail after minutes of synthesis
         raise DsparkError(f"prompt file not found: {', '.join(missing)}")
     # The filter next: a missing eval dir must fail before minutes of synthesis.
-    eval_filter = data.EvalOverlapFilter.from_dir(eval_dir or data.default_eval_dir())
-    magpie_config = data.MagpieConfig(batch_size=magpie_batch_size, seed=seed)
+    eval_filter = EvalOverlapFilter.from_dir(eval_dir or default_eval_dir())
+    magpie_config = MagpieConfig(batch_size=magpie_batch_size, seed=seed)
     pools = []
     for path in jsonl:
-        records = data.read_prompt_jsonl(path, domain=jsonl_domain, max_turns=max_turns)
-        pools.append(data.PromptPool(f"jsonl:{path.name}", records, jsonl_limit or None))
+        records = read_prompt_jsonl(path, domain=jsonl_domain, max_turns=max_turns)
+        pools.append(PromptPool(f"jsonl:{path.name}", records, jsonl_limit or None))
     if sharegpt:
         typer.echo("note: ShareGPT conversations have unclear provenance and licence terms", err=True)
-        pools.append(data.PromptPool("sharegpt", data.read_sharegpt(max_turns=max_turns), sharegpt))
+        pools.append(PromptPool("sharegpt", read_sharegpt(max_turns=max_turns), sharegpt))
     if any(magpie.values()):
         from dspark.target import TargetModel
 
         target = TargetModel.load(model, device=_device(device))
         for domain, n in magpie.items():
             if n:
-                records = data.synthesize_magpie(target, domain, n, magpie_config)
-                pools.append(data.PromptPool(f"magpie-{domain}", records, n))
-    result = data.mix_prompts(pools, eval_filter, seed=seed)
-    data.write_prompts(out, result.records)
+                records = synthesize_magpie(target, domain, n, magpie_config)
+                pools.append(PromptPool(f"magpie-{domain}", records, n))
+    result = mix_prompts(pools, eval_filter, seed=seed)
+    write_prompts(out, result.records)
     return result
 
 
@@ -143,19 +145,20 @@ def generate(
     if limit is not None and limit < 1:
         _fail(f"--limit must be >= 1, got {limit}")
     try:
-        from dspark.training import data
+        from dspark.training.data.generate import GenerateConfig, generate_responses
+        from dspark.training.data.prompts import read_prompts
 
-        config = data.GenerateConfig(
+        config = GenerateConfig(
             batch_size=batch_size, max_new_tokens=max_new_tokens, temperature=temperature,
             top_p=top_p, seed=seed, max_prompt_tokens=max_prompt_tokens,
         )
-        records = data.read_prompts(prompts)[:limit]
+        records = read_prompts(prompts)[:limit]
         if not records:
             raise DsparkError(f"no prompts in {prompts}")
         from dspark.target import TargetModel
 
         target = TargetModel.load(model, device=_device(device))
-        summary = data.generate_responses(target, records, out, config)
+        summary = generate_responses(target, records, out, config)
     except (DsparkError, ValueError) as exc:
         _fail(str(exc))
     if as_json:
@@ -195,25 +198,33 @@ def pool(
     if not (any(counts.values()) or prompts):
         _fail("no prompt source chosen: pass --sharegpt-{code,math,chat} N or --prompts PATH")
     try:
-        from dspark.training import data
+        from dspark.training.data.mix import EvalOverlapFilter, PromptPool, default_eval_dir, mix_prompts
+        from dspark.training.data.prompts import (
+            DOMAINS,
+            PromptRecord,
+            classify_domain,
+            read_prompts,
+            read_sharegpt,
+            write_prompts,
+        )
 
         missing = [str(p) for p in prompts or [] if not p.is_file()]
         if missing:
             raise DsparkError(f"prompt file not found: {', '.join(missing)}")
-        eval_filter = data.EvalOverlapFilter.from_dir(eval_dir or data.default_eval_dir())
-        pools = [data.PromptPool(f"prompts:{p.name}", data.read_prompts(p), None) for p in prompts or []]
+        eval_filter = EvalOverlapFilter.from_dir(eval_dir or default_eval_dir())
+        pools = [PromptPool(f"prompts:{p.name}", read_prompts(p), None) for p in prompts or []]
         if any(counts.values()):
             typer.echo("note: ShareGPT conversations have unclear provenance and licence terms", err=True)
-            by_domain: dict[str, list] = {d: [] for d in data.DOMAINS}
-            for r in data.read_sharegpt(max_turns=1):
+            by_domain: dict[str, list] = {d: [] for d in DOMAINS}
+            for r in read_sharegpt(max_turns=1):
                 if len(r.turns[0]) <= max_chars:
-                    domain = data.classify_domain(r.turns[0])
-                    by_domain[domain].append(data.PromptRecord(r.id, r.source, domain, r.turns))
+                    domain = classify_domain(r.turns[0])
+                    by_domain[domain].append(PromptRecord(r.id, r.source, domain, r.turns))
             for domain, n in zip(("code", "math", "chat"), counts.values()):
                 if n:
-                    pools.append(data.PromptPool(f"sharegpt-{domain}", by_domain[domain], n))
-        result = data.mix_prompts(pools, eval_filter, seed=seed)
-        data.write_prompts(out, result.records)
+                    pools.append(PromptPool(f"sharegpt-{domain}", by_domain[domain], n))
+        result = mix_prompts(pools, eval_filter, seed=seed)
+        write_prompts(out, result.records)
     except (DsparkError, ValueError) as exc:
         _fail(str(exc))
     report = {**result.to_dict(), "out": str(out)}
@@ -248,24 +259,27 @@ def regen(
     if limit is not None and limit < 1:
         _fail(f"--limit must be >= 1, got {limit}")
     try:
-        from dspark.training import data, shards
+        from dspark.training.data.fingerprints import target_fingerprint, tokenizer_fingerprint
+        from dspark.training.data.prompts import read_prompts
+        from dspark.training.data.regen import RegenConfig, regenerate
+        from dspark.training.data.store import ShardStore, check_settings
 
-        config = shards.RegenConfig(
+        config = RegenConfig(
             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
             max_prompt_tokens=max_prompt_tokens, generator=generator, batch_size=batch_size, shard_size=shard_size,
         )
-        records = data.read_prompts(prompts)[:limit]
+        records = read_prompts(prompts)[:limit]
         if not records:
             raise DsparkError(f"no prompts in {prompts}")
-        shards.check_settings(store, "regenerated", config.store_settings())  # before minutes of loading
+        check_settings(store, "regenerated", config.store_settings())  # before minutes of loading
         from dspark.target import TargetModel
 
         target = TargetModel.load(model, device=_device(device))
-        with shards.ShardStore.open_or_create(
+        with ShardStore.open_or_create(
             store, "regenerated", config.store_settings(),
-            shards.target_fingerprint(target), shards.tokenizer_fingerprint(target.tokenizer),
+            target_fingerprint(target), tokenizer_fingerprint(target.tokenizer),
         ) as opened:
-            summary = shards.regenerate(target, records, opened, config)
+            summary = regenerate(target, records, opened, config)
             total = opened.summary()
     except (DsparkError, ValueError) as exc:
         _fail(str(exc))
@@ -292,18 +306,21 @@ def text(
     if limit is not None and limit < 1:
         _fail(f"--limit must be >= 1, got {limit}")
     try:
-        from dspark.training import data, shards
+        from dspark.training.data.fingerprints import load_tokenizer, tokenizer_fingerprint
+        from dspark.training.data.mix import EvalOverlapFilter, default_eval_dir
+        from dspark.training.data.store import ShardStore, check_settings
+        from dspark.training.data.text import TextConfig, read_sharegpt_conversations, tokenize_texts
 
-        config = shards.TextConfig(max_turns=max_turns, max_tokens=max_tokens, shard_size=shard_size)
-        shards.check_settings(store, "text", config.store_settings("sharegpt"))
-        eval_filter = data.EvalOverlapFilter.from_dir(eval_dir or data.default_eval_dir())
+        config = TextConfig(max_turns=max_turns, max_tokens=max_tokens, shard_size=shard_size)
+        check_settings(store, "text", config.store_settings("sharegpt"))
+        eval_filter = EvalOverlapFilter.from_dir(eval_dir or default_eval_dir())
         typer.echo("note: ShareGPT conversations have unclear provenance and licence terms", err=True)
-        conversations = shards.read_sharegpt_conversations(max_turns=max_turns)[:limit]
-        tokenizer = shards.load_tokenizer(model)
-        with shards.ShardStore.open_or_create(
-            store, "text", config.store_settings("sharegpt"), None, shards.tokenizer_fingerprint(tokenizer)
+        conversations = read_sharegpt_conversations(max_turns=max_turns)[:limit]
+        tokenizer = load_tokenizer(model)
+        with ShardStore.open_or_create(
+            store, "text", config.store_settings("sharegpt"), None, tokenizer_fingerprint(tokenizer)
         ) as opened:
-            summary = shards.tokenize_texts(tokenizer, conversations, opened, config, eval_filter)
+            summary = tokenize_texts(tokenizer, conversations, opened, config, eval_filter)
             total = opened.summary()
     except (DsparkError, ValueError) as exc:
         _fail(str(exc))
@@ -317,9 +334,9 @@ def summary(
 ) -> None:
     """Counts of shard stores: sequences, tokens, loss tokens and their share per domain."""
     try:
-        from dspark.training import shards
+        from dspark.training.data.store import ShardStore
 
-        summaries = [shards.ShardStore.open(s).summary() for s in stores]
+        summaries = [ShardStore.open(s).summary() for s in stores]
     except (DsparkError, ValueError) as exc:
         _fail(str(exc))
     for s in summaries:

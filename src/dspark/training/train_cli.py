@@ -96,8 +96,8 @@ def train_command(
 
 def _load_data(paths: List[Path], target, max_length: int, heldout_fraction: float, data_fraction: float):
     """Sequences of every store and jsonl, split into train / held-out by prompt id."""
-    from dspark.training.data import TokenizeConfig, load_training_sequences
-    from dspark.training.shards import is_heldout, load_sequences, split_heldout
+    from dspark.training.data.sequences import is_heldout, load_sequences, split_heldout
+    from dspark.training.data.tokenize import TokenizeConfig, load_training_sequences
 
     stores = [p for p in paths if p.is_dir()]
     sequences = load_sequences(stores, max_length=max_length) if stores else []

@@ -372,7 +372,7 @@ def choose_draft_vocab(sequences: Sequence, target, size: int) -> torch.Tensor:
         counts += torch.bincount(ids[mask], minlength=target.vocab_size)
     always = set(target.eos_token_ids)
     if getattr(target.tokenizer, "chat_template", None):
-        from dspark.training.data import stop_ids
+        from dspark.training.data.generate import stop_ids
 
         always |= stop_ids(target)
     return top_tokens(counts, size, always=always)
