@@ -17,15 +17,6 @@ from typer.testing import CliRunner
 
 from conftest import tiny_target
 from dspark.errors import DsparkError
-from dspark.scheduling.profiling import (
-    CostKey,
-    CostTable,
-    cost_key,
-    default_requests,
-    load_cost_table,
-    measure_cost_table,
-    require_cost_table,
-)
 from dspark.scheduling import (
     DSparkScheduler,
     FixedGamma,
@@ -36,6 +27,15 @@ from dspark.scheduling import (
     make_policy,
 )
 from dspark.scheduling.algorithm1 import prefix_survival
+from dspark.scheduling.profiling import (
+    CostKey,
+    CostTable,
+    cost_key,
+    default_requests,
+    load_cost_table,
+    measure_cost_table,
+    require_cost_table,
+)
 from dspark.verify import rejection_sample
 from stats_helpers import ALPHA
 

@@ -11,9 +11,9 @@ from typing import List, Optional
 
 import typer
 
+from dspark.cli.profile import profile_command
 from dspark.errors import DsparkError
 from dspark.evaluation.eval_cli import calibrate_command, eval_command
-from dspark.cli.profile import profile_command
 from dspark.training.data_cli import data_app
 from dspark.training.train_cli import train_command
 

@@ -210,8 +210,8 @@ class BatchEngine:
         """Build the policy named ``policy`` (dspark.scheduling.factory.POLICY_HELP); ``dspark`` loads the cost
         table of this target now, measures and saves it when ``profile_if_missing``, and
         otherwise raises an error that names ``dspark profile``."""
-        from dspark.scheduling.profiling import require_cost_table
         from dspark.scheduling.factory import make_policy
+        from dspark.scheduling.profiling import require_cost_table
 
         drafter = as_batch_drafter(drafter)
         cost = None
