@@ -29,8 +29,11 @@ def default_drafter_spec() -> str:
     return "dspark" if (SHIPPED_DRAFTER / "config.json").is_file() else "ngram"
 
 
-def make_drafter(spec: str, gamma: int | None = None, device: str = "cpu") -> Drafter:
-    """Build the drafter named by ``spec`` (see the module docstring)."""
+def make_drafter(spec: str, gamma: int | None = None, device: str = "cpu", dtype=None) -> Drafter:
+    """Build the drafter named by ``spec`` (see the module docstring).
+
+    A DSpark/DFlash drafter runs in ``dtype`` (a ``torch.dtype``: the target's, default float32).
+    """
     kind, _, arg = spec.partition(":")
     if kind == "none" and not arg:
         return NoDrafter()
@@ -43,6 +46,8 @@ def make_drafter(spec: str, gamma: int | None = None, device: str = "cpu") -> Dr
 
         return DraftModelDrafter.load(arg, gamma=gamma or 5, device=device)
     if kind in ("dspark", "dflash"):
+        from safetensors import SafetensorError
+
         from dspark.drafters.dspark import DSparkDrafter
 
         folder = Path(arg).expanduser() if arg else SHIPPED_DRAFTER
@@ -50,7 +55,10 @@ def make_drafter(spec: str, gamma: int | None = None, device: str = "cpu") -> Dr
             raise DsparkError("dflash needs a checkpoint folder: dflash:<folder>")
         if not (folder / "config.json").is_file():
             raise DsparkError(f"no DSpark drafter at {folder} (expected config.json and model.safetensors)")
-        drafter = DSparkDrafter.load(folder, gamma=gamma, device=device)
+        try:
+            drafter = DSparkDrafter.load(folder, gamma=gamma, device=device, dtype=dtype)
+        except (OSError, RuntimeError, SafetensorError) as exc:  # truncated, missing or mismatched weights
+            raise DsparkError(f"could not load the drafter at {folder}: {exc}") from exc
         if kind == "dflash" and not drafter.config.is_dflash:
             raise DsparkError(f"{folder} holds a DSpark drafter, not DFlash; use dspark:{folder}")
         return drafter

@@ -41,8 +41,10 @@ class DSparkDrafter:
         self._context: ContextKV | None = None
 
     @classmethod
-    def load(cls, folder, name: str | None = None, gamma: int | None = None, device: str = "cpu"):
-        return cls(DSparkModel.from_pretrained(folder, device=device), name=name, gamma=gamma)
+    def load(cls, folder, name: str | None = None, gamma: int | None = None, device: str = "cpu", dtype=None):
+        """The drafter saved in ``folder``, on ``device`` in ``dtype`` (the target's; default float32)."""
+        model = DSparkModel.from_pretrained(folder, device=device, dtype=dtype or torch.float32)
+        return cls(model, name=name, gamma=gamma)
 
     def check_target(self, target) -> None:
         self.model.attach_target(target)
