@@ -50,8 +50,6 @@ class DraftModelDrafter:
         self._cache = None
         self._cached = []
 
-    def accepted(self, num_accepted: int) -> None:
-        return None  # the cache is re-synced against the committed tokens in propose()
 
     @torch.inference_mode()
     def propose(self, draft_input: DraftInput) -> DraftBlock:

@@ -8,9 +8,10 @@ drafter has a truly batched path instead (one backbone pass for the whole batch)
 from __future__ import annotations
 
 import copy
+import time
 from typing import Sequence
 
-from dspark.drafters.base import DraftBlock, DraftGate, DraftInput, Drafter, NoDrafter
+from dspark.drafters.base import DraftBatch, DraftGate, DraftInput, Drafter, NoDrafter
 
 DEFAULT_GAMMA_CAP = 16
 """Tokens per round assumed for a drafter that does not say how many it proposes."""
@@ -41,12 +42,12 @@ class LoopedDrafter:
 
     def propose_batch(
         self, slots: Sequence[int], inputs: Sequence[DraftInput], gate: DraftGate | None = None
-    ) -> list[DraftBlock]:
-        return [self._slots[s].propose(inp) for s, inp in zip(slots, inputs)]
-
-    def accepted(self, slots: Sequence[int], num_accepted: Sequence[int]) -> None:
-        for s, n in zip(slots, num_accepted):
-            self._slots[s].accepted(n)
+    ) -> DraftBatch:
+        """Whole blocks (the gate is not asked): all of drafting is fixed work."""
+        t0 = time.perf_counter()
+        blocks = [self._slots[s].propose(inp) for s, inp in zip(slots, inputs)]
+        ran = any(b.gamma for b in blocks)
+        return DraftBatch(blocks, fixed_s=time.perf_counter() - t0 if ran else None)
 
 
 def _gamma_of(drafter: Drafter) -> int:

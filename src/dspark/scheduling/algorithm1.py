@@ -18,7 +18,7 @@ import torch
 
 from dspark.errors import DsparkError
 from dspark.scheduling.cost import CostModel
-from dspark.scheduling.policy import Schedule, check_inputs
+from dspark.scheduling.policy import Calibrate, Schedule, StepOutcome, check_inputs
 
 
 class DSparkScheduler:
@@ -42,12 +42,15 @@ class DSparkScheduler:
     needs_confidences = True
     max_draft = None
 
-    def __init__(self, cost: CostModel, decay: float = 0.8, feedback: bool = True) -> None:
+    def __init__(
+        self, cost: CostModel, decay: float = 0.8, feedback: bool = True, calibrate: Calibrate | None = None
+    ) -> None:
+        """``calibrate`` maps the drafter's raw c_k to calibrated ones (STS; None: as raw)."""
         if cost is None:
             raise DsparkError(
                 "the dspark policy needs a cost table SPS(R, W); measure one with `dspark profile`"
             )
-        self.cost, self.decay, self.feedback = cost, decay, feedback
+        self.cost, self.decay, self.feedback, self.calibrate = cost, decay, feedback, calibrate
         self._fixed: dict[int, float] = {}
         """Seconds of drafting per step before any slot is drafted (context fold, backbone),
         an exponential average per batch size R over earlier steps."""
@@ -59,6 +62,13 @@ class DSparkScheduler:
     def _average(self, table: dict[int, float], key: int, value: float) -> None:
         old = table.get(key)
         table[key] = value if old is None else self.decay * old + (1 - self.decay) * value
+
+    def observe(self, outcome: StepOutcome) -> None:
+        """Learn from a finished step: its accepted tokens against the prediction, and its
+        drafting time when the drafter ran."""
+        self.observe_outcome(outcome.schedule, outcome.requests, outcome.accepted)
+        if outcome.drafting_fixed_s is not None:
+            self.observe_drafting(outcome.requests, outcome.drafting_fixed_s, outcome.drafting_per_slot_s)
 
     def observe_drafting(self, requests: int, fixed_s: float, per_slot_s: float | None = None) -> None:
         """Record a finished step's drafting time for batches of ``requests``: ``fixed_s``
@@ -133,7 +143,8 @@ class DSparkScheduler:
             return Schedule([0] * num, float(num))
         solve = dspark_levels if self.cost.padded else dspark_lengths
         scale = self.survival_scale
-        lengths, tau = solve(confidences, drafted, self.step_rate(num), scale)
+        c = self.calibrate(confidences) if self.calibrate is not None else confidences
+        lengths, tau = solve(c, drafted, self.step_rate(num), scale)
         values = torch.cat([lengths.to(tau.dtype), tau.view(1)]).tolist()  # the one host sync
         return Schedule([int(v) for v in values[:-1]], values[-1], scale)
 

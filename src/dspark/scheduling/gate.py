@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Sequence
 
 import torch
@@ -10,10 +9,10 @@ import torch
 from dspark.scheduling.policy import Policy, Schedule
 
 
-class SlotGate:
-    """A :class:`~dspark.drafters.base.DraftGate` that stops drafting once ``policy`` would
-    verify no further slot: drafting costs what it drafts, so slots that no request will
-    verify are never drafted.
+def slot_gate(policy: Policy, num: int, device: torch.device | str = "cpu"):
+    """A :class:`~dspark.drafters.base.DraftGate` over ``num`` requests that stops drafting
+    once ``policy`` would verify no further slot, returning the step's schedule: drafting
+    costs what it drafts, so slots that no request will verify are never drafted.
 
     Asked before slot k+1 is drafted, it schedules the step as if every block ended at slot
     k+1; c_{k+1} is already known (it needs x_k, not x_{k+1}). If no request gets ℓ = k+1,
@@ -26,23 +25,13 @@ class SlotGate:
     itself non-anticipating, and verification stays lossless.
     """
 
-    def __init__(self, policy: Policy, num: int, calibrate=None, device="cpu") -> None:
-        self.policy, self.num, self.calibrate, self.device = policy, num, calibrate, device
-        self.schedule: Schedule | None = None
-        """The step's schedule once the gate has stopped drafting, else None."""
-        self.first_call: float | None = None
-        """time.perf_counter() when the drafter first asked (its fixed work was done)."""
-
-    def __call__(self, k: int, rows: Sequence[int], gammas: Sequence[int], confidences: torch.Tensor) -> bool:
-        if self.first_call is None:
-            self.first_call = time.perf_counter()
-        full = torch.full((self.num, k + 1), 0.5, device=self.device)  # 0.5: finite under any calibration
+    def gate(k: int, rows: Sequence[int], gammas: Sequence[int], confidences: torch.Tensor) -> Schedule | None:
+        full = torch.full((num, k + 1), 0.5, device=device)  # 0.5: finite under any calibration
         full[list(rows)] = confidences.to(full.dtype)
-        drafted = [0] * self.num
+        drafted = [0] * num
         for i, g in zip(rows, gammas):
             drafted[i] = min(g, k + 1)
-        schedule = self.policy.schedule(drafted, self.calibrate(full) if self.calibrate is not None else full)
-        if any(ell == k + 1 for ell in schedule.lengths):
-            return True
-        self.schedule = schedule
-        return False
+        schedule = policy.schedule(drafted, full)
+        return None if any(ell == k + 1 for ell in schedule.lengths) else schedule
+
+    return gate

@@ -19,7 +19,7 @@ need no cost model.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import torch
 
@@ -38,8 +38,28 @@ class Schedule:
     """The factor the prefix survivals were scaled by (DSpark's online feedback)."""
 
 
+Calibrate = Callable[[torch.Tensor], torch.Tensor]
+"""Raw confidences # [R, W] -> calibrated c_k # [R, W] (``Calibration.apply``)."""
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    """What a finished step cost and gave: what a policy may learn from (earlier steps only)."""
+
+    requests: int
+    """R: requests verified in the step."""
+    schedule: Schedule
+    """The schedule the step ran."""
+    accepted: int
+    """Drafted tokens accepted over all requests."""
+    drafting_fixed_s: float | None = None
+    """Seconds of drafting before the first slot; None when the drafter did not run."""
+    drafting_per_slot_s: float | None = None
+    """Seconds per drafted slot after that; None when not measured apart (eager drafting)."""
+
+
 class Policy(Protocol):
-    """Chooses ℓ_r for every request of a step."""
+    """Chooses ℓ_r for every request of a step: everything the engine asks of a policy."""
 
     name: str
     max_draft: int | None
@@ -47,12 +67,20 @@ class Policy(Protocol):
     needs_confidences: bool
 
     def schedule(self, drafted: Sequence[int], confidences: torch.Tensor | None) -> Schedule:
-        """``drafted`` γ_r per request # [R] (host ints), ``confidences`` # [R, W] (W >= max γ_r;
-        entries at or beyond γ_r are ignored) or None -> ℓ_r per request."""
+        """``drafted`` γ_r per request # [R] (host ints), raw ``confidences`` # [R, W] (W >= max
+        γ_r; entries at or beyond γ_r are ignored) or None -> ℓ_r per request. A policy that
+        reads confidences calibrates them itself."""
 
     def check_shape(self, requests: int, width: int) -> None:
         """Raise DsparkError if steps of ``requests`` rows of up to ``width`` tokens cannot be
         scheduled."""
+
+    def drafting_pays(self, schedule: Schedule, requests: int) -> bool:
+        """Whether a step that ran ``schedule`` was worth drafting for (the engine backs off
+        from drafting while it is not)."""
+
+    def observe(self, outcome: StepOutcome) -> None:
+        """Told after every step what it cost and gave."""
 
 
 def check_inputs(drafted: Sequence[int], confidences: torch.Tensor | None, needed: bool, name: str) -> None:
@@ -93,6 +121,12 @@ class FixedGamma:
         cap = self.gamma
         return Schedule([g if cap is None else min(g, cap) for g in drafted])
 
+    def drafting_pays(self, schedule: Schedule, requests: int) -> bool:
+        return any(schedule.lengths)
+
+    def observe(self, outcome: StepOutcome) -> None:
+        return None
+
 
 def gamma_one() -> FixedGamma:
     """γ = 1: one draft token per request and step, the analogue of the paper's MTP-1."""
@@ -105,10 +139,11 @@ class StaticThreshold:
     needs_confidences = True
     max_draft = None
 
-    def __init__(self, threshold: float) -> None:
+    def __init__(self, threshold: float, calibrate: Calibrate | None = None) -> None:
+        """``calibrate`` maps raw c_k to calibrated ones before the threshold (None: as raw)."""
         if not 0.0 <= threshold <= 1.0:
             raise ValueError(f"threshold must lie in [0, 1], got {threshold}")
-        self.threshold = threshold
+        self.threshold, self.calibrate = threshold, calibrate
         self.name = f"threshold-{threshold:g}"
 
     def check_shape(self, requests: int, width: int) -> None:
@@ -118,8 +153,15 @@ class StaticThreshold:
         check_inputs(drafted, confidences, True, self.name)
         if confidences is None:
             return Schedule([0] * len(drafted))
-        width = confidences.shape[1]
-        valid = torch.arange(width, device=confidences.device) < torch.tensor(drafted, device=confidences.device).view(-1, 1)
-        keep = (confidences >= self.threshold) & valid  # [R, W]
+        c = self.calibrate(confidences) if self.calibrate is not None else confidences
+        width = c.shape[1]
+        valid = torch.arange(width, device=c.device) < torch.tensor(drafted, device=c.device).view(-1, 1)
+        keep = (c >= self.threshold) & valid  # [R, W]
         lengths = keep.long().cumprod(dim=1).sum(dim=1)  # leading run of kept slots
         return Schedule(lengths.tolist())  # host sync: the engine slices the blocks on the host
+
+    def drafting_pays(self, schedule: Schedule, requests: int) -> bool:
+        return any(schedule.lengths)
+
+    def observe(self, outcome: StepOutcome) -> None:
+        return None
