@@ -21,10 +21,10 @@ from dspark.scheduling import (
     DSparkScheduler,
     FixedGamma,
     FlatCost,
-    SlotGate,
     StaticThreshold,
     gamma_one,
     make_policy,
+    slot_gate,
 )
 from dspark.scheduling.algorithm1 import prefix_survival
 from dspark.scheduling.profiling import (
@@ -400,13 +400,14 @@ def test_measure_profiles_the_engine_step_and_saves_on_first_use(tmp_path):
 # -- the drafting gate ------------------------------------------------------------------------------
 
 
-def gated_schedule(policy, drafted: list[int], c: torch.Tensor, calibrate=None):
+def gated_schedule(policy, drafted: list[int], c: torch.Tensor):
     """What the engine gets when the drafter asks the gate before each slot: (schedule, slots drafted)."""
     rows = [i for i, g in enumerate(drafted) if g]
-    gate = SlotGate(policy, len(drafted), calibrate)
+    gate = slot_gate(policy, len(drafted))
     for k in range(max(drafted)):
-        if not gate(k, rows, [drafted[i] for i in rows], c[rows, : k + 1]):
-            return gate.schedule, k
+        stop = gate(k, rows, [drafted[i] for i in rows], c[rows, : k + 1])
+        if stop is not None:
+            return stop, k
     return None, max(drafted)
 
 
