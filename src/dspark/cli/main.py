@@ -11,6 +11,7 @@ from typing import List, Optional
 
 import typer
 
+from dspark.cli.batch import batch_command
 from dspark.cli.profile import profile_command
 from dspark.errors import DsparkError
 from dspark.evaluation.eval_cli import calibrate_command, eval_command
@@ -29,6 +30,7 @@ app.command("train")(train_command)
 app.command("profile")(profile_command)
 app.command("eval")(eval_command)
 app.command("calibrate")(calibrate_command)
+app.command("batch")(batch_command)
 
 
 @app.callback()

@@ -29,7 +29,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -171,8 +171,13 @@ class BatchEngine:
         self.max_draft = min(self.drafter.gamma, policy.max_draft if policy.max_draft is not None else self.drafter.gamma)
         policy.check_shape(max_batch, 1 + self.max_draft)  # fail now, not in the middle of a run
 
-    def generate(self, requests: Sequence[GenerationRequest]) -> BatchResult:
-        """Serve every request, at most ``max_batch`` at a time, in arrival order."""
+    def generate(
+        self,
+        requests: Sequence[GenerationRequest],
+        on_result: Callable[[int, GenerationResult], None] | None = None,
+    ) -> BatchResult:
+        """Serve every request, at most ``max_batch`` at a time, in arrival order;
+        ``on_result(i, result)`` is told the moment request i finishes."""
         if not requests:
             return BatchResult([], BatchStats())
         for request in requests:
@@ -195,10 +200,10 @@ class BatchEngine:
         while pending or live:
             while pending and free:  # requests join between steps
                 live.append(self._prefill(*pending.popleft(), free.pop(), cache, stats))
-            live = self._retire(live, results, free)
+            live = self._retire(live, results, free, on_result)
             if live:
                 stats.steps.append(self._step(live, cache))
-                live = self._retire(live, results, free)
+                live = self._retire(live, results, free, on_result)
 
         stats.wall_s = time.perf_counter() - start
         stats.new_tokens = sum(len(r.token_ids) for r in results)
@@ -296,7 +301,7 @@ class BatchEngine:
         return conf
 
     @staticmethod
-    def _retire(live: list[_Live], results: list, free: list[int]) -> list[_Live]:
+    def _retire(live: list[_Live], results: list, free: list[int], on_result=None) -> list[_Live]:
         """Move finished requests to ``results`` and free their slots at once."""
         still = []
         for r in live:
@@ -305,4 +310,6 @@ class BatchEngine:
             else:
                 results[r.index] = r.state.result()
                 free.append(r.slot)
+                if on_result is not None:
+                    on_result(r.index, results[r.index])
         return still

@@ -25,9 +25,10 @@ PLAIN = "plain"
 
 
 def load_drafter(spec: str | None, target: TargetModel, gamma: int | None = None) -> Drafter:
-    """The drafter named by ``spec`` (None: the shipped one), on the target's device, checked
-    against the target."""
-    drafter = make_drafter(spec or default_drafter_spec(), gamma=gamma, device=str(target.device))
+    """The drafter named by ``spec`` (None: the shipped one), on the target's device and in its
+    dtype, checked against the target."""
+    dtype = next(target.model.parameters()).dtype
+    drafter = make_drafter(spec or default_drafter_spec(), gamma=gamma, device=str(target.device), dtype=dtype)
     drafter.check_target(target)
     return drafter
 
