@@ -3,7 +3,7 @@
 A model spec, a drafter spec and a policy name become a target, a drafter (with the STS
 calibration saved beside it), a policy (with the cost table DSpark's scheduler needs) and a
 :class:`~dspark.engine.batched.BatchEngine` over them. The command line (`generate`, `batch`),
-the benchmarks and the server build their engines here and nowhere else, so a drafter, its
+`dspark eval`, the benchmarks and the server build their engines here and nowhere else, so a drafter, its
 calibration and the cost table always travel together.
 """
 
@@ -14,6 +14,7 @@ from pathlib import Path
 from dspark.drafters.base import Drafter, NoDrafter
 from dspark.drafters.factory import SHIPPED_DRAFTER, as_batch_drafter, default_drafter_spec, make_drafter
 from dspark.engine.batched import BatchEngine
+from dspark.engine.single import SpeculativeEngine
 from dspark.scheduling.calibration import load_calibration
 from dspark.scheduling.cost import CostModel
 from dspark.scheduling.factory import make_policy
@@ -31,6 +32,14 @@ def load_drafter(spec: str | None, target: TargetModel, gamma: int | None = None
     drafter = make_drafter(spec or default_drafter_spec(), gamma=gamma, device=str(target.device), dtype=dtype)
     drafter.check_target(target)
     return drafter
+
+
+def build_single_engine(target: TargetModel, drafter: Drafter | str | None = None, gamma: int | None = None) -> SpeculativeEngine:
+    """The batch-1 engine over ``target`` with ``drafter`` or its spec (None: the shipped one):
+    every round verifies the whole block (the reference loop of `dspark eval`)."""
+    if drafter is None or isinstance(drafter, str):
+        drafter = load_drafter(drafter, target, gamma)
+    return SpeculativeEngine(target, drafter)
 
 
 def drafter_calibration(spec: str | None) -> Calibrate | None:
