@@ -30,6 +30,7 @@ LAYERS = {
     "dspark.engine": 3,
     "dspark.evaluation": 4,
     "dspark.training": 4,
+    "dspark.edge": 4,  # the CLI's error boundary and output checks, used by every *_cli module
     "dspark.cli": 5,
     "dspark.__main__": 6,
 }
