@@ -13,6 +13,7 @@ from typing import List, Optional
 
 import typer
 
+from dspark.cli.batch import batch_command
 from dspark.cli.profile import profile_command
 from dspark.edge import EXIT_ERROR, EXIT_INTERRUPTED, BoundaryGroup, error_line, traceback_wanted
 from dspark.errors import DsparkError
@@ -33,6 +34,7 @@ app.command("train")(train_command)
 app.command("profile")(profile_command)
 app.command("eval")(eval_command)
 app.command("calibrate")(calibrate_command)
+app.command("batch")(batch_command)
 
 
 def version() -> str:
