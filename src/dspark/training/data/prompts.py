@@ -162,8 +162,11 @@ def read_jsonl(path: Path, tolerate_broken_tail: bool = False) -> Iterator[tuple
     """(line number, object) of each non-blank line; a bad line raises, naming it."""
     if not path.is_file():
         raise DsparkError(f"file not found: {path}")
-    with path.open("r", encoding="utf-8") as f:
-        lines = f.readlines()
+    try:
+        with path.open("r", encoding="utf-8") as f:
+            lines = f.readlines()
+    except UnicodeDecodeError as exc:
+        raise DsparkError(f"{path} is not valid UTF-8 (byte {exc.object[exc.start]:#04x} at offset {exc.start})") from None
     for line_no, line in enumerate(lines, start=1):
         if not line.strip():
             continue
