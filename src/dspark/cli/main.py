@@ -95,10 +95,11 @@ def generate(
         raise DsparkError(f"--max-new-tokens must be between 1 and {MAX_NEW_TOKENS_CAP}, got {max_new_tokens}")
     if gamma is not None and gamma < 1:
         raise DsparkError(f"--gamma must be >= 1, got {gamma}")
-    from dspark.target.loading import parse_device, parse_dtype
+    from dspark.target.loading import parse_device, parse_dtype, resolve
 
     device = parse_device(device)
     torch_dtype = parse_dtype(dtype, device)
+    resolve(model)  # a bad --model fails before anything loads
     from dspark.sampling import SamplingParams
 
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
@@ -120,7 +121,7 @@ def _generate(prompt, model, drafter_spec, gamma, params, max_new_tokens, seed, 
     from dspark.engine import GenerationRequest, SpeculativeEngine
     from dspark.target import TargetModel
 
-    # The drafter first: a bad spec or broken drafter files fail before the target loads.
+    # The drafter before the target: a bad spec or broken drafter files fail in a second.
     drafter = make_drafter(drafter_spec or default_drafter_spec(), gamma=gamma, device=device, dtype=dtype)
     target = TargetModel.load(model, device=device, dtype=dtype)
     engine = SpeculativeEngine(target, drafter)

@@ -49,9 +49,8 @@ def eval_command(
     if split not in ("test", "all"):
         raise DsparkError(f"--split must be test or all, got {split!r} (the calibration split belongs to `dspark calibrate`)")
     check_out_dir(out)
-    device, torch_dtype = _device_dtype(device, dtype)
     _eval(dataset, drafter, model, limit, max_new_tokens, temperature, seed, gamma, split, turns, ignore_eos, device,
-          torch_dtype, out, plots)
+          dtype, out, plots)
 
 
 def _eval(dataset_specs, drafter_specs, model, limit, max_new_tokens, temperature, seed, gamma, split, turns,
@@ -65,6 +64,7 @@ def _eval(dataset_specs, drafter_specs, model, limit, max_new_tokens, temperatur
 
     settings = runner.EvalSettings(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, ignore_eos=ignore_eos)
     datasets = [load_dataset(s, split=split, limit=limit, max_turns=turns) for s in (dataset_specs or builtin_names())]
+    device, dtype = _device_dtype(device, dtype)
     specs = _drafter_specs(drafter_specs)
     if split == "all":
         typer.echo("warning: --split all includes the calibration prompts; the confidence check is not held out",
@@ -114,8 +114,6 @@ def calibrate_command(
     plots: bool = typer.Option(True, "--plots/--no-plots", help="Write the reliability diagram and threshold sweep."),
 ) -> None:
     """Fit Sequential Temperature Scaling of the confidence head on real speculative rollouts."""
-    from dspark.drafters import SHIPPED_DRAFTER
-
     if limit < 1:
         raise DsparkError(f"--limit must be >= 1, got {limit}")
     if bins < 2:
@@ -130,17 +128,18 @@ def calibrate_command(
     folder = drafter_folder(spec)
     if folder is None:
         raise DsparkError(f"calibrate needs a DSpark drafter (dspark[:<folder>]), got {spec!r}")
+    check_out_dir(out)
     if save:
+        from dspark.drafters import SHIPPED_DRAFTER
+
         if folder.resolve() == SHIPPED_DRAFTER.resolve() and not overwrite_shipped:
             raise DsparkError(
                 f"--save would overwrite the shipped drafter's calibration.json in {folder}; pass "
                 "--overwrite-shipped to mean it, --no-save to only report, or calibrate a copy (dspark:<folder>)"
             )
         check_out_dir(folder, "--save: the drafter folder")
-    check_out_dir(out)
-    device, torch_dtype = _device_dtype(device, dtype)
     _calibrate(spec, folder, dataset, model, limit, max_new_tokens, temperature, seed, gamma, bins, min_events, device,
-               torch_dtype, save, out, plots)
+               dtype, save, out, plots)
 
 
 def _calibrate(spec, folder, dataset_specs, model, limit, max_new_tokens, temperature, seed, gamma, bins, min_events,
@@ -155,6 +154,7 @@ def _calibrate(spec, folder, dataset_specs, model, limit, max_new_tokens, temper
 
     settings = runner.EvalSettings(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
     datasets = [load_dataset(s, split="calibration", limit=limit) for s in (dataset_specs or builtin_names())]
+    device, dtype = _device_dtype(device, dtype)
     target, engines, _ = _load(model, [spec], gamma, device, dtype)
     engine = engines[spec]
     with tqdm(total=sum(d.num_turns for d in datasets), unit="turn", dynamic_ncols=True) as progress:
@@ -218,12 +218,14 @@ def _drafter_specs(given) -> list[str]:
 
 def drafter_folder(spec: str) -> Path | None:
     """The checkpoint folder of a dspark/dflash spec (where calibration.json lives), else None."""
-    from dspark.drafters import SHIPPED_DRAFTER
-
     kind, _, arg = spec.partition(":")
     if kind not in ("dspark", "dflash"):
         return None
-    return Path(arg).expanduser() if arg else SHIPPED_DRAFTER
+    if arg:
+        return Path(arg).expanduser()
+    from dspark.drafters import SHIPPED_DRAFTER
+
+    return SHIPPED_DRAFTER
 
 
 def _load(model, specs, gamma, device, dtype=None):
