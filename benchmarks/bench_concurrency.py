@@ -140,15 +140,11 @@ def run(args) -> dict:
     from rich.console import Console
     from tqdm import tqdm
 
-    from dspark.batch_engine import BatchEngine, load_calibration
-    from dspark.cli import warm_up
-    from dspark.drafters import SHIPPED_DRAFTER, NoDrafter, default_drafter_spec, make_drafter
-    from dspark.drafters.batched import as_batch_drafter
+    from dspark.drafters import as_batch_drafter, default_drafter_spec
     from dspark.engine import GenerationRequest
+    from dspark.engine.build import build_engine, cost_table_for, drafter_calibration, load_drafter
     from dspark.errors import DsparkError
-    from dspark.profiling import require_cost_table
     from dspark.sampling import SamplingParams
-    from dspark.scheduler import make_policy
     from dspark.target import TargetModel
 
     console = Console(stderr=True)
@@ -160,14 +156,11 @@ def run(args) -> dict:
     try:
         with console.status("loading the target model"):
             target = TargetModel.load(args.model, device=args.device)
-        drafter = as_batch_drafter(make_drafter(spec, gamma=args.gamma, device=args.device))
+        drafter = as_batch_drafter(load_drafter(spec, target, gamma=args.gamma))
     except DsparkError as exc:
         raise SystemExit(f"error: {exc}") from None
-    kind, _, folder = spec.partition(":")
-    calibrate = None
-    if kind in ("dspark", "dflash"):
-        calibrate = load_calibration(Path(folder).expanduser() if folder else SHIPPED_DRAFTER)
-    warm_up(target)
+    calibrate = drafter_calibration(spec)
+    target.warm_up()
 
     cost = None
     skip: dict[str, str] = {}
@@ -180,18 +173,17 @@ def run(args) -> dict:
         most = max(args.concurrency)
         try:
             with console.status(f"cost table for R <= {most}, W <= {1 + drafter.gamma} (profiling if missing)"):
-                cost = require_cost_table(
-                    target, args.profile_dir, profile_if_missing=not args.no_profile,
-                    max_requests=most, max_draft=drafter.gamma, context=args.profile_context,
+                cost = cost_table_for(
+                    target, most, drafter.gamma, args.profile_dir, profile_if_missing=not args.no_profile,
+                    context=args.profile_context,
                 )
         except DsparkError as exc:
             raise SystemExit(f"error: {exc}") from None
 
     params = SamplingParams(temperature=args.temperature)
     rows: list[Row] = []
-    def engine_for(name: str, c: int):
-        policy = make_policy(name, cost)  # fresh: a scheduler learns within one run only
-        return BatchEngine(target, NoDrafter() if name == REFERENCE else drafter, policy, max_batch=c, calibrate=calibrate)
+    def engine_for(name: str, c: int):  # a fresh policy: a scheduler learns within one run only
+        return build_engine(target, drafter, name, max_batch=c, calibrate=calibrate, cost=cost)
 
     runnable = [name for name in args.policies if name not in skip]
     with tqdm(total=len(args.concurrency) * len(runnable) * args.repeats, unit="run", dynamic_ncols=True) as progress:

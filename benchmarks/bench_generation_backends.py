@@ -2,9 +2,9 @@
 
 Both decode the same prompts greedily (plain decoding, no drafter) for ``--max-new-tokens``:
 
-- ``generate``: :func:`dspark.training.data.sample_batch`, i.e. ``model.generate`` over static
+- ``generate``: :func:`dspark.training.data.generate.sample_batch`, i.e. ``model.generate`` over static
   left-padded batches of 16 and 32 (a finished row keeps its place until the batch ends);
-- ``engine``: :class:`dspark.batch_engine.BatchEngine` with the ``none`` drafter and the
+- ``engine``: :class:`dspark.engine.batched.BatchEngine` with the ``none`` drafter and the
   ``plain`` policy at concurrency 16 and 32 (continuous batching: a finished request leaves
   at once and the next prompt takes its slot).
 
@@ -73,28 +73,28 @@ def run(args) -> dict:
     import torch
     from tqdm import tqdm
 
-    from dspark.batch_engine import BatchEngine
     from dspark.drafters import NoDrafter
-    from dspark.engine import GenerationRequest
+    from dspark.engine import BatchEngine, GenerationRequest
     from dspark.evaluation.runner import git_state, machine_info
     from dspark.sampling import SamplingParams
-    from dspark.scheduler import make_policy
+    from dspark.scheduling import make_policy
     from dspark.target import TargetModel
-    from dspark.training import data
+    from dspark.training.data.generate import sample_batch, stop_ids
+    from dspark.training.data.prompts import read_prompts
 
     torch.set_num_threads(args.threads)
     load_start = os.getloadavg()
     target = TargetModel.load(args.model)
-    records = data.read_prompts(args.prompts)[: args.num_prompts]
+    records = read_prompts(args.prompts)[: args.num_prompts]
     prompts = sorted((target.encode_conversation(r.messages[:1]) for r in records), key=len)
-    stops = data.stop_ids(target)
-    if data.stop_ids(target) != target.eos_token_ids:
+    stops = stop_ids(target)
+    if stop_ids(target) != target.eos_token_ids:
         raise SystemExit("error: the engine stops at eos ids only; this target's end of turn differs")
 
     def with_generate(batch: int, max_new: int, prompts=prompts) -> tuple[list[list[int]], float]:
         start, outputs = time.perf_counter(), []
         for b in range(0, len(prompts), batch):
-            sampled = data.sample_batch(target, prompts[b : b + batch], max_new, 0.0, 1.0, 0, stops)
+            sampled = sample_batch(target, prompts[b : b + batch], max_new, 0.0, 1.0, 0, stops)
             for tokens, reason in zip(sampled.tokens, sampled.finish_reasons):
                 outputs.append(tokens + ([min(stops)] if reason == "stop" else []))
         return outputs, time.perf_counter() - start

@@ -32,12 +32,12 @@ def main() -> None:
     from tqdm.auto import tqdm
 
     torch.set_num_threads(args.threads)
-    from dspark.calibration import roc_auc
     from dspark.drafters import make_drafter
     from dspark.engine import GenerationRequest, SpeculativeEngine
     from dspark.evaluation.datasets import load_dataset
     from dspark.evaluation.runner import git_state, machine_info
     from dspark.sampling import SamplingParams
+    from dspark.scheduling.calibration import roc_auc
     from dspark.target import TargetModel
 
     target = TargetModel.load(None)

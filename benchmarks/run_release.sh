@@ -18,7 +18,7 @@ EVAL_ARGS=(--limit 30 --max-new-tokens 128 --turns 1 --drafter dspark --drafter 
 for step in $STEPS; do
   case $step in
     calibrate)  # calibration split (last 20% of each set), disjoint from eval's test split
-      $DS calibrate --limit 10 --max-new-tokens 128 --temperature 0 --out $RESULTS/calibration ;;
+      $DS calibrate --overwrite-shipped --limit 10 --max-new-tokens 128 --temperature 0 --out $RESULTS/calibration ;;
     eval)  # ~50 min each on 2 cores; plain decoding runs interleaved in each
       $DS eval "${EVAL_ARGS[@]}" --temperature 0 --out $RESULTS/eval_t0
       $DS eval "${EVAL_ARGS[@]}" --temperature 1 --out $RESULTS/eval_t1 ;;

@@ -24,7 +24,7 @@ from pathlib import Path
 def tokens_seen(run: Path, data: list[Path], max_length: int) -> dict[int, dict]:
     """step -> sequence / response tokens and blocks seen up to that step, by batch replay."""
     from dspark.training.batches import global_batch_indices, make_batch
-    from dspark.training.shards import load_sequences, split_heldout
+    from dspark.training.data.sequences import load_sequences, split_heldout
 
     config = json.loads((run / "train_config.json").read_text())
     sequences = split_heldout(load_sequences(data, max_length=max_length, progress=False)).train
@@ -102,8 +102,9 @@ def main() -> None:
     from dspark.drafters.dspark import DSparkModel
     from dspark.evaluation.runner import git_state, machine_info
     from dspark.target import TargetModel
+    from dspark.training.data.sequences import load_sequences, split_heldout
+    from dspark.training.data.store import ShardStore
     from dspark.training.features import OnlineFeatures
-    from dspark.training.shards import ShardStore, load_sequences, split_heldout
     from dspark.training.trainer import TrainConfig, _StepContext, heldout_tau
 
     target = TargetModel.load(None)

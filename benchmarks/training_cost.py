@@ -48,7 +48,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from dspark.target import TargetModel
-    from dspark.training.data import TokenizeConfig, load_training_sequences
+    from dspark.training.data.tokenize import TokenizeConfig, load_training_sequences
 
     tokenizer = TargetModel.load(None).tokenizer
     sequences = load_training_sequences(args.data, tokenizer, TokenizeConfig(max_length=args.max_length), progress=False)

@@ -63,7 +63,7 @@ def replay(config: dict, first: int, last: int, args) -> dict:
     """Blocks and sequence tokens of steps first+1 .. last (the timed ones)."""
     from dspark.target import TargetModel
     from dspark.training.batches import global_batch_indices, make_batch
-    from dspark.training.data import TokenizeConfig, load_training_sequences
+    from dspark.training.data.tokenize import TokenizeConfig, load_training_sequences
 
     tokenizer = TargetModel.load(None).tokenizer
     sequences = load_training_sequences(args.data, tokenizer, TokenizeConfig(max_length=args.max_length), progress=False)

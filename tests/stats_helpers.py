@@ -1,10 +1,14 @@
 """The goodness-of-fit check shared by the losslessness tests.
 
-Every check is a Pearson chi-square test of observed outcome counts against an *exact*
-distribution that the test enumerated. ``ALPHA`` is the false-positive rate of one check: a
-correct sampler fails it with probability ALPHA over the choice of seeds. The seeds are
-fixed, so a given run is deterministic; a suite with k checks fails a correct sampler for a
-fresh choice of seeds with probability at most k * ALPHA (Bonferroni).
+Every check is a Pearson chi-square test (or its exact two-cell form, a binomial test) of
+observed outcome counts against an *exact* distribution that the test enumerated. ``ALPHA`` is
+the false-positive rate of one check: a correct sampler fails it with probability ALPHA over
+the choice of seeds. The seeds are fixed, so a given run is deterministic; a suite with k
+checks fails a correct sampler for a fresh choice of seeds with probability at most k * ALPHA
+(Bonferroni).
+
+Checks that must also *catch* a named mutant run at ``STRICT_ALPHA`` and state their miss
+rate, computed from the mutant's exact output distribution with the helpers at the end.
 """
 
 from __future__ import annotations
@@ -12,10 +16,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Hashable, Mapping
 
-from scipy.stats import chisquare
+import numpy as np
+from scipy.signal import fftconvolve
+from scipy.stats import binomtest, chi2, chisquare, ncx2
 
 ALPHA = 1e-3
 """False-positive rate of one chi-square check."""
+STRICT_ALPHA = 1e-4
+"""False-positive rate of a check that must also catch a stated mutant (miss rate <= 1e-4)."""
 MIN_EXPECTED = 5.0
 """Cells expected to hold fewer observations than this are pooled (the usual chi-square rule)."""
 
@@ -76,3 +84,52 @@ def chisquare_gof(observed: Mapping[Hashable, int], exact: Mapping[Hashable, flo
         raise ValueError("fewer than 2 cells: the check could not fail; take more samples")
     pvalue = float(chisquare(obs, exp).pvalue)
     return GoodnessOfFit(pvalue, len(obs), n, 0)
+
+
+# -- power: how often a check misses a mutant whose exact output distribution is known --------------
+
+
+def chisquare_miss_rate(exact: Mapping[Hashable, float], mutant: Mapping[Hashable, float], n: int, alpha: float) -> float:
+    """Pr[the chi-square check of n draws from ``mutant`` against ``exact`` passes], over the
+    same cells as ``exact`` (no pooling): the noncentral chi-square approximation, with
+    noncentrality n·Σ (mutant - exact)² / exact and len(exact) - 1 degrees of freedom."""
+    cells = [k for k, p in exact.items() if p > 0.0]
+    if abs(sum(mutant.get(k, 0.0) for k in cells) - 1.0) > 1e-9:
+        raise ValueError("the mutant puts mass outside the support of the exact distribution")
+    df = len(cells) - 1
+    shift = n * sum((mutant.get(k, 0.0) - exact[k]) ** 2 / exact[k] for k in cells)
+    return float(ncx2.cdf(chi2.isf(alpha, df), df, shift))
+
+
+def binomial_acceptance_region(trials: int, p: float, alpha: float) -> tuple[int, int]:
+    """[lo, hi]: the counts that scipy's two-sided exact ``binomtest(k, trials, p)`` does not
+    reject at ``alpha`` (its p-value falls monotonically away from the mode, so the region
+    is an interval; found by bisection on each side)."""
+    mode = int(trials * p)
+
+    def passes(k: int) -> bool:
+        return binomtest(k, trials, p).pvalue >= alpha
+
+    lo, hi = 0, mode
+    while lo < hi:  # the smallest passing count below the mode
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if passes(mid) else (mid + 1, hi)
+    first = lo
+    lo, hi = mode, trials
+    while lo < hi:  # the largest passing count above it
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if passes(mid) else (lo, mid - 1)
+    return first, lo
+
+
+def pmf_of_sum(pmf: np.ndarray, n: int) -> np.ndarray:
+    """The distribution of the sum of n independent draws from ``pmf`` over 0..len-1, by
+    repeated squaring with FFT convolutions (float64: errors ~1e-15 of the largest cell)."""
+    out, power = np.ones(1), np.asarray(pmf, dtype=np.float64)
+    while n:
+        if n & 1:
+            out = np.clip(fftconvolve(out, power), 0.0, None)
+        n >>= 1
+        if n:
+            power = np.clip(fftconvolve(power, power), 0.0, None)
+    return out / out.sum()

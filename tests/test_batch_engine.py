@@ -24,17 +24,19 @@ import torch
 
 import dspark.verify
 from conftest import tiny_llama, tiny_target
-from dspark.batch_engine import BatchEngine, load_calibration
-from dspark.drafters.base import DraftInput, NoDrafter
-from dspark.drafters.batched import BatchDrafter, LoopedDrafter, as_batch_drafter
+from dspark.drafters.base import BatchDrafter, DraftInput, NoDrafter
 from dspark.drafters.draft_model import DraftModelDrafter
 from dspark.drafters.dspark import DSparkConfig, DSparkDrafter, DSparkModel
+from dspark.drafters.factory import as_batch_drafter
+from dspark.drafters.looped import LoopedDrafter
 from dspark.drafters.ngram import NgramConfig, NgramDrafter
-from dspark.engine import GenerationRequest, SpeculativeEngine
+from dspark.engine import BatchEngine, GenerationRequest, SpeculativeEngine
+from dspark.engine.build import build_engine
 from dspark.errors import DsparkError
-from dspark.profiling import CostKey, CostTable
 from dspark.sampling import SamplingParams
-from dspark.scheduler import DSparkScheduler, FixedGamma, FlatCost, StaticThreshold, gamma_one
+from dspark.scheduling import DSparkScheduler, FixedGamma, FlatCost, StaticThreshold, gamma_one
+from dspark.scheduling.calibration import load_calibration
+from dspark.scheduling.profiling import CostKey, CostTable
 from stats_helpers import chisquare_gof
 from test_lossless import NEW_TOKENS, PROMPT, T1, TARGET_SCALE, TARGET_SEED, V, exact_target_distribution
 
@@ -266,7 +268,7 @@ def test_batched_dspark_drafter_proposes_what_the_batch1_drafter_proposes(rich, 
         feats = target.forward(tokens[:-1].unsqueeze(0), layer_ids=layers).features[0]
         want.append(single.propose(DraftInput(tokens, feats, p, torch.Generator().manual_seed(slot), max_tokens=BLOCK)))
         inputs.append(DraftInput(tokens, feats, p, torch.Generator().manual_seed(slot), max_tokens=BLOCK))
-    got = batched.propose_batch(slots, inputs)
+    got = batched.propose_batch(slots, inputs).blocks
     for g, w in zip(got, want):
         assert torch.equal(g.tokens, w.tokens)
         torch.testing.assert_close(g.confidences, w.confidences)
@@ -278,12 +280,12 @@ def test_batched_dspark_drafter_proposes_what_the_batch1_drafter_proposes(rich, 
 
 def test_calibration_is_applied_before_scheduling(rich, tmp_path):
     requests = mixed_requests()
-    never = BatchEngine(rich, dspark_drafter(rich=True), DSparkScheduler(COST), calibrate=torch.zeros_like)
+    never = BatchEngine(rich, dspark_drafter(rich=True), DSparkScheduler(COST, calibrate=torch.zeros_like))
     assert never.generate(requests).stats.verify_length == 0.0  # a_{r,1} = 0: nothing to admit
-    sure = BatchEngine(rich, dspark_drafter(rich=True), StaticThreshold(0.99), calibrate=torch.ones_like)
+    sure = BatchEngine(rich, dspark_drafter(rich=True), StaticThreshold(0.99, torch.ones_like))
     assert all(set(r.stats.proposed) - {0} for r in sure.generate(requests).results)
     assert load_calibration(tmp_path) is None
-    from dspark.calibration import Calibration
+    from dspark.scheduling.calibration import Calibration
 
     Calibration((2.0, 2.0, 2.0)).save(tmp_path)
     apply = load_calibration(tmp_path)
@@ -292,16 +294,16 @@ def test_calibration_is_applied_before_scheduling(rich, tmp_path):
 
 def test_dspark_engine_loads_its_cost_table_or_says_so(target, tmp_path):
     with pytest.raises(DsparkError, match="no cost table.*dspark profile"):
-        BatchEngine.from_spec(target, dspark_drafter(), "dspark", max_batch=2, profile_dir=tmp_path)
-    engine = BatchEngine.from_spec(
-        target, dspark_drafter(), "dspark", max_batch=2, profile_dir=tmp_path, profile_if_missing=True
-    )
+        build_engine(target, dspark_drafter(), "dspark", max_batch=2, profile_dir=tmp_path)
+    engine = build_engine(target, dspark_drafter(), "dspark", max_batch=2, profile_dir=tmp_path, profile_if_missing=True)
     cost = engine.policy.cost  # measured on first use and saved
     assert (cost.max_requests, cost.max_width) == (2, 1 + BLOCK)
-    again = BatchEngine.from_spec(target, dspark_drafter(), "dspark", max_batch=2, profile_dir=tmp_path)
+    again = build_engine(target, dspark_drafter(), "dspark", max_batch=2, profile_dir=tmp_path)
     assert again.policy.cost == engine.policy.cost
     with pytest.raises(DsparkError, match="covers R <= 2 requests.*dspark profile"):  # too small for 4 slots
-        BatchEngine.from_spec(target, dspark_drafter(), "dspark", max_batch=4, profile_dir=tmp_path)
+        build_engine(target, dspark_drafter(), "dspark", max_batch=4, profile_dir=tmp_path)
+    plain = build_engine(target, dspark_drafter(), "plain", max_batch=2)  # plain decoding drafts nothing
+    assert isinstance(plain.drafter.drafter, NoDrafter)
     with pytest.raises(DsparkError, match="covers only B <= 64.*dspark profile"):
         BatchEngine(target, dspark_drafter(), DSparkScheduler(COST), max_batch=32)
 
@@ -312,7 +314,7 @@ class CountingDrafter:
     def __init__(self, drafter) -> None:
         self.inner = as_batch_drafter(drafter)
         self.calls = 0
-        for name in ("name", "feature_layer_ids", "gamma", "check_target", "allocate", "open", "accepted"):
+        for name in ("name", "feature_layer_ids", "gamma", "check_target", "allocate", "open"):
             setattr(self, name, getattr(self.inner, name))
 
     def propose_batch(self, slots, inputs, gate=None):
@@ -339,11 +341,13 @@ def test_lazy_drafting_drafts_less_and_schedules_the_same(rich, batch1_greedy, c
 
 def test_backoff_skips_the_drafter_while_nothing_is_verified(rich, batch1_greedy):
     never = CountingDrafter(dspark_drafter(rich=True))
-    batch = BatchEngine(rich, never, DSparkScheduler(COST), max_batch=4, calibrate=torch.zeros_like).generate(mixed_requests())
+    batch = BatchEngine(rich, never, DSparkScheduler(COST, calibrate=torch.zeros_like), max_batch=4).generate(mixed_requests())
     assert [r.token_ids for r in batch.results] == batch1_greedy  # skipped rounds fold their features later
     assert batch.stats.verify_length == 0.0 and never.calls <= len(batch.stats.steps) // 3
     sure = CountingDrafter(dspark_drafter(rich=True))
-    batch = BatchEngine(rich, sure, POLICIES["dspark"](), max_batch=4, calibrate=torch.ones_like).generate(mixed_requests())
+    sure_policy = POLICIES["dspark"]()
+    sure_policy.calibrate = torch.ones_like
+    batch = BatchEngine(rich, sure, sure_policy, max_batch=4).generate(mixed_requests())
     assert sure.calls == len(batch.stats.steps)  # every step verified drafts: no backoff
 
 

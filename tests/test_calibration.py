@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from dspark.calibration import (
+from dspark.scheduling.calibration import (
     CALIBRATION_FILE,
     Calibration,
     CalibrationData,

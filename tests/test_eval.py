@@ -12,11 +12,11 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import tiny_llama
-from dspark.calibration import Calibration
-from dspark.cli import app
+from dspark.cli.main import app
 from dspark.drafters.base import DraftBlock, DraftInput, NoDrafter
 from dspark.drafters.ngram import NgramConfig, NgramDrafter
 from dspark.engine import SpeculativeEngine
+from dspark.errors import DsparkError
 from dspark.evaluation import metrics, report, runner
 from dspark.evaluation.datasets import (
     ASSET_DIR,
@@ -26,7 +26,7 @@ from dspark.evaluation.datasets import (
     load_dataset,
     split_range,
 )
-from dspark.errors import DsparkError
+from dspark.scheduling.calibration import Calibration
 from dspark.target import TargetModel
 
 V = 32

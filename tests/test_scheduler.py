@@ -2,13 +2,19 @@
 
 Oracles: a line-by-line transcription of Algorithm 1 in plain Python (the vectorized
 scheduler must agree with it on random inputs), hand-computed schedules, and, for
-Appendix A, the paper's two-token example run through the real rejection sampler.
+Appendix A, the paper's two-token example run through the real rejection sampler, plus an
+example where the early stop does verify, whose output distribution is enumerated exactly.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Callable
 
 import pytest
 import torch
@@ -17,7 +23,17 @@ from typer.testing import CliRunner
 
 from conftest import tiny_target
 from dspark.errors import DsparkError
-from dspark.profiling import (
+from dspark.scheduling import (
+    DSparkScheduler,
+    FixedGamma,
+    FlatCost,
+    StaticThreshold,
+    gamma_one,
+    make_policy,
+    slot_gate,
+)
+from dspark.scheduling.algorithm1 import prefix_survival
+from dspark.scheduling.profiling import (
     CostKey,
     CostTable,
     cost_key,
@@ -26,18 +42,8 @@ from dspark.profiling import (
     measure_cost_table,
     require_cost_table,
 )
-from dspark.scheduler import (
-    DSparkScheduler,
-    FixedGamma,
-    FlatCost,
-    SlotGate,
-    StaticThreshold,
-    gamma_one,
-    make_policy,
-    prefix_survival,
-)
 from dspark.verify import rejection_sample
-from stats_helpers import ALPHA
+from stats_helpers import ALPHA, MIN_EXPECTED, STRICT_ALPHA, chisquare_gof, chisquare_miss_rate
 
 KEY = CostKey("test-model", "cpu", "float32", 1)
 
@@ -334,11 +340,214 @@ def test_appendix_a_global_search_is_biased_and_the_early_stop_is_not(cost):
     def real(drafted, c):
         return DSparkScheduler(cost).schedule(drafted, c).lengths[0]
 
+    # On this example the real scheduler never verifies (ℓ = 0 whatever x_1), so its half below
+    # only shows that it samples p; the VERIFYING example further down tests the early stop
+    # where it admits drafted tokens.
     biased = count_a(global_search)
     assert binomtest(biased, TRIALS, 0.7).pvalue < ALPHA, biased / TRIALS  # not the target ...
     assert binomtest(biased, TRIALS, 0.85).pvalue >= ALPHA, biased / TRIALS  # ... but the bias
     causal = count_a(real)
     assert binomtest(causal, TRIALS, 0.7).pvalue >= ALPHA, causal / TRIALS
+
+
+# -- Appendix A, exactly: the early stop where it does verify ------------------------------------------
+#
+# On the paper's example the real scheduler always returns ℓ = 0, so its output is p by
+# construction and a scheduler that never verifies would pass the check above just as well. The
+# cases below enumerate the exact output distribution of a round (the rejection rule's
+# Pr[keep x] = min(1, p(x)/q(x)) and residual norm(max(0, p − q)), in rational arithmetic, over
+# every draft x_1, x_2 ~ q), for any scheduler, on an example where the real scheduler verifies
+# one or two drafted tokens: ℓ ≥ 1 depends on the anchor (through c_1, known before x_1 is
+# drawn) and ℓ = 2 on x_1 (through c_2), never on the token being admitted. An *anticipating*
+# scheduler, one that peeks at x_k to decide ℓ ≥ k, is exactly biased there, and the same
+# sampled check through the real rejection sampler must catch it.
+
+
+@dataclass(frozen=True)
+class Example:
+    """R = 1, γ = 2 over {A, B}: one round after the anchor, x_1, x_2 ~ q, verified against
+    p_1 = p(·|anchor), p_2 = p(·|x_1), p_3 = p(·|x_2)."""
+
+    p: dict[int, tuple[Fraction, Fraction]]
+    """The target's next-token distribution after each token (a Markov chain)."""
+    q: tuple[Fraction, Fraction]
+    """The draft distribution of both slots."""
+    c1: dict[int, float]
+    """c_1 after each anchor: pre-token information."""
+    c2: dict[int, float]
+    """c_2 after each x_1: the Markov confidence head reads the drafted token."""
+
+
+B_TOKEN = 1 - A_TOKEN
+PAPER = Example(
+    p={A_TOKEN: (Fraction(7, 10), Fraction(3, 10)), B_TOKEN: (Fraction(7, 10), Fraction(3, 10))},
+    q=(Fraction(1, 2), Fraction(1, 2)), c1={A_TOKEN: 0.8, B_TOKEN: 0.8}, c2={A_TOKEN: 0.9, B_TOKEN: 0.0},
+)
+VERIFYING = Example(
+    p={A_TOKEN: (Fraction(7, 10), Fraction(3, 10)), B_TOKEN: (Fraction(2, 5), Fraction(3, 5))},
+    q=(Fraction(4, 5), Fraction(1, 5)), c1={A_TOKEN: 0.8, B_TOKEN: 0.3}, c2={A_TOKEN: 0.9, B_TOKEN: 0.0},
+)
+"""q(A) > p(A|A): a drafted A is rejected 1/8 of the time and the residual is then B, after
+which the next round (anchor B) verifies nothing; so ℓ = 0, 1 and 2 all occur."""
+VERIFYING_COST = FlatCost((1.0, 0.7, 0.6))
+"""After anchor A (c_1 = 0.8): Θ0 = 1 < Θ1 = 1.8·0.7 = 1.26, so x_1 is verified; then
+Θ2 = 2.52·0.6 = 1.512 > Θ1 when x_1 = A (c_2 = 0.9): ℓ = 2, and a_2 = 0 when x_1 = B: ℓ = 1.
+After anchor B (c_1 = 0.3): Θ1 = 1.3·0.7 = 0.91 < Θ0: stop, ℓ = 0."""
+VERIFYING_PADDED = CostTable(KEY, (1,), ((1.0, 0.7, 0.6),))
+
+Scheduler = Callable[[torch.Tensor, tuple[int, int]], int]
+"""(c_1, c_2 # [1, 2], the drafts (x_1, x_2)) -> ℓ. Only an anticipating scheduler reads x."""
+
+
+def real_scheduler(cost) -> Scheduler:
+    scheduler = DSparkScheduler(cost)
+    return lambda c, x: scheduler.schedule([2], c).lengths[0]
+
+
+def global_search(cost: FlatCost) -> Scheduler:
+    return lambda c, x: algorithm_1(c.tolist(), [2], sps_of(cost), early_stop=False)[0]
+
+
+def peeking(scheduler: Scheduler, k: int) -> Scheduler:
+    """``scheduler``, except that x_k is admitted only when it is A: ℓ ≥ k reads x_k."""
+
+    def schedule(c, x):
+        ell = scheduler(c, x)
+        return k - 1 if ell >= k and x[k - 1] != A_TOKEN else ell
+
+    return schedule
+
+
+def confidences(example: Example, anchor: int, x: tuple[int, int]) -> torch.Tensor:
+    return torch.tensor([[example.c1[anchor], example.c2[x[0]]]])  # [1, 2]
+
+
+def exact_round(example: Example, anchor: int, schedule: Scheduler):
+    """Pr[the round commits these tokens] and Pr[ℓ = 0, 1, 2], exactly."""
+    out: dict[tuple[int, ...], Fraction] = defaultdict(Fraction)
+    lengths = [Fraction(0)] * 3
+    for x in itertools.product((A_TOKEN, B_TOKEN), repeat=2):
+        reach = example.q[x[0]] * example.q[x[1]]
+        ell = schedule(confidences(example, anchor, x), x)
+        lengths[ell] += reach
+        rows = [example.p[anchor], example.p[x[0]], example.p[x[1]]]  # p_1, p_2, p_3
+        prefix: tuple[int, ...] = ()
+        for k in range(ell):
+            p, token = rows[k], x[k]
+            keep = min(Fraction(1), p[token] / example.q[token])
+            residual = [max(Fraction(0), p[t] - example.q[t]) for t in (A_TOKEN, B_TOKEN)]
+            for t in (A_TOKEN, B_TOKEN):
+                if residual[t]:
+                    out[prefix + (t,)] += reach * (1 - keep) * residual[t] / sum(residual)
+            reach *= keep
+            prefix += (token,)
+        for t in (A_TOKEN, B_TOKEN):  # every admitted token kept: the bonus token from p_{ℓ+1}
+            out[prefix + (t,)] += reach * rows[ell][t]
+    return dict(out), lengths
+
+
+def exact_output(example: Example, schedule: Scheduler) -> dict[tuple[int, int], Fraction]:
+    """Pr[the first two committed tokens after anchor A]: a second round, anchored at the first
+    token, when the first round commits only one."""
+    out: dict[tuple[int, int], Fraction] = defaultdict(Fraction)
+    first, _ = exact_round(example, A_TOKEN, schedule)
+    for tokens, prob in first.items():
+        if len(tokens) >= 2:
+            out[tokens[:2]] += prob
+            continue
+        second, _ = exact_round(example, tokens[0], schedule)
+        for more, prob2 in second.items():
+            out[(tokens[0], more[0])] += prob * prob2
+    return dict(out)
+
+
+def target_output(example: Example) -> dict[tuple[int, int], Fraction]:
+    return {(a, b): example.p[A_TOKEN][a] * example.p[a][b] for a in (A_TOKEN, B_TOKEN) for b in (A_TOKEN, B_TOKEN)}
+
+
+def test_appendix_a_exact_first_token_of_the_paper_example():
+    sps = FlatCost((1.0, 0.5, 0.45))
+
+    def first_is_a(schedule: Scheduler) -> Fraction:
+        return sum(p for tokens, p in exact_output(PAPER, schedule).items() if tokens[0] == A_TOKEN)
+
+    assert first_is_a(global_search(sps)) == Fraction(85, 100)  # the paper's 0.85
+    assert first_is_a(real_scheduler(sps)) == Fraction(7, 10)
+    _, lengths = exact_round(PAPER, A_TOKEN, real_scheduler(sps))
+    assert lengths == [1, 0, 0]  # why that case is weak: the real scheduler never verifies
+
+
+@pytest.mark.parametrize("cost", [VERIFYING_COST, VERIFYING_PADDED], ids=["flat", "padded"])
+def test_appendix_a_exact_early_stop_verifies_and_is_unbiased(cost):
+    real = real_scheduler(cost)
+    after_a, lengths = exact_round(VERIFYING, A_TOKEN, real)
+    assert lengths == [0, Fraction(1, 5), Fraction(4, 5)]  # x_1 always verified, x_2 when x_1 = A
+    _, after_b = exact_round(VERIFYING, B_TOKEN, real)
+    assert after_b == [1, 0, 0]
+    assert exact_output(VERIFYING, real) == target_output(VERIFYING)
+    # The global search agrees with the early stop here (it is unbiased too); peeking is not.
+    assert exact_output(VERIFYING, global_search(VERIFYING_COST)) == target_output(VERIFYING)
+    for k in (1, 2):
+        assert exact_output(VERIFYING, peeking(real, k)) != target_output(VERIFYING), k
+
+
+TWO_TOKEN_TRIALS = 1500
+"""Draws of the first two committed tokens. The chi-square check over their 4 outcomes runs at
+STRICT_ALPHA = 1e-4 (false-positive rate 1e-4; the seed is fixed, so a run is deterministic).
+Its miss rate against each peeking scheduler, from the exact distributions above and the
+noncentral chi-square, is asserted to stay under 1e-4: 2.5e-14 peeking at x_1, 2.5e-8 at x_2."""
+
+
+def sample_two_tokens(example: Example, schedule: Scheduler, generator: torch.Generator):
+    """The first two committed tokens after anchor A through the real rejection sampler, and
+    the ℓ of every round it took."""
+    committed, lengths, anchor = [], [], A_TOKEN
+    q = torch.tensor([float(v) for v in example.q])
+    while len(committed) < 2:
+        x = torch.multinomial(q.expand(2, -1), 1, generator=generator).view(2)  # x_1, x_2 ~ q
+        drafts = (int(x[0]), int(x[1]))
+        ell = schedule(confidences(example, anchor, drafts), drafts)
+        lengths.append(ell)
+        context = [anchor, *drafts][: ell + 1]  # p_k is the target after the k-th fed token
+        p = torch.tensor([[float(v) for v in example.p[t]] for t in context])  # [ℓ+1, 2]
+        committed += rejection_sample(x[:ell], q.expand(ell, -1), p, generator).tokens
+        anchor = committed[-1]
+    return tuple(committed[:2]), lengths
+
+
+def sampled_fit(schedule: Scheduler):
+    generator = torch.Generator().manual_seed(2024)
+    counts, lengths = Counter(), Counter()
+    for _ in range(TWO_TOKEN_TRIALS):
+        tokens, ells = sample_two_tokens(VERIFYING, schedule, generator)
+        counts[tokens] += 1
+        lengths.update(ells)
+    exact = {k: float(v) for k, v in target_output(VERIFYING).items()}
+    return chisquare_gof(counts, exact), lengths
+
+
+def test_appendix_a_the_sampled_check_has_the_stated_power():
+    exact = {k: float(v) for k, v in target_output(VERIFYING).items()}
+    assert min(exact.values()) * TWO_TOKEN_TRIALS >= MIN_EXPECTED  # no pooling: the cells below are the check's
+    for k in (1, 2):
+        biased = {t: float(v) for t, v in exact_output(VERIFYING, peeking(real_scheduler(VERIFYING_COST), k)).items()}
+        assert chisquare_miss_rate(exact, biased, TWO_TOKEN_TRIALS, STRICT_ALPHA) <= 1e-4, k
+
+
+@pytest.mark.parametrize("cost", [VERIFYING_COST, VERIFYING_PADDED], ids=["flat", "padded"])
+def test_appendix_a_sampled_early_stop_verifies_and_is_unbiased(cost):
+    fit, lengths = sampled_fit(real_scheduler(cost))
+    rounds = sum(lengths.values())
+    assert (lengths[1] + lengths[2]) / rounds > 0.3, lengths  # it really verifies drafted tokens,
+    assert lengths[2] / rounds > 0.1, lengths  # two of them when x_1 made c_2 high,
+    assert lengths[0] > 0, lengths  # and none after anchor B
+    assert fit.pvalue >= STRICT_ALPHA, fit
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_appendix_a_sampled_check_catches_a_peeking_scheduler(k):
+    fit, _ = sampled_fit(peeking(real_scheduler(VERIFYING_COST), k))
+    assert fit.pvalue < STRICT_ALPHA, fit
 
 
 # -- the cost table -----------------------------------------------------------------------------------
@@ -400,13 +609,14 @@ def test_measure_profiles_the_engine_step_and_saves_on_first_use(tmp_path):
 # -- the drafting gate ------------------------------------------------------------------------------
 
 
-def gated_schedule(policy, drafted: list[int], c: torch.Tensor, calibrate=None):
+def gated_schedule(policy, drafted: list[int], c: torch.Tensor):
     """What the engine gets when the drafter asks the gate before each slot: (schedule, slots drafted)."""
     rows = [i for i, g in enumerate(drafted) if g]
-    gate = SlotGate(policy, len(drafted), calibrate)
+    gate = slot_gate(policy, len(drafted))
     for k in range(max(drafted)):
-        if not gate(k, rows, [drafted[i] for i in rows], c[rows, : k + 1]):
-            return gate.schedule, k
+        stop = gate(k, rows, [drafted[i] for i in rows], c[rows, : k + 1])
+        if stop is not None:
+            return stop, k
     return None, max(drafted)
 
 
@@ -438,7 +648,7 @@ def test_the_gate_stops_drafting_without_changing_the_schedule(kind):
 
 
 def test_profile_command_help_and_bad_input():
-    from dspark.cli import app
+    from dspark.cli.main import app
 
     runner = CliRunner()
     result = runner.invoke(app, ["profile", "--help"])

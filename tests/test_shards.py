@@ -12,8 +12,23 @@ from typer.testing import CliRunner
 
 from conftest import tiny_llama
 from dspark.errors import DsparkError
-from dspark.training import data as D
-from dspark.training import shards as S
+from dspark.training.data.fingerprints import target_fingerprint, tokenizer_fingerprint
+from dspark.training.data.generate import sample_batch, stop_ids
+from dspark.training.data.mix import EvalOverlapFilter
+from dspark.training.data.prompts import (
+    DOMAINS,
+    PromptRecord,
+    classify_domain,
+    prompt_id,
+    read_prompts,
+    write_prompts,
+)
+from dspark.training.data.regen import RegenConfig, answer_batch, answer_record, regenerate
+from dspark.training.data.sequences import is_heldout, load_sequences, split_heldout
+from dspark.training.data.shards import ShardRecord, decode_shard, encode_shard
+from dspark.training.data.store import ShardStore
+from dspark.training.data.text import TextConfig, parse_sharegpt_conversations, tokenize_texts
+from dspark.training.data.tokenize import TrainingSequence, end_of_turn_id, tokenize_conversation
 from dspark.training.data_cli import data_app
 
 SETTINGS = {"temperature": 0.0, "max_new_tokens": 8}
@@ -21,7 +36,7 @@ SETTINGS = {"temperature": 0.0, "max_new_tokens": 8}
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from dspark.loading import resolve
+    from dspark.target.loading import resolve
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(resolve(None)[0])
@@ -35,30 +50,30 @@ def tiny_chat_target(tokenizer):
 
 
 @pytest.fixture
-def eval_filter() -> D.EvalOverlapFilter:
-    return D.EvalOverlapFilter(["Write a python function to find the volume of a triangular prism."])
+def eval_filter() -> EvalOverlapFilter:
+    return EvalOverlapFilter(["Write a python function to find the volume of a triangular prism."])
 
 
-def _records(n: int, seed: int = 0, high: int = 49152) -> list[S.ShardRecord]:
+def _records(n: int, seed: int = 0, high: int = 49152) -> list[ShardRecord]:
     rng = random.Random(seed)
     out = []
     for i in range(n):
         length = rng.randint(1, 300)
         ids = [rng.randrange(high) for _ in range(length)]
         mask = [rng.randint(0, 1) for _ in range(length)]
-        domain = D.DOMAINS[i % 3]
-        out.append(S.ShardRecord(f"id{seed}-{i}", f"src{i % 2}", domain, ids, mask, "stop" if i % 4 else "length"))
+        domain = DOMAINS[i % 3]
+        out.append(ShardRecord(f"id{seed}-{i}", f"src{i % 2}", domain, ids, mask, "stop" if i % 4 else "length"))
     return out
 
 
-def _prompts(n: int) -> list[D.PromptRecord]:
+def _prompts(n: int) -> list[PromptRecord]:
     words = ["alpha", "beta gamma", "delta epsilon zeta", "eta", "theta iota kappa lambda"]
     domains = ["code", "math", "chat"]
-    return [D.PromptRecord.make("t", domains[i % 3], [f"Tell me about {words[i % 5]} {i}."]) for i in range(n)]
+    return [PromptRecord.make("t", domains[i % 3], [f"Tell me about {words[i % 5]} {i}."]) for i in range(n)]
 
 
 def _new_store(folder: Path, kind: str = "regenerated", settings=SETTINGS, target_fp="t0", tokenizer_fp="k0"):
-    return S.ShardStore.open_or_create(folder, kind, settings, target_fp, tokenizer_fp)
+    return ShardStore.open_or_create(folder, kind, settings, target_fp, tokenizer_fp)
 
 
 # -- the store -------------------------------------------------------------------------
@@ -67,7 +82,7 @@ def test_shard_round_trip_is_exact_and_compact(tmp_path):
     with _new_store(tmp_path / "s") as store:
         manifest = store.append(records)
         store.append(_records(3, seed=1))
-    reopened = S.ShardStore.open(tmp_path / "s")
+    reopened = ShardStore.open(tmp_path / "s")
     assert list(reopened.iter_records()) == records + _records(3, seed=1)
     with np.load(tmp_path / "s" / "shard_00000.npz", allow_pickle=False) as z:
         assert z["tokens"].dtype == np.uint16 and z["offsets"].dtype == np.int64
@@ -79,7 +94,7 @@ def test_shard_round_trip_is_exact_and_compact(tmp_path):
     counts = manifest.counts
     assert counts.sequences == 50 and counts.tokens == sum(len(r.input_ids) for r in records)
     assert counts.loss_tokens == sum(r.num_loss_tokens for r in records)
-    assert counts.loss_tokens_by_domain == {d: sum(r.num_loss_tokens for r in records if r.domain == d) for d in D.DOMAINS}
+    assert counts.loss_tokens_by_domain == {d: sum(r.num_loss_tokens for r in records if r.domain == d) for d in DOMAINS}
     assert counts.finish_reasons == {"stop": 37, "length": 13}
     summary = reopened.summary()
     assert summary.shards == 2 and summary.counts.sequences == 53
@@ -87,8 +102,8 @@ def test_shard_round_trip_is_exact_and_compact(tmp_path):
 
     wide = _records(4, seed=2, high=70000)
     assert any(t >= 65536 for r in wide for t in r.input_ids)
-    assert S.decode_shard(S.encode_shard(wide)) == wide
-    with np.load(__import__("io").BytesIO(S.encode_shard(wide))) as z:
+    assert decode_shard(encode_shard(wide)) == wide
+    with np.load(__import__("io").BytesIO(encode_shard(wide))) as z:
         assert z["tokens"].dtype == np.uint32
 
 
@@ -100,16 +115,16 @@ def test_an_incomplete_shard_is_ignored_then_removed(tmp_path):
     # a writer killed between the npz and its manifest, and one killed mid-write
     (folder / "shard_00001.npz").write_bytes(first)
     (folder / "shard_00002.npz.tmp").write_bytes(first[:100])
-    reader = S.ShardStore.open(folder)
+    reader = ShardStore.open(folder)
     assert [m.index for m in reader.manifests] == [0] and len(reader.done_ids()) == 5
     assert (folder / "shard_00001.npz").exists()  # readers never delete: a writer may be mid-shard
     with _new_store(folder) as store:
         assert not (folder / "shard_00001.npz").exists() and not list(folder.glob("*.tmp"))
         assert store.append(_records(2, seed=3)).index == 1
-    assert len(S.ShardStore.open(folder).done_ids()) == 7
+    assert len(ShardStore.open(folder).done_ids()) == 7
     (folder / "shard_00001.npz").write_bytes(first)  # a manifest beside the wrong npz
     with pytest.raises(DsparkError, match="does not match its manifest"):
-        S.ShardStore.open(folder)
+        ShardStore.open(folder)
 
 
 def test_a_resumed_run_with_other_settings_is_refused(tmp_path):
@@ -135,28 +150,28 @@ def test_a_resumed_run_with_other_settings_is_refused(tmp_path):
     with pytest.raises(DsparkError, match="not a shard store"):
         _new_store(tmp_path / "other")
     with pytest.raises(DsparkError, match="read-only"):
-        S.ShardStore.open(folder).append(_records(1))
+        ShardStore.open(folder).append(_records(1))
 
 
 def test_fingerprints_change_with_the_weights_and_the_template(tokenizer):
     a, b = tiny_llama(vocab_size=64, seed=0), tiny_llama(vocab_size=64, seed=1)
-    assert S.target_fingerprint(a) == S.target_fingerprint(tiny_llama(vocab_size=64, seed=0))
-    assert S.target_fingerprint(a) != S.target_fingerprint(b)
-    fp = S.tokenizer_fingerprint(tokenizer)
+    assert target_fingerprint(a) == target_fingerprint(tiny_llama(vocab_size=64, seed=0))
+    assert target_fingerprint(a) != target_fingerprint(b)
+    fp = tokenizer_fingerprint(tokenizer)
     template = tokenizer.chat_template
     try:
         tokenizer.chat_template = template + " "
-        assert S.tokenizer_fingerprint(tokenizer) != fp
+        assert tokenizer_fingerprint(tokenizer) != fp
     finally:
         tokenizer.chat_template = template
-    assert S.tokenizer_fingerprint(tokenizer) == fp
+    assert tokenizer_fingerprint(tokenizer) == fp
 
 
 # -- regeneration ----------------------------------------------------------------------
-def _regen_store(target, folder: Path, config: S.RegenConfig) -> S.ShardStore:
-    return S.ShardStore.open_or_create(
+def _regen_store(target, folder: Path, config: RegenConfig) -> ShardStore:
+    return ShardStore.open_or_create(
         folder, "regenerated", config.store_settings(),
-        S.target_fingerprint(target), S.tokenizer_fingerprint(target.tokenizer),
+        target_fingerprint(target), tokenizer_fingerprint(target.tokenizer),
     )
 
 
@@ -169,19 +184,19 @@ def test_regen_sequences_are_prompt_ids_plus_generated_ids(tiny_chat_target, tmp
     """
     target = tiny_chat_target
     prompts = _prompts(7)
-    config = S.RegenConfig(max_new_tokens=6, generator=generator, batch_size=3, shard_size=4)
+    config = RegenConfig(max_new_tokens=6, generator=generator, batch_size=3, shard_size=4)
     monkeypatch.setattr(target.tokenizer, "decode", lambda *args, **kwargs: "wrong text")
     monkeypatch.setattr(target.tokenizer, "batch_decode", lambda ids, **kwargs: ["wrong text"] * len(ids))
     with _regen_store(target, tmp_path / "g", config) as store:
-        summary = S.regenerate(target, prompts, store, config, progress=False)
+        summary = regenerate(target, prompts, store, config, progress=False)
     monkeypatch.undo()
     assert (summary.written, summary.shards, summary.already_done) == (7, 2, 0)
-    records = {r.id: r for r in S.ShardStore.open(tmp_path / "g").iter_records()}
-    stops = D.stop_ids(target)
+    records = {r.id: r for r in ShardStore.open(tmp_path / "g").iter_records()}
+    stops = stop_ids(target)
     for p in prompts:
         prompt_ids = target.encode_conversation(p.messages[:1])
-        alone = D.sample_batch(target, [prompt_ids], 6, 0.0, 1.0, seed=0, stops=stops)
-        eot = [D.end_of_turn_id(target.tokenizer)] if alone.finish_reasons[0] == "stop" else []
+        alone = sample_batch(target, [prompt_ids], 6, 0.0, 1.0, seed=0, stops=stops)
+        eot = [end_of_turn_id(target.tokenizer)] if alone.finish_reasons[0] == "stop" else []
         r = records[p.id]
         assert list(r.input_ids) == prompt_ids + alone.tokens[0] + eot
         assert list(r.loss_mask) == [0] * len(prompt_ids) + [1] * (len(alone.tokens[0]) + len(eot))
@@ -193,22 +208,22 @@ def test_engine_and_generate_sample_alike_per_prompt_seed(tiny_chat_target):
     target = tiny_chat_target
     ids = [target.encode_conversation(p.messages[:1]) for p in _prompts(4)]
     names = [p.id for p in _prompts(4)]
-    config = S.RegenConfig(max_new_tokens=5, temperature=0.8, batch_size=4)
-    stops = D.stop_ids(target)
-    together = S.answer_batch(target, ids, names, config, stops)
-    alone = [S.answer_batch(target, [i], [n], config, stops).tokens[0] for i, n in zip(ids, names)]
+    config = RegenConfig(max_new_tokens=5, temperature=0.8, batch_size=4)
+    stops = stop_ids(target)
+    together = answer_batch(target, ids, names, config, stops)
+    alone = [answer_batch(target, [i], [n], config, stops).tokens[0] for i, n in zip(ids, names)]
     assert together.tokens == alone
     assert together.num_new_tokens == sum(map(len, alone)) + together.finish_reasons.count("stop")
 
 
 def test_answer_record_appends_end_of_turn_only_after_a_stop():
-    p = D.PromptRecord.make("t", "math", ["2 + 2?"])
-    stopped = S.answer_record(p, [5, 6, 7], [8, 9], "stop", eot=2)
+    p = PromptRecord.make("t", "math", ["2 + 2?"])
+    stopped = answer_record(p, [5, 6, 7], [8, 9], "stop", eot=2)
     assert list(stopped.input_ids) == [5, 6, 7, 8, 9, 2] and list(stopped.loss_mask) == [0, 0, 0, 1, 1, 1]
-    cut = S.answer_record(p, [5, 6, 7], [8, 9], "length", eot=2)
+    cut = answer_record(p, [5, 6, 7], [8, 9], "length", eot=2)
     assert list(cut.input_ids) == [5, 6, 7, 8, 9] and list(cut.loss_mask) == [0, 0, 0, 1, 1]
     with pytest.raises(ValueError, match="finish_reason"):
-        S.answer_record(p, [5], [8], "eos", eot=2)
+        answer_record(p, [5], [8], "eos", eot=2)
 
 
 @pytest.mark.parametrize("generator, kill_after", [("generate", 6), ("engine", 4)])
@@ -216,8 +231,8 @@ def test_a_killed_regen_resumes_and_generates_nothing_twice(tiny_chat_target, tm
     """A kill during the call after the first shard: generate calls answer 2, the engine's a shard of 4."""
     target = tiny_chat_target
     prompts = _prompts(10)
-    config = S.RegenConfig(max_new_tokens=4, temperature=0.8, generator=generator, batch_size=2, shard_size=4)
-    real = S.answer_batch
+    config = RegenConfig(max_new_tokens=4, temperature=0.8, generator=generator, batch_size=2, shard_size=4)
+    real = answer_batch
     answered: list[list[int]] = []
     kill = [kill_after]
 
@@ -227,38 +242,38 @@ def test_a_killed_regen_resumes_and_generates_nothing_twice(tiny_chat_target, tm
         answered.extend(list(ids) for ids in batch)
         return real(target, batch, *args, **kwargs)
 
-    monkeypatch.setattr(S, "answer_batch", counting)
+    monkeypatch.setattr("dspark.training.data.regen.answer_batch", counting)
     with pytest.raises(KeyboardInterrupt):
         with _regen_store(target, tmp_path / "s", config) as store:
-            S.regenerate(target, prompts, store, config, progress=False)
-    assert len(S.ShardStore.open(tmp_path / "s").manifests) == 1
+            regenerate(target, prompts, store, config, progress=False)
+    assert len(ShardStore.open(tmp_path / "s").manifests) == 1
     first_run = list(answered)
     kill[0] = None
     with _regen_store(target, tmp_path / "s", config) as store:
-        summary = S.regenerate(target, prompts, store, config, progress=False)
+        summary = regenerate(target, prompts, store, config, progress=False)
     assert (summary.already_done, summary.written) == (4, 6)
     done_first = {tuple(ids) for ids in first_run[:4]}  # the shard that was completed
     resumed = answered[len(first_run):]
     assert len(resumed) == 6 and not done_first & {tuple(ids) for ids in resumed}
-    ids = [r.id for r in S.ShardStore.open(tmp_path / "s").iter_records()]
+    ids = [r.id for r in ShardStore.open(tmp_path / "s").iter_records()]
     assert sorted(ids) == sorted(p.id for p in prompts)
     before = len(answered)
     with _regen_store(target, tmp_path / "s", config) as store:
-        again = S.regenerate(target, prompts + _prompts(10), store, config, progress=False)
+        again = regenerate(target, prompts + _prompts(10), store, config, progress=False)
     assert (again.already_done, again.written, again.new_tokens, len(answered)) == (10, 0, 0, before)
 
 
 def test_regen_settings_bind_the_sampling_not_the_batching():
-    greedy = S.RegenConfig(temperature=0.0, top_p=0.5, batch_size=4)
-    assert greedy.store_settings() == S.RegenConfig(temperature=0.0, top_p=0.95, batch_size=32).store_settings()
+    greedy = RegenConfig(temperature=0.0, top_p=0.5, batch_size=4)
+    assert greedy.store_settings() == RegenConfig(temperature=0.0, top_p=0.95, batch_size=32).store_settings()
     assert greedy.store_settings()["top_p"] == 1.0
-    assert S.RegenConfig(temperature=0.8).store_settings() != S.RegenConfig(temperature=0.8, top_p=0.9).store_settings()
-    assert S.RegenConfig(generator="generate").store_settings() != S.RegenConfig().store_settings()
+    assert RegenConfig(temperature=0.8).store_settings() != RegenConfig(temperature=0.8, top_p=0.9).store_settings()
+    assert RegenConfig(generator="generate").store_settings() != RegenConfig().store_settings()
     for kwargs, message in [(dict(shard_size=0), "shard_size"), (dict(temperature=-1.0), "temperature"),
                             (dict(generator="vllm"), "generator"),
                             (dict(top_p=0.0), "top_p"), (dict(batch_size=0), "batch_size")]:
         with pytest.raises(ValueError, match=message):
-            S.RegenConfig(**kwargs)
+            RegenConfig(**kwargs)
 
 
 # -- text stores and loading -----------------------------------------------------------
@@ -281,66 +296,66 @@ SHAREGPT = [
 
 
 def test_sharegpt_conversations_alternate_and_start_with_the_user():
-    convs = S.parse_sharegpt_conversations(json.dumps(SHAREGPT), max_turns=4)
+    convs = parse_sharegpt_conversations(json.dumps(SHAREGPT), max_turns=4)
     assert [len(c.messages) for c in convs] == [4, 2, 2, 2, 2]
     assert [c.domain for c in convs] == ["code", "math", "code", "code", "chat"]
     assert convs[1].messages[0] == {"role": "user", "content": "What is 12 * 7? Calculate it."}
-    assert convs[0].id == convs[3].id == D.prompt_id("sharegpt", ["How do I sort a list in Python?"])
-    assert [len(c.messages) for c in S.parse_sharegpt_conversations(json.dumps(SHAREGPT), max_turns=1)][0] == 2
+    assert convs[0].id == convs[3].id == prompt_id("sharegpt", ["How do I sort a list in Python?"])
+    assert [len(c.messages) for c in parse_sharegpt_conversations(json.dumps(SHAREGPT), max_turns=1)][0] == 2
 
 
 def test_text_store_gets_greedy_labels_and_loads_with_regen(tiny_chat_target, tokenizer, tmp_path, eval_filter):
-    convs = S.parse_sharegpt_conversations(json.dumps(SHAREGPT))
-    config = S.TextConfig(max_turns=4, max_tokens=512, shard_size=2)
-    fp = S.tokenizer_fingerprint(tokenizer)
-    with S.ShardStore.open_or_create(tmp_path / "text", "text", config.store_settings("sharegpt"), None, fp) as store:
-        summary = S.tokenize_texts(tokenizer, convs, store, config, eval_filter, progress=False)
+    convs = parse_sharegpt_conversations(json.dumps(SHAREGPT))
+    config = TextConfig(max_turns=4, max_tokens=512, shard_size=2)
+    fp = tokenizer_fingerprint(tokenizer)
+    with ShardStore.open_or_create(tmp_path / "text", "text", config.store_settings("sharegpt"), None, fp) as store:
+        summary = tokenize_texts(tokenizer, convs, store, config, eval_filter, progress=False)
     assert (summary.written, summary.skipped, summary.refused_eval, summary.shards) == (3, 1, 1, 2)
-    with S.ShardStore.open_or_create(tmp_path / "text", "text", config.store_settings("sharegpt"), None, fp) as store:
-        again = S.tokenize_texts(tokenizer, convs, store, config, eval_filter, progress=False)
+    with ShardStore.open_or_create(tmp_path / "text", "text", config.store_settings("sharegpt"), None, fp) as store:
+        again = tokenize_texts(tokenizer, convs, store, config, eval_filter, progress=False)
     assert (again.written, again.already_done) == (0, 3)
 
-    regen_config = S.RegenConfig(max_new_tokens=20, batch_size=4)
+    regen_config = RegenConfig(max_new_tokens=20, batch_size=4)
     with _regen_store(tiny_chat_target, tmp_path / "regen", regen_config) as store:
-        S.regenerate(tiny_chat_target, _prompts(3), store, regen_config, progress=False)
-    seqs = S.load_sequences([tmp_path / "text", tmp_path / "regen"], max_length=60, progress=False)
+        regenerate(tiny_chat_target, _prompts(3), store, regen_config, progress=False)
+    seqs = load_sequences([tmp_path / "text", tmp_path / "regen"], max_length=60, progress=False)
     text_seqs = [s for s in seqs if s.greedy_labels]
     assert [s.id for s in text_seqs] == [convs[0].id, convs[1].id]  # "Hi/Hello!" has < 16 loss tokens
     assert [s.domain for s in text_seqs] == ["code", "math"]
-    expected = D.tokenize_conversation(tokenizer, convs[0].messages, id=convs[0].id, max_length=60)
+    expected = tokenize_conversation(tokenizer, convs[0].messages, id=convs[0].id, max_length=60)
     assert text_seqs[0].input_ids == expected.input_ids and text_seqs[0].loss_mask == expected.loss_mask
     regen_seqs = [s for s in seqs if not s.greedy_labels]
     assert len(regen_seqs) == 3 and all(len(s.input_ids) <= 60 and s.num_loss_tokens >= 16 for s in regen_seqs)
     assert {s.domain for s in regen_seqs} == {"code", "math", "chat"}
 
-    with S.ShardStore.open_or_create(tmp_path / "other", "text", {}, None, "another-tokenizer") as store:
+    with ShardStore.open_or_create(tmp_path / "other", "text", {}, None, "another-tokenizer") as store:
         store.append(_records(1))
     with pytest.raises(DsparkError, match="different tokenizers"):
-        S.load_sequences([tmp_path / "text", tmp_path / "other"], max_length=60, progress=False)
+        load_sequences([tmp_path / "text", tmp_path / "other"], max_length=60, progress=False)
 
 
 def test_heldout_split_is_deterministic_and_by_id():
-    seqs = [D.TrainingSequence([1, 2], [0, 1], id=f"p{i // 2}") for i in range(4000)]  # two per id
-    split = S.split_heldout(seqs)
+    seqs = [TrainingSequence([1, 2], [0, 1], id=f"p{i // 2}") for i in range(4000)]  # two per id
+    split = split_heldout(seqs)
     shuffled = list(seqs)
     random.Random(0).shuffle(shuffled)
-    again = S.split_heldout(shuffled)
+    again = split_heldout(shuffled)
     assert {s.id for s in split.heldout} == {s.id for s in again.heldout}
     assert not {s.id for s in split.heldout} & {s.id for s in split.train}  # an id never straddles
     assert len(split.heldout) + len(split.train) == 4000 and len(split.heldout) % 2 == 0
     assert 12 <= len({s.id for s in split.heldout}) <= 70  # 2 % of 2000 ids: 40 ± 6.3 (±4.5 σ)
-    assert {s.id for s in S.split_heldout(seqs, salt="other").heldout} != {s.id for s in split.heldout}
-    assert S.split_heldout(seqs, fraction=0.0).heldout == [] and S.split_heldout(seqs, fraction=1.0).train == []
-    assert all(S.is_heldout(s.id) for s in split.heldout) and not any(S.is_heldout(s.id) for s in split.train)
+    assert {s.id for s in split_heldout(seqs, salt="other").heldout} != {s.id for s in split.heldout}
+    assert split_heldout(seqs, fraction=0.0).heldout == [] and split_heldout(seqs, fraction=1.0).train == []
+    assert all(is_heldout(s.id) for s in split.heldout) and not any(is_heldout(s.id) for s in split.train)
 
 
 def test_classify_domain_keyword_rule():
-    assert D.classify_domain("Why does my Python script raise a KeyError?") == "code"
-    assert D.classify_domain("```\nx = 1\n```") == "code"
-    assert D.classify_domain("Solve for x: 3x + 5 = 20") == "math"
-    assert D.classify_domain("How many apples are left if I eat 3 of 10?") == "math"
-    assert D.classify_domain("How many moons does Jupiter have?") == "chat"  # no number: not math
-    assert D.classify_domain("Write a poem about the sea.") == "chat"
+    assert classify_domain("Why does my Python script raise a KeyError?") == "code"
+    assert classify_domain("```\nx = 1\n```") == "code"
+    assert classify_domain("Solve for x: 3x + 5 = 20") == "math"
+    assert classify_domain("How many apples are left if I eat 3 of 10?") == "math"
+    assert classify_domain("How many moons does Jupiter have?") == "chat"  # no number: not math
+    assert classify_domain("Write a poem about the sea.") == "chat"
 
 
 # -- the command line ------------------------------------------------------------------
@@ -357,7 +372,7 @@ def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
 
 def test_cli_regen_resumes_and_refuses_other_settings(tmp_path, tiny_model_dir):
     prompts = tmp_path / "pool.jsonl"
-    D.write_prompts(prompts, _prompts(5))
+    write_prompts(prompts, _prompts(5))
     store = tmp_path / "store"
     base = ["regen", "--prompts", str(prompts), "--store", str(store), "--model", str(tiny_model_dir),
             "--device", "cpu", "--max-new-tokens", "4", "--batch-size", "2", "--shard-size", "2", "--json"]
@@ -399,9 +414,9 @@ def test_cli_bad_input_is_one_clear_line(args, message):
 
 def test_cli_pool_mixes_prompt_files(tmp_path):
     magpie = tmp_path / "magpie-math.jsonl"
-    D.write_prompts(magpie, [D.PromptRecord.make("magpie-math", "math", [f"What is {i} + {i}?"]) for i in range(4)])
+    write_prompts(magpie, [PromptRecord.make("magpie-math", "math", [f"What is {i} + {i}?"]) for i in range(4)])
     out = tmp_path / "pool.jsonl"
     result = runner.invoke(data_app, ["pool", "--out", str(out), "--prompts", str(magpie), "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["by_domain"] == {"math": 4}
-    assert {r.source for r in D.read_prompts(out)} == {"magpie-math"}
+    assert {r.source for r in read_prompts(out)} == {"magpie-math"}

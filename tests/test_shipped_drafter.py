@@ -30,7 +30,7 @@ def test_shipped_drafter_is_small_fp16_and_fits_the_default_target():
 
 
 def test_shipped_calibration_has_one_temperature_per_slot():
-    from dspark.calibration import Calibration
+    from dspark.scheduling.calibration import Calibration
 
     calibration = Calibration.load(SHIPPED_DRAFTER)
     assert calibration is not None, "run `dspark calibrate` on the shipped drafter"

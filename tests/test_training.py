@@ -139,6 +139,23 @@ def test_resume_refuses_different_settings(tmp_path):
         train(small_config(tmp_path / "run", steps=3, lr=1e-2), target, synthetic_sequences(), progress=False)
 
 
+def test_resume_follows_the_folder_not_its_spelling_and_checks_max_length(tmp_path, monkeypatch):
+    target = tiny_target(vocab_size=32, hidden=32, layers=6)
+    train(small_config(tmp_path / "run", steps=6), target, synthetic_sequences(), stop_after=3, progress=False)
+    from dspark.errors import DsparkError
+
+    with pytest.raises(DsparkError, match="max_length 1024 there, 512 now"):
+        train(small_config(tmp_path / "run", steps=6, max_length=512), target, synthetic_sequences(), progress=False)
+    with pytest.raises(DsparkError, match="other data"):
+        train(small_config(tmp_path / "run", steps=6), target, synthetic_sequences()[:-1], progress=False)
+    monkeypatch.chdir(tmp_path)
+    last = train(small_config("./run/", steps=6), target, synthetic_sequences(), progress=False)
+    assert last.name == "step_00000006"
+    assert [e["step"] for e in _read_log(tmp_path / "run")] == list(range(1, 7))
+    state = torch.load(last / "training_state.pt", map_location="cpu", weights_only=True)
+    assert state["step"] == 6
+
+
 def test_dflash_variant_has_no_heads(tmp_path):
     target = tiny_target(vocab_size=32, hidden=32, layers=6)
     folder = train(small_config(tmp_path / "df", variant="dflash", steps=2), target, synthetic_sequences(), progress=False)

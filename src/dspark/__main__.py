@@ -1,3 +1,3 @@
-from dspark.cli import main
+from dspark.cli.main import main
 
 main()

@@ -1,56 +1,31 @@
-"""Drafters: everything that proposes draft blocks for the engine to verify.
+"""Drafters: everything that proposes draft blocks for the engines to verify.
 
-``make_drafter`` turns a command-line spec into a drafter:
-
-- ``none``: plain decoding (the reference);
-- ``ngram``: prompt lookup;
-- ``model:<id|folder|file.gguf>``: an independent draft model sharing the tokenizer;
-- ``dspark``: the DSpark drafter shipped for the default target;
-- ``dspark:<folder>`` / ``dflash:<folder>``: a trained DSpark or DFlash checkpoint.
+- ``base``: the protocols and data types (:class:`Drafter`, :class:`BatchDrafter`,
+  :class:`DraftInput`, :class:`DraftBlock`, ``DraftGate``) and :class:`NoDrafter`;
+- ``factory``: :func:`make_drafter` (command-line names to drafters), :func:`as_batch_drafter`;
+- ``looped``: any batch-1 drafter as a batch drafter;
+- ``ngram``, ``draft_model``, ``dspark/``: the drafters themselves.
 """
 
-from __future__ import annotations
+from dspark.drafters.base import BatchDrafter, DraftBlock, DraftGate, DraftInput, Drafter, NoDrafter
+from dspark.drafters.factory import (
+    DRAFTER_HELP,
+    SHIPPED_DRAFTER,
+    as_batch_drafter,
+    default_drafter_spec,
+    make_drafter,
+)
 
-from pathlib import Path
-
-from dspark.drafters.base import DraftBlock, DraftInput, Drafter, NoDrafter
-from dspark.errors import DsparkError
-
-__all__ = ["DraftBlock", "DraftInput", "Drafter", "NoDrafter", "make_drafter", "DRAFTER_HELP", "default_drafter_spec"]
-
-DRAFTER_HELP = "none | ngram | model:<HF id|folder|.gguf> | dspark[:<folder>] | dflash:<folder>"
-SHIPPED_DRAFTER = Path(__file__).resolve().parent.parent / "assets" / "drafters" / "smollm2-135m-instruct-dspark"
-"""The DSpark drafter trained for the embedded default target (fp16, no embedding/LM head)."""
-
-
-def default_drafter_spec() -> str:
-    """``dspark`` once a trained drafter ships inside the package, else ``ngram``."""
-    return "dspark" if (SHIPPED_DRAFTER / "config.json").is_file() else "ngram"
-
-
-def make_drafter(spec: str, gamma: int | None = None, device: str = "cpu") -> Drafter:
-    """Build the drafter named by ``spec`` (see the module docstring)."""
-    kind, _, arg = spec.partition(":")
-    if kind == "none" and not arg:
-        return NoDrafter()
-    if kind == "ngram" and not arg:
-        from dspark.drafters.ngram import NgramConfig, NgramDrafter
-
-        return NgramDrafter(NgramConfig(gamma=gamma or 7))
-    if kind == "model" and arg:
-        from dspark.drafters.draft_model import DraftModelDrafter
-
-        return DraftModelDrafter.load(arg, gamma=gamma or 5, device=device)
-    if kind in ("dspark", "dflash"):
-        from dspark.drafters.dspark import DSparkDrafter
-
-        folder = Path(arg).expanduser() if arg else SHIPPED_DRAFTER
-        if not arg and kind == "dflash":
-            raise DsparkError("dflash needs a checkpoint folder: dflash:<folder>")
-        if not (folder / "config.json").is_file():
-            raise DsparkError(f"no DSpark drafter at {folder} (expected config.json and model.safetensors)")
-        drafter = DSparkDrafter.load(folder, gamma=gamma, device=device)
-        if kind == "dflash" and not drafter.config.is_dflash:
-            raise DsparkError(f"{folder} holds a DSpark drafter, not DFlash; use dspark:{folder}")
-        return drafter
-    raise DsparkError(f"unknown drafter {spec!r}; choose one of: {DRAFTER_HELP}")
+__all__ = [
+    "BatchDrafter",
+    "DraftBlock",
+    "DraftGate",
+    "DraftInput",
+    "Drafter",
+    "NoDrafter",
+    "DRAFTER_HELP",
+    "SHIPPED_DRAFTER",
+    "as_batch_drafter",
+    "default_drafter_spec",
+    "make_drafter",
+]

@@ -1,15 +1,21 @@
-"""The narrow interface between the engine and every drafter.
+"""The narrow interfaces between the engines and every drafter.
 
 A drafter sees the committed tokens of one request (the last one is the *anchor*: committed
 by the target but not yet run through it) and the target features of committed tokens it
 has not seen yet. It returns a :class:`DraftBlock`: γ tokens, their draft distributions q
-and, optionally, confidences c_k. After verification it is told how many were accepted.
+and, optionally, confidences c_k. It learns what survived verification from its next
+input (the committed tokens and their features), so there is no acceptance callback.
+
+:class:`Drafter` is what the batch-1 engine talks to; :class:`BatchDrafter` is what the
+batched engine talks to: per-request state in *slots* (one per live request) and one
+:class:`DraftBlock` per request in a single call, which a :class:`DraftGate` may cut short;
+the call returns a :class:`DraftBatch`: the blocks, what stopped them and how long drafting took.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Generic, Protocol, Sequence, TypeVar, runtime_checkable
 
 import torch
 
@@ -85,9 +91,6 @@ class Drafter(Protocol):
     def propose(self, draft_input: DraftInput) -> DraftBlock:
         """Propose up to ``draft_input.max_tokens`` tokens."""
 
-    def accepted(self, num_accepted: int) -> None:
-        """Told after verification how many tokens of the last block survived."""
-
 
 class NoDrafter:
     """Plain decoding inside the same engine: every round verifies the anchor only.
@@ -107,5 +110,63 @@ class NoDrafter:
     def propose(self, draft_input: DraftInput) -> DraftBlock:
         return DraftBlock.empty(draft_input.tokens.device)
 
-    def accepted(self, num_accepted: int) -> None:
-        return None
+
+Stop = TypeVar("Stop", covariant=True)
+"""What a gate returns when it stops drafting (the engine's gate returns the step's schedule);
+the drafter hands it back untouched in :attr:`DraftBatch.stop`."""
+
+
+class DraftGate(Protocol[Stop]):
+    """Asked before slot k+1 (1-based) is drafted, with ``rows`` the indices (into the call's
+    inputs) of the requests being drafted, ``gammas`` their most tokens and ``confidences``
+    # [len(rows), k+1] their raw c_1..c_{k+1}. None: draft slot k+1. Anything else stops
+    drafting (every block keeps its first k tokens) and comes back as :attr:`DraftBatch.stop`.
+    A drafter without confidences never asks."""
+
+    def __call__(self, k: int, rows: Sequence[int], gammas: Sequence[int], confidences: torch.Tensor) -> Stop | None: ...
+
+
+@dataclass(frozen=True)
+class DraftBatch(Generic[Stop]):
+    """What one :meth:`BatchDrafter.propose_batch` call drafted, and what it cost."""
+
+    blocks: list[DraftBlock]
+    """One block per input, in the inputs' order."""
+    stop: Stop | None = None
+    """What the gate returned when it stopped drafting; None when the blocks are whole."""
+    fixed_s: float | None = None
+    """Seconds of work before the first slot (context fold, backbone); None when the drafter
+    had nothing to draft."""
+    slots_s: float | None = None
+    """Seconds spent in the slot loop after that, where it is separate from ``fixed_s``
+    (None: all of drafting is in ``fixed_s``)."""
+
+    @staticmethod
+    def empty(num: int, device: torch.device | str = "cpu") -> "DraftBatch":
+        """No drafting at all: ``num`` empty blocks."""
+        return DraftBatch([DraftBlock.empty(device) for _ in range(num)])
+
+
+@runtime_checkable
+class BatchDrafter(Protocol):
+    """What the batched engine needs from a drafter."""
+
+    name: str
+    feature_layer_ids: tuple[int, ...]
+    gamma: int
+    """Most tokens proposed per request and round; the engine sizes its caches with it."""
+
+    def check_target(self, target) -> None:
+        """Raise IncompatibleDrafterError when the drafter cannot serve ``target``."""
+
+    def allocate(self, num_slots: int, capacity: int) -> None:
+        """Prepare ``num_slots`` slots of up to ``capacity`` positions; drops all state."""
+
+    def open(self, slot: int) -> None:
+        """A new request takes ``slot``: forget what the slot held."""
+
+    def propose_batch(
+        self, slots: Sequence[int], inputs: Sequence[DraftInput], gate: DraftGate[Stop] | None = None
+    ) -> DraftBatch[Stop]:
+        """One block per request; ``inputs[i]`` belongs to the request in ``slots[i]``. A
+        drafter may ignore ``gate`` (and then drafts whole blocks)."""

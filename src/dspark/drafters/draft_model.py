@@ -12,7 +12,7 @@ import torch
 from dspark.drafters.base import DraftBlock, DraftInput
 from dspark.errors import IncompatibleDrafterError
 from dspark.sampling import sample_from_logits
-from dspark.target import crop_cache
+from dspark.target.model import crop_cache
 
 
 class DraftModelDrafter:
@@ -32,7 +32,7 @@ class DraftModelDrafter:
 
     @classmethod
     def load(cls, spec: str, gamma: int = 5, device: str = "cpu") -> "DraftModelDrafter":
-        from dspark.loading import load_model_and_tokenizer
+        from dspark.target.loading import load_model_and_tokenizer
 
         model, _ = load_model_and_tokenizer(spec, device=device, with_tokenizer=False)
         return cls(model, gamma=gamma, name=f"model:{spec}")
@@ -50,8 +50,6 @@ class DraftModelDrafter:
         self._cache = None
         self._cached = []
 
-    def accepted(self, num_accepted: int) -> None:
-        return None  # the cache is re-synced against the committed tokens in propose()
 
     @torch.inference_mode()
     def propose(self, draft_input: DraftInput) -> DraftBlock:

@@ -47,8 +47,6 @@ class NgramDrafter:
     def reset(self) -> None:
         return None
 
-    def accepted(self, num_accepted: int) -> None:
-        return None
 
     def propose(self, draft_input: DraftInput) -> DraftBlock:
         tokens = draft_input.tokens  # [L]

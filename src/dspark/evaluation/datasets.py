@@ -73,17 +73,20 @@ def builtin_names() -> list[str]:
 def read_conversations(path: Path) -> list[tuple[str, ...]]:
     """Every line's turns; blank lines are skipped, anything else malformed is an error."""
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                turns = json.loads(line)["turns"]
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise DsparkError(f'{path}:{lineno} is not {{"turns": [...]}}: {exc}') from None
-            if not isinstance(turns, list) or not turns or not all(isinstance(t, str) and t.strip() for t in turns):
-                raise DsparkError(f"{path}:{lineno}: turns must be a non-empty list of non-empty strings")
-            rows.append(tuple(turns))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DsparkError(f"{path} is not valid UTF-8 (byte {exc.object[exc.start]:#04x} at offset {exc.start})") from None
+    for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines: JSON may hold U+2028
+        if not line.strip():
+            continue
+        try:
+            turns = json.loads(line)["turns"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise DsparkError(f'{path}:{lineno} is not {{"turns": [...]}}: {exc}') from None
+        if not isinstance(turns, list) or not turns or not all(isinstance(t, str) and t.strip() for t in turns):
+            raise DsparkError(f"{path}:{lineno}: turns must be a non-empty list of non-empty strings")
+        rows.append(tuple(turns))
     if not rows:
         raise DsparkError(f"{path} holds no conversations")
     return rows

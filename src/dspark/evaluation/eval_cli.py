@@ -1,4 +1,8 @@
-"""``dspark eval`` and ``dspark calibrate``. Only typer is imported at module top."""
+"""``dspark eval`` and ``dspark calibrate``. Only typer is imported at module top.
+
+Failures raise :class:`~dspark.errors.DsparkError`; the CLI's boundary (:mod:`dspark.edge`)
+prints them as one line. Outputs are checked before any model loads.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,9 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+
+from dspark.edge import check_out_dir
+from dspark.errors import DsparkError
 
 BUILTIN_HELP = "gsm8k, humaneval, mbpp, mt-bench"
 
@@ -25,27 +32,29 @@ def eval_command(
     split: str = typer.Option("test", help="test (first 80% of each set) or all; the last 20% belongs to `dspark calibrate`."),
     turns: Optional[int] = typer.Option(None, help="Only the first N turns of each conversation (mt-bench has 2); default all."),
     ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Always generate --max-new-tokens tokens."),
-    device: str = typer.Option("cpu", help="cpu or cuda[:i]; the target and every drafter go there."),
+    device: str = typer.Option("cpu", help="cpu | cuda[:i] | mps; the target and every drafter go there."),
+    dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16 (auto: float32 on the CPU, bfloat16 on CUDA)."),
     out: Path = typer.Option(Path("dspark-eval"), help="Folder for results.json, the PNG plots and report.md."),
     plots: bool = typer.Option(True, "--plots/--no-plots", help="Write the PNG plots."),
 ) -> None:
     """Compare drafters against plain decoding: τ, acceptance per position, speedup, time split."""
-    from dspark.errors import DsparkError
-
-    try:
-        if limit < 1:
-            raise DsparkError(f"--limit must be >= 1, got {limit}")
-        if gamma is not None and gamma < 1:
-            raise DsparkError(f"--gamma must be >= 1, got {gamma}")
-        if split not in ("test", "all"):
-            raise DsparkError(f"--split must be test or all, got {split!r} (the calibration split belongs to `dspark calibrate`)")
-        _eval(dataset, drafter, model, limit, max_new_tokens, temperature, seed, gamma, split, turns, ignore_eos, device, out, plots)
-    except (DsparkError, ValueError) as exc:
-        _fail(str(exc))
+    if limit < 1:
+        raise DsparkError(f"--limit must be >= 1, got {limit}")
+    if gamma is not None and gamma < 1:
+        raise DsparkError(f"--gamma must be >= 1, got {gamma}")
+    if turns is not None and turns < 1:
+        raise DsparkError(f"--turns must be >= 1, got {turns}")
+    if max_new_tokens < 1:
+        raise DsparkError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    if split not in ("test", "all"):
+        raise DsparkError(f"--split must be test or all, got {split!r} (the calibration split belongs to `dspark calibrate`)")
+    check_out_dir(out)
+    _eval(dataset, drafter, model, limit, max_new_tokens, temperature, seed, gamma, split, turns, ignore_eos, device,
+          dtype, out, plots)
 
 
 def _eval(dataset_specs, drafter_specs, model, limit, max_new_tokens, temperature, seed, gamma, split, turns,
-          ignore_eos, device, out, plots):
+          ignore_eos, device, dtype, out, plots):
     import os
 
     from tqdm import tqdm
@@ -55,11 +64,12 @@ def _eval(dataset_specs, drafter_specs, model, limit, max_new_tokens, temperatur
 
     settings = runner.EvalSettings(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, ignore_eos=ignore_eos)
     datasets = [load_dataset(s, split=split, limit=limit, max_turns=turns) for s in (dataset_specs or builtin_names())]
+    device, dtype = _device_dtype(device, dtype)
     specs = _drafter_specs(drafter_specs)
     if split == "all":
         typer.echo("warning: --split all includes the calibration prompts; the confidence check is not held out",
                    err=True)
-    target, engines, calibrations = _load(model, specs, gamma, device)
+    target, engines, calibrations = _load(model, specs, gamma, device, dtype)
     encode = target.encode_conversation
     machine = runner.machine_info(target)
     runner.warm_up_engines(engines, encode([{"role": "user", "content": datasets[0].conversations[0].turns[0]}]))
@@ -95,53 +105,63 @@ def calibrate_command(
     gamma: Optional[int] = typer.Option(None, help="Draft tokens per round (drafter default if unset)."),
     bins: int = typer.Option(15, help="Equal-width bins of the ECE and the reliability diagram."),
     min_events: int = typer.Option(10, help="Fit a slot only with at least this many survivals and rejections; else T = 1."),
-    device: str = typer.Option("cpu", help="cpu or cuda[:i]."),
+    device: str = typer.Option("cpu", help="cpu | cuda[:i] | mps."),
+    dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16 (auto: float32 on the CPU, bfloat16 on CUDA)."),
     save: bool = typer.Option(True, "--save/--no-save", help="Write calibration.json beside the drafter's weights."),
+    overwrite_shipped: bool = typer.Option(
+        False, "--overwrite-shipped", help="Allow --save to replace the calibration.json of the drafter shipped in the package."),
     out: Path = typer.Option(Path("dspark-calibrate"), help="Folder for calibration_report.json and the PNG plots."),
     plots: bool = typer.Option(True, "--plots/--no-plots", help="Write the reliability diagram and threshold sweep."),
 ) -> None:
     """Fit Sequential Temperature Scaling of the confidence head on real speculative rollouts."""
-    from dspark.errors import DsparkError
+    if limit < 1:
+        raise DsparkError(f"--limit must be >= 1, got {limit}")
+    if bins < 2:
+        raise DsparkError(f"--bins must be >= 2, got {bins}")
+    if gamma is not None and gamma < 1:
+        raise DsparkError(f"--gamma must be >= 1, got {gamma}")
+    if min_events < 0:
+        raise DsparkError(f"--min-events must be >= 0, got {min_events}")
+    if max_new_tokens < 1:
+        raise DsparkError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    spec = drafter or "dspark"
+    folder = drafter_folder(spec)
+    if folder is None:
+        raise DsparkError(f"calibrate needs a DSpark drafter (dspark[:<folder>]), got {spec!r}")
+    check_out_dir(out)
+    if save:
+        from dspark.drafters import SHIPPED_DRAFTER
 
-    try:
-        if limit < 1:
-            raise DsparkError(f"--limit must be >= 1, got {limit}")
-        if bins < 2:
-            raise DsparkError(f"--bins must be >= 2, got {bins}")
-        if gamma is not None and gamma < 1:
-            raise DsparkError(f"--gamma must be >= 1, got {gamma}")
-        if min_events < 0:
-            raise DsparkError(f"--min-events must be >= 0, got {min_events}")
-        _calibrate(drafter, dataset, model, limit, max_new_tokens, temperature, seed, gamma, bins, min_events, device,
-                   save, out, plots)
-    except (DsparkError, ValueError) as exc:
-        _fail(str(exc))
+        if folder.resolve() == SHIPPED_DRAFTER.resolve() and not overwrite_shipped:
+            raise DsparkError(
+                f"--save would overwrite the shipped drafter's calibration.json in {folder}; pass "
+                "--overwrite-shipped to mean it, --no-save to only report, or calibrate a copy (dspark:<folder>)"
+            )
+        check_out_dir(folder, "--save: the drafter folder")
+    _calibrate(spec, folder, dataset, model, limit, max_new_tokens, temperature, seed, gamma, bins, min_events, device,
+               dtype, save, out, plots)
 
 
-def _calibrate(spec, dataset_specs, model, limit, max_new_tokens, temperature, seed, gamma, bins, min_events, device,
-               save, out, plots):
+def _calibrate(spec, folder, dataset_specs, model, limit, max_new_tokens, temperature, seed, gamma, bins, min_events,
+               device, dtype, save, out, plots):
     import datetime as dt
 
     from tqdm import tqdm
 
-    from dspark.calibration import DEFAULT_GRID
-    from dspark.errors import DsparkError
-    from dspark.evaluation import report, runner
+    from dspark.evaluation import report, rollouts, runner
     from dspark.evaluation.datasets import builtin_names, load_dataset
+    from dspark.scheduling.calibration import DEFAULT_GRID
 
-    spec = spec or "dspark"
-    folder = drafter_folder(spec)
-    if folder is None:
-        raise DsparkError(f"calibrate needs a DSpark drafter (dspark[:<folder>]), got {spec!r}")
     settings = runner.EvalSettings(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
     datasets = [load_dataset(s, split="calibration", limit=limit) for s in (dataset_specs or builtin_names())]
-    target, engines, _ = _load(model, [spec], gamma, device)
+    device, dtype = _device_dtype(device, dtype)
+    target, engines, _ = _load(model, [spec], gamma, device, dtype)
     engine = engines[spec]
     with tqdm(total=sum(d.num_turns for d in datasets), unit="turn", dynamic_ncols=True) as progress:
-        rounds = runner.collect_rounds(datasets, engine, settings, target.encode_conversation, progress)
+        rounds = rollouts.collect_rounds(datasets, engine, settings, target.encode_conversation, progress)
     if not any(rounds.values()):
         raise DsparkError("the rollouts produced no drafting rounds; raise --max-new-tokens or --limit")
-    fit = runner.fit_calibration(rounds, bins, min_events)
+    fit = rollouts.fit_calibration(rounds, bins, min_events)
     body = report.json_safe({
         "drafter": spec,
         "model": target.name,
@@ -180,9 +200,12 @@ def _calibrate(spec, dataset_specs, model, limit, max_new_tokens, temperature, s
 
 
 # -- helpers --------------------------------------------------------------------------------------
-def _fail(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code=2)
+def _device_dtype(device: str, dtype: str):
+    """``--device`` and ``--dtype`` checked at the edge: (device, torch.dtype)."""
+    from dspark.target.loading import parse_device, parse_dtype
+
+    device = parse_device(device)
+    return device, parse_dtype(dtype, device)
 
 
 def _drafter_specs(given) -> list[str]:
@@ -195,23 +218,26 @@ def _drafter_specs(given) -> list[str]:
 
 def drafter_folder(spec: str) -> Path | None:
     """The checkpoint folder of a dspark/dflash spec (where calibration.json lives), else None."""
-    from dspark.drafters import SHIPPED_DRAFTER
-
     kind, _, arg = spec.partition(":")
     if kind not in ("dspark", "dflash"):
         return None
-    return Path(arg).expanduser() if arg else SHIPPED_DRAFTER
+    if arg:
+        return Path(arg).expanduser()
+    from dspark.drafters import SHIPPED_DRAFTER
+
+    return SHIPPED_DRAFTER
 
 
-def _load(model, specs, gamma, device):
-    """The target, one engine per drafter spec, and each drafter's stored calibration (or None)."""
-    from dspark.calibration import Calibration
+def _load(model, specs, gamma, device, dtype=None):
+    """The target, one engine per drafter spec, and each drafter's stored calibration (or None);
+    DSpark drafters run in the target's dtype."""
     from dspark.drafters import make_drafter
     from dspark.engine import SpeculativeEngine
+    from dspark.scheduling.calibration import Calibration
     from dspark.target import TargetModel
 
-    drafters = {s: make_drafter(s, gamma=gamma, device=device) for s in specs}  # fail fast, before the target loads
-    target = TargetModel.load(model, device=device)
+    drafters = {s: make_drafter(s, gamma=gamma, device=device, dtype=dtype) for s in specs}  # fail fast, before the target loads
+    target = TargetModel.load(model, device=device, dtype=dtype)
     engines = {s: SpeculativeEngine(target, d) for s, d in drafters.items()}
     calibrations = {}
     for s in specs:

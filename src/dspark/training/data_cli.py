@@ -1,7 +1,9 @@
 """``dspark data``: build drafter training data (a prompt mix, then the target's responses).
 
 Only typer and the standard library are imported here; the commands import the rest, so
-``dspark --help`` stays fast.
+``dspark --help`` stays fast. Failures raise :class:`~dspark.errors.DsparkError` (or
+``ValueError`` from a config); the boundary of :mod:`dspark.edge` prints them as one line.
+Every output is checked before a model loads.
 """
 
 from __future__ import annotations
@@ -12,9 +14,11 @@ from typing import List, Optional
 
 import typer
 
+from dspark.edge import BoundaryGroup, check_out_dir, check_out_file
 from dspark.errors import DsparkError
 
 data_app = typer.Typer(
+    cls=BoundaryGroup,
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -23,14 +27,16 @@ data_app = typer.Typer(
 
 
 def _fail(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code=2)
+    raise DsparkError(message)
 
 
 def _device(device: Optional[str]) -> str:
+    """``--device`` checked at the edge; unset: cuda when available, else cpu."""
     import torch
 
-    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from dspark.target.loading import parse_device
+
+    return parse_device(device) if device else ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @data_app.command()
@@ -56,8 +62,6 @@ def prompts(
     as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON object."),
 ) -> None:
     """Mix prompts from the chosen sources, refusing any that overlap an evaluation set."""
-    from dspark.errors import DsparkError
-
     magpie = {"code": magpie_code, "math": magpie_math, "chat": magpie_chat}
     counts = {"--sharegpt": sharegpt, "--jsonl-limit": jsonl_limit}
     counts.update({f"--magpie-{d}": n for d, n in magpie.items()})
@@ -70,11 +74,9 @@ def prompts(
         _fail(f"--magpie-batch-size must be >= 1, got {magpie_batch_size}")
     if not (sharegpt or jsonl or any(magpie.values())):
         _fail("no prompt source chosen: pass --sharegpt N, --jsonl PATH or --magpie-{code,math,chat} N")
-    try:
-        result = _mix(out, sharegpt, jsonl or [], jsonl_domain, jsonl_limit, magpie, magpie_batch_size,
-                      max_turns, seed, model, device, eval_dir)
-    except (DsparkError, ValueError) as exc:
-        _fail(str(exc))
+    check_out_file(out)
+    result = _mix(out, sharegpt, jsonl or [], jsonl_domain, jsonl_limit, magpie, magpie_batch_size,
+                  max_turns, seed, model, device, eval_dir)
     report = result.to_dict()
     report["out"] = str(out)
     if as_json:
@@ -94,31 +96,33 @@ def prompts(
 
 def _mix(out, sharegpt, jsonl, jsonl_domain, jsonl_limit, magpie, magpie_batch_size, max_turns, seed,
          model, device, eval_dir):
-    from dspark.training import data
+    from dspark.training.data.magpie import MagpieConfig, synthesize_magpie
+    from dspark.training.data.mix import EvalOverlapFilter, PromptPool, default_eval_dir, mix_prompts
+    from dspark.training.data.prompts import read_prompt_jsonl, read_sharegpt, write_prompts
 
     missing = [str(p) for p in jsonl if not p.is_file()]
     if missing:  # cheap checks first: nothing may fail after minutes of synthesis
         raise DsparkError(f"prompt file not found: {', '.join(missing)}")
     # The filter next: a missing eval dir must fail before minutes of synthesis.
-    eval_filter = data.EvalOverlapFilter.from_dir(eval_dir or data.default_eval_dir())
-    magpie_config = data.MagpieConfig(batch_size=magpie_batch_size, seed=seed)
+    eval_filter = EvalOverlapFilter.from_dir(eval_dir or default_eval_dir())
+    magpie_config = MagpieConfig(batch_size=magpie_batch_size, seed=seed)
     pools = []
     for path in jsonl:
-        records = data.read_prompt_jsonl(path, domain=jsonl_domain, max_turns=max_turns)
-        pools.append(data.PromptPool(f"jsonl:{path.name}", records, jsonl_limit or None))
+        records = read_prompt_jsonl(path, domain=jsonl_domain, max_turns=max_turns)
+        pools.append(PromptPool(f"jsonl:{path.name}", records, jsonl_limit or None))
     if sharegpt:
         typer.echo("note: ShareGPT conversations have unclear provenance and licence terms", err=True)
-        pools.append(data.PromptPool("sharegpt", data.read_sharegpt(max_turns=max_turns), sharegpt))
+        pools.append(PromptPool("sharegpt", read_sharegpt(max_turns=max_turns), sharegpt))
     if any(magpie.values()):
         from dspark.target import TargetModel
 
         target = TargetModel.load(model, device=_device(device))
         for domain, n in magpie.items():
             if n:
-                records = data.synthesize_magpie(target, domain, n, magpie_config)
-                pools.append(data.PromptPool(f"magpie-{domain}", records, n))
-    result = data.mix_prompts(pools, eval_filter, seed=seed)
-    data.write_prompts(out, result.records)
+                records = synthesize_magpie(target, domain, n, magpie_config)
+                pools.append(PromptPool(f"magpie-{domain}", records, n))
+    result = mix_prompts(pools, eval_filter, seed=seed)
+    write_prompts(out, result.records)
     return result
 
 
@@ -138,26 +142,26 @@ def generate(
     as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
 ) -> None:
     """Let the target answer every prompt; resumable, appending one JSON line per record."""
-    from dspark.errors import DsparkError
+    from dspark.training.data.generate import GenerateConfig, check_resumable, generate_responses
+    from dspark.training.data.prompts import read_prompts
 
     if limit is not None and limit < 1:
         _fail(f"--limit must be >= 1, got {limit}")
-    try:
-        from dspark.training import data
+    config = GenerateConfig(
+        batch_size=batch_size, max_new_tokens=max_new_tokens, temperature=temperature,
+        top_p=top_p, seed=seed, max_prompt_tokens=max_prompt_tokens,
+    )
+    if prompts.expanduser().resolve() == out.expanduser().resolve():
+        _fail(f"--out {out} is the --prompts file: the answers would be appended to the prompts; pick another --out")
+    check_out_file(out)
+    check_resumable(out, config)  # before minutes of loading; the target is checked once loaded
+    records = read_prompts(prompts)[:limit]
+    if not records:
+        raise DsparkError(f"no prompts in {prompts}")
+    from dspark.target import TargetModel
 
-        config = data.GenerateConfig(
-            batch_size=batch_size, max_new_tokens=max_new_tokens, temperature=temperature,
-            top_p=top_p, seed=seed, max_prompt_tokens=max_prompt_tokens,
-        )
-        records = data.read_prompts(prompts)[:limit]
-        if not records:
-            raise DsparkError(f"no prompts in {prompts}")
-        from dspark.target import TargetModel
-
-        target = TargetModel.load(model, device=_device(device))
-        summary = data.generate_responses(target, records, out, config)
-    except (DsparkError, ValueError) as exc:
-        _fail(str(exc))
+    target = TargetModel.load(model, device=_device(device))
+    summary = generate_responses(target, records, out, config)
     if as_json:
         typer.echo(json.dumps({**summary.to_dict(), "out": str(out)}))
         return
@@ -194,28 +198,34 @@ def pool(
         _fail(f"--max-chars must be >= 1, got {max_chars}")
     if not (any(counts.values()) or prompts):
         _fail("no prompt source chosen: pass --sharegpt-{code,math,chat} N or --prompts PATH")
-    try:
-        from dspark.training import data
+    check_out_file(out)
+    from dspark.training.data.mix import EvalOverlapFilter, PromptPool, default_eval_dir, mix_prompts
+    from dspark.training.data.prompts import (
+        DOMAINS,
+        PromptRecord,
+        classify_domain,
+        read_prompts,
+        read_sharegpt,
+        write_prompts,
+    )
 
-        missing = [str(p) for p in prompts or [] if not p.is_file()]
-        if missing:
-            raise DsparkError(f"prompt file not found: {', '.join(missing)}")
-        eval_filter = data.EvalOverlapFilter.from_dir(eval_dir or data.default_eval_dir())
-        pools = [data.PromptPool(f"prompts:{p.name}", data.read_prompts(p), None) for p in prompts or []]
-        if any(counts.values()):
-            typer.echo("note: ShareGPT conversations have unclear provenance and licence terms", err=True)
-            by_domain: dict[str, list] = {d: [] for d in data.DOMAINS}
-            for r in data.read_sharegpt(max_turns=1):
-                if len(r.turns[0]) <= max_chars:
-                    domain = data.classify_domain(r.turns[0])
-                    by_domain[domain].append(data.PromptRecord(r.id, r.source, domain, r.turns))
-            for domain, n in zip(("code", "math", "chat"), counts.values()):
-                if n:
-                    pools.append(data.PromptPool(f"sharegpt-{domain}", by_domain[domain], n))
-        result = data.mix_prompts(pools, eval_filter, seed=seed)
-        data.write_prompts(out, result.records)
-    except (DsparkError, ValueError) as exc:
-        _fail(str(exc))
+    missing = [str(p) for p in prompts or [] if not p.is_file()]
+    if missing:
+        raise DsparkError(f"prompt file not found: {', '.join(missing)}")
+    eval_filter = EvalOverlapFilter.from_dir(eval_dir or default_eval_dir())
+    pools = [PromptPool(f"prompts:{p.name}", read_prompts(p), None) for p in prompts or []]
+    if any(counts.values()):
+        typer.echo("note: ShareGPT conversations have unclear provenance and licence terms", err=True)
+        by_domain: dict[str, list] = {d: [] for d in DOMAINS}
+        for r in read_sharegpt(max_turns=1):
+            if len(r.turns[0]) <= max_chars:
+                domain = classify_domain(r.turns[0])
+                by_domain[domain].append(PromptRecord(r.id, r.source, domain, r.turns))
+        for domain, n in zip(("code", "math", "chat"), counts.values()):
+            if n:
+                pools.append(PromptPool(f"sharegpt-{domain}", by_domain[domain], n))
+    result = mix_prompts(pools, eval_filter, seed=seed)
+    write_prompts(out, result.records)
     report = {**result.to_dict(), "out": str(out)}
     if as_json:
         typer.echo(json.dumps(report))
@@ -247,28 +257,29 @@ def regen(
     """The target answers every prompt not yet in the store; token ids straight into shards."""
     if limit is not None and limit < 1:
         _fail(f"--limit must be >= 1, got {limit}")
-    try:
-        from dspark.training import data, shards
+    from dspark.training.data.fingerprints import target_fingerprint, tokenizer_fingerprint
+    from dspark.training.data.prompts import read_prompts
+    from dspark.training.data.regen import RegenConfig, regenerate
+    from dspark.training.data.store import ShardStore, check_settings
 
-        config = shards.RegenConfig(
-            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-            max_prompt_tokens=max_prompt_tokens, generator=generator, batch_size=batch_size, shard_size=shard_size,
-        )
-        records = data.read_prompts(prompts)[:limit]
-        if not records:
-            raise DsparkError(f"no prompts in {prompts}")
-        shards.check_settings(store, "regenerated", config.store_settings())  # before minutes of loading
-        from dspark.target import TargetModel
+    config = RegenConfig(
+        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+        max_prompt_tokens=max_prompt_tokens, generator=generator, batch_size=batch_size, shard_size=shard_size,
+    )
+    check_out_dir(store, "--store")
+    records = read_prompts(prompts)[:limit]
+    if not records:
+        raise DsparkError(f"no prompts in {prompts}")
+    check_settings(store, "regenerated", config.store_settings())  # before minutes of loading
+    from dspark.target import TargetModel
 
-        target = TargetModel.load(model, device=_device(device))
-        with shards.ShardStore.open_or_create(
-            store, "regenerated", config.store_settings(),
-            shards.target_fingerprint(target), shards.tokenizer_fingerprint(target.tokenizer),
-        ) as opened:
-            summary = shards.regenerate(target, records, opened, config)
-            total = opened.summary()
-    except (DsparkError, ValueError) as exc:
-        _fail(str(exc))
+    target = TargetModel.load(model, device=_device(device))
+    with ShardStore.open_or_create(
+        store, "regenerated", config.store_settings(),
+        target_fingerprint(target), tokenizer_fingerprint(target.tokenizer),
+    ) as opened:
+        summary = regenerate(target, records, opened, config)
+        total = opened.summary()
     _report_fill(summary, total, as_json)
 
 
@@ -291,22 +302,23 @@ def text(
         _fail("no conversation source chosen: pass --sharegpt")
     if limit is not None and limit < 1:
         _fail(f"--limit must be >= 1, got {limit}")
-    try:
-        from dspark.training import data, shards
+    from dspark.training.data.fingerprints import load_tokenizer, tokenizer_fingerprint
+    from dspark.training.data.mix import EvalOverlapFilter, default_eval_dir
+    from dspark.training.data.store import ShardStore, check_settings
+    from dspark.training.data.text import TextConfig, read_sharegpt_conversations, tokenize_texts
 
-        config = shards.TextConfig(max_turns=max_turns, max_tokens=max_tokens, shard_size=shard_size)
-        shards.check_settings(store, "text", config.store_settings("sharegpt"))
-        eval_filter = data.EvalOverlapFilter.from_dir(eval_dir or data.default_eval_dir())
-        typer.echo("note: ShareGPT conversations have unclear provenance and licence terms", err=True)
-        conversations = shards.read_sharegpt_conversations(max_turns=max_turns)[:limit]
-        tokenizer = shards.load_tokenizer(model)
-        with shards.ShardStore.open_or_create(
-            store, "text", config.store_settings("sharegpt"), None, shards.tokenizer_fingerprint(tokenizer)
-        ) as opened:
-            summary = shards.tokenize_texts(tokenizer, conversations, opened, config, eval_filter)
-            total = opened.summary()
-    except (DsparkError, ValueError) as exc:
-        _fail(str(exc))
+    config = TextConfig(max_turns=max_turns, max_tokens=max_tokens, shard_size=shard_size)
+    check_out_dir(store, "--store")
+    check_settings(store, "text", config.store_settings("sharegpt"))
+    eval_filter = EvalOverlapFilter.from_dir(eval_dir or default_eval_dir())
+    typer.echo("note: ShareGPT conversations have unclear provenance and licence terms", err=True)
+    conversations = read_sharegpt_conversations(max_turns=max_turns)[:limit]
+    tokenizer = load_tokenizer(model)
+    with ShardStore.open_or_create(
+        store, "text", config.store_settings("sharegpt"), None, tokenizer_fingerprint(tokenizer)
+    ) as opened:
+        summary = tokenize_texts(tokenizer, conversations, opened, config, eval_filter)
+        total = opened.summary()
     _report_fill(summary, total, as_json)
 
 
@@ -316,12 +328,9 @@ def summary(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object per store."),
 ) -> None:
     """Counts of shard stores: sequences, tokens, loss tokens and their share per domain."""
-    try:
-        from dspark.training import shards
+    from dspark.training.data.store import ShardStore
 
-        summaries = [shards.ShardStore.open(s).summary() for s in stores]
-    except (DsparkError, ValueError) as exc:
-        _fail(str(exc))
+    summaries = [ShardStore.open(s).summary() for s in stores]
     for s in summaries:
         if as_json:
             typer.echo(json.dumps(s.to_dict()))

@@ -42,24 +42,33 @@ def train_command(
     export: Optional[Path] = typer.Option(None, help="Also write the best (else the last) drafter here as fp16 safetensors."),
 ) -> None:
     """Train a drafter; rerun the same command to resume from the last checkpoint."""
-    import torch
-
+    from dspark.edge import check_out_dir
     from dspark.errors import DsparkError
-    from dspark.target import TargetModel
-    from dspark.training.trainer import TrainConfig, train
 
     for path in data:
         if not path.exists():
             raise DsparkError(f"training data not found: {path}")
     if not 0.0 <= heldout_fraction < 1.0 or not 0.0 < data_fraction <= 1.0:
         raise DsparkError("--heldout-fraction must be in [0, 1) and --data-fraction in (0, 1]")
+    if init_from is not None and not (init_from / "config.json").is_file():
+        raise DsparkError(f"--init-from {init_from} is not a drafter folder (no config.json)")
+    check_out_dir(out)
+    if export is not None:
+        check_out_dir(export, "--export")
+
+    import torch
+
+    from dspark.target import TargetModel
+    from dspark.training.trainer import TrainConfig, check_resume, train
+
     config = TrainConfig(
         out_dir=str(out), variant=variant, num_layers=num_layers, block_size=block_size,
         markov_rank=markov_rank, markov_head_type=markov_head_type,
         target_layer_ids=tuple(layer_ids or ()), init_from_target=init_from_target, steps=steps, batch_size=batch_size,
         anchors_per_sequence=anchors, draft_vocab_size=draft_vocab, lr=lr, gamma_w=gamma_w, max_epochs=max_epochs,
-        init_from=str(init_from or ""), save_every=save_every, log_every=log_every, seed=seed,
+        init_from=str(init_from or ""), save_every=save_every, log_every=log_every, seed=seed, max_length=max_length,
     )
+    check_resume(out, config)  # other settings are refused before the target loads; the data once it is read
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
@@ -96,8 +105,8 @@ def train_command(
 
 def _load_data(paths: List[Path], target, max_length: int, heldout_fraction: float, data_fraction: float):
     """Sequences of every store and jsonl, split into train / held-out by prompt id."""
-    from dspark.training.data import TokenizeConfig, load_training_sequences
-    from dspark.training.shards import is_heldout, load_sequences, split_heldout
+    from dspark.training.data.sequences import is_heldout, load_sequences, split_heldout
+    from dspark.training.data.tokenize import TokenizeConfig, load_training_sequences
 
     stores = [p for p in paths if p.is_dir()]
     sequences = load_sequences(stores, max_length=max_length) if stores else []

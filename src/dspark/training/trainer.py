@@ -5,9 +5,12 @@ global batch (see :mod:`dspark.training.batches`) and DDP averages gradients; th
 normalised by the *global* weight sum so N ranks reproduce one process exactly.
 
 Checkpoints: ``out/step_XXXXXXXX/`` holds the drafter (config.json + model.safetensors,
-loadable as a drafter) and ``training_state.pt`` (optimizer, scheduler, step, RNG); the file
-``out/latest`` names the newest complete one. Restarting with the same ``out`` resumes from
-it: since data order and anchors are functions of (seed, step), nothing is lost or repeated.
+loadable as a drafter) and ``training_state.pt`` (optimizer, scheduler, step, RNG: tensors and
+plain values only, read back with ``weights_only=True``); the file ``out/latest`` names the
+newest complete one. Restarting with the same ``out`` resumes from it: since data order and
+anchors are functions of (seed, step), nothing is lost or repeated. A resume is refused when
+the settings (``train_config.json``) or the data (``train_data.json``: counts and a digest of
+the sequences) differ; how ``out`` is spelled does not matter.
 Given held-out sequences, every checkpoint is scored by its held-out τ estimate and the best
 drafter so far is kept in ``out/best/`` (drafter only, with ``best.json``).
 
@@ -88,11 +91,14 @@ class TrainConfig:
     save_every: int = 200
     log_every: int = 10
     seed: int = 0
+    max_length: int = 1024
+    """Training sequences were cut to this many tokens (the loader's; recorded so a resume checks it)."""
 
     def __post_init__(self) -> None:
         if self.variant not in ("dspark", "dflash"):
             raise ValueError(f"variant must be dspark or dflash, got {self.variant!r}")
-        for name in ("steps", "batch_size", "anchors_per_sequence", "num_layers", "block_size", "save_every", "log_every"):
+        for name in ("steps", "batch_size", "anchors_per_sequence", "num_layers", "block_size", "save_every", "log_every",
+                     "max_length"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         if self.lr <= 0:
@@ -199,14 +205,9 @@ def train(
     features = features or OnlineFeatures(target, drafter_config.target_layer_ids)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
-    start_step = _resume(out, config, model, optimizer, scheduler)
     data_record = _data_record(sequences, heldout)
-    if start_step and (out / "train_data.json").is_file():
-        if json.loads((out / "train_data.json").read_text()) != data_record:
-            raise DsparkError(
-                f"{out} was trained on other data (the sequences differ); to train further on more "
-                "data, start a new --out with --init-from that run's best/"
-            )
+    check_resume(out, config, data_record)  # before any state loads
+    start_step = _resume(out, model, optimizer, scheduler)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.json").write_text(config.to_json())
@@ -372,7 +373,7 @@ def choose_draft_vocab(sequences: Sequence, target, size: int) -> torch.Tensor:
         counts += torch.bincount(ids[mask], minlength=target.vocab_size)
     always = set(target.eos_token_ids)
     if getattr(target.tokenizer, "chat_template", None):
-        from dspark.training.data import stop_ids
+        from dspark.training.data.generate import stop_ids
 
         always |= stop_ids(target)
     return top_tokens(counts, size, always=always)
@@ -461,20 +462,45 @@ def _save(out: Path, step: int, model, optimizer, scheduler, rank: int) -> Path:
     return folder
 
 
-def _resume(out: Path, config: TrainConfig, model, optimizer, scheduler) -> int:
+RESUMABLE_CHANGES = ("out_dir", "steps", "save_every", "log_every", "heldout_batches", "max_epochs")
+"""TrainConfig fields a resumed run may change: where it is (however spelled), how long it runs, how often it reports."""
+
+
+def check_resume(out: str | Path, config: TrainConfig, data_record: dict | None = None) -> None:
+    """Refuse to resume the run in ``out`` with other settings, or (given ``data_record``) other data.
+
+    Fields an older run did not record are not compared; the CLI calls this before loading the target.
+    """
+    out = Path(out)
+    if not (out / "latest").is_file():
+        return
+    try:
+        saved = json.loads((out / "train_config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise DsparkError(f"{out} has a checkpoint but no readable train_config.json ({exc}); use another --out") from None
+    mine = json.loads(config.to_json())
+    differ = [k for k in mine if k not in RESUMABLE_CHANGES and k in saved and saved[k] != mine[k]]
+    if differ:
+        shown = "; ".join(f"{k} {saved[k]!r} there, {mine[k]!r} now" for k in differ)
+        raise DsparkError(f"{out} holds a run with different settings ({shown}); use another --out")
+    if data_record is not None and (out / "train_data.json").is_file():
+        if json.loads((out / "train_data.json").read_text()) != data_record:
+            raise DsparkError(
+                f"{out} was trained on other data (the sequences differ); to train further on more "
+                "data, start a new --out with --init-from that run's best/"
+            )
+
+
+def _resume(out: Path, model, optimizer, scheduler) -> int:
+    """Load the newest checkpoint of ``out`` (``check_resume`` has passed); 0 when there is none."""
     pointer = out / "latest"
     if not pointer.is_file():
         return 0
-    saved = json.loads((out / "train_config.json").read_text())
-    mine = json.loads(config.to_json())
-    differ = [k for k in mine if k not in ("steps", "save_every", "log_every", "heldout_batches", "max_epochs") and saved.get(k) != mine[k]]
-    if differ:
-        raise DsparkError(f"{out} holds a run with different settings ({', '.join(differ)}); use another --out")
     folder = out / pointer.read_text().strip()
     from safetensors.torch import load_file
 
     model.load_state_dict(load_file(str(folder / "model.safetensors"), device=str(next(model.parameters()).device)))
-    state = torch.load(folder / "training_state.pt", map_location="cpu", weights_only=False)
+    state = torch.load(folder / "training_state.pt", map_location="cpu", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])

@@ -6,10 +6,10 @@ sequential loop: for k = 1..γ sample x_k from q_k = softmax((U_k + B(x_{k-1})) 
 at T = 0) and compute c_k from [h_k; W1[x_{k-1}]].
 
 :class:`BatchedDSparkDrafter` does the same for many requests at once (the batched engine):
-every request's context K/V lives in a slot of one :class:`~dspark.slot_cache.SlotCache`,
+every request's context K/V lives in a slot of one :class:`~dspark.target.slot_cache.SlotCache`,
 one backbone pass runs all blocks over their padded contexts under a mask, and the
 sequential loop advances every request's slot k together. Given a *gate* (the engine's
-:class:`~dspark.drafters.batched.DraftGate`), it asks before each slot whether any request
+:class:`~dspark.drafters.base.DraftGate`), it asks before each slot whether any request
 could still verify it, and stops drafting as soon as none can. With the full vocabulary the
 LM head then runs only for slots that are drafted, one slot at a time, so that each slot's
 drafting cost is the same and the scheduler can price it; with a reduced draft vocabulary
@@ -18,16 +18,16 @@ its rows are cheap and one call serves every slot.
 
 from __future__ import annotations
 
+import time
 from typing import Sequence
 
 import torch
 
-from dspark.drafters.base import DraftBlock, DraftInput
-from dspark.drafters.batched import DraftGate
+from dspark.drafters.base import DraftBatch, DraftBlock, DraftGate, DraftInput
 from dspark.drafters.dspark.model import ContextKV, DSparkModel
 from dspark.errors import DsparkError
 from dspark.sampling import sample_from_logits
-from dspark.slot_cache import SlotCache, SlotContextView, SlotWriteView, context_block_mask
+from dspark.target.slot_cache import SlotCache, SlotContextView, SlotWriteView, context_block_mask
 
 
 class DSparkDrafter:
@@ -42,17 +42,16 @@ class DSparkDrafter:
         self._context: ContextKV | None = None
 
     @classmethod
-    def load(cls, folder, name: str | None = None, gamma: int | None = None, device: str = "cpu"):
-        return cls(DSparkModel.from_pretrained(folder, device=device), name=name, gamma=gamma)
+    def load(cls, folder, name: str | None = None, gamma: int | None = None, device: str = "cpu", dtype=None):
+        """The drafter saved in ``folder``, on ``device`` in ``dtype`` (the target's; default float32)."""
+        model = DSparkModel.from_pretrained(folder, device=device, dtype=dtype or torch.float32)
+        return cls(model, name=name, gamma=gamma)
 
     def check_target(self, target) -> None:
         self.model.attach_target(target)
 
     def reset(self) -> None:
         self._context = ContextKV(len(self.model.layers))
-
-    def accepted(self, num_accepted: int) -> None:
-        return None  # the accepted tokens' features arrive with the next DraftInput
 
     @torch.inference_mode()
     def propose(self, draft_input: DraftInput) -> DraftBlock:
@@ -113,7 +112,7 @@ class DSparkDrafter:
 
 
 class BatchedDSparkDrafter:
-    """A :class:`~dspark.drafters.batched.BatchDrafter` over the model of a DSparkDrafter.
+    """A :class:`~dspark.drafters.base.BatchDrafter` over the model of a DSparkDrafter.
 
     Per request it computes exactly what :class:`DSparkDrafter` computes; only the padding
     differs, and the masks keep padded context positions out of every attention.
@@ -142,13 +141,11 @@ class BatchedDSparkDrafter:
     def open(self, slot: int) -> None:
         self._lengths[slot] = 0  # stale K/V stay in the slot, masked until overwritten
 
-    def accepted(self, slots: Sequence[int], num_accepted: Sequence[int]) -> None:
-        return None  # the accepted tokens' features arrive with the next inputs
-
     @torch.inference_mode()
     def propose_batch(
         self, slots: Sequence[int], inputs: Sequence[DraftInput], gate: DraftGate | None = None
-    ) -> list[DraftBlock]:
+    ) -> DraftBatch:
+        t0 = time.perf_counter()
         if self._cache is None:
             raise DsparkError("allocate() must be called before propose_batch()")
         self._fold(slots, [inp.new_features for inp in inputs])
@@ -163,7 +160,7 @@ class BatchedDSparkDrafter:
         rows = [i for i, g in enumerate(gammas) if g > 0]
         blocks = [DraftBlock.empty(device) for _ in inputs]
         if not rows:
-            return blocks
+            return DraftBatch(blocks)
         model = self.model
         anchors = torch.stack([inputs[i].tokens[-1] for i in rows])  # [R]
         anchor_pos = torch.tensor([self._lengths[slots[i]] for i in rows], device=device)  # [R]
@@ -174,13 +171,19 @@ class BatchedDSparkDrafter:
         view = SlotContextView(self._cache, torch.tensor([slots[i] for i in rows], device=device), ctx_len)
         out = model.backbone(block_ids, positions, view, context_block_mask(anchor_pos, ctx_len, width), logits=False)
         row_gammas = [gammas[i] for i in rows]
-        row_gate = None
+        row_gate, asked = None, []  # asked: when the gate was first asked (fixed work done)
         if gate is not None and model.confidence_head is not None:
-            row_gate = lambda k, conf: gate(k, rows, row_gammas, conf)  # noqa: E731
-        drafted = self._sequential(out.hidden, anchors, [inputs[i] for i in rows], row_gammas, row_gate)
+            def row_gate(k, conf):
+                if not asked:
+                    asked.append(time.perf_counter())
+                return gate(k, rows, row_gammas, conf)
+        drafted, stop = self._sequential(out.hidden, anchors, [inputs[i] for i in rows], row_gammas, row_gate)
         for i, block in zip(rows, drafted):
             blocks[i] = block
-        return blocks
+        done = time.perf_counter()
+        if not asked:  # ungated, the slot loop is spent whatever the schedule: fixed work
+            return DraftBatch(blocks, fixed_s=done - t0)
+        return DraftBatch(blocks, stop, fixed_s=asked[0] - t0, slots_s=done - asked[0])
 
     def _fold(self, slots: Sequence[int], features: Sequence[torch.Tensor | None]) -> None:
         """Append the new committed tokens' H_ctx to each slot's context K/V.
@@ -212,9 +215,10 @@ class BatchedDSparkDrafter:
         view = SlotWriteView(self._cache, torch.tensor(list(slots), device=device), starts, max(self._lengths[s] for s in slots) + n)
         self.model.extend_context(view, self.model.context_states(features), positions)
 
-    def _sequential(self, hidden, anchors, inputs: Sequence[DraftInput], gammas: Sequence[int], gate) -> list[DraftBlock]:
-        """Slot k of every request at once, hidden # [R, γ_max, d]; ``gate(k, c[R, k+1])`` may
-        stop the loop before slot k+1 is drafted (it is given c_{k+1}, which needs no logits)."""
+    def _sequential(self, hidden, anchors, inputs: Sequence[DraftInput], gammas: Sequence[int], gate):
+        """Slot k of every request at once, hidden # [R, γ_max, d] -> (blocks, what stopped
+        them); ``gate(k, c[R, k+1])`` may stop the loop before slot k+1 is drafted (it is given
+        c_{k+1}, which needs no logits) by returning something other than None."""
         head, model = self.model.markov_head, self.model
         num, width = len(inputs), max(gammas)
         # One LM-head call for all slots when every slot is drafted (ungated) or when the head
@@ -223,13 +227,14 @@ class BatchedDSparkDrafter:
         base = model.slot_logits(hidden[:, :width]) if one_call else None  # [R, γ, N]
         prev = anchors  # [R]
         state = head.init_state((num,), anchors.device) if head is not None else None
-        drafted, conf = [], []
+        drafted, conf, stop = [], [], None
         probs: list[list[torch.Tensor]] = [[] for _ in range(num)]
         for k in range(width):
             conf_logits = model.confidence_logits(hidden[:, k], prev)  # [R] or None
             if conf_logits is not None:
                 conf.append(torch.sigmoid(conf_logits))
-                if gate is not None and not gate(k, torch.stack(conf, dim=1)):
+                stop = gate(k, torch.stack(conf, dim=1)) if gate is not None else None
+                if stop is not None:
                     break
             logits = base[:, k] if base is not None else model.slot_logits(hidden[:, k])  # [R, N]
             if head is not None:
@@ -247,7 +252,7 @@ class BatchedDSparkDrafter:
         done = len(drafted)
         tokens = torch.stack(drafted, dim=1) if drafted else anchors.new_zeros(num, 0)  # [R, done]
         confidences = torch.stack(conf[:done], dim=1) if conf and done else None  # [R, done]
-        return [
+        blocks = [
             DraftBlock(
                 tokens=tokens[i, : min(g, done)],
                 q=torch.stack(probs[i][: min(g, done)]) if probs[i] else None,
@@ -255,3 +260,4 @@ class BatchedDSparkDrafter:
             )
             for i, g in enumerate(gammas)
         ]
+        return blocks, stop

@@ -2,22 +2,22 @@
 requests per step, each verifying its own ℓ_r.
 
 Every live request owns a slot: its committed ids, its target K/V in one row of a
-:class:`~dspark.slot_cache.SlotCache`, its sampling parameters, a torch.Generator seeded from
+:class:`~dspark.target.slot_cache.SlotCache`, its sampling parameters, a torch.Generator seeded from
 the request seed (drafting and verification share it) and its stop checks. Between steps the
-batch-1 invariant of :mod:`dspark.engine` holds per request: the committed ids end with the
+batch-1 invariant of :mod:`dspark.engine.single` holds per request: the committed ids end with the
 *anchor* and the slot holds K/V of exactly ``len(committed ids) - 1`` positions.
 
 One step: the drafter proposes γ_r tokens per request in one batched call; the policy
-(:mod:`dspark.scheduler`) picks ℓ_r <= γ_r from the calibrated confidences c_k (with a
+(:mod:`dspark.scheduling`) picks ℓ_r <= γ_r from the calibrated confidences c_k (with a
 confidence policy, drafting itself stops at the first slot no request will verify:
-:class:`~dspark.scheduler.SlotGate`); one target
+:func:`~dspark.scheduling.gate.slot_gate`); one target
 forward runs [anchor, x_1..x_ℓ_r] for every request, right-padded to the longest row; each
 request is verified with its own parameters and generator and commits accepted + recovered
 or bonus tokens. Requests join (prefill into a free slot) and leave (slot freed at once)
 between steps, so up to ``max_batch`` requests are always in flight.
 
 Padding never changes a result. A row's real queries carry their own position ids and a mask
-(:func:`~dspark.slot_cache.ragged_causal_mask`) that shows them only their own history and
+(:func:`~dspark.target.slot_cache.ragged_causal_mask`) that shows them only their own history and
 their own earlier tokens of this step; padded queries are never read; the K/V they write lie
 past the row's committed length, hidden by the mask and overwritten by the next step's
 tokens before any query can see them. Rolling back rejected tokens is the same move: the
@@ -33,18 +33,16 @@ from typing import Callable, Sequence
 
 import torch
 
-from dspark.drafters.base import DraftBlock, DraftInput
-from dspark.drafters.batched import BatchDrafter, as_batch_drafter
-from dspark.engine import GenerationRequest, GenerationResult, StopChecker
+from dspark.drafters.base import BatchDrafter, DraftBatch, DraftInput
+from dspark.drafters.factory import as_batch_drafter
+from dspark.engine.request import GenerationRequest, GenerationResult, RequestState, check_request
 from dspark.sampling import sample_from_logits
-from dspark.scheduler import Policy, SlotGate
-from dspark.slot_cache import SlotCache, SlotWriteView, ragged_causal_mask
-from dspark.stats import GenerationStats
-from dspark.target import TargetModel, TargetOutput
+from dspark.scheduling.gate import slot_gate
+from dspark.scheduling.policy import Policy, StepOutcome
+from dspark.target.model import TargetModel
+from dspark.target.ragged import verify_forward
+from dspark.target.slot_cache import SlotCache
 from dspark.verify import verify
-
-Calibrate = Callable[[torch.Tensor], torch.Tensor]
-"""Raw confidences # [R, W] -> calibrated c_k # [R, W] (Calibration.apply)."""
 
 MAX_BACKOFF = 128
 """Most steps a lazily drafting engine skips the drafter after drafted steps that did not pay:
@@ -125,61 +123,21 @@ class BatchResult:
 
 @dataclass
 class _Live:
-    """The state of one request in flight."""
+    """A request in flight in one slot of the batch."""
 
     index: int
-    request: GenerationRequest
+    """Its position in the requests given to :meth:`BatchEngine.generate`."""
     slot: int
-    generator: torch.Generator
-    buf: torch.Tensor
-    """[prompt + max_new_tokens + 1] committed ids in the first ``length`` entries."""
-    length: int
-    stops: StopChecker
-    start: float
-    stats: GenerationStats
-    committed: list[int] = field(default_factory=list)
+    state: RequestState
     unseen: list[torch.Tensor] = field(default_factory=list)
     """Target features # [n_i, m*d] of committed tokens the drafter has not seen yet, in order
     (a list: steps that skip the drafter add to it without copying what it holds)."""
-    finish: str | None = None
 
     def new_features(self) -> torch.Tensor | None:
         """The unseen features as one tensor # [n, m*d], or None without any."""
         if not self.unseen:
             return None
         return self.unseen[0] if len(self.unseen) == 1 else torch.cat(self.unseen)
-
-    def commit(self, tokens: list[int]) -> None:
-        self.buf[self.length : self.length + len(tokens)] = torch.as_tensor(tokens, device=self.buf.device)
-        self.length += len(tokens)
-        self.committed.extend(tokens)
-        self.finish = self.stops.check(self.committed)
-
-    def result(self, now: float) -> GenerationResult:
-        ids = self.committed[: self.stops.cut]
-        self.stats.new_tokens = len(ids)
-        self.stats.wall_s = now - self.start
-        return GenerationResult(ids, self.stops.text(ids), self.stats, self.finish or "length")
-
-
-def verify_forward(
-    target: TargetModel,
-    cache: SlotCache,
-    slots: Sequence[int],
-    starts: Sequence[int],
-    feed: torch.Tensor,
-    layer_ids: Sequence[int] = (),
-) -> TargetOutput:
-    """One ragged target forward: row r of ``feed`` # [R, T] continues slot slots[r] at
-    position starts[r]; returns logits # [R, T, V] (padded rows' tails are garbage)."""
-    device = feed.device
-    num_new = feed.shape[1]
-    kv_len = max(starts) + num_new
-    starts_t = torch.tensor(list(starts), device=device)
-    view = SlotWriteView(cache, torch.tensor(list(slots), device=device), starts_t, kv_len)
-    positions = starts_t.unsqueeze(1) + torch.arange(num_new, device=device)
-    mask = ragged_causal_mask(starts_t, num_new, kv_len)
-    return target.forward(feed, view, layer_ids, attention_mask=mask, position_ids=positions)
 
 
 class BatchEngine:
@@ -191,7 +149,6 @@ class BatchEngine:
         drafter,
         policy: Policy,
         max_batch: int = 16,
-        calibrate: Calibrate | None = None,
         lazy_drafting: bool = True,
         backoff: bool = True,
     ) -> None:
@@ -207,47 +164,24 @@ class BatchEngine:
         self.drafter: BatchDrafter = as_batch_drafter(drafter)
         self.drafter.check_target(target)
         target.check_layer_ids(self.drafter.feature_layer_ids)
-        self.target, self.policy, self.max_batch, self.calibrate = target, policy, max_batch, calibrate
+        self.target, self.policy, self.max_batch = target, policy, max_batch
         self.lazy_drafting = lazy_drafting and policy.needs_confidences
         self.backoff = backoff and self.lazy_drafting
         self._skip, self._backoff = 0, 0  # steps left to skip the drafter; the current backoff
         self.max_draft = min(self.drafter.gamma, policy.max_draft if policy.max_draft is not None else self.drafter.gamma)
         policy.check_shape(max_batch, 1 + self.max_draft)  # fail now, not in the middle of a run
 
-    @classmethod
-    def from_spec(
-        cls,
-        target: TargetModel,
-        drafter,
-        policy: str,
-        max_batch: int = 16,
-        calibrate: Calibrate | None = None,
-        profile_dir=None,
-        profile_if_missing: bool = False,
-    ) -> "BatchEngine":
-        """Build the policy named ``policy`` (scheduler.POLICY_HELP); ``dspark`` loads the cost
-        table of this target now, measures and saves it when ``profile_if_missing``, and
-        otherwise raises an error that names ``dspark profile``."""
-        from dspark.profiling import require_cost_table
-        from dspark.scheduler import make_policy
-
-        drafter = as_batch_drafter(drafter)
-        cost = None
-        if policy == "dspark":
-            cost = require_cost_table(
-                target, profile_dir, profile_if_missing, max_requests=max_batch, max_draft=drafter.gamma,
-            )
-        return cls(target, drafter, make_policy(policy, cost), max_batch, calibrate)
-
-    def context_limit(self) -> int:
-        return int(getattr(self.target.model.config, "max_position_embeddings", 1 << 30))
-
-    def generate(self, requests: Sequence[GenerationRequest]) -> BatchResult:
-        """Serve every request, at most ``max_batch`` at a time, in arrival order."""
+    def generate(
+        self,
+        requests: Sequence[GenerationRequest],
+        on_result: Callable[[int, GenerationResult], None] | None = None,
+    ) -> BatchResult:
+        """Serve every request, at most ``max_batch`` at a time, in arrival order;
+        ``on_result(i, result)`` is told the moment request i finishes."""
         if not requests:
             return BatchResult([], BatchStats())
         for request in requests:
-            self._check(request)
+            check_request(self.target, request)
         target = self.target
         num_slots = min(self.max_batch, len(requests))
         # Rows padded to the longest block write up to max_draft positions past their own end.
@@ -266,90 +200,65 @@ class BatchEngine:
         while pending or live:
             while pending and free:  # requests join between steps
                 live.append(self._prefill(*pending.popleft(), free.pop(), cache, stats))
-            live = self._retire(live, results, free)
+            live = self._retire(live, results, free, on_result)
             if live:
                 stats.steps.append(self._step(live, cache))
-                live = self._retire(live, results, free)
+                live = self._retire(live, results, free, on_result)
 
         stats.wall_s = time.perf_counter() - start
         stats.new_tokens = sum(len(r.token_ids) for r in results)
         return BatchResult(results, stats)
 
-    def _check(self, request: GenerationRequest) -> None:
-        prompt_len = len(request.prompt_ids)
-        if prompt_len + request.max_new_tokens > self.context_limit():
-            raise ValueError(
-                f"prompt ({prompt_len} tokens) + max_new_tokens ({request.max_new_tokens}) "
-                f"exceeds the model's context window of {self.context_limit()} tokens"
-            )
-        if max(request.prompt_ids) >= self.target.vocab_size or min(request.prompt_ids) < 0:
-            raise ValueError(f"prompt token ids must lie in [0, {self.target.vocab_size})")
-
     def _prefill(self, index: int, request: GenerationRequest, slot: int, cache: SlotCache, stats: BatchStats) -> _Live:
         """Run the prompt into ``slot`` and sample the first anchor."""
-        target, device = self.target, self.target.device
-        t0 = time.perf_counter()
-        prompt_len = len(request.prompt_ids)
-        buf = torch.empty(prompt_len + request.max_new_tokens + 1, dtype=torch.long, device=device)
-        buf[:prompt_len] = torch.as_tensor(list(request.prompt_ids), device=device)
-        generator = torch.Generator(device=device).manual_seed(request.seed)
-        out = verify_forward(target, cache, [slot], [0], buf[:prompt_len].unsqueeze(0), self.drafter.feature_layer_ids)
-        first, _ = sample_from_logits(out.logits[0, -1], request.params, generator)
+        state = RequestState.open(self.target, request)
+        out = verify_forward(self.target, cache, [slot], [0], state.prompt.unsqueeze(0), self.drafter.feature_layer_ids)
+        first, _ = sample_from_logits(out.logits[0, -1], request.params, state.generator)
         self.drafter.open(slot)
-        live = _Live(
-            index, request, slot, generator, buf, prompt_len, StopChecker(target, request), t0,
-            GenerationStats(prompt_tokens=prompt_len),
-            unseen=[out.features[0]] if out.features is not None else [],
-        )
-        live.commit([int(first)])  # host sync: the first token must be checked for EOS/stop
-        live.stats.prefill_s = time.perf_counter() - t0
-        stats.prefill_s += live.stats.prefill_s
+        live = _Live(index, slot, state, unseen=[out.features[0]] if out.features is not None else [])
+        state.commit([int(first)])  # host sync: the first token must be checked for EOS/stop
+        state.stats.prefill_s = time.perf_counter() - state.start
+        stats.prefill_s += state.stats.prefill_s
         return live
 
     def _step(self, live: list[_Live], cache: SlotCache) -> StepRecord:
-        target, device = self.target, self.target.device
+        target, device, policy = self.target, self.target.device, self.policy
         t0 = time.perf_counter()
         slots = [r.slot for r in live]
-        gate = None
+        gated = self.lazy_drafting and not self._skip
         if self._skip:  # backing off: a plain step; the drafter sees these tokens' features later
             self._skip -= 1
-            blocks = [DraftBlock.empty(device) for _ in live]
+            batch = DraftBatch.empty(len(live), device)
         else:
             inputs = [
-                DraftInput(
-                    r.buf[: r.length], r.new_features(), r.request.params, r.generator,
-                    max_tokens=min(self.max_draft, r.request.max_new_tokens - len(r.committed) - 1),
-                )
+                DraftInput(r.state.buf[: r.state.length], r.new_features(), r.state.request.params,
+                           r.state.generator, max_tokens=min(self.max_draft, r.state.max_draft))
                 for r in live
             ]
-            if self.lazy_drafting:
-                gate = SlotGate(self.policy, len(live), self.calibrate, device)
-            blocks = self.drafter.propose_batch(slots, inputs, gate)
+            gate = slot_gate(policy, len(live), device) if gated else None
+            batch = self.drafter.propose_batch(slots, inputs, gate)
             for r in live:
                 r.unseen.clear()  # folded into the drafter's context
+        blocks = batch.blocks
         t1 = time.perf_counter()
         drafted = [b.gamma for b in blocks]
-        if gate is not None and gate.schedule is not None:
-            schedule = gate.schedule  # drafting stopped where the policy stops verifying
-        else:
-            schedule = self.policy.schedule(drafted, self._confidences(blocks, drafted))
+        # A stopped gate already scheduled the step: drafting stopped where verification does.
+        schedule = batch.stop if batch.stop is not None else policy.schedule(drafted, self._confidences(blocks, drafted))
         lengths = schedule.lengths
-        asked = gate is not None and (any(drafted) or gate.schedule is not None)
-        if asked and self.backoff:  # the drafter ran and the gate saw confidences
-            judge = getattr(self.policy, "drafting_pays", None)
-            self._back_off(judge(schedule, len(live)) if judge is not None else any(lengths))
+        if gated and self.backoff and (any(drafted) or batch.stop is not None):  # confidences were seen
+            self._back_off(policy.drafting_pays(schedule, len(live)))
         t2 = time.perf_counter()
 
         feed = torch.zeros(len(live), 1 + max(lengths), dtype=torch.long, device=device)  # [R, T]
         for i, (r, block, ell) in enumerate(zip(live, blocks, lengths)):
-            feed[i, 0] = r.buf[r.length - 1]
+            feed[i, 0] = r.state.buf[r.state.length - 1]
             feed[i, 1 : 1 + ell] = block.tokens[:ell]
-        out = verify_forward(target, cache, slots, [r.length - 1 for r in live], feed, self.drafter.feature_layer_ids)
+        out = verify_forward(target, cache, slots, [r.state.length - 1 for r in live], feed, self.drafter.feature_layer_ids)
         accepted, committed = [], 0
         # Per request: its own parameters and generator; one host sync each (first_rejection).
         for i, (r, block, ell) in enumerate(zip(live, blocks, lengths)):
             q = block.q[:ell] if block.q is not None else None
-            result = verify(block.tokens[:ell], q, out.logits[i, : ell + 1], r.request.params, r.generator)
+            result = verify(block.tokens[:ell], q, out.logits[i, : ell + 1], r.state.request.params, r.state.generator)
             n = result.num_accepted
             # The slot keeps the anchor and the n accepted tokens: the next write starts at
             # length - 1 after this commit of n + 1 tokens, past exactly those positions.
@@ -357,31 +266,18 @@ class BatchEngine:
                 r.unseen.append(out.features[i, : n + 1].clone())  # not a view of the whole step
             accepted.append(n)
             committed += len(result.tokens)
-            r.commit(result.tokens)
-        self.drafter.accepted(slots, accepted)
+            r.state.commit(result.tokens)
         t3 = time.perf_counter()
-        self._observe(len(live), gate, drafted, schedule, sum(accepted), t0, t1)
+        slots_drafted = max(drafted, default=0)
+        per_slot = batch.slots_s / slots_drafted if batch.slots_s is not None and slots_drafted else None
+        policy.observe(StepOutcome(len(live), schedule, sum(accepted), batch.fixed_s, per_slot))
         for r, block, ell, n in zip(live, blocks, lengths, accepted):
             conf = block.confidences[:ell] if block.confidences is not None else None
-            r.stats.record_round(ell, n, t1 - t0, t3 - t2, conf)  # step times, shared by the batch
+            r.state.stats.record_round(ell, n, t1 - t0, t3 - t2, conf)  # step times, shared by the batch
         return StepRecord(
             requests=len(live), budget=len(live) + sum(lengths), drafted=sum(drafted), committed=committed,
             expected_tokens=schedule.expected_tokens, draft_s=t1 - t0, schedule_s=t2 - t1, verify_s=t3 - t2,
         )
-
-    def _observe(self, num: int, gate, drafted: list[int], schedule, accepted: int, t0: float, t1: float) -> None:
-        """Tell a policy that learns from earlier steps (DSpark) what this one cost and gave."""
-        policy = self.policy
-        if hasattr(policy, "observe_outcome"):
-            policy.observe_outcome(schedule, num, accepted)
-        if not hasattr(policy, "observe_drafting"):
-            return
-        if gate is not None and gate.first_call is not None:  # gated: fixed work, then per slot
-            slots = max(drafted)
-            policy.observe_drafting(num, gate.first_call - t0, (t1 - gate.first_call) / slots if slots else None)
-        elif any(drafted):  # eager: all of drafting is spent before scheduling
-            policy.observe_drafting(num, t1 - t0)
-        # else the drafter did not run (backoff) or had nothing to draft
 
     def _back_off(self, paid: bool) -> None:
         """After a drafted step: reset the backoff if drafting paid, else double it."""
@@ -389,7 +285,8 @@ class BatchEngine:
         self._skip = self._backoff
 
     def _confidences(self, blocks, drafted: list[int]) -> torch.Tensor | None:
-        """Calibrated c_k # [R, max γ_r], or None when the policy needs none or a block lacks them."""
+        """Raw c_k # [R, max γ_r] (the policy calibrates), or None when the policy needs none or
+        a block lacks them."""
         if not self.policy.needs_confidences:
             return None
         width = max(drafted)
@@ -401,27 +298,18 @@ class BatchEngine:
         for i, (b, g) in enumerate(zip(blocks, drafted)):
             if g:
                 conf[i, :g] = b.confidences.to(conf.dtype)
-        return self.calibrate(conf) if self.calibrate is not None else conf
+        return conf
 
     @staticmethod
-    def _retire(live: list[_Live], results: list, free: list[int]) -> list[_Live]:
+    def _retire(live: list[_Live], results: list, free: list[int], on_result=None) -> list[_Live]:
         """Move finished requests to ``results`` and free their slots at once."""
-        now = time.perf_counter()
         still = []
         for r in live:
-            if r.finish is None:
+            if r.state.finish is None:
                 still.append(r)
             else:
-                results[r.index] = r.result(now)
+                results[r.index] = r.state.result()
                 free.append(r.slot)
+                if on_result is not None:
+                    on_result(r.index, results[r.index])
         return still
-
-
-def load_calibration(drafter_folder) -> Calibrate | None:
-    """``Calibration.apply`` of the STS calibration saved beside a drafter, if there is one."""
-    try:
-        from dspark.calibration import Calibration
-    except ImportError:
-        return None
-    calibration = Calibration.load(drafter_folder)
-    return calibration.apply if calibration is not None else None

@@ -21,7 +21,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
@@ -94,6 +94,12 @@ class Calibration:
         if body.get("method", METHOD) != METHOD:
             raise ValueError(f"{path}: unknown calibration method {body.get('method')!r}")
         return cls(tuple(temps))
+
+
+def load_calibration(drafter_folder: str | Path) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """``Calibration.apply`` of the STS calibration saved beside a drafter, if there is one."""
+    calibration = Calibration.load(drafter_folder)
+    return calibration.apply if calibration is not None else None
 
 
 def logit(p: torch.Tensor) -> torch.Tensor:

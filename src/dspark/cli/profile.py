@@ -8,15 +8,14 @@ from typing import Optional
 
 import typer
 
+from dspark.edge import check_out_dir
 from dspark.errors import DsparkError
-
-DTYPES = {"auto": None, "float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
 def profile_command(
     model: Optional[str] = typer.Option(None, help="HF id, folder or .gguf; default: SmolLM2-135M-Instruct."),
-    device: str = typer.Option("cpu", help="torch device the engine will run on."),
-    dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16 (auto: as loaded)."),
+    device: str = typer.Option("cpu", help="cpu | cuda[:i] | mps: the device the engine will run on."),
+    dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16 (auto: float32 on the CPU, bfloat16 on CUDA)."),
     threads: Optional[int] = typer.Option(None, help="torch threads (default: torch's choice); part of the table's key."),
     max_requests: int = typer.Option(16, help="Most concurrent requests the engine will serve."),
     max_draft: int = typer.Option(7, help="Most draft tokens per request and step (the drafter's γ)."),
@@ -30,32 +29,28 @@ def profile_command(
     for name, value, low in [("--max-requests", max_requests, 1), ("--max-draft", max_draft, 0),
                              ("--context", context, 1), ("--repeats", repeats, 1)]:
         if value < low:
-            _fail(f"{name} must be >= {low}, got {value}")
-    if dtype not in DTYPES:
-        _fail(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+            raise DsparkError(f"{name} must be >= {low}, got {value}")
     if threads is not None and threads < 1:
-        _fail(f"--threads must be >= 1, got {threads}")
-    try:
-        _profile(model, device, DTYPES[dtype], threads, max_requests, max_draft, context, repeats, out_dir, as_json)
-    except (DsparkError, ValueError, RuntimeError) as exc:
-        _fail(str(exc))
+        raise DsparkError(f"--threads must be >= 1, got {threads}")
+    from dspark.scheduling.profiling import profile_dir
+    from dspark.target.loading import parse_device, parse_dtype
 
-
-def _fail(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code=2)
+    out_dir = check_out_dir(profile_dir(out_dir), "--out-dir")
+    device = parse_device(device)
+    _profile(model, device, parse_dtype(dtype, device), threads, max_requests, max_draft, context, repeats, out_dir,
+             as_json)
 
 
 def _profile(model, device, dtype, threads, max_requests, max_draft, context, repeats, out_dir, as_json) -> None:
     import torch
     from tqdm import tqdm
 
-    from dspark.profiling import default_requests, measure_cost_table
+    from dspark.scheduling.profiling import default_requests, measure_cost_table
     from dspark.target import TargetModel
 
     if threads is not None:
         torch.set_num_threads(threads)
-    target = TargetModel.load(model, device=device, dtype=getattr(torch, dtype) if dtype else None)
+    target = TargetModel.load(model, device=device, dtype=dtype)
     grid = default_requests(max_requests)
     with tqdm(total=len(grid) * (1 + max_draft), unit="shape", desc="profiling SPS(R, W)", dynamic_ncols=True) as bar:
 

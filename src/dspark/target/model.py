@@ -48,7 +48,7 @@ class TargetModel:
     @classmethod
     def load(cls, spec: str | None = None, device: str = "cpu", dtype=None) -> "TargetModel":
         """Load an HF id, a local folder, a .gguf file, or (None) the embedded default."""
-        from dspark.loading import DEFAULT_MODEL, load_model_and_tokenizer
+        from dspark.target.loading import DEFAULT_MODEL, load_model_and_tokenizer
 
         model, tokenizer = load_model_and_tokenizer(spec, dtype=dtype, device=device)
         return cls(model, tokenizer, name=spec or DEFAULT_MODEL)
@@ -69,6 +69,11 @@ class TargetModel:
         crop_cache(cache, length)
 
     # -- forward ----------------------------------------------------------------------
+    def warm_up(self) -> None:
+        """One throwaway forward so thread pools and allocators don't bill the first timed run."""
+        ids = torch.zeros(1, 8, dtype=torch.long, device=self.device)
+        self.forward(ids, self.new_cache())
+
     def check_layer_ids(self, layer_ids: Sequence[int]) -> None:
         bad = [k for k in layer_ids if not 0 <= k < self.num_layers - 1]
         if bad:

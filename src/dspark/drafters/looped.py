@@ -1,0 +1,59 @@
+"""Any batch-1 drafter as a :class:`~dspark.drafters.base.BatchDrafter`.
+
+:class:`LoopedDrafter` adapts a :class:`~dspark.drafters.base.Drafter` by giving every slot
+its own shallow copy (models are shared, per-request state is not) and looping; the DSpark
+drafter has a truly batched path instead (one backbone pass for the whole batch).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from typing import Sequence
+
+from dspark.drafters.base import DraftBatch, DraftGate, DraftInput, Drafter, NoDrafter
+
+DEFAULT_GAMMA_CAP = 16
+"""Tokens per round assumed for a drafter that does not say how many it proposes."""
+
+
+class LoopedDrafter:
+    """Any batch-1 drafter, one shallow copy per slot, proposing request by request."""
+
+    def __init__(self, drafter: Drafter, gamma: int | None = None) -> None:
+        self.drafter = drafter
+        self.name = drafter.name
+        self.feature_layer_ids = tuple(drafter.feature_layer_ids)
+        self.gamma = gamma if gamma is not None else _gamma_of(drafter)
+        self._slots: list[Drafter | None] = []
+
+    def check_target(self, target) -> None:
+        self.drafter.check_target(target)
+
+    def allocate(self, num_slots: int, capacity: int) -> None:
+        self._slots = [None] * num_slots
+
+    def open(self, slot: int) -> None:
+        # Drafters keep per-request state only in attributes that reset() rebinds, so a
+        # shallow copy shares the weights and owns its state.
+        drafter = copy.copy(self.drafter)
+        drafter.reset()
+        self._slots[slot] = drafter
+
+    def propose_batch(
+        self, slots: Sequence[int], inputs: Sequence[DraftInput], gate: DraftGate | None = None
+    ) -> DraftBatch:
+        """Whole blocks (the gate is not asked): all of drafting is fixed work."""
+        t0 = time.perf_counter()
+        blocks = [self._slots[s].propose(inp) for s, inp in zip(slots, inputs)]
+        ran = any(b.gamma for b in blocks)
+        return DraftBatch(blocks, fixed_s=time.perf_counter() - t0 if ran else None)
+
+
+def _gamma_of(drafter: Drafter) -> int:
+    if isinstance(drafter, NoDrafter):
+        return 0
+    gamma = getattr(drafter, "gamma", None)
+    if gamma is None:
+        gamma = getattr(getattr(drafter, "config", None), "gamma", None)
+    return int(gamma) if gamma is not None else DEFAULT_GAMMA_CAP

@@ -1,0 +1,107 @@
+"""The composition root: the one place that turns names into a running engine.
+
+A model spec, a drafter spec and a policy name become a target, a drafter (with the STS
+calibration saved beside it), a policy (with the cost table DSpark's scheduler needs) and a
+:class:`~dspark.engine.batched.BatchEngine` over them. The command line (`generate`, `batch`),
+`dspark eval`, the benchmarks and the server build their engines here and nowhere else, so a drafter, its
+calibration and the cost table always travel together.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dspark.drafters.base import Drafter, NoDrafter
+from dspark.drafters.factory import SHIPPED_DRAFTER, as_batch_drafter, default_drafter_spec, make_drafter
+from dspark.engine.batched import BatchEngine
+from dspark.engine.single import SpeculativeEngine
+from dspark.scheduling.calibration import load_calibration
+from dspark.scheduling.cost import CostModel
+from dspark.scheduling.factory import make_policy
+from dspark.scheduling.policy import Calibrate, Policy
+from dspark.target.model import TargetModel
+
+PLAIN = "plain"
+"""The policy of plain decoding: it runs without a drafter."""
+
+
+def load_drafter(spec: str | None, target: TargetModel, gamma: int | None = None) -> Drafter:
+    """The drafter named by ``spec`` (None: the shipped one), on the target's device and in its
+    dtype, checked against the target."""
+    dtype = next(target.model.parameters()).dtype
+    drafter = make_drafter(spec or default_drafter_spec(), gamma=gamma, device=str(target.device), dtype=dtype)
+    drafter.check_target(target)
+    return drafter
+
+
+def build_single_engine(target: TargetModel, drafter: Drafter | str | None = None, gamma: int | None = None) -> SpeculativeEngine:
+    """The batch-1 engine over ``target`` with ``drafter`` or its spec (None: the shipped one):
+    every round verifies the whole block (the reference loop of `dspark eval`)."""
+    if drafter is None or isinstance(drafter, str):
+        drafter = load_drafter(drafter, target, gamma)
+    return SpeculativeEngine(target, drafter)
+
+
+def drafter_calibration(spec: str | None) -> Calibrate | None:
+    """The STS calibration saved beside a DSpark / DFlash drafter folder, if there is one."""
+    kind, _, folder = (spec or default_drafter_spec()).partition(":")
+    if kind not in ("dspark", "dflash"):
+        return None
+    return load_calibration(Path(folder).expanduser() if folder else SHIPPED_DRAFTER)
+
+
+def needs_cost_table(policy: str) -> bool:
+    return policy.partition(":")[0] == "dspark"
+
+
+def cost_table_for(
+    target: TargetModel,
+    max_batch: int,
+    max_draft: int,
+    profile_dir: str | Path | None = None,
+    profile_if_missing: bool = False,
+    **measure_kwargs,
+) -> CostModel:
+    """This target's cost table SPS(R, W) covering ``max_batch`` rows of 1 + ``max_draft``
+    tokens: loaded, or measured and saved when ``profile_if_missing``, else an error naming
+    ``dspark profile``."""
+    from dspark.scheduling.profiling import require_cost_table
+
+    return require_cost_table(
+        target, profile_dir, profile_if_missing, max_requests=max_batch, max_draft=max_draft, **measure_kwargs
+    )
+
+
+def build_engine(
+    target: TargetModel,
+    drafter: Drafter | str | None = None,
+    policy: Policy | str = "dspark",
+    max_batch: int = 1,
+    *,
+    gamma: int | None = None,
+    calibrate: Calibrate | None = None,
+    cost: CostModel | None = None,
+    profile_dir: str | Path | None = None,
+    profile_if_missing: bool = False,
+    lazy_drafting: bool = True,
+    backoff: bool = True,
+) -> BatchEngine:
+    """A batched engine over ``target``.
+
+    ``drafter`` is a drafter or its spec (None: the shipped one); a spec brings the
+    calibration saved beside it unless ``calibrate`` is given. ``policy`` is a policy or its
+    name (``dspark.scheduling.factory.POLICY_HELP``): ``plain`` runs without a drafter, and
+    ``dspark`` uses ``cost`` or this target's profiled cost table (see :func:`cost_table_for`).
+    """
+    if isinstance(policy, str) and policy == PLAIN:
+        drafter = NoDrafter()
+    if drafter is None or isinstance(drafter, str):
+        if calibrate is None:
+            calibrate = drafter_calibration(drafter)
+        drafter = load_drafter(drafter, target, gamma)
+    batch_drafter = as_batch_drafter(drafter)
+    if isinstance(policy, str):
+        if cost is None and needs_cost_table(policy):
+            cost = cost_table_for(target, max_batch, batch_drafter.gamma, profile_dir, profile_if_missing)
+        policy = make_policy(policy, cost, calibrate)
+    return BatchEngine(target, batch_drafter, policy, max_batch, lazy_drafting=lazy_drafting, backoff=backoff)

@@ -1,0 +1,168 @@
+"""One request and its end: what to generate, what came out, and where generation stops.
+
+:class:`GenerationRequest` is validated on construction; :class:`StopChecker` finds the end
+(max_new_tokens, an EOS id or a stop string); :class:`RequestState` is a request in flight,
+its committed ids and random stream. The batch-1 and the batched engine share all three.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from dspark.engine.stats import GenerationStats
+from dspark.sampling import SamplingParams
+from dspark.target.model import TargetModel
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One prompt and how to continue it."""
+
+    prompt_ids: Sequence[int]
+    """Token ids of the prompt (chat template already applied)."""
+    params: SamplingParams = SamplingParams()
+    """Temperature, top-k and top-p."""
+    max_new_tokens: int = 256
+    """Stop after this many new tokens."""
+    stop: tuple[str, ...] = ()
+    """Stop strings; the text is cut before the first one that appears."""
+    seed: int = 0
+    """Seed of this request's torch.Generator (drafting and verification share it)."""
+    ignore_eos: bool = False
+    """Keep going past EOS (benchmarks that need a fixed length)."""
+
+    def __post_init__(self) -> None:
+        if len(self.prompt_ids) == 0:
+            raise ValueError("the prompt is empty: give at least one token")
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if any(not s for s in self.stop):
+            raise ValueError("stop strings must be non-empty")
+
+
+@dataclass
+class GenerationResult:
+    """The committed continuation and how it was produced."""
+
+    token_ids: list[int]
+    text: str
+    stats: GenerationStats = field(default_factory=GenerationStats)
+    finish_reason: str = "length"
+    """"length", "eos" or "stop"."""
+
+
+class StopChecker:
+    """Finds where a request's generation ends: max_new_tokens, an EOS id, or a stop string
+    (shared by the batch-1 and the batched engine)."""
+
+    def __init__(self, target: TargetModel, request: GenerationRequest) -> None:
+        self.target = target
+        self.limit = request.max_new_tokens
+        self.stop = request.stop
+        self.eos = frozenset() if request.ignore_eos else target.eos_token_ids
+        self.cut = self.limit
+        self._checked = 0
+
+    def check(self, committed: list[int]) -> str | None:
+        for i in range(self._checked, min(len(committed), self.limit)):
+            if committed[i] in self.eos:
+                self.cut = i + 1  # the EOS id is kept, as transformers' generate() does
+                return "eos"
+        self._checked = len(committed)
+        if self.stop:
+            text = self.target.decode(committed[: self.limit])
+            if any(s in text for s in self.stop):
+                self.cut = self._shortest_prefix_with_stop(committed)
+                return "stop"
+        if len(committed) >= self.limit:
+            self.cut = self.limit
+            return "length"
+        return None
+
+    def _shortest_prefix_with_stop(self, committed: list[int]) -> int:
+        for k in range(1, len(committed) + 1):
+            text = self.target.decode(committed[:k])
+            if any(s in text for s in self.stop):
+                return k
+        return len(committed)
+
+    def text(self, token_ids: list[int]) -> str:
+        text = self.target.decode(token_ids)
+        for s in self.stop:
+            at = text.find(s)
+            if at >= 0:
+                text = text[:at]
+        return text
+
+
+def check_request(target: TargetModel, request: GenerationRequest) -> None:
+    """Raise ValueError when ``request`` cannot run on ``target`` (context window, token ids)."""
+    limit = int(getattr(target.model.config, "max_position_embeddings", 1 << 30))
+    prompt_len = len(request.prompt_ids)
+    if prompt_len + request.max_new_tokens > limit:
+        raise ValueError(
+            f"prompt ({prompt_len} tokens) + max_new_tokens ({request.max_new_tokens}) "
+            f"exceeds the model's context window of {limit} tokens"
+        )
+    if max(request.prompt_ids) >= target.vocab_size or min(request.prompt_ids) < 0:
+        raise ValueError(f"prompt token ids must lie in [0, {target.vocab_size})")
+
+
+@dataclass
+class RequestState:
+    """A request in flight. Between rounds the committed ids (``buf[:length]``) end with the
+    anchor, sampled by the target but not yet run through it."""
+
+    request: GenerationRequest
+    generator: torch.Generator
+    """The request's own random stream: drafting and verification share it."""
+    buf: torch.Tensor
+    """[prompt + max_new_tokens + 1] the prompt and committed ids in the first ``length``."""
+    length: int
+    stops: StopChecker
+    stats: GenerationStats
+    start: float
+    committed: list[int] = field(default_factory=list)
+    """New ids committed so far (host copy, for stop checks)."""
+    finish: str | None = None
+
+    @classmethod
+    def open(cls, target: TargetModel, request: GenerationRequest) -> "RequestState":
+        """Check ``request`` and hold its prompt; the clock starts now."""
+        check_request(target, request)
+        start, device = time.perf_counter(), target.device
+        prompt_len = len(request.prompt_ids)
+        buf = torch.empty(prompt_len + request.max_new_tokens + 1, dtype=torch.long, device=device)
+        buf[:prompt_len] = torch.as_tensor(list(request.prompt_ids), device=device)
+        generator = torch.Generator(device=device).manual_seed(request.seed)
+        return cls(request, generator, buf, prompt_len, StopChecker(target, request),
+                   GenerationStats(prompt_tokens=prompt_len), start)
+
+    @property
+    def prompt(self) -> torch.Tensor:
+        """[P] the prompt ids."""
+        return self.buf[: len(self.request.prompt_ids)]
+
+    @property
+    def max_draft(self) -> int:
+        """Most tokens worth drafting now: the remaining budget minus the bonus token."""
+        return self.request.max_new_tokens - len(self.committed) - 1
+
+    def commit(self, tokens: list[int]) -> list[int]:
+        """Append ``tokens``, check the stops; returns the newly visible ids (up to the cut)."""
+        before = len(self.committed)
+        self.buf[self.length : self.length + len(tokens)] = torch.as_tensor(tokens, device=self.buf.device)
+        self.length += len(tokens)
+        self.committed.extend(tokens)
+        self.finish = self.stops.check(self.committed)
+        return self.committed[before : self.stops.cut]
+
+    def result(self) -> GenerationResult:
+        ids = self.committed[: self.stops.cut]
+        self.stats.new_tokens = len(ids)
+        self.stats.wall_s = time.perf_counter() - self.start
+        return GenerationResult(ids, self.stops.text(ids), self.stats, self.finish or "length")

@@ -1,0 +1,84 @@
+"""Training sequences out of shard stores, and the held-out split by prompt id."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from dspark.errors import DsparkError
+from dspark.training.data.store import ShardStore
+from dspark.training.data.tokenize import TrainingSequence
+
+MIN_LOSS_TOKENS = 16
+"""Sequences with fewer loss tokens (after truncation) are not worth a training slot."""
+
+
+def load_sequences(
+    folders: Sequence[str | Path],
+    max_length: int,
+    min_loss_tokens: int = MIN_LOSS_TOKENS,
+    progress: bool = True,
+) -> list[TrainingSequence]:
+    """The sequences of one or more stores, truncated to ``max_length``; short ones dropped.
+
+    All stores must share one tokenizer (and regenerated ones one target). Sequences of a
+    ``text`` store get ``greedy_labels=True``: the target did not write them.
+    """
+    from tqdm.auto import tqdm
+
+    if max_length < 1 or min_loss_tokens < 0:
+        raise ValueError(f"max_length must be >= 1 and min_loss_tokens >= 0, got {max_length}, {min_loss_tokens}")
+    if not folders:
+        raise ValueError("load_sequences needs at least one store folder")
+    stores = [ShardStore.open(f) for f in folders]
+    _check_compatible(stores)
+    sequences = []
+    jobs = [(s, m) for s in stores for m in s.manifests]
+    for store, manifest in tqdm(jobs, desc="loading shards", unit="shard", disable=not progress):
+        greedy = store.kind == "text"
+        for r in store.read_shard(manifest):
+            ids, mask = list(r.input_ids[:max_length]), list(r.loss_mask[:max_length])
+            if sum(mask) >= min_loss_tokens:
+                sequences.append(TrainingSequence(ids, mask, r.id, greedy_labels=greedy, domain=r.domain))
+    return sequences
+
+
+@dataclass(frozen=True)
+class HeldoutSplit:
+    """Training and held-out sequences, split by prompt id."""
+
+    train: list[TrainingSequence]
+    heldout: list[TrainingSequence]
+
+
+def is_heldout(prompt_id: str, fraction: float = 0.02, salt: str = "heldout") -> bool:
+    """Whether ``prompt_id`` is held out: a hash of (salt, id) below ``fraction`` of its range."""
+    digest = hashlib.sha1(f"{salt}\x1f{prompt_id}".encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") < fraction * (1 << 64)
+
+
+def split_heldout(sequences: Iterable[TrainingSequence], fraction: float = 0.02, salt: str = "heldout") -> HeldoutSplit:
+    """Split by a hash of the prompt id: independent of order and of which stores were loaded.
+
+    Every sequence of one prompt (greedy, sampled, text) falls on the same side. This split is
+    separate from the evaluation sets, which the prompt mix keeps out altogether.
+    """
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"fraction must be in [0, 1], got {fraction}")
+    train, heldout = [], []
+    for s in sequences:
+        (heldout if is_heldout(s.id, fraction, salt) else train).append(s)
+    return HeldoutSplit(train, heldout)
+
+
+def _check_compatible(stores: Sequence[ShardStore]) -> None:
+    tokenizers = {s.info.tokenizer_fingerprint for s in stores}
+    if len(tokenizers) > 1:
+        names = ", ".join(f"{s.folder} ({s.info.tokenizer_fingerprint[:8]})" for s in stores)
+        raise DsparkError(f"the stores were tokenized by different tokenizers: {names}")
+    targets = {s.info.target_fingerprint for s in stores if s.kind == "regenerated"}
+    if len(targets) > 1:
+        names = ", ".join(f"{s.folder} ({(s.info.target_fingerprint or '')[:8]})" for s in stores if s.kind == "regenerated")
+        raise DsparkError(f"the regenerated stores were written by different targets: {names}")
