@@ -118,13 +118,14 @@ def _check_utf8(what: str, text: str) -> None:
 def _generate(prompt, model, drafter_spec, gamma, params, max_new_tokens, seed, stop, chat, compare, device, dtype,
               as_json):
     from dspark.drafters import NoDrafter, default_drafter_spec, make_drafter
-    from dspark.engine import GenerationRequest, SpeculativeEngine
+    from dspark.engine import GenerationRequest
+    from dspark.engine.build import build_single_engine
     from dspark.target import TargetModel
 
     # The drafter before the target: a bad spec or broken drafter files fail in a second.
     drafter = make_drafter(drafter_spec or default_drafter_spec(), gamma=gamma, device=device, dtype=dtype)
     target = TargetModel.load(model, device=device, dtype=dtype)
-    engine = SpeculativeEngine(target, drafter)
+    engine = build_single_engine(target, drafter)
     request = GenerationRequest(
         prompt_ids=target.encode_prompt(prompt, chat=chat),
         params=params,
@@ -139,7 +140,7 @@ def _generate(prompt, model, drafter_spec, gamma, params, max_new_tokens, seed, 
         streamer.finish(result.text)
     plain = None
     if compare:
-        plain = SpeculativeEngine(target, NoDrafter()).generate(request)
+        plain = build_single_engine(target, NoDrafter()).generate(request)
     stats = result.stats
     summary = {
         "model": target.name,

@@ -232,13 +232,13 @@ def _load(model, specs, gamma, device, dtype=None):
     """The target, one engine per drafter spec, and each drafter's stored calibration (or None);
     DSpark drafters run in the target's dtype."""
     from dspark.drafters import make_drafter
-    from dspark.engine import SpeculativeEngine
+    from dspark.engine.build import build_single_engine
     from dspark.scheduling.calibration import Calibration
     from dspark.target import TargetModel
 
     drafters = {s: make_drafter(s, gamma=gamma, device=device, dtype=dtype) for s in specs}  # fail fast, before the target loads
     target = TargetModel.load(model, device=device, dtype=dtype)
-    engines = {s: SpeculativeEngine(target, d) for s, d in drafters.items()}
+    engines = {s: build_single_engine(target, d) for s, d in drafters.items()}
     calibrations = {}
     for s in specs:
         folder = drafter_folder(s)
