@@ -130,7 +130,8 @@ def read_prompts(path: Path) -> list[dict]:
             raise DsparkError(f"{path}:{number}: unknown field(s) {sorted(unknown)}; known: {sorted(FIELDS)}")
         if sum(k in line for k in ("prompt", "messages", "turns")) != 1:
             raise DsparkError(f"{path}:{number}: give exactly one of prompt, messages or turns")
-        text = line.get("prompt", line.get("turns", [None])[0] if isinstance(line.get("turns"), list) and line["turns"] else None)
+        turns = line.get("turns")
+        text = line["prompt"] if "prompt" in line else (turns[0] if isinstance(turns, list) and turns else None)
         if "messages" not in line and (not isinstance(text, str) or not text.strip()):
             raise DsparkError(f"{path}:{number}: the prompt is empty or not a string")
         lines.append(line)
