@@ -52,13 +52,15 @@ class CostKey:
     dtype: str
     threads: int
     """torch intra-op threads while measuring."""
+    kernel: str = "aten"
+    """The target's linear kernel (:mod:`dspark.target.kernels`): it changes SPS(R, W)."""
 
     def filename(self) -> str:
-        raw = f"{self.model}__{self.device}__{self.dtype}__t{self.threads}"
+        raw = f"{self.model}__{self.device}__{self.dtype}__{self.kernel}__t{self.threads}"
         return re.sub(r"[^A-Za-z0-9._-]+", "-", raw).strip("-") + ".json"
 
     def describe(self) -> str:
-        return f"{self.model} on {self.device} ({self.dtype}, {self.threads} threads)"
+        return f"{self.model} on {self.device} ({self.dtype}, {self.kernel} linears, {self.threads} threads)"
 
 
 @dataclass(frozen=True)
@@ -176,6 +178,7 @@ def cost_key(target, threads: int | None = None) -> CostKey:
         device=describe_device(target.device),
         dtype=dtype,
         threads=threads if threads is not None else torch.get_num_threads(),
+        kernel=target.linear_kernel,
     )
 
 

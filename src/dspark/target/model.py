@@ -17,6 +17,7 @@ from typing import Sequence
 import torch
 
 from dspark.errors import DsparkError
+from dspark.target.kernels import ATEN, ONEDNN, set_linear_kernel
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,13 @@ class TargetOutput:
 class TargetModel:
     """Wraps a transformers causal LM and its tokenizer."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer, name: str = "custom") -> None:
+    def __init__(self, model: torch.nn.Module, tokenizer, name: str = "custom", linear_kernel: str = ONEDNN) -> None:
+        """``linear_kernel``: ``onednn`` runs the model's float32 CPU linears on oneDNN
+        (:mod:`dspark.target.kernels`: 1.3-1.5x faster decoding steps here), ``aten`` keeps
+        torch's default."""
+        swapped = set_linear_kernel(model, linear_kernel)
+        self.linear_kernel = ONEDNN if swapped else ATEN
+        """The kernel the linears actually run on (oneDNN needs CPU float32 weights)."""
         self.model = model
         self.tokenizer = tokenizer
         self.name = name
@@ -46,12 +53,12 @@ class TargetModel:
         self.eos_token_ids: frozenset[int] = frozenset(_eos_ids(model, tokenizer))
 
     @classmethod
-    def load(cls, spec: str | None = None, device: str = "cpu", dtype=None) -> "TargetModel":
+    def load(cls, spec: str | None = None, device: str = "cpu", dtype=None, linear_kernel: str = ONEDNN) -> "TargetModel":
         """Load an HF id, a local folder, a .gguf file, or (None) the embedded default."""
         from dspark.target.loading import DEFAULT_MODEL, load_model_and_tokenizer
 
         model, tokenizer = load_model_and_tokenizer(spec, dtype=dtype, device=device)
-        return cls(model, tokenizer, name=spec or DEFAULT_MODEL)
+        return cls(model, tokenizer, name=spec or DEFAULT_MODEL, linear_kernel=linear_kernel)
 
     # -- the KV cache -----------------------------------------------------------------
     def new_cache(self):

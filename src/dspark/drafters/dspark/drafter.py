@@ -27,13 +27,18 @@ from dspark.drafters.base import DraftBatch, DraftBlock, DraftGate, DraftInput
 from dspark.drafters.dspark.model import ContextKV, DSparkModel
 from dspark.errors import DsparkError
 from dspark.sampling import sample_from_logits
+from dspark.target.kernels import ONEDNN, set_linear_kernel
 from dspark.target.slot_cache import SlotCache, SlotContextView, SlotWriteView, context_block_mask
 
 
 class DSparkDrafter:
     """Semi-autoregressive drafting with a DSpark (or, with the heads off, DFlash) model."""
 
-    def __init__(self, model: DSparkModel, name: str | None = None, gamma: int | None = None) -> None:
+    def __init__(self, model: DSparkModel, name: str | None = None, gamma: int | None = None,
+                 linear_kernel: str = ONEDNN) -> None:
+        """``linear_kernel``: as for :class:`~dspark.target.model.TargetModel` (gradient-free
+        forwards only, so a model in training is unaffected)."""
+        set_linear_kernel(model, linear_kernel)
         self.model = model.eval()
         self.config = model.config
         self.name = name or ("dflash" if self.config.is_dflash else "dspark")

@@ -29,6 +29,7 @@ from dspark.drafters.dspark.config import DSparkConfig
 from dspark.drafters.dspark.heads import ConfidenceHead, MarkovHead, RNNHead
 from dspark.drafters.dspark.vocab import check_draft_ids, d2t_t2d, draft_ids_from_d2t
 from dspark.errors import DsparkError
+from dspark.target.kernels import linear
 
 WEIGHTS_NAME = "model.safetensors"
 SHARED_KEYS = ("embed_tokens.weight", "lm_head.weight")
@@ -324,7 +325,7 @@ class DSparkModel(nn.Module):
     def slot_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """U_k = lm_head(h_k) over the draft vocabulary, hidden # [..., d] -> [..., N]."""
         weight = self.draft_head_weight
-        return torch.nn.functional.linear(hidden.to(weight.dtype), weight)
+        return linear(hidden.to(weight.dtype), weight)
 
     @property
     def draft_head_weight(self) -> torch.Tensor:

@@ -1,0 +1,71 @@
+"""oneDNN float32 linears (dspark.target.kernels) against ATen's F.linear, the slow oracle."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dspark.target.kernels import OneDNNLinear, linear, onednn_works, set_linear_kernel
+from tests.conftest import tiny_llama, tiny_target
+
+pytestmark = pytest.mark.skipif(not onednn_works(), reason="this torch build has no oneDNN linear")
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 8, 17])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_linear_matches_aten_on_every_row_count(rows, with_bias):
+    g = torch.Generator().manual_seed(rows)
+    weight = torch.randn(96, 40, generator=g)
+    bias = torch.randn(96, generator=g) if with_bias else None
+    x = torch.randn(2, rows, 40, generator=g)  # [B, n, d] as the engines feed it
+    with torch.no_grad():
+        fast = linear(x, weight, bias)
+    assert fast.shape == (2, rows, 96)
+    torch.testing.assert_close(fast, F.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
+
+
+def test_linear_takes_a_non_contiguous_input():
+    x = torch.randn(40, 6).t()  # [6, 40], strided
+    weight = torch.randn(8, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(linear(x, weight), F.linear(x, weight), rtol=1e-5, atol=1e-5)
+
+
+def test_gradients_fall_back_to_aten():
+    layer = torch.nn.Linear(12, 5)
+    set_linear_kernel(layer)
+    assert type(layer) is OneDNNLinear
+    x = torch.randn(3, 12, requires_grad=True)
+    layer(x).sum().backward()  # oneDNN's inference primitive has no backward: ATen must run
+    assert x.grad is not None and layer.weight.grad is not None
+
+
+def test_swap_keeps_parameters_tied_and_restores():
+    model = tiny_llama(vocab_size=11, hidden=16)
+    model.lm_head.weight = model.model.embed_tokens.weight  # tied, as SmolLM2's are
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    linears = sum(type(m) is torch.nn.Linear for m in model.modules())
+    assert set_linear_kernel(model, "onednn") == linears
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert model.state_dict().keys() == before.keys()
+    assert set_linear_kernel(model, "aten") == 0
+    assert not any(isinstance(m, OneDNNLinear) for m in model.modules())
+
+
+def test_only_cpu_float32_weights_are_swapped():
+    assert set_linear_kernel(torch.nn.Linear(4, 4).to(torch.bfloat16)) == 0
+    with pytest.raises(ValueError, match="unknown linear kernel"):
+        set_linear_kernel(torch.nn.Linear(4, 4), "fast")
+
+
+def test_target_forward_agrees_across_kernels():
+    from dspark.target import TargetModel
+
+    fast = tiny_target(vocab_size=32, hidden=32, layers=3)
+    slow = TargetModel(tiny_llama(vocab_size=32, hidden=32, layers=3), None, linear_kernel="aten")
+    assert (fast.linear_kernel, slow.linear_kernel) == ("onednn", "aten")
+    ids = torch.randint(0, 32, (2, 9), generator=torch.Generator().manual_seed(0))
+    a, b = fast.forward(ids, fast.new_cache(), layer_ids=(0, 1)), slow.forward(ids, slow.new_cache(), layer_ids=(0, 1))
+    torch.testing.assert_close(a.logits, b.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a.features, b.features, rtol=1e-5, atol=1e-5)
