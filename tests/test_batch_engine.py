@@ -326,7 +326,7 @@ class CountingDrafter:
 def test_lazy_drafting_drafts_less_and_schedules_the_same(rich, batch1_greedy, cost):
     def run(lazy: bool):
         policy = DSparkScheduler(cost, feedback=False)
-        policy.observe_drafting = lambda *args: None  # timings differ between the runs; costs must not
+        policy.observe_costs = lambda *args: None  # timings differ between the runs; costs must not
         engine = BatchEngine(rich, dspark_drafter(rich=True), policy, max_batch=4, lazy_drafting=lazy, backoff=False)
         return engine.generate(mixed_requests())
 

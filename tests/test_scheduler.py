@@ -33,6 +33,7 @@ from dspark.scheduling import (
     slot_gate,
 )
 from dspark.scheduling.algorithm1 import prefix_survival
+from dspark.scheduling.policy import Schedule, StepOutcome
 from dspark.scheduling.profiling import (
     CostKey,
     CostTable,
@@ -172,18 +173,38 @@ def test_drafting_time_enters_the_step_cost():
     scheduler = DSparkScheduler(table(sps), feedback=False)
     c = torch.tensor([[0.2, 1.0, 1.0]])
     assert scheduler.schedule([3], c).lengths == [0]
-    scheduler.observe_drafting(1, 2.0)  # 2 s of fixed drafting work per step at R = 1, spent anyway
+    scheduler.observe_costs(1, 2.0)  # 2 s of fixed drafting work per step at R = 1, spent anyway
     # Step time 3.0 -> 3.25 -> 3.5 -> 3.75: Θ = 1/3 < 1.2/3.25 < 1.4/3.5 < 1.6/3.75, all three pay.
     assert scheduler.schedule([3], c).lengths == [3]
     assert scheduler.schedule([3, 3], c.expand(2, -1)).lengths == [0, 0]  # R = 2 has no observation
-    scheduler.observe_drafting(1, 0.0)
+    scheduler.observe_costs(1, 0.0)
     one = torch.tensor([1])
     assert scheduler.step_rate(1)(one, one)[0] == pytest.approx(1 / (0.8 * 2.0 + 1.0))
     # Each slot must also be drafted: at 0.5 s per slot the first one no longer pays,
     # 1.2 / (1.6 + 0.5 + 1.25) < 1 / (1.6 + 1), and the search stops there.
-    scheduler.observe_drafting(1, 1.6, 0.5)
+    scheduler.observe_costs(1, 1.6, 0.5)
     assert scheduler.step_rate(1)(one + 1, one + 1)[0] == pytest.approx(1 / (1.6 + 0.5 + 1.25))
     assert scheduler.schedule([3], c).lengths == [0]
+
+
+def test_the_engines_overhead_dilutes_what_verification_costs():
+    # Verifying costs 0.25 s per extra token on a 1 s step: slot 1 at c = 0.2 does not pay
+    # (1.2 / 1.25 < 1). With 2 s per step of the engine's own work, paid by plain steps too,
+    # every slot pays: 1 / 3 < 1.2 / 3.25 < 1.4 / 3.5 < 1.6 / 3.75.
+    sps = [1.0 / (1.0 + 0.25 * (b - 1)) for b in range(1, 9)]
+    scheduler = DSparkScheduler(table(sps), feedback=False)
+    c = torch.tensor([[0.2, 1.0, 1.0]])
+    assert scheduler.schedule([3], c).lengths == [0]
+    scheduler.observe(StepOutcome(1, Schedule([0]), 0, overhead_s=2.0))
+    assert scheduler.schedule([3], c).lengths == [3]
+    one = torch.tensor([1])
+    assert scheduler.step_rate(1)(one, one)[0] == pytest.approx(1 / 3.0)
+    # drafting_pays compares with a plain step that pays the overhead as well
+    schedule = scheduler.schedule([2], torch.tensor([[0.9, 0.9]]))
+    scheduler.observe_costs(1, 3.0, 0.5, 2.0)  # 2.71 / (3 + 1 + 2 + 1.5) = 0.36 > 1 / 3
+    assert scheduler.drafting_pays(schedule, 1)
+    scheduler.observe_costs(1, 9.0, 0.5, 2.0)  # fixed 4.2 s: 2.71 / 8.7 = 0.31 < 1 / 3
+    assert not scheduler.drafting_pays(schedule, 1)
 
 
 def test_drafting_pays_only_when_the_predicted_gain_covers_drafting_time():
@@ -192,9 +213,9 @@ def test_drafting_pays_only_when_the_predicted_gain_covers_drafting_time():
     c = torch.tensor([[0.9, 0.9]])
     schedule = scheduler.schedule([2], c)  # Θ = 2.71 / 1.5 = 1.81 against 1 for a plain step
     assert schedule.lengths == [2] and scheduler.drafting_pays(schedule, 1)
-    scheduler.observe_drafting(1, 1.0)  # 1 s of fixed drafting work: 2.71 / 2.5 > 1 still pays
+    scheduler.observe_costs(1, 1.0)  # 1 s of fixed drafting work: 2.71 / 2.5 > 1 still pays
     assert scheduler.drafting_pays(schedule, 1)
-    scheduler.observe_drafting(1, 3.0, 0.5)  # fixed 1.4 s, 0.5 s per slot: 2.71 / 3.9 < 1
+    scheduler.observe_costs(1, 3.0, 0.5)  # fixed 1.4 s, 0.5 s per slot: 2.71 / 3.9 < 1
     assert not scheduler.drafting_pays(scheduler.schedule([2], c), 1)
     assert not scheduler.drafting_pays(scheduler.schedule([2], torch.zeros(1, 2)), 1)  # verifies nothing
 
@@ -598,7 +619,7 @@ def test_measure_profiles_the_engine_step_and_saves_on_first_use(tmp_path):
         progress=lambda r, w, s: calls.append((r, w)),
     )
     assert cost.requests == (1, 2) and cost.max_width == 3
-    assert calls == [(r, w) for r in (1, 2) for w in (1, 2, 3)]
+    assert calls == [(r, w) for _sweep in range(2) for r in (1, 2) for w in (1, 2, 3)]  # warm-up + 1 timed sweep
     assert cost.key == cost_key(target) and load_cost_table(target, tmp_path) == cost
     seconds = [[1 / v for v in row] for row in cost.steps_per_s]  # noise removed: monotone in R and W
     assert all(row == sorted(row) for row in seconds) and all(a <= b for a, b in zip(seconds[0], seconds[1]))

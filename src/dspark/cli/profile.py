@@ -20,7 +20,7 @@ def profile_command(
     max_requests: int = typer.Option(16, help="Most concurrent requests the engine will serve."),
     max_draft: int = typer.Option(7, help="Most draft tokens per request and step (the drafter's γ)."),
     context: int = typer.Option(256, help="Committed tokens per request while measuring."),
-    repeats: int = typer.Option(5, help="Timed runs per step shape (the median is kept)."),
+    repeats: int = typer.Option(5, help="Timed sweeps over every step shape (the median per shape is kept)."),
     out_dir: Optional[Path] = typer.Option(None, help="Where tables live (default: $DSPARK_PROFILE_DIR or ~/.cache/dspark/profiles)."),
     as_json: bool = typer.Option(False, "--json", help="Print the table as JSON instead of text."),
 ) -> None:
@@ -52,7 +52,7 @@ def _profile(model, device, dtype, threads, max_requests, max_draft, context, re
         torch.set_num_threads(threads)
     target = TargetModel.load(model, device=device, dtype=dtype)
     grid = default_requests(max_requests)
-    with tqdm(total=len(grid) * (1 + max_draft), unit="shape", desc="profiling SPS(R, W)", dynamic_ncols=True) as bar:
+    with tqdm(total=(repeats + 1) * len(grid) * (1 + max_draft), unit="step", desc="profiling SPS(R, W)", dynamic_ncols=True) as bar:
 
         def progress(rows: int, width: int, sps: float) -> None:
             bar.set_postfix_str(f"R={rows} W={width} {sps:.1f} steps/s")

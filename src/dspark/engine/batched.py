@@ -254,6 +254,7 @@ class BatchEngine:
             feed[i, 0] = r.state.buf[r.state.length - 1]
             feed[i, 1 : 1 + ell] = block.tokens[:ell]
         out = verify_forward(target, cache, slots, [r.state.length - 1 for r in live], feed, self.drafter.feature_layer_ids)
+        forward_s = time.perf_counter() - t2
         accepted, committed = [], 0
         # Per request: its own parameters and generator; one host sync each (first_rejection).
         for i, (r, block, ell) in enumerate(zip(live, blocks, lengths)):
@@ -270,7 +271,8 @@ class BatchEngine:
         t3 = time.perf_counter()
         slots_drafted = max(drafted, default=0)
         per_slot = batch.slots_s / slots_drafted if batch.slots_s is not None and slots_drafted else None
-        policy.observe(StepOutcome(len(live), schedule, sum(accepted), batch.fixed_s, per_slot))
+        overhead = (t3 - t1) - forward_s  # scheduling, the rule, commits: not in a cost table
+        policy.observe(StepOutcome(len(live), schedule, sum(accepted), batch.fixed_s, per_slot, overhead))
         for r, block, ell, n in zip(live, blocks, lengths, accepted):
             conf = block.confidences[:ell] if block.confidences is not None else None
             r.state.stats.record_round(ell, n, t1 - t0, t3 - t2, conf)  # step times, shared by the batch

@@ -55,6 +55,8 @@ class DSparkScheduler:
         """Seconds of drafting per step before any slot is drafted (context fold, backbone),
         an exponential average per batch size R over earlier steps."""
         self._per_slot: dict[int, float] = {}
+        self._overhead: dict[int, float] = {}
+        """Seconds per step outside drafting and the forward, likewise: paid by plain steps too."""
         """Seconds per drafted slot (LM head, transition bias, sampling), likewise."""
         self._accepted, self._predicted = 0.0, 0.0
         """Decayed sums over earlier steps of drafted tokens accepted and of Σ a predicted."""
@@ -64,21 +66,28 @@ class DSparkScheduler:
         table[key] = value if old is None else self.decay * old + (1 - self.decay) * value
 
     def observe(self, outcome: StepOutcome) -> None:
-        """Learn from a finished step: its accepted tokens against the prediction, and its
-        drafting time when the drafter ran."""
+        """Learn from a finished step: its accepted tokens against the prediction, and what
+        it cost beyond the forward (drafting, when the drafter ran, and the engine's rest)."""
         self.observe_outcome(outcome.schedule, outcome.requests, outcome.accepted)
-        if outcome.drafting_fixed_s is not None:
-            self.observe_drafting(outcome.requests, outcome.drafting_fixed_s, outcome.drafting_per_slot_s)
+        self.observe_costs(outcome.requests, outcome.drafting_fixed_s, outcome.drafting_per_slot_s, outcome.overhead_s)
 
-    def observe_drafting(self, requests: int, fixed_s: float, per_slot_s: float | None = None) -> None:
-        """Record a finished step's drafting time for batches of ``requests``: ``fixed_s``
-        before the first slot, ``per_slot_s`` per slot drafted (None: no slot was drafted).
+    def observe_costs(
+        self, requests: int, fixed_s: float | None, per_slot_s: float | None = None, overhead_s: float | None = None
+    ) -> None:
+        """Record a finished step's times for batches of ``requests``: drafting ``fixed_s``
+        before the first slot (None: the drafter did not run) and ``per_slot_s`` per slot
+        drafted (None: no slot was drafted), and ``overhead_s`` outside drafting and the forward.
 
-        A step then costs fixed(R) + (W - 1)·per_slot(R) + 1 / SPS(R, W): on a CPU drafting is
-        a large part of a step, and each verified slot must first be drafted. Only earlier
-        steps feed it, so it cannot depend on this step's drafted tokens.
+        A step then costs fixed(R) + (W - 1)·per_slot(R) + overhead(R) + 1 / SPS(R, W), and a
+        plain step overhead(R) + 1 / SPS(R, 1): on a CPU drafting is a large part of a step,
+        each verified slot must first be drafted, and the engine's own work dilutes what a
+        verified token costs. Only earlier steps feed it, so it cannot depend on this step's
+        drafted tokens.
         """
-        self._average(self._fixed, requests, fixed_s)
+        if overhead_s is not None:
+            self._average(self._overhead, requests, overhead_s)
+        if fixed_s is not None:
+            self._average(self._fixed, requests, fixed_s)
         if per_slot_s is not None:
             self._average(self._per_slot, requests, per_slot_s)
 
@@ -108,10 +117,11 @@ class DSparkScheduler:
     def step_rate(self, requests: int):
         """SPS of the whole step for a batch of ``requests``: (widths # [N], budgets # [N]) -> # [N]."""
         fixed, per_slot = self._fixed.get(requests, 0.0), self._per_slot.get(requests, 0.0)
+        overhead = self._overhead.get(requests, 0.0)
 
         def rate(widths: torch.Tensor, budgets: torch.Tensor) -> torch.Tensor:
             sps = self.cost.steps_per_second(requests, widths, budgets)
-            return 1.0 / (fixed + per_slot * (widths - 1) + 1.0 / sps)
+            return 1.0 / (fixed + per_slot * (widths - 1) + overhead + 1.0 / sps)
 
         return rate
 
@@ -124,8 +134,8 @@ class DSparkScheduler:
         budget = torch.tensor([requests + sum(schedule.lengths)])
         one = torch.ones(1, dtype=torch.long)
         drafted = schedule.expected_tokens * float(self.step_rate(requests)(width, budget)[0])
-        plain = requests * float(self.cost.steps_per_second(requests, one, one * requests)[0])
-        return drafted > plain
+        plain_step = self._overhead.get(requests, 0.0) + 1.0 / float(self.cost.steps_per_second(requests, one, one * requests)[0])
+        return drafted > requests / plain_step
 
     def check_shape(self, requests: int, width: int) -> None:
         if not self.cost.covers(requests, width):

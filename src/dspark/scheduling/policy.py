@@ -56,6 +56,9 @@ class StepOutcome:
     """Seconds of drafting before the first slot; None when the drafter did not run."""
     drafting_per_slot_s: float | None = None
     """Seconds per drafted slot after that; None when not measured apart (eager drafting)."""
+    overhead_s: float | None = None
+    """Seconds of the step outside drafting and the target forward (scheduling, the
+    per-request rule, commits): what a cost table of forwards does not see."""
 
 
 class Policy(Protocol):

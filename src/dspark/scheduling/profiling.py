@@ -261,8 +261,9 @@ def measure_cost_table(
     seed: int = 0,
     progress: Callable[[int, int, float], None] | None = None,
 ) -> CostTable:
-    """Time the engine's verification step for every (R, W); the median of ``repeats`` runs
-    (after one warm-up) gives its step time. ``progress(R, W, sps)`` is called after each."""
+    """Time the engine's verification step for every (R, W); the median of ``repeats`` sweeps
+    over all shapes (after one warm-up sweep) gives its step time. ``progress(R, W, sps)`` is
+    called after every timed step: (repeats + 1) · |grid| · (1 + max_draft) calls."""
     from dspark.target.ragged import verify_forward
     from dspark.target.slot_cache import SlotCache
     from dspark.verify import greedy_verify
@@ -285,23 +286,24 @@ def measure_cost_table(
 
     for slot in range(max_requests):
         verify_forward(target, cache, [slot], [0], tokens(1, context))
-    seconds = []
-    for rows in grid:
-        row_times = []
-        for w in range(1, width + 1):
-            feed = tokens(rows, w)
-            times = []
-            for run in range(repeats + 1):
-                start = time.perf_counter()
-                out = verify_forward(target, cache, list(range(rows)), [context] * rows, feed)
-                for r in range(rows):  # the engine's per-request rule, host syncs included
-                    greedy_verify(feed[r, 1:], out.logits[r])
-                if run:  # the first run warms up allocators and kernels
-                    times.append(time.perf_counter() - start)
-            row_times.append(statistics.median(times))
+    shapes = [(rows, w) for rows in grid for w in range(1, width + 1)]
+    feeds = {shape: tokens(*shape) for shape in shapes}
+    times: dict[tuple[int, int], list[float]] = {shape: [] for shape in shapes}
+    # Sweeps over every shape, not runs of one shape: this host's speed drifts by tens of
+    # percent over seconds, and a drift inside one shape's runs would bend the table.
+    for sweep in range(repeats + 1):
+        for rows, w in shapes:
+            feed = feeds[rows, w]
+            start = time.perf_counter()
+            out = verify_forward(target, cache, list(range(rows)), [context] * rows, feed)
+            for r in range(rows):  # the engine's per-request rule, host syncs included
+                greedy_verify(feed[r, 1:], out.logits[r])
+            took = time.perf_counter() - start
+            if sweep:  # the first sweep warms up allocators and kernels
+                times[rows, w].append(took)
             if progress is not None:
-                progress(rows, w, 1.0 / row_times[-1])
-        seconds.append(row_times)
+                progress(rows, w, 1.0 / took)
+    seconds = [[statistics.median(times[rows, w]) for w in range(1, width + 1)] for rows in grid]
     return CostTable(
         key=cost_key(target),
         requests=tuple(grid),
