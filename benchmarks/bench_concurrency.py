@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from dspark.evaluation.datasets import load_dataset
-from dspark.evaluation.runner import git_state, machine_info
+from dspark.evaluation.provenance import git_state, machine_info
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

@@ -130,7 +130,7 @@ def main() -> None:
 
     from dspark.engine.build import load_drafter
     from dspark.evaluation.datasets import load_dataset
-    from dspark.evaluation.runner import git_state, machine_info
+    from dspark.evaluation.provenance import git_state, machine_info
     from dspark.target import TargetModel
     from dspark.target.kernels import LINEAR_KERNELS, set_linear_kernel
 

@@ -60,7 +60,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from dspark.drafters.base import NoDrafter
     from dspark.engine import GenerationRequest, SpeculativeEngine
-    from dspark.evaluation.runner import git_state, machine_info
+    from dspark.evaluation.provenance import git_state, machine_info
     from dspark.sampling import SamplingParams
     from dspark.target import TargetModel
 

@@ -39,7 +39,7 @@ def main() -> None:
     from dspark.engine import GenerationRequest
     from dspark.engine.build import build_single_engine
     from dspark.evaluation.datasets import load_dataset
-    from dspark.evaluation.runner import git_state, machine_info
+    from dspark.evaluation.provenance import git_state, machine_info
     from dspark.target import TargetModel
 
     torch.set_num_threads(args.threads)

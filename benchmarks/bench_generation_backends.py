@@ -75,7 +75,7 @@ def run(args) -> dict:
 
     from dspark.drafters import NoDrafter
     from dspark.engine import BatchEngine, GenerationRequest
-    from dspark.evaluation.runner import git_state, machine_info
+    from dspark.evaluation.provenance import git_state, machine_info
     from dspark.sampling import SamplingParams
     from dspark.scheduling import make_policy
     from dspark.target import TargetModel

@@ -35,7 +35,7 @@ def main() -> None:
     from dspark.drafters import make_drafter
     from dspark.engine import GenerationRequest, SpeculativeEngine
     from dspark.evaluation.datasets import load_dataset
-    from dspark.evaluation.runner import git_state, machine_info
+    from dspark.evaluation.provenance import git_state, machine_info
     from dspark.sampling import SamplingParams
     from dspark.scheduling.calibration import roc_auc
     from dspark.target import TargetModel

@@ -100,12 +100,14 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     from dspark.drafters.dspark import DSparkModel
-    from dspark.evaluation.runner import git_state, machine_info
+    from dspark.evaluation.provenance import git_state, machine_info
     from dspark.target import TargetModel
     from dspark.training.data.sequences import load_sequences, split_heldout
     from dspark.training.data.store import ShardStore
     from dspark.training.features import OnlineFeatures
-    from dspark.training.trainer import TrainConfig, _StepContext, heldout_tau
+    from dspark.training.heldout import heldout_tau
+    from dspark.training.step import StepContext
+    from dspark.training.trainer import TrainConfig
 
     target = TargetModel.load(None)
     heldout = load_sequences(args.heldout, max_length=args.max_length, progress=False)
@@ -137,7 +139,7 @@ def main() -> None:
         for step in sorted(seen):
             model = DSparkModel.from_pretrained(run / f"step_{step:08d}")
             model.attach_target(target)
-            context = _StepContext(target, OnlineFeatures(target, model.config.target_layer_ids), model.config,
+            context = StepContext(target, OnlineFeatures(target, model.config.target_layer_ids), model.config,
                                    config.loss_weights, model.draft_ids, target.device, 1)
             score = heldout_tau(model, context, heldout, config)
             points.append({"step": step, **seen[step], **dataclasses.asdict(score)})

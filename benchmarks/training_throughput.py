@@ -88,7 +88,7 @@ def main() -> None:
     args = parser.parse_args()
     args.data = args.data.resolve()
 
-    from dspark.evaluation.runner import git_state
+    from dspark.evaluation.provenance import git_state
 
     results = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -17,7 +17,7 @@ from dspark.drafters.base import DraftBlock, DraftInput, NoDrafter
 from dspark.drafters.ngram import NgramConfig, NgramDrafter
 from dspark.engine import SpeculativeEngine
 from dspark.errors import DsparkError
-from dspark.evaluation import metrics, report, runner
+from dspark.evaluation import aggregate, metrics, provenance, report, runner
 from dspark.evaluation.datasets import (
     ASSET_DIR,
     BUILTIN,
@@ -263,7 +263,7 @@ def runner_request(prompt_ids):
 
 def test_exact_acceptance_flows_into_the_aggregates(run):
     engines, records, _ = run
-    rows = {(a.dataset, a.drafter): a for a in runner.aggregate(records, list(engines))}
+    rows = {(a.dataset, a.drafter): a for a in aggregate.aggregate(records, list(engines))}
     assert {d for d, _ in rows} == {"chat", "code", "all"}
     mock = rows[("all", "two-right")]
     mine = [r for r in records if r.drafter == "two-right"]
@@ -286,16 +286,16 @@ def test_exact_acceptance_flows_into_the_aggregates(run):
     assert [m["mean_pred"] for m in check["raw"]] == pytest.approx([0.9, 0.72, 0.216], abs=1e-6)
     assert [m["survival"] for m in check["raw"]] == [1.0, 1.0, 0.0]
     assert check["raw"][0]["ece"] == pytest.approx(0.1, abs=1e-6)
-    calibrated = runner.aggregate(records, list(engines), {"two-right": Calibration((1.0, 1.0, 1.0))})
+    calibrated = aggregate.aggregate(records, list(engines), {"two-right": Calibration((1.0, 1.0, 1.0))})
     assert next(a for a in calibrated if a.drafter == "two-right").confidence["calibrated"] is not None
 
 
 def test_reports_are_written_and_strict_json(run, datasets, tmp_path, target):
     engines, records, _ = run
-    results = runner.results_dict(
+    results = provenance.results_dict(
         model="tiny", datasets=datasets, drafters={s: e.drafter.name for s, e in engines.items()},
         settings=runner.EvalSettings(max_new_tokens=16), gamma=None, records=records,
-        aggregates=runner.aggregate(records, list(engines)), machine=runner.machine_info(target),
+        aggregates=aggregate.aggregate(records, list(engines)), machine=provenance.machine_info(target),
     )
     written = report.write_eval_report(results, tmp_path)
     loaded = json.loads((tmp_path / "results.json").read_text(), parse_constant=lambda c: pytest.fail(c))

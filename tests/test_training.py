@@ -308,7 +308,7 @@ def test_too_many_epochs_are_refused(tmp_path):
 
 def test_warm_start_moves_markov_rows_with_their_tokens(tmp_path):
     from dspark.drafters.dspark import DSparkConfig, DSparkModel
-    from dspark.training.trainer import warm_start
+    from dspark.training.checkpoints import warm_start
 
     target = tiny_target(vocab_size=32, hidden=32, layers=6)
     full = DSparkModel(DSparkConfig.for_target(target, num_hidden_layers=1, markov_rank=4, block_size=3))

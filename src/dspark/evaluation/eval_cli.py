@@ -59,7 +59,7 @@ def _eval(dataset_specs, drafter_specs, model, limit, max_new_tokens, temperatur
 
     from tqdm import tqdm
 
-    from dspark.evaluation import report, runner
+    from dspark.evaluation import aggregate, provenance, report, runner
     from dspark.evaluation.datasets import builtin_names, load_dataset
 
     settings = runner.EvalSettings(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, ignore_eos=ignore_eos)
@@ -71,14 +71,14 @@ def _eval(dataset_specs, drafter_specs, model, limit, max_new_tokens, temperatur
                    err=True)
     target, engines, calibrations = _load(model, specs, gamma, device, dtype)
     encode = target.encode_conversation
-    machine = runner.machine_info(target)
+    machine = provenance.machine_info(target)
     runner.warm_up_engines(engines, encode([{"role": "user", "content": datasets[0].conversations[0].turns[0]}]))
     total = sum(d.num_turns for d in datasets) * len(engines)
     # tqdm rather than rich's bar: it also shows progress (rate, ETA) when stderr is a log file.
     with tqdm(total=total, unit="gen", dynamic_ncols=True) as progress:
         records = runner.run_generations(datasets, engines, settings, encode, progress)
-    aggregates = runner.aggregate(records, list(engines), calibrations)
-    results = runner.results_dict(
+    aggregates = aggregate.aggregate(records, list(engines), calibrations)
+    results = provenance.results_dict(
         model=target.name, datasets=datasets, drafters={s: e.drafter.name for s, e in engines.items()},
         settings=settings, gamma=gamma, records=records, aggregates=aggregates, machine=machine,
         load_avg_end=list(os.getloadavg()) if hasattr(os, "getloadavg") else None,

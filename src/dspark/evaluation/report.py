@@ -1,6 +1,6 @@
 """Rendering: rich tables on the terminal, results.json, PNG plots (Agg) and report.md.
 
-Everything here reads the plain dicts that ``runner.results_dict`` and
+Everything here reads the plain dicts that ``provenance.results_dict`` and
 ``eval_cli.calibrate_command`` build, so a stored results.json can be rendered again.
 """
 
@@ -82,7 +82,6 @@ def eval_rows(results: dict) -> list[list[str]]:
 
 
 def print_eval_table(results: dict, console=None) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     s = results["settings"]

@@ -43,11 +43,8 @@ def collect_rounds(
     Turn t is asked after the engine's own answer to turn t − 1, which is the target's answer:
     speculative decoding is lossless.
     """
-    from dspark.engine import GenerationRequest
     from dspark.errors import DsparkError
-    from dspark.sampling import SamplingParams
 
-    params = SamplingParams(temperature=settings.temperature)
     by_dataset: dict[str, list[tuple[int, int, list[float]]]] = {}
     for dataset in datasets:
         rounds = by_dataset.setdefault(dataset.name, [])
@@ -55,10 +52,7 @@ def collect_rounds(
             history: list[dict] = []
             for t, user in enumerate(conversation.turns, 1):
                 messages = history + [{"role": "user", "content": user}]
-                request = GenerationRequest(
-                    prompt_ids=encode(messages), params=params, max_new_tokens=settings.max_new_tokens,
-                    seed=settings.seed + t - 1, ignore_eos=settings.ignore_eos,
-                )
+                request = settings.request(encode(messages), t)
                 if progress is not None:
                     progress.set_description(f"{dataset.name} #{conversation.index}.{t}")
                 result = engine.generate(request)

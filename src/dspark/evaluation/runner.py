@@ -13,19 +13,11 @@ namely plain decoding's answer, so every drafter sees the same conversation.
 
 from __future__ import annotations
 
-import datetime as dt
-import os
-import platform
-import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
-from dspark.evaluation import metrics
 from dspark.evaluation.datasets import EvalDataset
-from dspark.scheduling.calibration import Calibration, CalibrationData, slot_metrics
 
 REFERENCE = "none"
 """The drafter spec of plain decoding, always run and always the speed reference."""
@@ -52,6 +44,17 @@ class EvalSettings:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens!r}")
         if not self.temperature >= 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+
+    def request(self, prompt_ids: list[int], turn: int):
+        """The GenerationRequest of turn ``turn`` (1-based) of a conversation: these settings'
+        sampling and budget, and the turn's own seed."""
+        from dspark.engine import GenerationRequest
+        from dspark.sampling import SamplingParams
+
+        return GenerationRequest(
+            prompt_ids=prompt_ids, params=SamplingParams(temperature=self.temperature),
+            max_new_tokens=self.max_new_tokens, seed=self.seed + turn - 1, ignore_eos=self.ignore_eos,
+        )
 
 
 @dataclass
@@ -118,13 +121,9 @@ def run_generations(
 
     ``progress``, when given, is a tqdm-like bar advanced once per generation.
     """
-    from dspark.engine import GenerationRequest
-    from dspark.sampling import SamplingParams
-
     if REFERENCE not in engines:
         raise ValueError(f"engines must include the reference drafter {REFERENCE!r}")
     specs = list(engines)
-    params = SamplingParams(temperature=settings.temperature)
     records: list[GenerationRecord] = []
     slot = 0
     for dataset in datasets:
@@ -132,10 +131,7 @@ def run_generations(
             history: list[dict] = []
             for t, user in enumerate(conversation.turns, 1):
                 messages = history + [{"role": "user", "content": user}]
-                request = GenerationRequest(
-                    prompt_ids=encode(messages), params=params, max_new_tokens=settings.max_new_tokens,
-                    seed=settings.seed + t - 1, ignore_eos=settings.ignore_eos,
-                )
+                request = settings.request(encode(messages), t)
                 shift = slot % len(specs)
                 slot += 1
                 results = {}
@@ -153,7 +149,7 @@ def run_generations(
                 for spec in specs:
                     position, result, wall = results[spec]
                     records.append(_record(dataset.name, conversation.index, t, spec, position, result, wall,
-                                           plain.token_ids, params.greedy))
+                                           plain.token_ids, request.params.greedy))
                 history = messages + [{"role": "assistant", "content": plain.text}]
     return records
 
@@ -173,176 +169,3 @@ def _record(dataset, index, turn, spec, position, result, wall, plain_ids, greed
         identical_to_plain=(mismatch is None) if greedy else None, first_mismatch=mismatch,
         confidences=confidences,
     )
-
-
-# -- aggregation ----------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Aggregate:
-    """One dataset (or "all") and one drafter, pooled over its generations and rounds."""
-
-    dataset: str
-    drafter: str
-    generations: int
-    new_tokens: int
-    rounds: int
-    wall_s: float
-    tokens_per_s: float
-    """Total new tokens / total wall seconds."""
-    speedup: float
-    """tokens_per_s / plain decoding's tokens_per_s on the same turns."""
-    tau: float
-    cumulative_acceptance: list[float]
-    conditional_acceptance: list[float]
-    verify_rate: float
-    prefill_s: float
-    draft_s: float
-    verify_s: float
-    overhead_s: float
-    t_target_1_s: float
-    """T_target(1): plain decoding's mean seconds per round (one target forward of one token)."""
-    t_draft_s: float
-    """Mean drafting seconds per round."""
-    t_verify_s: float
-    """Mean verification seconds per round (target forward of γ + 1 tokens and the rejection rule)."""
-    ideal_speedup: float
-    efficiency: float
-    mismatches: int
-    """Greedy turns whose tokens differ from plain decoding's."""
-    confidence: dict | None = None
-    """Held-out check of the confidence head: per-slot metrics of raw (and calibrated) a_k."""
-
-
-def aggregate(
-    records: Sequence[GenerationRecord],
-    drafters: Sequence[str],
-    calibrations: Mapping[str, Calibration | None] | None = None,
-) -> list[Aggregate]:
-    """Per-dataset rows for every drafter, plus pooled "all" rows when there are several datasets."""
-    names = list(dict.fromkeys(r.dataset for r in records))
-    groups = [(name, [r for r in records if r.dataset == name]) for name in names]
-    if len(names) > 1:
-        groups.append(("all", list(records)))
-    return [row for name, rs in groups for row in _aggregate_group(name, rs, drafters, calibrations or {})]
-
-
-def _aggregate_group(name, records, drafters, calibrations) -> list[Aggregate]:
-    plain = [r for r in records if r.drafter == REFERENCE]
-    plain_rounds = sum(len(r.proposed) for r in plain)
-    t_target_1 = sum(r.draft_s + r.verify_s for r in plain) / plain_rounds if plain_rounds else float("nan")
-    plain_rate = _rate(plain)
-    rows = []
-    for spec in drafters:
-        rs = [r for r in records if r.drafter == spec]
-        proposed = [p for r in rs for p in r.proposed]
-        accepted = [a for r in rs for a in r.accepted]
-        split = metrics.TimeSplit.of(
-            sum(r.wall_s for r in rs), sum(r.prefill_s for r in rs), sum(r.draft_s for r in rs), sum(r.verify_s for r in rs)
-        )
-        rounds = len(proposed)
-        tau = metrics.tau(proposed, accepted)
-        rate = _rate(rs)
-        speedup = rate / plain_rate if plain_rate > 0 else float("nan")
-        t_draft = split.draft_s / rounds if rounds else float("nan")
-        t_verify = split.verify_s / rounds if rounds else float("nan")
-        ideal = metrics.ideal_speedup(tau, t_target_1, t_draft, t_verify)
-        rows.append(Aggregate(
-            dataset=name, drafter=spec, generations=len(rs), new_tokens=sum(r.new_tokens for r in rs),
-            rounds=rounds, wall_s=split.wall_s, tokens_per_s=rate, speedup=speedup, tau=tau,
-            cumulative_acceptance=metrics.cumulative_acceptance(proposed, accepted),
-            conditional_acceptance=metrics.conditional_acceptance(proposed, accepted),
-            verify_rate=metrics.verify_rate(proposed, accepted),
-            prefill_s=split.prefill_s, draft_s=split.draft_s, verify_s=split.verify_s, overhead_s=split.overhead_s,
-            t_target_1_s=t_target_1, t_draft_s=t_draft, t_verify_s=t_verify,
-            ideal_speedup=ideal, efficiency=metrics.efficiency(speedup, ideal),
-            mismatches=sum(r.identical_to_plain is False for r in rs),
-            confidence=_confidence_check(rs, calibrations.get(spec)),
-        ))
-    return rows
-
-
-def _rate(records: Sequence[GenerationRecord]) -> float:
-    wall = sum(r.wall_s for r in records)
-    return sum(r.new_tokens for r in records) / wall if wall > 0 else float("nan")
-
-
-def calibration_data(records: Sequence[GenerationRecord]) -> CalibrationData | None:
-    """The (c_k, survived?) pairs of every round that carried confidences, or None."""
-    rounds = [
-        (p, a, c)
-        for r in records if r.confidences is not None
-        for p, a, c in zip(r.proposed, r.accepted, r.confidences) if p > 0
-    ]
-    return CalibrationData.from_rounds(rounds) if rounds else None
-
-
-def _confidence_check(records, calibration: Calibration | None) -> dict | None:
-    data = calibration_data(records)
-    if data is None:
-        return None
-    calibrated = None
-    if calibration is not None and data.gamma <= calibration.gamma:
-        calibrated = [asdict(m) for m in slot_metrics(data, calibration)]
-    return {"raw": [asdict(m) for m in slot_metrics(data)], "calibrated": calibrated}
-
-
-# -- provenance -------------------------------------------------------------------------------
-def machine_info(target) -> dict:
-    import torch
-
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_num_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "device": str(target.device),
-        "dtype": str(next(target.model.parameters()).dtype),
-        "load_avg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-    }
-
-
-def git_state() -> dict | None:
-    """HEAD and whether src/ has uncommitted changes, when dspark runs from a checkout."""
-    here = Path(__file__).resolve().parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "."], cwd=here.parent, capture_output=True,
-                               text=True, check=True)
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return {"commit": head.stdout.strip(), "src_dirty": bool(dirty.stdout.strip())}
-
-
-def results_dict(
-    *,
-    model: str,
-    datasets: Sequence[EvalDataset],
-    drafters: Mapping[str, str],
-    settings: EvalSettings,
-    gamma: int | None,
-    records: Sequence[GenerationRecord],
-    aggregates: Sequence[Aggregate],
-    machine: dict,
-    load_avg_end: list[float] | None = None,
-) -> dict:
-    """Everything results.json holds (report.py renders it)."""
-    return {
-        "kind": "dspark-eval",
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(sys.argv),
-        "model": model,
-        "machine": {**machine, "load_avg_end": load_avg_end},
-        "git": git_state(),
-        "settings": {
-            **asdict(settings),
-            "gamma": gamma,
-            "drafters": dict(drafters),
-            "reference": REFERENCE,
-            "datasets": {d.name: {"path": d.path, "domain": d.domain, "split": d.split,
-                                  "conversations": len(d.conversations), "turns": d.num_turns} for d in datasets},
-            "order": "per turn, all drafters back to back; the order rotates by one every turn",
-        },
-        "aggregates": [asdict(a) for a in aggregates],
-        "records": [r.to_json() for r in records],
-    }

@@ -59,7 +59,8 @@ def train_command(
     import torch
 
     from dspark.target import TargetModel
-    from dspark.training.trainer import TrainConfig, check_resume, train
+    from dspark.training.checkpoints import check_resume
+    from dspark.training.trainer import TrainConfig, train
 
     config = TrainConfig(
         out_dir=str(out), variant=variant, num_layers=num_layers, block_size=block_size,
