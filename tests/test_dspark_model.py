@@ -113,6 +113,45 @@ def test_incremental_context_equals_recompute_and_training_path(target):
     assert torch.allclose(trained, serve.base_logits[0], atol=1e-4)
 
 
+@pytest.mark.parametrize("vocab", [0, 20], ids=["full-vocab", "draft-vocab"])
+def test_batched_drafts_equal_the_teacher_forced_forward(target, vocab):
+    """The slow oracle of the one drafting path: every request's block, drafted together with
+    others of other lengths (padded contexts, one backbone pass, the Markov loop over slots),
+    is what the training forward gives when teacher-forced on the drafted tokens."""
+    from dspark.drafters.dspark.drafter import BatchedDSparkDrafter
+    from dspark.sampling import warp_probs
+
+    model = make_model(target, **({"draft_vocab_size": vocab} if vocab else {}))
+    if vocab:
+        model.set_draft_vocab(torch.arange(3, 3 + vocab))
+    drafter = BatchedDSparkDrafter(model, "dspark", GAMMA)
+    drafter.allocate(num_slots=3, capacity=8)  # smaller than the longest context: slots grow
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 30, (n,), generator=g).tolist() for n in (13, 5, 9)]
+    params = [SamplingParams(), SamplingParams(temperature=1.0), SamplingParams(temperature=0.7, top_k=5)]
+    inputs = []
+    for slot, (ids, p) in enumerate(zip(prompts, params)):
+        drafter.open(slot)
+        inputs.append(DraftInput(torch.tensor(ids), features_of(target, ids[:-1])[0], p,
+                                 torch.Generator().manual_seed(slot), GAMMA))
+    blocks = drafter.propose_batch([0, 1, 2], inputs).blocks
+    for ids, p, block in zip(prompts, params, blocks):
+        anchor = len(ids) - 1
+        seq = ids + block.tokens[:-1].tolist()  # slot k's previous token is x_{k-1}
+        context = features_of(target, ids[:-1])[0]  # [anchor, m*d]; later positions are never read
+        feats = torch.cat([context, context.new_zeros(GAMMA, context.shape[1])])
+        out = model(feats[None], torch.tensor([seq]), torch.tensor([[anchor]]))
+        logits, conf = out.draft_logits[0, 0], out.confidence_logits[0, 0]  # [γ, N], [γ]
+        torch.testing.assert_close(block.confidences, torch.sigmoid(conf), rtol=1e-4, atol=1e-5)
+        top2 = logits.topk(2, dim=-1).values
+        torch.testing.assert_close(block.margins, top2[:, 0] - top2[:, 1], rtol=1e-4, atol=1e-4)
+        if p.greedy:
+            assert torch.equal(block.tokens, model.to_target_ids(logits.argmax(-1)))
+        else:
+            torch.testing.assert_close(block.q, model.expand_q(warp_probs(logits, p)), rtol=1e-4, atol=1e-5)
+            assert bool((block.q[torch.arange(GAMMA), block.tokens] > 0).all())
+
+
 def test_markov_bias_depends_on_previous_token(target):
     model = make_model(target)
     hidden = torch.randn(1, GAMMA, 32)

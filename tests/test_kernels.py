@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from dspark.target.kernels import OneDNNLinear, linear, onednn_works, set_linear_kernel
-from tests.conftest import tiny_llama, tiny_target
+from conftest import tiny_llama, tiny_target
 
 pytestmark = pytest.mark.skipif(not onednn_works(), reason="this torch build has no oneDNN linear")
 

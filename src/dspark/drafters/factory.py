@@ -68,11 +68,11 @@ def make_drafter(spec: str, gamma: int | None = None, device: str = "cpu", dtype
 def as_batch_drafter(drafter) -> BatchDrafter:
     """The batched form of ``drafter``: itself if it already is one, DSpark's own batched path,
     else a LoopedDrafter."""
-    from dspark.drafters.dspark.drafter import BatchedDSparkDrafter, DSparkDrafter
+    from dspark.drafters.dspark.drafter import DSparkDrafter
     from dspark.drafters.looped import LoopedDrafter
 
     if isinstance(drafter, BatchDrafter):
         return drafter
     if isinstance(drafter, DSparkDrafter):
-        return BatchedDSparkDrafter(drafter)
+        return drafter.batched()
     return LoopedDrafter(drafter)

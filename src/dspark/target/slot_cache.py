@@ -44,6 +44,17 @@ class SlotCache:
         kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         return cls(config.num_hidden_layers, num_slots, capacity, kv_heads, head_dim, dtype, device)
 
+    def grow(self, capacity: int) -> None:
+        """Make every slot hold ``capacity`` positions, keeping what they hold (a copy)."""
+        if capacity <= self.capacity:
+            return
+        for buffers in (self.keys, self.values):
+            for i, old in enumerate(buffers):
+                new = old.new_zeros(*old.shape[:2], capacity, old.shape[3])
+                new[:, :, : self.capacity] = old
+                buffers[i] = new
+        self.capacity = capacity
+
     def write(self, layer: int, slots: torch.Tensor, starts: torch.Tensor, key, value) -> None:
         """Store key/value # [R, H, T, D] at positions starts[r] .. starts[r]+T-1 of slots[r]."""
         t = key.shape[-2]

@@ -1,19 +1,19 @@
-"""DSparkDrafter: the :class:`~dspark.drafters.base.Drafter` over a trained DSparkModel.
+"""DSpark drafting: the :class:`~dspark.drafters.base.BatchDrafter` over a trained DSparkModel,
+and the batch-1 :class:`~dspark.drafters.base.Drafter` that is the same path at R = 1.
 
 One round: fold the target features of newly committed tokens into the context K/V
 (kept across rounds), run the parallel backbone once over [anchor, mask × (γ-1)], then the
 sequential loop: for k = 1..γ sample x_k from q_k = softmax((U_k + B(x_{k-1})) / T) (argmax
 at T = 0) and compute c_k from [h_k; W1[x_{k-1}]].
 
-:class:`BatchedDSparkDrafter` does the same for many requests at once (the batched engine):
-every request's context K/V lives in a slot of one :class:`~dspark.target.slot_cache.SlotCache`,
-one backbone pass runs all blocks over their padded contexts under a mask, and the
-sequential loop advances every request's slot k together. Given a *gate* (the engine's
-:class:`~dspark.drafters.base.DraftGate`), it asks before each slot whether any request
-could still verify it, and stops drafting as soon as none can. With the full vocabulary the
-LM head then runs only for slots that are drafted, one slot at a time, so that each slot's
-drafting cost is the same and the scheduler can price it; with a reduced draft vocabulary
-its rows are cheap and one call serves every slot.
+Every request's context K/V lives in a slot of one :class:`~dspark.target.slot_cache.SlotCache`;
+one backbone pass runs all blocks over their padded contexts under a mask (none for a single
+row), and the sequential loop advances every request's slot k together. Given a *gate* (the
+engine's :class:`~dspark.drafters.base.DraftGate`), it asks before each slot whether any
+request could still verify it, and stops drafting as soon as none can. With the full
+vocabulary the LM head then runs only for slots that are drafted, one slot at a time, so that
+each slot's drafting cost is the same and the scheduler can price it; with a reduced draft
+vocabulary its rows are cheap and one call serves every slot.
 """
 
 from __future__ import annotations
@@ -24,15 +24,25 @@ from typing import Sequence
 import torch
 
 from dspark.drafters.base import DraftBatch, DraftBlock, DraftGate, DraftInput
-from dspark.drafters.dspark.model import ContextKV, DSparkModel
+from dspark.drafters.dspark.model import DSparkModel
 from dspark.errors import DsparkError
 from dspark.sampling import sample_from_logits
 from dspark.target.kernels import ONEDNN, set_linear_kernel
 from dspark.target.slot_cache import SlotCache, SlotContextView, SlotWriteView, context_block_mask
 
 
+INITIAL_CONTEXT = 512
+"""Context positions the batch-1 drafter reserves at first; its slot doubles when a longer
+request needs more (the batched engine allocates what its requests need up front)."""
+
+
 class DSparkDrafter:
-    """Semi-autoregressive drafting with a DSpark (or, with the heads off, DFlash) model."""
+    """The batch-1 :class:`~dspark.drafters.base.Drafter`: the batched drafter at R = 1.
+
+    There is one drafting path: every round of the batch-1 engine is a
+    :meth:`BatchedDSparkDrafter.propose_batch` over a single slot, whose context K/V grow
+    with the request.
+    """
 
     def __init__(self, model: DSparkModel, name: str | None = None, gamma: int | None = None,
                  linear_kernel: str = ONEDNN) -> None:
@@ -44,7 +54,7 @@ class DSparkDrafter:
         self.name = name or ("dflash" if self.config.is_dflash else "dspark")
         self.feature_layer_ids = tuple(self.config.target_layer_ids)
         self.gamma = min(gamma or self.config.block_size, self.config.block_size)
-        self._context: ContextKV | None = None
+        self._one: BatchedDSparkDrafter | None = None
 
     @classmethod
     def load(cls, folder, name: str | None = None, gamma: int | None = None, device: str = "cpu", dtype=None):
@@ -55,80 +65,34 @@ class DSparkDrafter:
     def check_target(self, target) -> None:
         self.model.attach_target(target)
 
+    def batched(self) -> "BatchedDSparkDrafter":
+        """A new batched drafter over the same model (weights shared, slots its own)."""
+        return BatchedDSparkDrafter(self.model, self.name, self.gamma)
+
     def reset(self) -> None:
-        self._context = ContextKV(len(self.model.layers))
+        self._one = self.batched()
+        self._one.allocate(1, INITIAL_CONTEXT)
+        self._one.open(0)
 
-    @torch.inference_mode()
     def propose(self, draft_input: DraftInput) -> DraftBlock:
-        tokens = draft_input.tokens  # [L]
-        gamma = min(self.gamma, draft_input.max_tokens)
-        if self._context is None:
+        if self._one is None:
             self.reset()
-        if draft_input.new_features is not None and draft_input.new_features.shape[0]:
-            self._fold_context(draft_input.new_features)
-        anchor_pos = tokens.shape[0] - 1
-        if self._context.length != anchor_pos:
-            raise DsparkError(
-                f"drafter context holds {self._context.length} positions but the anchor is at "
-                f"{anchor_pos}; the engine must pass features of every committed token once"
-            )
-        if gamma <= 0:
-            return DraftBlock.empty(tokens.device)
-        model = self.model
-        block_ids = model.block_input_ids(tokens[-1]).unsqueeze(0)  # [1, γ_max]
-        positions = anchor_pos + torch.arange(block_ids.shape[-1], device=tokens.device).unsqueeze(0)
-        out = model.backbone(block_ids, positions, self._context)
-        hidden, base = out.hidden[0, :gamma], out.base_logits[0, :gamma]  # [γ, d], [γ, N]
-        return self._sequential(hidden, base, tokens[-1], draft_input)
-
-    def _fold_context(self, features: torch.Tensor) -> None:
-        """Append H_ctx of new committed tokens # [n, m*d] to every layer's K/V."""
-        start = self._context.length
-        h_ctx = self.model.context_states(features.unsqueeze(0))
-        positions = torch.arange(start, start + features.shape[0], device=features.device).unsqueeze(0)
-        self.model.extend_context(self._context, h_ctx, positions)
-
-    def _sequential(self, hidden, base, anchor, draft_input: DraftInput) -> DraftBlock:
-        """The sequential stage: left-to-right sampling with the transition bias."""
-        head, model = self.model.markov_head, self.model
-        params, generator = draft_input.params, draft_input.generator
-        gamma = base.shape[0]
-        prev = anchor
-        state = head.init_state((), anchor.device) if head is not None else None
-        drafted, probs, prevs, margins = [], [], [], []
-        for k in range(gamma):
-            logits = base[k]
-            if head is not None:
-                bias, state = head.step(prev, hidden[k], state)
-                logits = logits + bias
-            top2 = logits.topk(2).values
-            margins.append(top2[0] - top2[1])
-            index, q = sample_from_logits(logits, params, generator)  # a draft index, q # [N]
-            x = model.to_target_ids(index)
-            prevs.append(prev)
-            drafted.append(x)
-            probs.append(q)
-            prev = x
-        tokens = torch.stack(drafted)
-        conf_logits = model.confidence_logits(hidden, torch.stack(prevs))
-        confidences = torch.sigmoid(conf_logits) if conf_logits is not None else None
-        q = None if probs[0] is None else model.expand_q(torch.stack(probs))  # [γ, V]
-        return DraftBlock(tokens=tokens, q=q, confidences=confidences, margins=torch.stack(margins))
+        return self._one.propose_batch([0], [draft_input]).blocks[0]
 
 
 class BatchedDSparkDrafter:
-    """A :class:`~dspark.drafters.base.BatchDrafter` over the model of a DSparkDrafter.
+    """A :class:`~dspark.drafters.base.BatchDrafter` over a DSparkModel: the one drafting path.
 
-    Per request it computes exactly what :class:`DSparkDrafter` computes; only the padding
-    differs, and the masks keep padded context positions out of every attention.
+    Padding never changes a request's draft: the masks keep padded context positions out of
+    every attention (the tests compare it with the teacher-forced :meth:`DSparkModel.forward`).
     """
 
-    def __init__(self, drafter: DSparkDrafter) -> None:
-        self.model = drafter.model
-        self.config = drafter.config
-        self.name = drafter.name
-        self.feature_layer_ids = drafter.feature_layer_ids
-        self.gamma = drafter.gamma
+    def __init__(self, model: DSparkModel, name: str, gamma: int) -> None:
+        self.model = model
+        self.config = model.config
+        self.name = name
+        self.feature_layer_ids = tuple(self.config.target_layer_ids)
+        self.gamma = gamma
         self._cache: SlotCache | None = None
         self._lengths: list[int] = []  # context positions per slot (= its anchor position)
 
@@ -174,14 +138,18 @@ class BatchedDSparkDrafter:
         width = block_ids.shape[-1]
         positions = anchor_pos.unsqueeze(1) + torch.arange(width, device=device)
         view = SlotContextView(self._cache, torch.tensor([slots[i] for i in rows], device=device), ctx_len)
-        out = model.backbone(block_ids, positions, view, context_block_mask(anchor_pos, ctx_len, width), logits=False)
+        # One row sees all of its context and its whole block: no mask, the kernel of a plain block.
+        mask = context_block_mask(anchor_pos, ctx_len, width) if len(rows) > 1 else None
+        out = model.backbone(block_ids, positions, view, mask, logits=False)
         row_gammas = [gammas[i] for i in rows]
-        row_gate, asked = None, []  # asked: when the gate was first asked (fixed work done)
-        if gate is not None and model.confidence_head is not None:
-            def row_gate(k, conf):
-                if not asked:
-                    asked.append(time.perf_counter())
-                return gate(k, rows, row_gammas, conf)
+        asked: list[float] = []  # when the gate was first asked (the fixed work was done)
+
+        def ask_gate(k, conf):
+            if not asked:
+                asked.append(time.perf_counter())
+            return gate(k, rows, row_gammas, conf)
+
+        row_gate = ask_gate if gate is not None and model.confidence_head is not None else None
         drafted, stop = self._sequential(out.hidden, anchors, [inputs[i] for i in rows], row_gammas, row_gate)
         for i, block in zip(rows, drafted):
             blocks[i] = block
@@ -216,6 +184,9 @@ class BatchedDSparkDrafter:
         device = features.device
         starts = torch.tensor([self._lengths[s] for s in slots], device=device)
         n = features.shape[1]
+        need = max(self._lengths[s] for s in slots) + n
+        if need > self._cache.capacity:  # only a batch-1 drafter's slot grows; an engine sizes its own
+            self._cache.grow(max(need, 2 * self._cache.capacity))
         positions = starts.unsqueeze(1) + torch.arange(n, device=device)
         view = SlotWriteView(self._cache, torch.tensor(list(slots), device=device), starts, max(self._lengths[s] for s in slots) + n)
         self.model.extend_context(view, self.model.context_states(features), positions)
@@ -232,7 +203,7 @@ class BatchedDSparkDrafter:
         base = model.slot_logits(hidden[:, :width]) if one_call else None  # [R, γ, N]
         prev = anchors  # [R]
         state = head.init_state((num,), anchors.device) if head is not None else None
-        drafted, conf, stop = [], [], None
+        drafted, conf, margins, stop = [], [], [], None
         probs: list[list[torch.Tensor]] = [[] for _ in range(num)]
         for k in range(width):
             conf_logits = model.confidence_logits(hidden[:, k], prev)  # [R] or None
@@ -245,6 +216,8 @@ class BatchedDSparkDrafter:
             if head is not None:
                 bias, state = head.step(prev, hidden[:, k], state)
                 logits = logits + bias
+            top2 = logits.topk(2, dim=-1).values  # [R, 2]
+            margins.append(top2[:, 0] - top2[:, 1])
             index = logits.argmax(-1)  # [R] draft indices; greedy rows keep them, rows past their γ ignore them
             for i, inp in enumerate(inputs):
                 if k < gammas[i] and not inp.params.greedy:
@@ -257,11 +230,13 @@ class BatchedDSparkDrafter:
         done = len(drafted)
         tokens = torch.stack(drafted, dim=1) if drafted else anchors.new_zeros(num, 0)  # [R, done]
         confidences = torch.stack(conf[:done], dim=1) if conf and done else None  # [R, done]
+        margin = torch.stack(margins, dim=1) if done else None  # [R, done]
         blocks = [
             DraftBlock(
                 tokens=tokens[i, : min(g, done)],
                 q=torch.stack(probs[i][: min(g, done)]) if probs[i] else None,
                 confidences=confidences[i, : min(g, done)] if confidences is not None else None,
+                margins=margin[i, : min(g, done)] if margin is not None else None,
             )
             for i, g in enumerate(gammas)
         ]

@@ -335,7 +335,9 @@ class DSparkModel(nn.Module):
             return weight
         # Rebuilt only when the head or d2t changes (a checkpoint load copies into d2t in place).
         key = (weight.data_ptr(), weight.dtype, self.d2t.data_ptr(), self.d2t._version)
-        if self._head_rows is None or self._head_rows[0] != key:
+        # Rows gathered while drafting (inference mode) cannot enter autograd: training rebuilds them.
+        stale = self._head_rows is not None and self._head_rows[1].is_inference() and not torch.is_inference_mode_enabled()
+        if self._head_rows is None or self._head_rows[0] != key or stale:
             self._head_rows = (key, weight.detach()[self.draft_ids.to(weight.device)])
         return self._head_rows[1]
 
