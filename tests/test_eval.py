@@ -164,6 +164,7 @@ class TwoRightOneWrong:
 
     name = "two-right"
     feature_layer_ids: tuple[int, ...] = ()
+    gamma = 3
     CONFIDENCES = (0.9, 0.8, 0.3)
 
     def __init__(self, target: TargetModel) -> None:
@@ -179,7 +180,7 @@ class TwoRightOneWrong:
         return None
 
     def propose(self, draft_input: DraftInput) -> DraftBlock:
-        gamma = min(3, draft_input.max_tokens)
+        gamma = min(self.gamma, draft_input.max_tokens)
         ids = draft_input.tokens.tolist()
         drafted = []
         for k in range(gamma):

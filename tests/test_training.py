@@ -6,7 +6,6 @@ import json
 import math
 import os
 import socket
-from dataclasses import dataclass
 
 import pytest
 import torch
@@ -14,15 +13,13 @@ import torch.multiprocessing as mp
 
 from conftest import tiny_target
 from dspark.training.batches import block_targets, make_batch, sample_anchors
+from dspark.training.data.tokenize import TrainingSequence
 from dspark.training.loss import LossWeights, dspark_loss, expected_tau, position_weights
 from dspark.training.trainer import TrainConfig, train
 
 
-@dataclass
-class Seq:
-    input_ids: list
-    loss_mask: list
-    id: str = ""
+def Seq(input_ids: list, loss_mask: list, id: str = "") -> TrainingSequence:
+    return TrainingSequence(input_ids, loss_mask, id)
 
 
 def synthetic_sequences(n=12, vocab=31, seed=0):

@@ -13,7 +13,7 @@ from dspark.errors import DsparkError
 
 
 def profile_command(
-    model: Optional[str] = typer.Option(None, help="HF id, folder or .gguf; default: SmolLM2-135M-Instruct."),
+    model: Optional[str] = typer.Option(None, help="HF id, folder, .gguf or gemma3-270m; default: SmolLM2-135M-Instruct."),
     device: str = typer.Option("cpu", help="cpu | cuda[:i] | mps: the device the engine will run on."),
     dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16 (auto: float32 on the CPU, bfloat16 on CUDA)."),
     threads: Optional[int] = typer.Option(None, help="torch threads (default: torch's choice); part of the table's key."),

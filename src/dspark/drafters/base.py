@@ -81,6 +81,8 @@ class Drafter(Protocol):
     """Short name used in stats and tables."""
     feature_layer_ids: tuple[int, ...]
     """Target layers (output of HF layer k) whose hidden states the drafter is fed."""
+    gamma: int
+    """Most tokens it drafts per round (0: it never drafts)."""
 
     def check_target(self, target) -> None:
         """Raise IncompatibleDrafterError when the drafter cannot serve ``target``."""
@@ -100,6 +102,7 @@ class NoDrafter:
 
     name = "none"
     feature_layer_ids: tuple[int, ...] = ()
+    gamma = 0
 
     def check_target(self, target) -> None:
         return None

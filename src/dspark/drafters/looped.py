@@ -11,11 +11,7 @@ import copy
 import time
 from typing import Sequence
 
-from dspark.drafters.base import DraftBatch, DraftGate, DraftInput, Drafter, NoDrafter
-
-DEFAULT_GAMMA_CAP = 16
-"""Tokens per round assumed for a drafter that does not say how many it proposes."""
-
+from dspark.drafters.base import DraftBatch, DraftGate, DraftInput, Drafter
 
 class LoopedDrafter:
     """Any batch-1 drafter, one shallow copy per slot, proposing request by request."""
@@ -24,7 +20,7 @@ class LoopedDrafter:
         self.drafter = drafter
         self.name = drafter.name
         self.feature_layer_ids = tuple(drafter.feature_layer_ids)
-        self.gamma = gamma if gamma is not None else _gamma_of(drafter)
+        self.gamma = gamma if gamma is not None else drafter.gamma
         self._slots: list[Drafter | None] = []
 
     def check_target(self, target) -> None:
@@ -48,12 +44,3 @@ class LoopedDrafter:
         blocks = [self._slots[s].propose(inp) for s, inp in zip(slots, inputs)]
         ran = any(b.gamma for b in blocks)
         return DraftBatch(blocks, fixed_s=time.perf_counter() - t0 if ran else None)
-
-
-def _gamma_of(drafter: Drafter) -> int:
-    if isinstance(drafter, NoDrafter):
-        return 0
-    gamma = getattr(drafter, "gamma", None)
-    if gamma is None:
-        gamma = getattr(getattr(drafter, "config", None), "gamma", None)
-    return int(gamma) if gamma is not None else DEFAULT_GAMMA_CAP

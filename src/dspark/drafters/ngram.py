@@ -40,6 +40,7 @@ class NgramDrafter:
 
     def __init__(self, config: NgramConfig = NgramConfig()) -> None:
         self.config = config
+        self.gamma = config.gamma
 
     def check_target(self, target) -> None:
         return None

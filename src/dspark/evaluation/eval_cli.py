@@ -23,7 +23,7 @@ def eval_command(
     drafter: Optional[List[str]] = typer.Option(
         None, "--drafter", help="Drafter to compare (repeatable): none | ngram | model:<path> | dspark[:<folder>] | dflash:<folder>; "
         "default: the shipped DSpark drafter. Plain decoding (none) always runs as the reference."),
-    model: Optional[str] = typer.Option(None, help="Target: HF id, folder or .gguf; default SmolLM2-135M-Instruct."),
+    model: Optional[str] = typer.Option(None, help="Target: HF id, folder, .gguf or gemma3-270m; default SmolLM2-135M-Instruct."),
     limit: int = typer.Option(10, help="Conversations per dataset: the first N of the split."),
     max_new_tokens: int = typer.Option(256, help="Most new tokens per turn."),
     temperature: float = typer.Option(0.0, help="0 = greedy (every drafter must match plain decoding); the paper uses 1.0."),
@@ -97,7 +97,7 @@ def calibrate_command(
     dataset: Optional[List[str]] = typer.Option(
         None, "--dataset", help=f"Built-in set ({BUILTIN_HELP}) or a .jsonl (repeatable); its calibration split "
         "(last 20%) is used; default: all built-ins."),
-    model: Optional[str] = typer.Option(None, help="Target: HF id, folder or .gguf; default SmolLM2-135M-Instruct."),
+    model: Optional[str] = typer.Option(None, help="Target: HF id, folder, .gguf or gemma3-270m; default SmolLM2-135M-Instruct."),
     limit: int = typer.Option(10, help="Conversations per dataset: the first N of the calibration split."),
     max_new_tokens: int = typer.Option(256, help="Most new tokens per turn."),
     temperature: float = typer.Option(0.0, help="Sampling temperature of the rollouts: calibrate at the one you serve with."),

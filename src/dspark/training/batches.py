@@ -73,7 +73,7 @@ def make_batch(
     attn = torch.zeros(len(rows), width, dtype=torch.long)
     loss = torch.zeros(len(rows), width, dtype=torch.long)
     anchors = []
-    greedy = torch.tensor([bool(getattr(r, "greedy_labels", False)) for r in rows])
+    greedy = torch.tensor([r.greedy_labels for r in rows], dtype=torch.bool)
     for b, (index, row) in enumerate(zip(indices, rows)):
         n = len(row.input_ids)
         ids[b, :n] = torch.as_tensor(row.input_ids)

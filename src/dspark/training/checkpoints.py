@@ -33,7 +33,7 @@ def data_record(sequences: Sequence, heldout: Sequence) -> dict:
     def digest(rows: Sequence) -> str:
         h = hashlib.sha1()
         for s in rows:
-            h.update(f"{getattr(s, 'id', '')}:{len(s.input_ids)}:{sum(s.loss_mask)}|".encode())
+            h.update(f"{s.id}:{len(s.input_ids)}:{sum(s.loss_mask)}|".encode())
         return h.hexdigest()
 
     return {

@@ -130,7 +130,7 @@ def _mix(out, sharegpt, jsonl, jsonl_domain, jsonl_limit, magpie, magpie_batch_s
 def generate(
     prompts: Path = typer.Option(..., help="Prompts jsonl written by `dspark data prompts`."),
     out: Path = typer.Option(..., help="Responses jsonl; an existing one is resumed, keyed by id."),
-    model: Optional[str] = typer.Option(None, help="HF id, folder or .gguf; default: SmolLM2-135M-Instruct."),
+    model: Optional[str] = typer.Option(None, help="HF id, folder, .gguf or gemma3-270m; default: SmolLM2-135M-Instruct."),
     device: Optional[str] = typer.Option(None, help="cpu or cuda; default: cuda when available."),
     batch_size: int = typer.Option(16, help="Prompts per generate call."),
     max_new_tokens: int = typer.Option(256, help="Longest answer per turn."),
@@ -250,7 +250,7 @@ def regen(
     seed: int = typer.Option(0, help="Mixed with each prompt id into its sampling seed."),
     max_prompt_tokens: int = typer.Option(1024, help="Longer prompts are skipped, not truncated."),
     limit: Optional[int] = typer.Option(None, help="Only the first N prompts of the file."),
-    model: Optional[str] = typer.Option(None, help="HF id, folder or .gguf; default: SmolLM2-135M-Instruct."),
+    model: Optional[str] = typer.Option(None, help="HF id, folder, .gguf or gemma3-270m; default: SmolLM2-135M-Instruct."),
     device: Optional[str] = typer.Option(None, help="cpu or cuda; default: cuda when available."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
 ) -> None:

@@ -17,7 +17,7 @@ def train_command(
     data: List[Path] = typer.Option(..., help="Training data (repeatable): a shard store folder (`dspark data regen` / `dspark data text`) or a responses.jsonl."),
     out: Path = typer.Option(..., help="Run folder: checkpoints, latest pointer, train_log.jsonl, best/."),
     variant: str = typer.Option("dspark", help="dspark (Markov + confidence heads) or dflash (heads off, CE only)."),
-    model: Optional[str] = typer.Option(None, help="Target: HF id, folder or .gguf; default SmolLM2-135M-Instruct."),
+    model: Optional[str] = typer.Option(None, help="Target: HF id, folder, .gguf or gemma3-270m; default SmolLM2-135M-Instruct."),
     steps: int = typer.Option(1000, help="Optimizer steps."),
     batch_size: int = typer.Option(4, help="Sequences per step, summed over processes."),
     anchors: int = typer.Option(64, help="Blocks per sequence; they share one context pass."),

@@ -205,7 +205,7 @@ class DSparkModel(nn.Module):
         final norm is the target's.
         """
         model = target.model
-        decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+        decoder = model.get_decoder()
         target_layers = decoder.layers
         n, total = len(self.layers), len(target_layers)
         for i, layer in enumerate(self.layers):
@@ -285,7 +285,7 @@ class DSparkModel(nn.Module):
             attn = layer.self_attn
             shape = (batch, n, -1, attn.head_dim)
             key = attn.k_proj(h_ctx).view(shape)
-            if hasattr(attn, "k_norm"):
+            if self.config.layer_family == "qwen3":  # per-head q/k norms
                 key = attn.k_norm(key)
             key = key.transpose(1, 2)
             key, _ = self._apply_rope(key, key, cos, sin)
