@@ -98,10 +98,41 @@ def test_a_failing_prefill_fails_that_request_only(rich):
     assert events.finished["good"].token_ids == engine(rich).generate([requests()[1]]).results[0].token_ids
 
 
-def test_generate_still_raises_what_a_prefill_raises():
+def test_a_failing_step_fails_its_requests_and_frees_their_slots(rich):
+    e = engine(rich)
+    step = e.verify_step
+    calls = []
+
+    def faulty(live, cache):
+        calls.append(len(live))
+        if len(calls) == 2:
+            raise RuntimeError("boom")
+        return step(live, cache)
+
+    e.verify_step = faulty
+    session = e.session(num_slots=2, capacity=64)
+    for i, r in enumerate(requests(3)):
+        session.add(i, r)
+    session.step()
+    events = session.step()
+    assert set(events.failed) == {0, 1} and session.running == 0 and events.admitted == []
+    while session.busy:
+        events.finished.update(session.step().finished)
+    assert events.finished[2].token_ids == engine(rich).generate([requests(3)[2]]).results[0].token_ids
+
+
+def test_generate_still_raises_what_a_prefill_or_a_step_raises():
     target = tiny_target(vocab_size=8)
     e = build_engine(target, None, "plain", 2)
-    e.prefill_slot = lambda *args: (_ for _ in ()).throw(RuntimeError("boom"))
+
+    def boom(*args):
+        raise RuntimeError("boom")
+
+    e.prefill_slot = boom
+    with pytest.raises(RuntimeError, match="boom"):
+        e.generate([GenerationRequest([1], max_new_tokens=2)])
+    e = build_engine(target, None, "plain", 2)
+    e.verify_step = boom
     with pytest.raises(RuntimeError, match="boom"):
         e.generate([GenerationRequest([1], max_new_tokens=2)])
 

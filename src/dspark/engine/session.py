@@ -54,7 +54,8 @@ class StepEvents:
     finished: dict[Hashable, GenerationResult] = field(default_factory=dict)
     """Requests that ended in this step; their slots are free already."""
     failed: dict[Hashable, Exception] = field(default_factory=dict)
-    """Requests whose prefill raised; they hold no slot."""
+    """Requests whose prefill raised, or every request of a verification step that raised;
+    they hold no slot any more."""
     admitted: list[Hashable] = field(default_factory=list)
     """Requests that joined a slot in this step."""
     record: StepRecord | None = None
@@ -160,10 +161,18 @@ class BatchSession:
             events.admitted.append(handle)
             events.prefill_s += live.state.stats.prefill_s
         self._retire(events)
-        if self._live:
+        if not self._live:
+            return events
+        try:
             events.record = self.engine.verify_step(self._live, self.cache)
-            events.rounds = {r.handle: r.state.stats.round_records[-1] for r in self._live}
-            self._retire(events)
+        except Exception as exc:  # its requests are in an unknown state: they fail, the slots go back
+            for r in self._live:
+                events.failed[r.handle] = exc
+                self._free.append(r.slot)
+            self._live = []
+            return events
+        events.rounds = {r.handle: r.state.stats.round_records[-1] for r in self._live}
+        self._retire(events)
         return events
 
     def _retire(self, events: StepEvents) -> None:
