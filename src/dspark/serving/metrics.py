@@ -30,7 +30,7 @@ from collections import deque
 from typing import Sequence
 
 import torch
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 
 from dspark.engine.request import GenerationResult
 from dspark.engine.stats import RoundRecord, StepRecord
@@ -79,6 +79,7 @@ class ServeMetrics:
 
     def __init__(self, model_name: str, calibrate: Calibrate | None = None) -> None:
         """``calibrate``: the drafter's raw c_k -> calibrated, as the scheduler applies it (None: raw)."""
+        disable_created_metrics()  # no ``*_created`` series beside every counter (process-wide, as in vLLM)
         self.registry = registry = CollectorRegistry()
         self.calibrate = calibrate
         self.model_name = model_name
