@@ -527,6 +527,18 @@ def test_a_client_that_leaves_mid_stream_frees_its_slot(target):
         assert metric(live.url, "dspark:num_requests_running") == 0
 
 
+def test_a_client_that_gives_up_on_a_whole_answer_is_cancelled_too(target):
+    live, _ = gated_server(target, policy="plain", max_batch=1, max_queue=4, delay=0.02)
+    with live:
+        long = {"model": MODEL, "messages": user(PROMPTS[0]), "max_tokens": 70, "temperature": 0}
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(live.url + ROUTES["chat"], json=long, timeout=0.5)  # gives up, closes the connection
+        wait_for(lambda: metric(live.url, "dspark:request_cancelled_total") == 1, what="the cancellation")
+        assert metric(live.url, "dspark:num_requests_running") == 0
+        assert post(live.url, "chat", OK_CHAT).status_code == 200  # the only slot serves the next one
+        assert metric(live.url, "dspark:request_success_total") == 1
+
+
 # -- the command line ---------------------------------------------------------------------------------
 
 

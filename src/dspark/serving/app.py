@@ -7,8 +7,9 @@ events ending with ``data: [DONE]``, or whole), ``GET /v1/models``, ``GET /healt
 Every error a client can cause is an OpenAI error body with a 4xx status: FastAPI's own 422
 for a body it cannot parse or validate becomes a 400 naming the field. A full queue is a 429
 with ``Retry-After``; a draining server a 503; a request that fails inside the server a 500
-(or, once its stream has started, an error event before ``[DONE]``). A client that leaves
-mid-stream has its request cancelled and its slot freed at once.
+(or, once its stream has started, an error event before ``[DONE]``). A client that leaves,
+mid-stream or while it waits for a whole answer, has its request cancelled and its slot
+freed before the next step.
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ from dspark.target.model import TargetModel
 RETRY_AFTER_S = 1
 """What a refused client is told to wait (seconds) before trying again."""
 DONE = "data: [DONE]\n\n"
+DISCONNECT_POLL_S = 0.25
+"""How often a request waiting for its answer checks that its client is still there."""
 
 
 def build_app(engine: BatchEngine, target: TargetModel, settings: ServeSettings,
@@ -98,14 +101,14 @@ def create_app(loop: EngineLoop, target: TargetModel, settings: ServeSettings) -
         }]}
 
     @app.post("/v1/chat/completions", responses=ERROR_RESPONSES)
-    async def chat_completions(body: ChatCompletionRequest) -> Response:
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         """OpenAI's chat completions; also ``top_k``, and a ``dspark`` object on each answer."""
-        return await _answer(prepare_chat(body, target, settings), loop)
+        return await _answer(prepare_chat(body, target, settings), loop, request)
 
     @app.post("/v1/completions", responses=ERROR_RESPONSES)
-    async def completions(body: CompletionRequest) -> Response:
+    async def completions(body: CompletionRequest, request: Request) -> Response:
         """OpenAI's (legacy) completions over raw text or token ids, no chat template."""
-        return await _answer(prepare_completion(body, target, settings), loop)
+        return await _answer(prepare_completion(body, target, settings), loop, request)
 
     return app
 
@@ -123,7 +126,7 @@ ERROR_RESPONSES = {
 }
 
 
-async def _answer(job: Job, loop: EngineLoop) -> Response:
+async def _answer(job: Job, loop: EngineLoop, request: Request) -> Response:
     aio = asyncio.get_running_loop()
     events: asyncio.Queue[Event] = asyncio.Queue()
 
@@ -139,9 +142,11 @@ async def _answer(job: Job, loop: EngineLoop) -> Response:
     except ShuttingDown as exc:
         raise ApiError(503, str(exc), None, "shutting_down", "server_overloaded",
                        {"Retry-After": str(RETRY_AFTER_S)}) from None
-    finished = False
+    finished, waiter = False, _Waiter(events, request)
     try:
-        first = await events.get()
+        first = await waiter.next()
+        if first is None:
+            return Response(status_code=499)  # nobody reads it: the client is gone
         if not isinstance(first, (Delta, Done)):  # Failed before any token: a plain 500
             finished = True
             return JSONResponse(error_body(first.message, "server_error"), status_code=500)
@@ -151,14 +156,36 @@ async def _answer(job: Job, loop: EngineLoop) -> Response:
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         event = first
         while isinstance(event, Delta):
-            event = await events.get()
+            event = await waiter.next()
+        if event is None:
+            return Response(status_code=499)
         finished = True
         if isinstance(event, Done):
             return JSONResponse(response(job, event.result))
         return JSONResponse(error_body(event.message, "server_error"), status_code=500)
     finally:
-        if not finished:  # cancelled while waiting (the client left, or the server stops)
+        if not finished:  # the client left (or the handler was cancelled) before the answer
             loop.cancel(handle)
+
+
+class _Waiter:
+    """A request's events, and whether its client is still there. Until a response starts
+    nothing else notices a client that leaves, so this looks every DISCONNECT_POLL_S."""
+
+    def __init__(self, events: asyncio.Queue, request: Request) -> None:
+        self.events, self.request, self.looked = events, request, time.monotonic()
+
+    async def next(self) -> Event | None:
+        """The next event, or None once the client has disconnected."""
+        while True:
+            if time.monotonic() - self.looked >= DISCONNECT_POLL_S:
+                self.looked = time.monotonic()
+                if await self.request.is_disconnected():
+                    return None
+            try:
+                return await asyncio.wait_for(self.events.get(), DISCONNECT_POLL_S)
+            except asyncio.TimeoutError:
+                continue
 
 
 async def _stream(job: Job, handle: int, first: Event, events: asyncio.Queue, loop: EngineLoop):

@@ -170,6 +170,7 @@ class EngineLoop:
     def _turn(self) -> bool:
         """Take the inbox, then one step if any request waits or runs; False: time to stop."""
         self._take_commands(block=not self.session.busy)
+        self.metrics.on_load(self.session.running, self.queued)  # a cancel may have freed a slot
         if not self.session.busy:
             return not (self._closing.is_set() and self._inbox.empty())
         self._deliver(self.session.step())

@@ -155,8 +155,7 @@ class ServeMetrics:
         span = now - self._recent[0][0] if len(self._recent) > 1 else 0.0
         self.tokens_per_second.labels(m).set(sum(n for _, n in self._recent) / span if span > 0 else 0.0)
         self.generation_tokens.labels(m).inc(new_tokens)
-        self.running.labels(m).set(running)
-        self.waiting.labels(m).set(waiting)
+        self.on_load(running, waiting)
         if record is None:
             return
         self.steps.labels(m).inc()
@@ -203,6 +202,11 @@ class ServeMetrics:
             self.acceptance_predicted.labels(m, str(k)).set(slot.mean_predicted())
             self.acceptance_realised.labels(m, str(k)).set(slot.mean_realised())
             self.calibration_error.labels(m, str(k)).set(slot.ece())
+
+    def on_load(self, running: int, waiting: int) -> None:
+        """Slots in use and requests queued, after every step and every inbox (a cancel)."""
+        self.running.labels(self.model_name).set(running)
+        self.waiting.labels(self.model_name).set(waiting)
 
     def on_admit(self, prompt_tokens: int) -> None:
         self.prompt_tokens.labels(self.model_name).inc(prompt_tokens)
