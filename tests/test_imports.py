@@ -31,6 +31,7 @@ LAYERS = {
     "dspark.evaluation": 4,
     "dspark.training": 4,
     "dspark.edge": 4,  # the CLI's error boundary and output checks, used by every *_cli module
+    "dspark.serving": 4,  # the HTTP server over the batched engine; `dspark serve` starts it
     "dspark.cli": 5,
     "dspark.__main__": 6,
 }

@@ -15,6 +15,7 @@ import typer
 
 from dspark.cli.batch import batch_command
 from dspark.cli.profile import profile_command
+from dspark.cli.serve import serve_command
 from dspark.edge import EXIT_ERROR, EXIT_INTERRUPTED, BoundaryGroup, error_line, traceback_wanted
 from dspark.errors import DsparkError
 from dspark.evaluation.eval_cli import calibrate_command, eval_command
@@ -35,6 +36,7 @@ app.command("profile")(profile_command)
 app.command("eval")(eval_command)
 app.command("calibrate")(calibrate_command)
 app.command("batch")(batch_command)
+app.command("serve")(serve_command)
 
 
 def version() -> str:

@@ -14,7 +14,9 @@ confidence policy, drafting itself stops at the first slot no request will verif
 forward runs [anchor, x_1..x_ℓ_r] for every request, right-padded to the longest row; each
 request is verified with its own parameters and generator and commits accepted + recovered
 or bonus tokens. Requests join (prefill into a free slot) and leave (slot freed at once)
-between steps, so up to ``max_batch`` requests are always in flight.
+between steps, so up to ``max_batch`` requests are always in flight; what lives across steps
+(slots, waiting and running requests) is a :class:`~dspark.engine.session.BatchSession`, which
+``generate`` drives over a fixed list and the server drives for as long as it runs.
 
 Padding never changes a result. A row's real queries carry their own position ids and a mask
 (:func:`~dspark.target.slot_cache.ragged_causal_mask`) that shows them only their own history and
@@ -27,15 +29,16 @@ next write simply starts at the committed length.
 from __future__ import annotations
 
 import time
-from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Hashable, Sequence
 
 import torch
 
 from dspark.drafters.base import BatchDrafter, DraftBatch, DraftInput
 from dspark.drafters.factory import as_batch_drafter
 from dspark.engine.request import GenerationRequest, GenerationResult, RequestState, check_request
+from dspark.engine.session import BatchSession, Live
+from dspark.engine.stats import StepRecord
 from dspark.sampling import sample_from_logits
 from dspark.scheduling.gate import slot_gate
 from dspark.scheduling.policy import Policy, StepOutcome
@@ -49,25 +52,6 @@ MAX_BACKOFF = 128
 while drafting does not pay, looking again costs a drafter pass (and folding the context
 since the last look) every this many steps; a drafter that starts to pay is noticed at most
 this many steps late."""
-
-
-@dataclass(frozen=True)
-class StepRecord:
-    """One batched verification step."""
-
-    requests: int
-    """R: requests verified in this step."""
-    budget: int
-    """B = Σ_r (1 + ℓ_r): tokens the target verified."""
-    drafted: int
-    """Σ_r γ_r: tokens drafted (B - R of them were verified)."""
-    committed: int
-    """Tokens committed over all requests (Σ accepted + R)."""
-    expected_tokens: float | None
-    """τ* predicted by the scheduler, when it makes a prediction."""
-    draft_s: float
-    schedule_s: float
-    verify_s: float
 
 
 @dataclass
@@ -121,25 +105,6 @@ class BatchResult:
     stats: BatchStats
 
 
-@dataclass
-class _Live:
-    """A request in flight in one slot of the batch."""
-
-    index: int
-    """Its position in the requests given to :meth:`BatchEngine.generate`."""
-    slot: int
-    state: RequestState
-    unseen: list[torch.Tensor] = field(default_factory=list)
-    """Target features # [n_i, m*d] of committed tokens the drafter has not seen yet, in order
-    (a list: steps that skip the drafter add to it without copying what it holds)."""
-
-    def new_features(self) -> torch.Tensor | None:
-        """The unseen features as one tensor # [n, m*d], or None without any."""
-        if not self.unseen:
-            return None
-        return self.unseen[0] if len(self.unseen) == 1 else torch.cat(self.unseen)
-
-
 class BatchEngine:
     """Continuous-batching speculative decoding with a per-step verification policy."""
 
@@ -182,46 +147,56 @@ class BatchEngine:
             return BatchResult([], BatchStats())
         for request in requests:
             check_request(self.target, request)
-        target = self.target
-        num_slots = min(self.max_batch, len(requests))
-        # Rows padded to the longest block write up to max_draft positions past their own end.
-        capacity = max(len(r.prompt_ids) + r.max_new_tokens for r in requests) + self.max_draft + 1
-        dtype = next(target.model.parameters()).dtype
-        cache = SlotCache.for_hf_config(target.model.config, num_slots, capacity, dtype, target.device)
-        self.drafter.allocate(num_slots, capacity)
-        pending = deque(enumerate(requests))
-        free = list(range(num_slots - 1, -1, -1))
-        live: list[_Live] = []
+        capacity = max(len(r.prompt_ids) + r.max_new_tokens for r in requests)
+        session = self.session(min(self.max_batch, len(requests)), capacity)
+        for i, request in enumerate(requests):
+            session.add(i, request)
         results: list[GenerationResult | None] = [None] * len(requests)
         stats = BatchStats()
-        self._skip, self._backoff = 0, 0
         start = time.perf_counter()
-
-        while pending or live:
-            while pending and free:  # requests join between steps
-                live.append(self._prefill(*pending.popleft(), free.pop(), cache, stats))
-            live = self._retire(live, results, free, on_result)
-            if live:
-                stats.steps.append(self._step(live, cache))
-                live = self._retire(live, results, free, on_result)
-
+        while session.busy:
+            events = session.step()
+            for error in events.failed.values():
+                raise error
+            stats.prefill_s += events.prefill_s
+            if events.record is not None:
+                stats.steps.append(events.record)
+            for i, result in events.finished.items():
+                results[i] = result
+                if on_result is not None:
+                    on_result(i, result)
         stats.wall_s = time.perf_counter() - start
         stats.new_tokens = sum(len(r.token_ids) for r in results)
         return BatchResult(results, stats)
 
-    def _prefill(self, index: int, request: GenerationRequest, slot: int, cache: SlotCache, stats: BatchStats) -> _Live:
+    def session(self, num_slots: int, capacity: int) -> BatchSession:
+        """An open batch of ``num_slots`` slots for requests of up to ``capacity`` tokens
+        (prompt + new); requests join and leave it at any step (the server's loop)."""
+        return BatchSession(self, num_slots, capacity)
+
+    def allocate(self, num_slots: int, capacity: int) -> SlotCache:
+        """Fresh target and drafter buffers of ``num_slots`` × ``capacity`` positions; a new
+        session drafts at once (no backoff carried over)."""
+        target = self.target
+        dtype = next(target.model.parameters()).dtype
+        cache = SlotCache.for_hf_config(target.model.config, num_slots, capacity, dtype, target.device)
+        self.drafter.allocate(num_slots, capacity)
+        self._skip, self._backoff = 0, 0
+        return cache
+
+    def prefill_slot(self, handle: Hashable, request: GenerationRequest, slot: int, cache: SlotCache) -> Live:
         """Run the prompt into ``slot`` and sample the first anchor."""
         state = RequestState.open(self.target, request)
         out = verify_forward(self.target, cache, [slot], [0], state.prompt.unsqueeze(0), self.drafter.feature_layer_ids)
         first, _ = sample_from_logits(out.logits[0, -1], request.params, state.generator)
         self.drafter.open(slot)
-        live = _Live(index, slot, state, unseen=[out.features[0]] if out.features is not None else [])
+        live = Live(handle, slot, state, unseen=[out.features[0]] if out.features is not None else [])
         state.commit([int(first)])  # host sync: the first token must be checked for EOS/stop
         state.stats.prefill_s = time.perf_counter() - state.start
-        stats.prefill_s += state.stats.prefill_s
         return live
 
-    def _step(self, live: list[_Live], cache: SlotCache) -> StepRecord:
+    def verify_step(self, live: list[Live], cache: SlotCache) -> StepRecord:
+        """One step over every live request: draft -> schedule -> verify -> commit."""
         target, device, policy = self.target, self.target.device, self.policy
         t0 = time.perf_counter()
         slots = [r.slot for r in live]
@@ -302,16 +277,3 @@ class BatchEngine:
                 conf[i, :g] = b.confidences.to(conf.dtype)
         return conf
 
-    @staticmethod
-    def _retire(live: list[_Live], results: list, free: list[int], on_result=None) -> list[_Live]:
-        """Move finished requests to ``results`` and free their slots at once."""
-        still = []
-        for r in live:
-            if r.state.finish is None:
-                still.append(r)
-            else:
-                results[r.index] = r.state.result()
-                free.append(r.slot)
-                if on_result is not None:
-                    on_result(r.index, results[r.index])
-        return still

@@ -94,3 +94,22 @@ class GenerationStats:
             "verify_s": self.verify_s,
             "wall_s": self.wall_s,
         }
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One batched verification step."""
+
+    requests: int
+    """R: requests verified in this step."""
+    budget: int
+    """B = Σ_r (1 + ℓ_r): tokens the target verified."""
+    drafted: int
+    """Σ_r γ_r: tokens drafted (B - R of them were verified)."""
+    committed: int
+    """Tokens committed over all requests (Σ accepted + R)."""
+    expected_tokens: float | None
+    """τ* predicted by the scheduler, when it makes a prediction."""
+    draft_s: float
+    schedule_s: float
+    verify_s: float

@@ -1,0 +1,265 @@
+"""The FastAPI application: OpenAI's routes over one :class:`~dspark.serving.loop.EngineLoop`.
+
+Routes: ``POST /v1/chat/completions`` and ``POST /v1/completions`` (streamed as server-sent
+events ending with ``data: [DONE]``, or whole), ``GET /v1/models``, ``GET /health``,
+``GET /metrics`` (Prometheus text) and FastAPI's ``/openapi.json`` and ``/docs``.
+
+Every error a client can cause is an OpenAI error body with a 4xx status: FastAPI's own 422
+for a body it cannot parse or validate becomes a 400 naming the field. A full queue is a 429
+with ``Retry-After``; a draining server a 503; a request that fails inside the server a 500
+(or, once its stream has started, an error event before ``[DONE]``). A client that leaves,
+mid-stream or while it waits for a whole answer, has its request cancelled and its slot
+freed before the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from dspark.engine.batched import BatchEngine
+from dspark.scheduling.policy import Calibrate
+from dspark.serving.config import ServeSettings
+from dspark.serving.loop import Delta, Done, EngineLoop, Event, QueueFull, ShuttingDown
+from dspark.serving.metrics import ServeMetrics
+from dspark.serving.protocol import (
+    ApiError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    chunk,
+    Job,
+    error_body,
+    final_chunks,
+    prepare_chat,
+    prepare_completion,
+    response,
+    validation_error,
+)
+from dspark.target.model import TargetModel
+
+RETRY_AFTER_S = 1
+"""What a refused client is told to wait (seconds) before trying again."""
+DONE = "data: [DONE]\n\n"
+DISCONNECT_POLL_S = 0.25
+"""How often a request waiting for its answer checks that its client is still there."""
+
+
+def build_app(engine: BatchEngine, target: TargetModel, settings: ServeSettings,
+              calibrate: Calibrate | None = None) -> FastAPI:
+    """The whole server over ``engine``: a session of ``max_batch`` slots of
+    ``settings.max_model_len`` tokens, its loop, its metrics and the app."""
+    session = engine.session(engine.max_batch, settings.max_model_len)
+    metrics = ServeMetrics(settings.model_name, calibrate)
+    metrics.describe(settings.drafter, settings.policy, engine.max_batch, settings.max_model_len)
+    return create_app(EngineLoop(session, target.decode, metrics, settings.max_queue), target, settings)
+
+
+def create_app(loop: EngineLoop, target: TargetModel, settings: ServeSettings) -> FastAPI:
+    """The app over a loop that is not started yet: the app's lifespan starts it, and on
+    shutdown (after uvicorn has let every open request finish) drains and stops it."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        loop.start()
+        yield
+        await asyncio.to_thread(loop.close)
+
+    app = FastAPI(title="dspark", version="1", lifespan=lifespan,
+                  description="OpenAI-compatible speculative decoding with DSpark drafters.")
+    app.state.loop = loop
+    if settings.api_key is not None:
+        app.add_middleware(BearerAuth, key=settings.api_key)
+    _install_error_handlers(app)
+    metrics, created = loop.metrics, int(time.time())
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        """200 while the engine loop runs; 503 once it stopped or drains."""
+        if loop.alive:
+            return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "unavailable"}, status_code=503)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        """Prometheus text: speculative decoding, calibration, load and latency."""
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [{
+            "id": settings.model_name, "object": "model", "created": created, "owned_by": "dspark",
+            "max_model_len": settings.max_model_len,
+        }]}
+
+    @app.post("/v1/chat/completions", responses=ERROR_RESPONSES)
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        """OpenAI's chat completions; also ``top_k``, and a ``dspark`` object on each answer."""
+        return await _answer(prepare_chat(body, target, settings), loop, request)
+
+    @app.post("/v1/completions", responses=ERROR_RESPONSES)
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        """OpenAI's (legacy) completions over raw text or token ids, no chat template."""
+        return await _answer(prepare_completion(body, target, settings), loop, request)
+
+    return app
+
+
+ERROR_RESPONSES = {
+    code: {"description": what, "content": {"application/json": {"example": error_body("...", kind)}}}
+    for code, what, kind in [
+        (400, "a field is malformed, unsupported or out of range", "invalid_request_error"),
+        (401, "the API key is missing or wrong", "invalid_request_error"),
+        (404, "unknown model", "invalid_request_error"),
+        (429, "the queue is full; see Retry-After", "server_overloaded"),
+        (500, "the request failed inside the server", "server_error"),
+        (503, "the server is shutting down", "server_overloaded"),
+    ]
+}
+
+
+async def _answer(job: Job, loop: EngineLoop, request: Request) -> Response:
+    aio = asyncio.get_running_loop()
+    events: asyncio.Queue[Event] = asyncio.Queue()
+
+    def sink(event: Event) -> None:  # called on the loop thread
+        aio.call_soon_threadsafe(events.put_nowait, event)
+
+    try:
+        handle = loop.submit(job.request, sink)
+    except QueueFull as exc:
+        loop.metrics.on_rejected()
+        raise ApiError(429, f"the server is full: {exc}; retry later", None, "queue_full", "server_overloaded",
+                       {"Retry-After": str(RETRY_AFTER_S)}) from None
+    except ShuttingDown as exc:
+        raise ApiError(503, str(exc), None, "shutting_down", "server_overloaded",
+                       {"Retry-After": str(RETRY_AFTER_S)}) from None
+    finished, waiter = False, _Waiter(events, request)
+    try:
+        first = await waiter.next()
+        if first is None:
+            return Response(status_code=499)  # nobody reads it: the client is gone
+        if not isinstance(first, (Delta, Done)):  # Failed before any token: a plain 500
+            finished = True
+            return JSONResponse(error_body(first.message, "server_error"), status_code=500)
+        if job.stream:
+            finished = True  # the stream owns the request from here
+            return StreamingResponse(_stream(job, handle, first, events, loop), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        event = first
+        while isinstance(event, Delta):
+            event = await waiter.next()
+        if event is None:
+            return Response(status_code=499)
+        finished = True
+        if isinstance(event, Done):
+            return JSONResponse(response(job, event.result))
+        return JSONResponse(error_body(event.message, "server_error"), status_code=500)
+    finally:
+        if not finished:  # the client left (or the handler was cancelled) before the answer
+            loop.cancel(handle)
+
+
+class _Waiter:
+    """A request's events, and whether its client is still there. Until a response starts
+    nothing else notices a client that leaves, so this looks every DISCONNECT_POLL_S."""
+
+    def __init__(self, events: asyncio.Queue, request: Request) -> None:
+        self.events, self.request, self.looked = events, request, time.monotonic()
+
+    async def next(self) -> Event | None:
+        """The next event, or None once the client has disconnected."""
+        while True:
+            if time.monotonic() - self.looked >= DISCONNECT_POLL_S:
+                self.looked = time.monotonic()
+                if await self.request.is_disconnected():
+                    return None
+            try:
+                return await asyncio.wait_for(self.events.get(), DISCONNECT_POLL_S)
+            except asyncio.TimeoutError:
+                continue
+
+
+async def _stream(job: Job, handle: int, first: Event, events: asyncio.Queue, loop: EngineLoop):
+    """The chunks of one streamed answer; if the client leaves, its request is cancelled."""
+    finished = False
+    try:
+        if job.kind == "chat":
+            yield _sse(chunk(job, role=True))
+        event = first
+        while True:
+            if isinstance(event, Delta):
+                if event.text:
+                    yield _sse(chunk(job, event.text))
+            elif isinstance(event, Done):
+                finished = True
+                if event.text:
+                    yield _sse(chunk(job, event.text))
+                for last in final_chunks(job, event.result):
+                    yield _sse(last)
+                yield DONE
+                return
+            else:
+                finished = True
+                yield _sse(error_body(event.message, "server_error"))
+                yield DONE
+                return
+            event = await events.get()
+    finally:
+        if not finished:
+            loop.cancel(handle)
+
+
+def _sse(body: dict) -> str:
+    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+
+class BearerAuth:
+    """ASGI middleware: every ``/v1`` route needs ``Authorization: Bearer <key>`` (401 without)."""
+
+    def __init__(self, app, key: str) -> None:
+        self.app, self.key = app, key.encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1") and not self._authorised(scope):
+            body = error_body("invalid or missing API key: send Authorization: Bearer <key>",
+                              "invalid_request_error", None, "invalid_api_key")
+            reply = JSONResponse(body, status_code=401, headers={"WWW-Authenticate": "Bearer"})
+            await reply(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    def _authorised(self, scope) -> bool:
+        for name, value in scope.get("headers", ()):
+            if name == b"authorization":
+                scheme, _, token = value.partition(b" ")
+                return scheme.lower() == b"bearer" and secrets.compare_digest(token.strip(), self.key)
+        return False
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
+        error = validation_error(list(exc.errors()))
+        return JSONResponse(error.body(), status_code=error.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(error_body(str(exc.detail), "invalid_request_error"), status_code=exc.status_code,
+                            headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse(error_body(f"internal error: {type(exc).__name__}", "server_error"), status_code=500)

@@ -1,0 +1,365 @@
+"""The OpenAI wire format the server speaks: request bodies, their checks, responses, errors.
+
+Request bodies are pydantic models with ``extra="forbid"`` and strict types: a field the
+server does not know, or a value of the wrong type, is a 400 that names it, never ignored or
+coerced. Fields OpenAI defines but this server cannot honour (``n``, ``logprobs``, the
+penalties) are declared only so that their default values pass and any other value is refused
+by name. :func:`prepare_chat` and :func:`prepare_completion` turn a body into a :class:`Job`
+(a checked :class:`~dspark.engine.request.GenerationRequest` and how to answer), raising
+:class:`ApiError` for everything a client got wrong, so nothing a client sends reaches the
+engine unchecked.
+
+Errors have OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, StrictStr
+
+from dspark.engine.request import GenerationRequest, GenerationResult
+from dspark.engine.stats import GenerationStats
+from dspark.sampling import SamplingParams
+from dspark.serving.config import ServeSettings
+from dspark.target.model import TargetModel
+
+MAX_TEMPERATURE = 2.0
+"""OpenAI's range for temperature is [0, 2]."""
+MAX_SEED = (1 << 63) - 1
+FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
+"""Engine finish reasons -> OpenAI's (an EOS and a stop string both read "stop")."""
+
+Number = Union[StrictInt, StrictFloat]
+
+
+class ApiError(Exception):
+    """A request the server refuses, with the HTTP status and OpenAI error fields."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        kind: str = "invalid_request_error",
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return error_body(self.message, self.kind, self.param, self.code)
+
+
+def error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+_TYPE_NAMES = {"int", "float", "str", "bool", "list", "dict", "none", "TextPart", "StreamOptions", "ChatMessage"}
+"""Tags pydantic puts in an error's loc for the branch of a union that failed."""
+
+
+def validation_error(errors: list[dict]) -> ApiError:
+    """A 400 naming the field pydantic (or FastAPI's JSON decoding) refused first.
+
+    A union field reports one error per branch ("should be a valid integer", "should be a
+    finite number"); they are joined, and the deepest one names the parameter (``stop.0``).
+    """
+    if not errors:
+        return ApiError(400, "invalid request body")
+    first = errors[0]
+    kind = first.get("type", "")
+    if kind == "json_invalid":
+        detail = (first.get("ctx") or {}).get("error") or first.get("msg", "")
+        return ApiError(400, f"the body is not valid JSON: {detail}", None, "invalid_json")
+    group = [e for e in errors if _where(e)[:1] == _where(first)[:1]]
+    param = ".".join(max((_where(e) for e in group), key=len)) or None
+    if kind == "extra_forbidden":
+        return ApiError(400, f"unsupported field {param!r}: this server does not implement it", param, "unsupported_field")
+    messages = "; ".join(dict.fromkeys(str(e.get("msg", "invalid value")) for e in group))
+    if param is None:
+        messages += " (send one JSON object with Content-Type: application/json)"
+    return ApiError(400, f"{param or 'body'}: {messages}", param, "invalid_value")
+
+
+def _where(error: dict) -> list[str]:
+    """An error's location without FastAPI's "body" and pydantic's union branch tags."""
+    loc = [str(p) for p in error.get("loc", ()) if p != "body"]
+    return [p for p in loc if "[" not in p and p not in _TYPE_NAMES]
+
+
+# -- request bodies -------------------------------------------------------------------------
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class StreamOptions(_Body):
+    include_usage: Optional[StrictBool] = None
+    """Send a last chunk with usage (and the ``dspark`` statistics)."""
+
+
+class TextPart(_Body):
+    type: Literal["text"]
+    text: StrictStr
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Union[StrictStr, list[TextPart]]
+
+
+class _Sampling(_Body):
+    """The fields both endpoints share."""
+
+    model: StrictStr
+    temperature: Optional[Number] = None
+    top_p: Optional[Number] = None
+    top_k: Optional[StrictInt] = None
+    """vLLM's extension: keep the k most likely tokens; 0 or -1 disables it."""
+    max_tokens: Optional[StrictInt] = None
+    stop: Optional[Union[StrictStr, list[StrictStr]]] = None
+    seed: Optional[StrictInt] = None
+    stream: Optional[StrictBool] = None
+    stream_options: Optional[StreamOptions] = None
+    n: Optional[StrictInt] = None
+    """Only 1 (or absent): one choice per request."""
+    presence_penalty: Optional[Number] = None
+    """Only 0 (or absent)."""
+    frequency_penalty: Optional[Number] = None
+    """Only 0 (or absent)."""
+    user: Optional[StrictStr] = None
+    """An end-user id: recorded by nothing, changes nothing."""
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage]
+    max_completion_tokens: Optional[StrictInt] = None
+    logprobs: Optional[StrictBool] = None
+    """Only false (or absent)."""
+
+
+class CompletionRequest(_Sampling):
+    prompt: Union[StrictStr, list[StrictInt], list[StrictStr]]
+    """A string, token ids, or a list of one string."""
+    echo: Optional[StrictBool] = None
+    """Only false (or absent)."""
+    logprobs: Optional[StrictInt] = None
+    """Only absent."""
+    best_of: Optional[StrictInt] = None
+    """Only 1 (or absent)."""
+
+
+# -- checks ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Job:
+    """A checked request and how to answer it."""
+
+    request: GenerationRequest
+    kind: Literal["chat", "completion"]
+    stream: bool
+    include_usage: bool
+    model: str
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+def prepare_chat(body: ChatCompletionRequest, target: TargetModel, settings: ServeSettings) -> Job:
+    """Check a chat body against the served model; encode its messages with the chat template."""
+    _check_common(body, settings)
+    _refuse(body.logprobs, (None, False), "logprobs", "log probabilities are not supported")
+    if not body.messages:
+        raise ApiError(400, "messages must hold at least one message", "messages")
+    if body.max_tokens is not None and body.max_completion_tokens is not None:
+        raise ApiError(400, "give max_tokens or max_completion_tokens, not both", "max_completion_tokens")
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": _text(m.content)} for m in body.messages]
+    prompt_ids = _encode(target, messages, "messages")
+    limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+    return _job(body, prompt_ids, limit, param, "chat", target, settings)
+
+
+def prepare_completion(body: CompletionRequest, target: TargetModel, settings: ServeSettings) -> Job:
+    """Check a completion body; its prompt is raw text (no chat template) or token ids."""
+    _check_common(body, settings)
+    _refuse(body.echo, (None, False), "echo", "echo is not supported")
+    _refuse(body.logprobs, (None,), "logprobs", "log probabilities are not supported")
+    _refuse(body.best_of, (None, 1), "best_of", "only best_of = 1 is supported")
+    prompt = body.prompt
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+        if len(prompt) != 1:
+            raise ApiError(400, "batches of prompts are not supported: send one prompt per request", "prompt")
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        if not prompt:
+            raise ApiError(400, "prompt must be non-empty", "prompt")
+        prompt_ids = _encode(target, prompt, "prompt")
+    else:
+        prompt_ids = list(prompt)
+        if any(t < 0 or t >= target.vocab_size for t in prompt_ids):
+            raise ApiError(400, f"prompt token ids must lie in [0, {target.vocab_size})", "prompt")
+    if not prompt_ids:
+        raise ApiError(400, "prompt must hold at least one token", "prompt")
+    return _job(body, prompt_ids, body.max_tokens, "max_tokens", "completion", target, settings)
+
+
+def _check_common(body: _Sampling, settings: ServeSettings) -> None:
+    if body.model != settings.model_name:
+        raise ApiError(404, f"the model {body.model!r} does not exist; this server serves {settings.model_name!r}",
+                       "model", "model_not_found")
+    _refuse(body.n, (None, 1), "n", "only n = 1 is supported")
+    _refuse(body.presence_penalty, (None, 0), "presence_penalty", "penalties are not supported")
+    _refuse(body.frequency_penalty, (None, 0), "frequency_penalty", "penalties are not supported")
+    if body.stream_options is not None and not body.stream:
+        raise ApiError(400, "stream_options is only allowed with stream = true", "stream_options")
+
+
+def _refuse(value: Any, allowed: tuple, param: str, message: str) -> None:
+    """Refuse ``value`` unless it is one of the defaults (strict types keep True apart from 1)."""
+    if value not in allowed:
+        raise ApiError(400, f"{param}: {message}", param, "unsupported_value")
+
+
+def _number(value: int | float | None, default: float, param: str) -> float:
+    """``value`` as a float; an integer too large for one is refused, not an OverflowError."""
+    if value is None:
+        return default
+    try:
+        return float(value)
+    except OverflowError:
+        raise ApiError(400, f"{param} is out of range", param) from None
+
+
+def _encode(target: TargetModel, prompt: str | list[dict], param: str) -> list[int]:
+    """Token ids of raw text or of messages through the chat template. Whatever the
+    tokenizer refuses (a role order the template forbids, a lone surrogate) is the client's
+    to fix: a 400, not a 500."""
+    try:
+        return list(target.encode_conversation(prompt))
+    except Exception as exc:
+        raise ApiError(400, f"{param} cannot be tokenized: {type(exc).__name__}: {exc}", param) from None
+
+
+def _text(content: str | list[TextPart]) -> str:
+    return content if isinstance(content, str) else "".join(part.text for part in content)
+
+
+def _job(body: _Sampling, prompt_ids: list[int], limit: int | None, limit_param: str, kind, target, settings) -> Job:
+    room = settings.max_model_len - len(prompt_ids)
+    if room < 1:
+        raise ApiError(400, f"the prompt ({len(prompt_ids)} tokens) leaves no room in the context window of "
+                            f"{settings.max_model_len} tokens", "messages" if kind == "chat" else "prompt",
+                       "context_length_exceeded")
+    if limit is not None and limit < 1:
+        raise ApiError(400, f"{limit_param} must be >= 1, got {limit}", limit_param)
+    if limit is not None and limit > room:
+        raise ApiError(400, f"the prompt ({len(prompt_ids)} tokens) + {limit_param} ({limit}) exceeds the context "
+                            f"window of {settings.max_model_len} tokens", limit_param, "context_length_exceeded")
+    return Job(
+        request=GenerationRequest(
+            prompt_ids=prompt_ids,
+            params=_sampling_params(body, target.vocab_size),
+            max_new_tokens=limit if limit is not None else room,
+            stop=_stops(body.stop, settings),
+            seed=_seed(body.seed),
+        ),
+        kind=kind,
+        stream=bool(body.stream),
+        include_usage=bool(body.stream_options and body.stream_options.include_usage),
+        model=settings.model_name,
+    )
+
+
+def _sampling_params(body: _Sampling, vocab_size: int) -> SamplingParams:
+    temperature = _number(body.temperature, 1.0, "temperature")  # OpenAI's default is 1
+    if not 0.0 <= temperature <= MAX_TEMPERATURE:
+        raise ApiError(400, f"temperature must lie in [0, {MAX_TEMPERATURE:g}], got {temperature:g}", "temperature")
+    top_p = _number(body.top_p, 1.0, "top_p")
+    if not 0.0 < top_p <= 1.0:
+        raise ApiError(400, f"top_p must lie in (0, 1], got {top_p:g}", "top_p")
+    top_k = 0 if body.top_k in (None, -1) else body.top_k
+    if top_k < 0:
+        raise ApiError(400, f"top_k must be >= 0 (or -1: off), got {top_k}", "top_k")
+    return SamplingParams(temperature=temperature, top_k=0 if top_k >= vocab_size else top_k, top_p=top_p)
+
+
+def _stops(stop: str | list[str] | None, settings: ServeSettings) -> tuple[str, ...]:
+    stops = [stop] if isinstance(stop, str) else list(stop or ())
+    if len(stops) > settings.max_stop:
+        raise ApiError(400, f"stop holds {len(stops)} strings; at most {settings.max_stop} are allowed", "stop")
+    for s in stops:
+        if not s:
+            raise ApiError(400, "stop strings must be non-empty", "stop")
+        if len(s) > settings.max_stop_chars:
+            raise ApiError(400, f"stop strings must be at most {settings.max_stop_chars} characters", "stop")
+    return tuple(dict.fromkeys(stops))
+
+
+def _seed(seed: int | None) -> int:
+    """The request's own seed; without one a fresh random seed (OpenAI's default is not
+    reproducible either)."""
+    if seed is None:
+        return secrets.randbits(63)
+    if not 0 <= seed <= MAX_SEED:
+        raise ApiError(400, f"seed must lie in [0, 2^63 - 1], got {seed}", "seed")
+    return seed
+
+
+# -- responses ------------------------------------------------------------------------------
+def usage(result: GenerationResult) -> dict:
+    prompt, completion = result.stats.prompt_tokens, len(result.token_ids)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def dspark_stats(stats: GenerationStats) -> dict:
+    """The speculative-decoding side of one answer: τ, rounds, drafted and accepted tokens."""
+    drafted, accepted = sum(stats.proposed), sum(stats.accepted)
+    return {
+        "tau": stats.tau,
+        "rounds": stats.rounds,
+        "drafted_tokens": drafted,
+        "accepted_tokens": accepted,
+        "acceptance_rate": accepted / drafted if drafted else None,
+    }
+
+
+def response(job: Job, result: GenerationResult) -> dict:
+    """The whole answer of a non-streamed request."""
+    reason = FINISH_REASONS[result.finish_reason]
+    if job.kind == "chat":
+        choice = {"index": 0, "message": {"role": "assistant", "content": result.text},
+                  "finish_reason": reason, "logprobs": None}
+    else:
+        choice = {"index": 0, "text": result.text, "finish_reason": reason, "logprobs": None}
+    return {**_head(job, chunk=False), "choices": [choice], "usage": usage(result), "dspark": dspark_stats(result.stats)}
+
+
+def chunk(job: Job, text: str | None = None, finish: str | None = None, role: bool = False) -> dict:
+    """One streamed chunk: a text delta, the assistant role (chat's first chunk) or the finish."""
+    if job.kind == "chat":
+        delta: dict = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
+        choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+    else:
+        choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+    return {**_head(job, chunk=True), "choices": [choice]}
+
+
+def final_chunks(job: Job, result: GenerationResult) -> list[dict]:
+    """The finish chunk and, with ``include_usage``, the usage chunk (no choices). The last of
+    them carries the ``dspark`` statistics."""
+    finish = chunk(job, finish=FINISH_REASONS[result.finish_reason])
+    if not job.include_usage:
+        return [{**finish, "dspark": dspark_stats(result.stats)}]
+    last = {**_head(job, chunk=True), "choices": [], "usage": usage(result), "dspark": dspark_stats(result.stats)}
+    return [finish, last]
+
+
+def _head(job: Job, chunk: bool) -> dict:
+    prefix, obj = ("chatcmpl", "chat.completion") if job.kind == "chat" else ("cmpl", "text_completion")
+    return {"id": f"{prefix}-{job.id}", "object": obj + (".chunk" if chunk and job.kind == "chat" else ""),
+            "created": job.created, "model": job.model}

@@ -1,0 +1,627 @@
+"""``dspark serve`` end to end: a live server on a loopback port, called with the official
+``openai`` client (streamed and whole) and with raw httpx for what a client library would
+never send.
+
+Oracle: the batched engine at ``max_batch = 1`` over the same target and an identical
+drafter (rebuilt from the same seed), itself checked against the batch-1 engine and plain
+decoding in test_batch_engine.py. Under greedy decoding every served answer must equal it
+token for token, whatever else shares the batch.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+import torch
+
+from serve_helpers import MAX_MODEL_LEN, MODEL, build, chat_target, load_tokenizer, metric, serve, wait_for
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def target(tokenizer):
+    return chat_target(tokenizer)
+
+
+@pytest.fixture(scope="module")
+def server(target):
+    with serve(target, build(target, "dspark", max_batch=8), max_queue=64) as live:
+        yield live
+
+
+@pytest.fixture(scope="module")
+def fixed_server(target):
+    """Whole blocks verified (no load-dependent ℓ): a seeded sampled answer is then the same
+    whatever shares the batch, not only equally distributed."""
+    with serve(target, build(target, "fixed", max_batch=8), max_queue=64) as live:
+        yield live
+
+
+PROMPTS = [f"Tell me about the number {i} and {'why ' * (i % 5)}it matters." for i in range(32)]
+
+
+def reference(target, messages_list, max_tokens_list, policy="dspark", temperature=0.0, seeds=None):
+    """Answers of the batched engine at max_batch = 1 (one request at a time); greedy unless
+    a temperature is given."""
+    from dspark.engine import GenerationRequest
+    from dspark.sampling import SamplingParams
+
+    engine = build(target, policy, max_batch=1)
+    seeds = seeds or [0] * len(messages_list)
+    requests = [
+        GenerationRequest(target.encode_conversation(m), SamplingParams(temperature=temperature), max_new_tokens=n, seed=s)
+        for m, n, s in zip(messages_list, max_tokens_list, seeds)
+    ]
+    return engine.generate(requests).results
+
+
+def user(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+# -- the openai client --------------------------------------------------------------------------
+
+
+def test_chat_whole_and_streamed_equal_the_batch1_engine(server, target):
+    want = reference(target, [user(PROMPTS[3])], [24])[0]
+    client = server.client()
+    whole = client.chat.completions.create(model=MODEL, messages=user(PROMPTS[3]), max_tokens=24, temperature=0)
+    assert whole.choices[0].message.content == want.text
+    assert whole.choices[0].finish_reason == ("length" if want.finish_reason == "length" else "stop")
+    assert whole.usage.completion_tokens == len(want.token_ids)
+    assert whole.usage.prompt_tokens == len(target.encode_conversation(user(PROMPTS[3])))
+    stats = whole.model_extra["dspark"]
+    assert stats["rounds"] >= 1 and stats["tau"] >= 1.0 and 0 <= stats["accepted_tokens"] <= stats["drafted_tokens"]
+
+    stream = client.chat.completions.create(model=MODEL, messages=user(PROMPTS[3]), max_tokens=24, temperature=0,
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == want.text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+    last = chunks[-1]
+    assert last.choices == [] and last.usage.completion_tokens == len(want.token_ids)
+    assert last.model_extra["dspark"]["rounds"] == stats["rounds"]
+
+
+def test_completions_whole_and_streamed(server, target):
+    prompt = "The quick brown fox"
+    from dspark.engine import GenerationRequest
+
+    ids = target.encode_conversation(prompt)
+    want = build(target, "dspark", max_batch=1).generate([GenerationRequest(ids, max_new_tokens=16)]).results[0]
+    client = server.client()
+    whole = client.completions.create(model=MODEL, prompt=prompt, max_tokens=16, temperature=0)
+    assert whole.choices[0].text == want.text and whole.object == "text_completion"
+    by_ids = client.completions.create(model=MODEL, prompt=ids, max_tokens=16, temperature=0)
+    assert by_ids.choices[0].text == want.text
+    stream = client.completions.create(model=MODEL, prompt=prompt, max_tokens=16, temperature=0, stream=True)
+    chunks = list(stream)
+    assert "".join(c.choices[0].text for c in chunks) == want.text
+    assert "dspark" in chunks[-1].model_extra  # without include_usage: on the finish chunk
+
+
+def test_32_concurrent_clients_get_their_batch1_answers(server, target):
+    lengths = [8 + (i * 7) % 17 for i in range(32)]
+    want = reference(target, [user(p) for p in PROMPTS], lengths)
+    client = server.client()
+
+    def ask(i: int) -> str:
+        if i % 2:
+            stream = client.chat.completions.create(model=MODEL, messages=user(PROMPTS[i]), max_tokens=lengths[i],
+                                                    temperature=0, stream=True)
+            return "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        reply = client.chat.completions.create(model=MODEL, messages=user(PROMPTS[i]), max_tokens=lengths[i], temperature=0)
+        return reply.choices[0].message.content
+
+    steps_before = metric(server.url, "dspark:engine_steps_total") or 0.0
+    with ThreadPoolExecutor(32) as pool:
+        got = list(pool.map(ask, range(32)))
+    assert got == [w.text for w in want]
+    assert any(len(w.token_ids) > 1 for w in want)
+    # 32 answers of 8-24 tokens in fewer steps than one at a time would take: they shared steps.
+    steps = metric(server.url, "dspark:engine_steps_total") - steps_before
+    assert steps < sum(len(w.token_ids) for w in want) / 2
+
+
+def test_16_concurrent_seeded_samples_equal_batch1_with_a_fixed_policy(fixed_server, target):
+    lengths = [10 + i % 7 for i in range(16)]
+    want = reference(target, [user(p) for p in PROMPTS[:16]], lengths, policy="fixed", temperature=0.9,
+                     seeds=list(range(100, 116)))
+    client = fixed_server.client()
+
+    def ask(i: int) -> str:
+        reply = client.chat.completions.create(model=MODEL, messages=user(PROMPTS[i]), max_tokens=lengths[i],
+                                               temperature=0.9, seed=100 + i)
+        return reply.choices[0].message.content
+
+    with ThreadPoolExecutor(16) as pool:
+        got = list(pool.map(ask, range(16)))
+    assert got == [w.text for w in want]
+
+
+def test_sampling_fields_are_honoured(fixed_server, target):
+    client = fixed_server.client()
+    messages = user(PROMPTS[5])
+
+    def ask(**kw):
+        return client.chat.completions.create(model=MODEL, messages=messages, **kw).choices[0]
+
+    greedy = ask(max_tokens=30, temperature=0)
+    assert ask(max_tokens=30, temperature=1.0, extra_body={"top_k": 1}).message.content == greedy.message.content
+    a, b = (ask(max_tokens=30, temperature=1.0, seed=7).message.content for _ in range(2))
+    assert a == b  # a request's own seed: the same answer whatever else runs
+    assert {ask(max_tokens=30, temperature=1.0, seed=s).message.content for s in range(4)} != {a}
+    assert ask(max_tokens=30, temperature=0.8, top_p=0.9, seed=3).message.content == \
+        ask(max_tokens=30, temperature=0.8, top_p=0.9, seed=3).message.content
+    short = ask(max_tokens=3, temperature=0)
+    assert short.finish_reason in ("length", "stop")
+    assert greedy.message.content.startswith(short.message.content)
+
+    text = greedy.message.content
+    windows = [text[i : i + 3] for i in range(len(text) // 2, len(text) - 2)]
+    stop = next(w for w in windows if w.strip() and "\ufffd" not in w)  # a plain 3-character stop string
+    cut = text[: text.find(stop)]
+    stopped = ask(max_tokens=30, temperature=0, stop=[stop, "never-there"])
+    assert (stopped.message.content, stopped.finish_reason) == (cut, "stop")
+    stream = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=30, temperature=0,
+                                            stop=stop, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == cut
+
+
+def test_models_health_openapi(server):
+    models = server.client().models.list()
+    assert [m.id for m in models.data] == [MODEL]
+    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+    schema = httpx.get(server.url + "/openapi.json").json()
+    assert {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics"} <= set(schema["paths"])
+
+
+def test_metrics_count_drafts_calibration_and_latency(server):
+    client = server.client()
+    for p in PROMPTS[:4]:
+        client.chat.completions.create(model=MODEL, messages=user(p), max_tokens=20, temperature=0)
+    url = server.url
+    drafts = metric(url, "dspark:spec_decode_num_drafts_total")
+    tokens = metric(url, "dspark:spec_decode_num_draft_tokens_total")
+    accepted = metric(url, "dspark:spec_decode_num_accepted_tokens_total")
+    assert drafts > 0 and tokens >= drafts and 0 <= accepted <= tokens
+    per_pos = metric(url, "dspark:spec_decode_num_accepted_tokens_per_pos_total")
+    assert per_pos == accepted  # every accepted token is counted at its position
+    assert metric(url, "dspark:spec_decode_num_draft_tokens_per_pos_total", position="0") == drafts
+    assert metric(url, "dspark:spec_decode_mean_accepted_length") >= 1.0
+    assert metric(url, "dspark:spec_decode_mean_verify_length") > 0.0
+    predicted = metric(url, "dspark:acceptance_predicted", position="0")
+    realised = metric(url, "dspark:acceptance_realised", position="0")
+    error = metric(url, "dspark:acceptance_calibration_error", position="0")
+    assert 0.0 < predicted < 1.0 and 0.0 <= realised <= 1.0 and 0.0 <= error <= 1.0
+    assert error >= abs(predicted - realised) - 1e-9  # ECE bounds the gap of the means
+    assert metric(url, "dspark:time_to_first_token_seconds_count") >= 4
+    assert metric(url, "dspark:time_per_output_token_seconds_count") >= 1
+    assert metric(url, "dspark:num_requests_running") == 0 and metric(url, "dspark:num_requests_waiting") == 0
+    assert metric(url, "dspark:generation_tokens_total") > 0
+    assert metric(url, "dspark:generation_tokens_per_second") is not None
+    assert metric(url, "dspark:server_info", model_name=MODEL, policy="dspark") == 1
+
+
+# -- bad requests ---------------------------------------------------------------------------------
+
+OK_CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+OK_COMPLETION = {"model": MODEL, "prompt": "hi", "max_tokens": 4}
+
+BAD = [  # (route, body or raw bytes, status, param)
+    ("chat", b"{not json", 400, None),
+    ("chat", b"", 400, None),
+    ("chat", b"[1, 2]", 400, None),
+    ("chat", b'{"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', 400, "temperature"),
+    ("chat", {**OK_CHAT, "model": "gpt-4"}, 404, "model"),
+    ("chat", {"messages": OK_CHAT["messages"]}, 400, "model"),
+    ("chat", {**OK_CHAT, "messages": []}, 400, "messages"),
+    ("chat", {**OK_CHAT, "messages": "hi"}, 400, "messages"),
+    ("chat", {**OK_CHAT, "messages": [{"role": "tool", "content": "x"}]}, 400, "messages.0.role"),
+    ("chat", {**OK_CHAT, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, 400, None),
+    ("chat", {**OK_CHAT, "messages": [{"role": "user", "content": "hi", "name": "bob"}]}, 400, "messages.0.name"),
+    ("chat", {**OK_CHAT, "max_tokens": 0}, 400, "max_tokens"),
+    ("chat", {**OK_CHAT, "max_tokens": -3}, 400, "max_tokens"),
+    ("chat", {**OK_CHAT, "max_tokens": MAX_MODEL_LEN}, 400, "max_tokens"),
+    ("chat", {**OK_CHAT, "max_tokens": 10**40}, 400, "max_tokens"),
+    ("chat", {**OK_CHAT, "max_tokens": "4"}, 400, "max_tokens"),
+    ("chat", {**OK_CHAT, "max_tokens": 4.0}, 400, "max_tokens"),
+    ("chat", {**OK_CHAT, "max_tokens": True}, 400, "max_tokens"),
+    ("chat", {**OK_CHAT, "max_tokens": 2, "max_completion_tokens": 2}, 400, "max_completion_tokens"),
+    ("chat", {**OK_CHAT, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ("chat", {**OK_CHAT, "stop": [""]}, 400, "stop"),
+    ("chat", {**OK_CHAT, "stop": "x" * 1000}, 400, "stop"),
+    ("chat", {**OK_CHAT, "stop": [1]}, 400, "stop.0"),
+    ("chat", {**OK_CHAT, "temperature": 2.5}, 400, "temperature"),
+    ("chat", {**OK_CHAT, "temperature": -1}, 400, "temperature"),
+    ("chat", {**OK_CHAT, "temperature": 10**400}, 400, "temperature"),
+    ("chat", {**OK_CHAT, "temperature": "hot"}, 400, "temperature"),
+    ("chat", {**OK_CHAT, "top_p": 0}, 400, "top_p"),
+    ("chat", {**OK_CHAT, "top_k": -5}, 400, "top_k"),
+    ("chat", {**OK_CHAT, "seed": -1}, 400, "seed"),
+    ("chat", {**OK_CHAT, "seed": 2**70}, 400, "seed"),
+    ("chat", {**OK_CHAT, "n": 2}, 400, "n"),
+    ("chat", {**OK_CHAT, "logprobs": True}, 400, "logprobs"),
+    ("chat", {**OK_CHAT, "presence_penalty": 0.5}, 400, "presence_penalty"),
+    ("chat", {**OK_CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
+    ("chat", {**OK_CHAT, "response_format": {"type": "json_object"}}, 400, "response_format"),
+    ("chat", {**OK_CHAT, "stream_options": {"include_usage": True}}, 400, "stream_options"),
+    ("chat", {**OK_CHAT, "stream": True, "stream_options": {"include_usage": True, "x": 1}}, 400, "stream_options.x"),
+    ("chat", {**OK_CHAT, "stream": "yes"}, 400, "stream"),
+    ("chat", {**OK_CHAT, "messages": [{"role": "user", "content": "word " * 400}]}, 400, "messages"),
+    ("completion", {**OK_COMPLETION, "prompt": ["a", "b"]}, 400, "prompt"),
+    ("completion", {**OK_COMPLETION, "prompt": ""}, 400, "prompt"),
+    ("completion", {**OK_COMPLETION, "prompt": []}, 400, "prompt"),
+    ("completion", {**OK_COMPLETION, "prompt": [10**9]}, 400, "prompt"),
+    ("completion", {**OK_COMPLETION, "prompt": [-1]}, 400, "prompt"),
+    ("completion", {**OK_COMPLETION, "echo": True}, 400, "echo"),
+    ("completion", {**OK_COMPLETION, "best_of": 3}, 400, "best_of"),
+    ("completion", {**OK_COMPLETION, "logprobs": 2}, 400, "logprobs"),
+    ("completion", {**OK_COMPLETION, "suffix": "x"}, 400, "suffix"),
+    ("completion", {**OK_COMPLETION, "messages": OK_CHAT["messages"]}, 400, "messages"),
+    ("completion", b'{"model": "tiny-chat", "prompt": "\\ud800", "max_tokens": 2}', 400, "prompt"),
+    ("chat", b'{"model": "tiny-chat", "messages": [{"role": "user", "content": "\\ud800"}], "max_tokens": 2}', 400, "messages"),
+]
+
+ROUTES = {"chat": "/v1/chat/completions", "completion": "/v1/completions"}
+
+
+def post(url: str, route: str, body, **kw) -> httpx.Response:
+    content = body if isinstance(body, bytes) else json.dumps(body)
+    return httpx.post(url + ROUTES[route], content=content, headers={"Content-Type": "application/json"}, timeout=60, **kw)
+
+
+def assert_openai_error(response: httpx.Response, status: int, param=None) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    if param is not None:
+        assert error["param"] == param, error
+    return error
+
+
+@pytest.mark.parametrize("route, body, status, param", BAD)
+def test_bad_requests_get_openai_errors(server, route, body, status, param):
+    assert_openai_error(post(server.url, route, body), status, param)
+
+
+def test_unknown_fields_are_named_and_routes_are_openai_shaped(server):
+    error = assert_openai_error(post(server.url, "chat", {**OK_CHAT, "frobnicate": 1}), 400, "frobnicate")
+    assert "frobnicate" in error["message"]
+    assert_openai_error(httpx.get(server.url + "/v1/nothing"), 404)
+    assert_openai_error(httpx.get(server.url + "/v1/chat/completions"), 405)
+    assert post(server.url, "chat", OK_CHAT).status_code == 200  # and the server still answers
+
+
+FUZZ_MODEL_LEN = 64
+"""A small context window keeps the fuzz's valid requests short (their default max_tokens
+is the rest of it)."""
+
+
+@pytest.mark.slow  # hypothesis draws 320 structured bodies: ~40 s on a busy 2-core machine
+def test_fuzzed_requests_never_break_the_server(target):
+    """≥ 300 random bodies (random JSON, random fields of random types, raw bytes): every
+    answer is a 200 or an OpenAI-style 4xx, never a 500; then the server answers normally."""
+    with serve(target, build(target, "dspark", max_batch=4), max_model_len=FUZZ_MODEL_LEN) as server:
+        fuzz_server(server, target)
+
+
+def fuzz_server(server, target) -> None:
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12)
+    junk = scalars | st.lists(scalars, max_size=3) | st.dictionaries(st.text(max_size=4), scalars, max_size=2)
+    values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+                          max_leaves=8)
+
+    def mostly(valid):  # a valid value seven times in eight, else junk of any type
+        return st.integers(0, 7).flatmap(lambda i: junk if i == 0 else valid)
+
+    message = st.fixed_dictionaries(
+        {"role": mostly(st.sampled_from(["user", "system", "assistant", "tool", ""])), "content": mostly(st.text(max_size=16))},
+        optional={"name": junk},
+    )
+    fields = {
+        "temperature": mostly(st.floats(-1, 3)),
+        "top_p": mostly(st.floats(-0.5, 1.5)),
+        "top_k": mostly(st.integers(-3, 100000)),
+        "stop": mostly(st.lists(st.text(max_size=4), max_size=6) | st.text(max_size=3)),
+        "seed": mostly(st.integers()),
+        "stream": mostly(st.booleans()),
+        "stream_options": mostly(st.fixed_dictionaries({}, optional={"include_usage": mostly(st.booleans())})),
+    }
+    unsupported = st.fixed_dictionaries({}, optional={"n": st.integers(0, 2) | junk, "logprobs": junk, "tools": junk,
+                                                      "unknown": junk, "prompt": junk, "messages": junk})
+    extras = st.integers(0, 3).flatmap(lambda i: unsupported if i == 0 else st.just({}))  # mostly supported fields only
+
+    def body_for(route: str):
+        text = ({"messages": mostly(st.lists(message, max_size=2))} if route == "chat" else
+                {"prompt": mostly(st.text(max_size=16) | st.lists(st.integers(-3, 60000), max_size=4))})
+        core = st.fixed_dictionaries({"model": mostly(st.just(MODEL)), "max_tokens": mostly(st.integers(-2, 4)), **text},
+                                     optional=fields)
+        return st.tuples(st.just(route), st.tuples(core, extras).map(lambda pair: {**pair[0], **pair[1]}))
+
+    nearly_valid = st.sampled_from(["chat", "completion"]).flatmap(body_for)
+    raw = st.binary(max_size=40)
+    seen = []
+
+    garbage = st.tuples(st.sampled_from(["chat", "completion"]), values | raw)
+
+    @settings(max_examples=320, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
+    @given(case=nearly_valid | garbage)
+    def fuzz(case):
+        route, payload = case
+        content = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        with httpx.Client(timeout=60) as http:
+            response = http.post(server.url + ROUTES[route], content=content, headers={"Content-Type": "application/json"})
+        seen.append(response.status_code)
+        assert response.status_code in (200, 400, 404), (payload, response.text)
+        if response.status_code != 200:
+            assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+    fuzz()
+    assert len(seen) >= 300 and 0 < seen.count(200) < len(seen) and seen.count(400) > 200, Counter(seen)
+    assert httpx.get(server.url + "/health").status_code == 200
+    want = reference(target, [user("Hello there.")], [12])[0]
+    reply = server.client().chat.completions.create(model=MODEL, messages=user("Hello there."), max_tokens=12, temperature=0)
+    assert reply.choices[0].message.content == want.text
+    assert metric(server.url, "dspark:num_requests_running") == 0
+
+
+# -- overload, auth, faults, disconnects ------------------------------------------------------------
+
+
+class GatedSession:
+    """A session whose steps wait for ``gate``, so a test decides when the engine moves."""
+
+    def __init__(self, inner, gate: threading.Event | None = None, delay: float = 0.0) -> None:
+        self.inner, self.gate, self.delay = inner, gate, delay
+
+    busy = property(lambda self: self.inner.busy)
+    waiting = property(lambda self: self.inner.waiting)
+    running = property(lambda self: self.inner.running)
+
+    def add(self, handle, request):
+        self.inner.add(handle, request)
+
+    def cancel(self, handle):
+        return self.inner.cancel(handle)
+
+    def step(self):
+        if self.gate is not None:
+            self.gate.wait(30)
+        if self.delay:
+            threading.Event().wait(self.delay)
+        return self.inner.step()
+
+
+def gated_server(target, policy="plain", max_batch=1, max_queue=1, gate=None, delay=0.0):
+    from dspark.serving.app import create_app
+    from dspark.serving.config import ServeSettings
+    from dspark.serving.loop import EngineLoop
+    from dspark.serving.metrics import ServeMetrics
+    from serve_helpers import LiveServer
+
+    engine = build(target, policy, max_batch=max_batch)
+    session = GatedSession(engine.session(max_batch, MAX_MODEL_LEN), gate, delay)
+    loop = EngineLoop(session, target.decode, ServeMetrics(MODEL), max_queue)
+    return LiveServer(create_app(loop, target, ServeSettings(MODEL, MAX_MODEL_LEN, max_queue=max_queue))), engine
+
+
+def test_a_full_queue_answers_429_with_retry_after(target):
+    gate = threading.Event()
+    live, _ = gated_server(target, max_queue=1, gate=gate)
+    with live:
+        with ThreadPoolExecutor(1) as pool:
+            first = pool.submit(post, live.url, "chat", OK_CHAT)
+            wait_for(lambda: live.loop.queued == 1, what="the first request to queue")
+            refused = post(live.url, "chat", OK_CHAT)
+            error = assert_openai_error(refused, 429)
+            assert refused.headers["Retry-After"] == "1" and error["code"] == "queue_full"
+            with pytest.raises(openai.RateLimitError):
+                live.client().chat.completions.create(model=MODEL, messages=user("x"), max_tokens=2)
+            gate.set()
+            assert first.result().status_code == 200
+        assert post(live.url, "chat", OK_CHAT).status_code == 200  # room again
+        assert metric(live.url, "dspark:request_rejected_total") == 2
+
+
+def test_api_key_is_required_on_v1_routes(target):
+    with serve(target, build(target, "plain", max_batch=2), api_key="s3cret") as live:
+        with pytest.raises(openai.AuthenticationError):
+            live.client(api_key="wrong").chat.completions.create(model=MODEL, messages=user("x"), max_tokens=2)
+        assert_openai_error(httpx.get(live.url + "/v1/models"), 401)
+        assert_openai_error(post(live.url, "chat", b"{not json"), 401)  # no key: not even parsed
+        reply = live.client(api_key="s3cret").chat.completions.create(model=MODEL, messages=user("x"), max_tokens=2)
+        assert reply.choices[0].message.content is not None
+        assert httpx.get(live.url + "/health").status_code == 200  # health and metrics stay open
+        assert httpx.get(live.url + "/metrics").status_code == 200
+
+
+def test_a_failing_request_fails_alone_and_the_loop_goes_on(target):
+    engine = build(target, "plain", max_batch=4)
+    prefill, step = engine.prefill_slot, engine.verify_step
+
+    def faulty_prefill(handle, request, slot, cache):
+        if request.seed == 666:
+            raise RuntimeError("boom in one request")
+        return prefill(handle, request, slot, cache)
+
+    countdown = [0]  # the step that many calls from now raises (0: none)
+
+    def faulty_step(live, cache):
+        countdown[0] -= 1
+        if countdown[0] == 0:
+            raise RuntimeError("boom in a step")
+        return step(live, cache)
+
+    engine.prefill_slot, engine.verify_step = faulty_prefill, faulty_step
+    want = reference(target, [user(PROMPTS[1])], [10], policy="plain")[0]
+    with serve(target, engine) as live:
+        client = live.client()
+
+        def good():
+            return client.chat.completions.create(model=MODEL, messages=user(PROMPTS[1]), max_tokens=10, temperature=0)
+
+        with ThreadPoolExecutor(4) as pool:
+            oks = [pool.submit(good) for _ in range(3)]
+            with pytest.raises(openai.InternalServerError):
+                client.chat.completions.create(model=MODEL, messages=user("x"), max_tokens=10, seed=666)
+            assert all(f.result().choices[0].message.content == want.text for f in oks)
+        error = assert_openai_error(post(live.url, "chat", {**OK_CHAT, "seed": 666}), 500)
+        assert "boom in one request" in error["message"] and error["type"] == "server_error"
+
+        countdown[0] = 1  # the next step raises: its requests fail, the loop survives
+        assert_openai_error(post(live.url, "chat", {**OK_CHAT, "max_tokens": 8}), 500)
+        assert good().choices[0].message.content == want.text
+        assert httpx.get(live.url + "/health").status_code == 200
+        assert metric(live.url, "dspark:request_failed_total") == 3
+        assert metric(live.url, "dspark:num_requests_running") == 0
+
+        countdown[0] = 3  # mid-stream: an error event, then [DONE]
+        with httpx.stream("POST", live.url + ROUTES["chat"], json={**OK_CHAT, "max_tokens": 20, "stream": True}) as r:
+            lines = [line for line in r.iter_lines() if line]
+        assert lines[-1] == "data: [DONE]" and "error" in json.loads(lines[-2][len("data: "):])
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_slot(target):
+    """One slot: B waits behind A; A's client leaves after two chunks; A is cancelled, and B
+    gets the slot and its whole answer."""
+    live, _ = gated_server(target, policy="plain", max_batch=1, max_queue=4, delay=0.02)
+    want = reference(target, [user(PROMPTS[2])], [12], policy="plain")[0]
+    with live:
+        long = {"model": MODEL, "messages": user(PROMPTS[0]), "max_tokens": 70, "temperature": 0, "stream": True}
+        with httpx.Client(timeout=60) as http, http.stream("POST", live.url + ROUTES["chat"], json=long) as a:
+            assert a.status_code == 200
+            lines = a.iter_lines()
+            next(lines), next(lines)
+            with ThreadPoolExecutor(1) as pool:
+                b = pool.submit(lambda: live.client().chat.completions.create(
+                    model=MODEL, messages=user(PROMPTS[2]), max_tokens=12, temperature=0))
+                wait_for(lambda: metric(live.url, "dspark:num_requests_waiting") == 1, what="B to queue")
+                a.close()  # the client leaves mid-stream
+                assert b.result().choices[0].message.content == want.text
+        wait_for(lambda: metric(live.url, "dspark:request_cancelled_total") == 1, what="A's cancellation")
+        assert metric(live.url, "dspark:request_success_total") == 1  # B only: A never finished
+        assert metric(live.url, "dspark:num_requests_running") == 0
+
+
+def test_a_client_that_gives_up_on_a_whole_answer_is_cancelled_too(target):
+    live, _ = gated_server(target, policy="plain", max_batch=1, max_queue=4, delay=0.02)
+    with live:
+        long = {"model": MODEL, "messages": user(PROMPTS[0]), "max_tokens": 70, "temperature": 0}
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(live.url + ROUTES["chat"], json=long, timeout=0.5)  # gives up, closes the connection
+        wait_for(lambda: metric(live.url, "dspark:request_cancelled_total") == 1, what="the cancellation")
+        assert metric(live.url, "dspark:num_requests_running") == 0
+        assert post(live.url, "chat", OK_CHAT).status_code == 200  # the only slot serves the next one
+        assert metric(live.url, "dspark:request_success_total") == 1
+
+
+# -- the command line ---------------------------------------------------------------------------------
+
+
+@pytest.mark.slow  # a subprocess that imports torch and transformers: ~20 s on a busy 2-core machine
+def test_serve_command_sigterm_finishes_the_requests_in_flight(target, tmp_path):
+    """`dspark serve` in a subprocess over a saved tiny target; SIGTERM while one request
+    streams and two wait for the only slot: all three finish, then it exits 0."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    folder = tmp_path / "tiny-chat"
+    target.model.save_pretrained(folder)
+    target.tokenizer.save_pretrained(folder)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "dspark", "serve", "--model", str(folder), "--drafter", "none", "--policy", "plain",
+               "--max-batch", "1", "--max-model-len", "256", "--port", str(port), "--served-model-name", MODEL,
+               "--log-level", "warning"]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None, process.communicate()
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the server did not come up"
+            time.sleep(0.2)
+        body = {"model": MODEL, "prompt": [1, 2, 3], "max_tokens": 240, "temperature": 0, "stream": True}
+        first_chunk = threading.Event()
+
+        def stream(i: int) -> list[str]:
+            with httpx.stream("POST", url + ROUTES["completion"], json={**body, "seed": i}, timeout=120) as r:
+                lines = []
+                for line in r.iter_lines():
+                    if line:
+                        lines.append(line)
+                        first_chunk.set()
+                return lines
+
+        with ThreadPoolExecutor(3) as pool:
+            streams = [pool.submit(stream, i) for i in range(3)]
+            assert first_chunk.wait(60)
+            process.send_signal(signal.SIGTERM)
+            in_flight = sum(not f.done() for f in streams)
+            results = [f.result() for f in streams]
+        assert in_flight >= 2  # one slot: the signal came while one streamed and the others waited
+        for lines in results:
+            assert lines[-1] == "data: [DONE]"
+            finish = json.loads(lines[-2][len("data: "):])
+            assert finish["choices"][0]["finish_reason"] in ("length", "stop")
+        # uvicorn drains, runs the app's shutdown (the loop drains too), then re-raises the
+        # signal it caught, so the parent sees a process ended by SIGTERM (status 143 in a shell).
+        assert process.wait(60) in (0, -signal.SIGTERM)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_serve_command_refuses_bad_options_and_a_missing_extra(monkeypatch):
+    import importlib.util
+
+    from typer.testing import CliRunner
+
+    from dspark.cli.main import app
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["serve", "--max-batch", "0"])
+    assert result.exit_code == 2 and "--max-batch must be >= 1" in result.stderr
+    result = runner.invoke(app, ["serve", "--max-model-len", "1"])
+    assert result.exit_code == 2 and "--max-model-len must be >= 2" in result.stderr
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "uvicorn" else real(name, *a))
+    result = runner.invoke(app, ["serve"])
+    assert result.exit_code == 2 and "pip install 'dspark[serve]'" in result.stderr
+    assert "serve" in runner.invoke(app, ["--help"]).output
