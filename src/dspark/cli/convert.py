@@ -34,6 +34,15 @@ def _new_folder(out: Path) -> Path:
     return out
 
 
+def _load_target(spec: Optional[str], dtype):
+    """The target's weights and config (no tokenizer: nothing here encodes text)."""
+    from dspark.target import TargetModel
+    from dspark.target.loading import DEFAULT_MODEL, load_model_and_tokenizer
+
+    model, _ = load_model_and_tokenizer(spec, dtype=dtype, with_tokenizer=False)
+    return TargetModel(model, None, name=spec or DEFAULT_MODEL)
+
+
 @convert_app.command("import")
 def import_command(
     src: Path = typer.Argument(..., help="A DeepSpec DSpark/DFlash checkpoint folder (config.json + safetensors)."),
@@ -54,9 +63,7 @@ def import_command(
     if model is not None:
         import torch
 
-        from dspark.target import TargetModel
-
-        target = TargetModel.load(model, dtype=torch.bfloat16)  # only shapes and weights compared
+        target = _load_target(model, torch.bfloat16)  # only shapes and weights are compared
     report = import_deepspec(src, out, target=target)
     summary = {
         "out": str(report.out),
@@ -92,7 +99,6 @@ def export_command(
 
     from dspark.drafters.dspark import DSparkConfig
     from dspark.drafters.dspark.interop import check_exportable, export_for_engines
-    from dspark.target import TargetModel
 
     try:
         config = DSparkConfig.load(src)
@@ -100,7 +106,7 @@ def export_command(
         raise DsparkError(f"{src}/config.json is not a DSpark config: {exc}") from None
     check_exportable(config)  # a family the engines cannot serve is refused before any model loads
     torch_dtype = getattr(torch, dtype)
-    target = TargetModel.load(model, dtype=torch_dtype)
+    target = _load_target(model, torch_dtype)  # a reduced vocabulary's head rows are written in this dtype
     report = export_for_engines(src, out, target, dtype=torch_dtype)
     if as_json:
         typer.echo(json.dumps({"out": str(report.out), "dtype": report.dtype, "keys": list(report.keys),

@@ -36,6 +36,8 @@ from dspark.errors import DsparkError
 INDEX_NAME = "model.safetensors.index.json"
 ENGINE_ARCHITECTURE = "Qwen3DSparkModel"
 """The one architecture string vLLM and SGLang route to their Qwen3 DSpark drafter (exactly)."""
+VERIFIED_TARGETS = ("qwen3", "qwen3_moe")
+"""Target families upstream has served DSpark drafters for (vLLM #46995, SGLang ``set_dflash_layers_to_capture``)."""
 REQUIRED_FIELDS = ("target_layer_ids", "mask_token_id", "enable_confidence_head", "markov_rank")
 """config.json fields DeepSpec's ``Qwen3DSparkModel.__init__`` asserts (besides the two below)."""
 SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
@@ -276,6 +278,10 @@ def export_for_engines(src_or_model: str | Path | DSparkModel, out: str | Path, 
         if key in model.carried() and not same_tensor(model.carried()[key], reference):
             notes.append(f"{key} differs from the target's: vLLM keeps the drafter's own, "
                          "SGLang always uses the target's (its drafts will differ)")
+    family = getattr(target.model.config, "model_type", "?")
+    if family not in VERIFIED_TARGETS:
+        notes.append(f"the target is {family}: vLLM and SGLang serve DSpark for targets that expose their "
+                     f"hidden states to drafters ({', '.join(VERIFIED_TARGETS)} verified upstream); check yours")
     if not config.enable_confidence_head:
         notes.append("no confidence head: vLLM's adaptive verification and SGLang's non-static "
                      "SGLANG_RAGGED_VERIFY_MODE need one")
