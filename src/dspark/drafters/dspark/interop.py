@@ -141,8 +141,10 @@ def deepspec_config(raw: dict[str, Any], src: Path, target=None) -> DSparkConfig
     if "num_target_layers" not in d:
         d["num_target_layers"] = target.model.config.num_hidden_layers
     _check_supported(d, where)
-    d.setdefault("head_dim", d["hidden_size"] // d["num_attention_heads"])
-    d.setdefault("num_key_value_heads", d["num_attention_heads"])
+    if d.get("head_dim") is None:
+        d["head_dim"] = d["hidden_size"] // d["num_attention_heads"]
+    if d.get("num_key_value_heads") is None:
+        d["num_key_value_heads"] = d["num_attention_heads"]
     if "dspark_target_name" not in d and "_name_or_path" not in d and target is not None:
         d["dspark_target_name"] = target.name
     try:

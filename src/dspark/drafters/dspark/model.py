@@ -228,11 +228,9 @@ class DSparkModel(nn.Module):
         embed = target.model.get_input_embeddings()
         head = target.model.get_output_embeddings()
         carried = {k.removesuffix(".weight"): w for k, w in self.carried().items()}
-        rows = head.weight if not self.config.reduced_vocab else head.weight.detach()[self.draft_ids.to(head.weight.device)]
         self._aliases = {}
-        for name, reference in (("embed_tokens", embed.weight), ("lm_head", rows)):
-            if name not in carried:
-                continue
+        for name in carried:
+            reference = embed.weight if name == "embed_tokens" else self._target_rows(head)
             if same_tensor(carried[name], reference):
                 self._aliases[name] = reference.detach()
                 setattr(self, name, None)
@@ -240,6 +238,12 @@ class DSparkModel(nn.Module):
                 setattr(self, name, _frozen(name, carried[name].clone()))
         self._head_rows = None
         self._shared = (embed, head)  # a plain tuple: not registered, not saved, not trained
+
+    def _target_rows(self, head: nn.Module) -> torch.Tensor:
+        """The target head's rows of the draft tokens # [N, d] (its whole weight for N = V)."""
+        if not self.config.reduced_vocab:
+            return head.weight
+        return head.weight.detach()[self.draft_ids.to(head.weight.device)]
 
     @torch.no_grad()
     def init_from_target(self, target) -> None:
