@@ -115,6 +115,7 @@ def test_deepspec_checkpoint_imports_and_drafts_like_the_native_load(target, tmp
     report = import_deepspec(tmp_path / "deepspec", tmp_path / "imported", target=target)
     assert report.drafter_spec == f"dspark:{tmp_path / 'imported'}"
     assert report.carried == ("embed_tokens.weight", "lm_head.weight") and report.source_dtype == "bfloat16"
+    assert report.notes == ()  # the carried copies are the target's
     imported = make_drafter(report.drafter_spec, gamma=GAMMA)
     native = make_drafter(f"dspark:{tmp_path / 'native'}", gamma=GAMMA)
     for params in PARAMS:
@@ -198,7 +199,9 @@ def test_a_carried_embedding_and_head_that_differ_are_used(target, tmp_path):
     g = torch.Generator().manual_seed(11)
     embed, head = torch.randn(32, 32, generator=g), torch.randn(32, 32, generator=g)
     write_deepspec(model, target, tmp_path / "deepspec", embed=embed, head=head)
-    import_deepspec(tmp_path / "deepspec", tmp_path / "imported")
+    report = import_deepspec(tmp_path / "deepspec", tmp_path / "imported", target=target)
+    assert report.notes == ("embed_tokens.weight differs from the target's: the drafter uses its own copy",
+                            "lm_head.weight differs from the target's: the drafter uses its own copy")
     model.save_pretrained(tmp_path / "native")
     own = make_drafter(f"dspark:{tmp_path / 'imported'}", gamma=GAMMA)
     borrowed = make_drafter(f"dspark:{tmp_path / 'native'}", gamma=GAMMA)
@@ -271,6 +274,9 @@ def test_import_refuses_a_missing_required_field(target, tmp_path, field):
     ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0}}, "rope scaling"),
     ({"target_layer_ids": [1, 5]}, "final, normed layer"),
     ({"mask_token_id": 32}, "outside the vocabulary"),
+    ({"sample_from_anchor": False}, "1\\+N block layout"),
+    ({"speculators_model_type": "dspark"}, "speculators checkpoint"),
+    ({"attention_bias": True}, "attention_bias"),
 ])
 def test_import_refuses_what_it_cannot_serve_faithfully(target, tmp_path, changes, message):
     src = _deepspec(target, tmp_path)

@@ -72,6 +72,7 @@ def import_command(
         "carried": list(report.carried),
         "dtype": report.source_dtype,
         "checked_against": target.name if target is not None else None,
+        "notes": list(report.notes),
     }
     if as_json:
         typer.echo(json.dumps(summary))
@@ -79,6 +80,8 @@ def import_command(
     carried = ", ".join(report.carried) or "none"
     typer.echo(f"imported {src} -> {out} ({summary['variant']}, {report.source_dtype}, carried: {carried}); "
                f"use --drafter {report.drafter_spec}")
+    for note in report.notes:
+        typer.echo(f"note: {note}", err=True)
 
 
 @convert_app.command("export")

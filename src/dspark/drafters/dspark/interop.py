@@ -31,6 +31,7 @@ import torch
 
 from dspark.drafters.dspark.config import DSparkConfig
 from dspark.drafters.dspark.model import CARRIED_KEYS, WEIGHTS_NAME, DSparkModel, same_tensor
+from dspark.drafters.dspark.vocab import draft_ids_from_d2t
 from dspark.errors import DsparkError
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -54,6 +55,8 @@ class ImportReport:
     """Embedding/LM head keys kept from the checkpoint."""
     source_dtype: str
     """dtype of the checkpoint's floating tensors (written unchanged)."""
+    notes: tuple[str, ...] = ()
+    """Things the user should know (one line each), such as a carried copy that differs from the target's."""
 
     @property
     def drafter_spec(self) -> str:
@@ -94,12 +97,27 @@ def import_deepspec(src: str | Path, out: str | Path, target=None) -> ImportRepo
     config.save(out)
     _save(tensors, out)
     floating = {str(t.dtype).removeprefix("torch.") for t in tensors.values() if t.is_floating_point()}
+    notes = ()
+    if target is not None:
+        notes = tuple(f"{key} differs from the target's: the drafter uses its own copy"
+                      for key, reference in _target_weights(config, target, tensors.get("d2t")).items()
+                      if key in tensors and not same_tensor(tensors[key], reference))
     return ImportReport(
         out=out,
         config=config,
         carried=tuple(k for k in CARRIED_KEYS if k in tensors),
         source_dtype=",".join(sorted(floating)),
+        notes=notes,
     )
+
+
+def _target_weights(config: DSparkConfig, target, d2t: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The target's embedding # [V, d] and LM head rows of the draft tokens # [N, d], by carried key."""
+    embed = target.model.get_input_embeddings().weight.detach()
+    head = target.model.get_output_embeddings().weight.detach()
+    if config.reduced_vocab:
+        head = head[draft_ids_from_d2t(d2t).to(head.device)]
+    return {"embed_tokens.weight": embed, "lm_head.weight": head}
 
 
 def read_config(src: Path) -> dict[str, Any]:
@@ -118,6 +136,9 @@ def read_config(src: Path) -> dict[str, Any]:
 def deepspec_config(raw: dict[str, Any], src: Path, target=None) -> DSparkConfig:
     """The DSparkConfig of a DeepSpec config.json, checked as DeepSpec checks it on load."""
     where = src / "config.json"
+    if "speculators_model_type" in raw:
+        raise DsparkError(f"{where} is a speculators checkpoint ({raw['speculators_model_type']}), not DeepSpec's layout; "
+                          "dspark imports DeepSpec checkpoints")
     architectures = raw.get("architectures") or []
     if "Gemma4DSparkModel" in architectures:
         raise DsparkError(f"{where}: Gemma4 DSpark checkpoints (Gemma4DSparkModel) are not supported yet; "
@@ -160,6 +181,9 @@ def _check_supported(d: dict[str, Any], where: Path) -> None:
     if d.get("markov_rank", 0) > 0 and d.get("markov_head_type") != "vanilla":
         raise DsparkError(f"{where}: markov_head_type {d.get('markov_head_type')!r} is not supported yet "
                           "(dspark imports the vanilla Markov head of the released checkpoints)")
+    if d.get("sample_from_anchor") is False or d.get("dspark_bonus_anchor") is True:
+        raise DsparkError(f"{where}: the 1+N block layout (anchor as bonus token) is not supported; "
+                          "dspark drafts with the anchor as the first slot, as DeepSpec does")
     if d.get("attention_bias"):
         raise DsparkError(f"{where}: attention_bias true is not supported (the dspark backbone has no attention biases)")
     layer_types = d.get("layer_types")
@@ -269,15 +293,14 @@ def export_for_engines(src_or_model: str | Path | DSparkModel, out: str | Path, 
     config.check_target(target)
     model.check_draft_vocab()
     _check_out(out)
-    tensors = {**model.state_dict(), **model.carried()}
-    head = target.model.get_output_embeddings().weight.detach()
-    embed = target.model.get_input_embeddings().weight.detach()
-    rows = head if not config.reduced_vocab else head[model.draft_ids.to(head.device)]
+    carried = model.carried()
+    tensors = {**model.state_dict(), **carried}
+    reference = _target_weights(config, target, getattr(model, "d2t", None))
     if config.reduced_vocab and "lm_head.weight" not in tensors:
-        tensors["lm_head.weight"] = rows
+        tensors["lm_head.weight"] = reference["lm_head.weight"]
     notes = []
-    for key, reference in (("embed_tokens.weight", embed), ("lm_head.weight", rows)):
-        if key in model.carried() and not same_tensor(model.carried()[key], reference):
+    for key, weight in carried.items():
+        if not same_tensor(weight, reference[key]):
             notes.append(f"{key} differs from the target's: vLLM keeps the drafter's own, "
                          "SGLang always uses the target's (its drafts will differ)")
     family = getattr(target.model.config, "model_type", "?")
