@@ -301,6 +301,20 @@ def test_import_refuses_unknown_tensors_and_wrong_shapes(target, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_import_refuses_an_inconsistent_draft_vocabulary(target, tmp_path):
+    src = _deepspec(target, tmp_path, draft_vocab_size=DRAFT_VOCAB)
+    state = load_file(str(src / "model.safetensors"))
+    t2d = state["t2d"].clone()
+    t2d[0] = True  # token 0 is not a draft token
+    save_file({**state, "t2d": t2d}, str(src / "model.safetensors"))
+    with pytest.raises(DsparkError, match="t2d does not match d2t"):
+        import_deepspec(src, tmp_path / "out")
+    save_file({**state, "d2t": torch.zeros(DRAFT_VOCAB, dtype=torch.long) - 1}, str(src / "model.safetensors"))
+    with pytest.raises(DsparkError, match="d2t is not a valid draft vocabulary"):
+        import_deepspec(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_import_refuses_a_target_it_does_not_fit(target, tmp_path):
     src = _deepspec(target, tmp_path)
     with pytest.raises(IncompatibleDrafterError, match="hidden size"):

@@ -31,7 +31,7 @@ import torch
 
 from dspark.drafters.dspark.config import DSparkConfig
 from dspark.drafters.dspark.model import CARRIED_KEYS, WEIGHTS_NAME, DSparkModel, same_tensor
-from dspark.drafters.dspark.vocab import draft_ids_from_d2t
+from dspark.drafters.dspark.vocab import check_draft_ids, d2t_t2d, draft_ids_from_d2t
 from dspark.errors import DsparkError
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -256,6 +256,15 @@ def check_tensors(tensors: dict[str, torch.Tensor], expected: dict[str, tuple[in
     for key, tensor in tensors.items():
         if tuple(tensor.shape) != expected[key]:
             raise DsparkError(f"{src}: {key} is {list(tensor.shape)}, expected {list(expected[key])} from config.json")
+    if "d2t" in tensors:
+        vocab = expected["t2d"][0]
+        try:
+            ids = draft_ids_from_d2t(tensors["d2t"].long())
+            check_draft_ids(ids, vocab)
+        except ValueError as exc:
+            raise DsparkError(f"{src}: d2t is not a valid draft vocabulary: {exc}") from None
+        if not torch.equal(d2t_t2d(ids, vocab)[1], tensors["t2d"].bool()):
+            raise DsparkError(f"{src}: t2d does not match d2t")
 
 
 # -- dspark -> vLLM / SGLang ----------------------------------------------------------------
