@@ -202,6 +202,21 @@ CASES = [
     Case("data text", "--store is an existing file", ("data", "text", "--sharegpt", "--store", "{w}/file.txt"),
          "is a file, not a folder"),
     Case("data summary", "not a shard store", ("data", "summary", "{w}/dir"), "not a shard store"),
+    # -- convert -----------------------------------------------------------------------------
+    Case("convert", "unknown convert subcommand", ("convert", "frobnicate"), "No such command", usage=True),
+    Case("convert import", "SRC without config.json", ("convert", "import", "{w}/dir", "{w}/imported"),
+         "not a checkpoint folder"),
+    Case("convert import", "OUT is not empty", ("convert", "import", "{w}/deepspec", "{w}/run"), "is not empty"),
+    Case("convert import", "a required field is missing", ("convert", "import", "{w}/deepspec-no-mask", "{w}/imported"),
+         "lacks the required field mask_token_id"),
+    Case("convert import", "an unknown tensor", ("convert", "import", "{w}/deepspec-extra-tensor", "{w}/imported"),
+         "unknown tensor mask_embedding"),
+    Case("convert import", "a Gemma4 DSpark checkpoint", ("convert", "import", "{w}/deepspec-gemma4", "{w}/imported"),
+         "Gemma4 DSpark checkpoints (Gemma4DSparkModel) are not supported yet"),
+    Case("convert export", "a Llama-family drafter (the shipped one)", ("convert", "export", str(SHIPPED),
+                                                                         "{w}/exported"), "backbone is llama"),
+    Case("convert export", "unknown --dtype", ("convert", "export", "{w}/deepspec", "{w}/exported", "--dtype", "int8"),
+         "--dtype must be one of"),
 ]
 
 
@@ -228,6 +243,7 @@ def build_world(folder: Path, with_model_files: bool = False) -> Path:
     (run / "latest").write_text("step_00000001\n")
     (run / "train_config.json").write_text(json.dumps({"max_length": 512}))
     _broken_drafters(folder)
+    _deepspec_checkpoints(folder)
     if with_model_files:
         _model_files(folder)
     return folder
@@ -247,6 +263,32 @@ def _broken_drafters(folder: Path) -> None:
     (folder / "drafter-no-weights" / "config.json").write_text(json.dumps(config))
     (folder / "drafter-bad-config" / "config.json").write_text("{not json")
     _link(weights, folder / "drafter-bad-config" / "model.safetensors")
+
+
+def _deepspec_checkpoints(folder: Path) -> None:
+    """A tiny checkpoint in the authors' DeepSpec layout, and broken variants of it."""
+    import torch
+    from safetensors.torch import save_file
+
+    from dspark.drafters.dspark import DSparkConfig, DSparkModel
+
+    config = DSparkConfig(target_name="tiny", vocab_size=32, hidden_size=16, num_target_layers=4,
+                          target_layer_ids=(1, 2), num_hidden_layers=1, num_attention_heads=2,
+                          num_key_value_heads=1, head_dim=8, intermediate_size=32, markov_rank=4,
+                          mask_token_id=31, block_size=4)
+    state = {k: v.bfloat16() for k, v in DSparkModel(config).state_dict().items()}
+    state["embed_tokens.weight"] = state["lm_head.weight"] = torch.zeros(32, 16, dtype=torch.bfloat16)
+    fields = dict(config.to_json_dict(), num_anchors=512, dtype="bfloat16")
+    variants = {
+        "deepspec": (fields, state),
+        "deepspec-no-mask": ({k: v for k, v in fields.items() if k != "mask_token_id"}, state),
+        "deepspec-extra-tensor": (fields, {**state, "mask_embedding": torch.zeros(16)}),
+        "deepspec-gemma4": (dict(fields, architectures=["Gemma4DSparkModel"]), state),
+    }
+    for name, (cfg, tensors) in variants.items():
+        (folder / name).mkdir(exist_ok=True)
+        (folder / name / "config.json").write_text(json.dumps(cfg))
+        save_file({k: v.clone().contiguous() for k, v in tensors.items()}, str(folder / name / "model.safetensors"))
 
 
 def _model_files(folder: Path) -> None:
@@ -347,7 +389,8 @@ def results(world, request):
 
 def test_the_table_covers_every_command():
     commands = {c.command.split()[0] if c.command.startswith("data") else c.command for c in CASES}
-    assert {"generate", "eval", "calibrate", "train", "profile", "data"} <= commands
+    assert {"generate", "eval", "calibrate", "train", "profile", "data", "convert"} <= {c.split()[0] for c in commands}
+    assert {"convert import", "convert export"} <= {c.command for c in CASES}
     assert {c.command for c in CASES if c.command.startswith("data ")} >= {
         "data prompts", "data pool", "data generate", "data regen", "data text", "data summary"}
     assert len(CASES) >= 40 and len({c.id for c in CASES}) == len(CASES)

@@ -1,7 +1,7 @@
 """The command line's edge: one error boundary for every command, and checks on outputs.
 
 Every ``dspark`` command runs inside :class:`BoundaryGroup` (the typer group class of the
-root app and of ``dspark data``), so no traceback reaches a user:
+root app, of ``dspark data`` and of ``dspark convert``), so no traceback reaches a user:
 
 - an expected failure (:class:`~dspark.errors.DsparkError`, ``ValueError``, ``OSError``, a
   safetensors error) prints one line ``error: <message>`` and exits 2; ``RuntimeError`` and

@@ -14,6 +14,7 @@ from typing import List, Optional
 import typer
 
 from dspark.cli.batch import batch_command
+from dspark.cli.convert import convert_app
 from dspark.cli.profile import profile_command
 from dspark.cli.serve import serve_command
 from dspark.edge import EXIT_ERROR, EXIT_INTERRUPTED, BoundaryGroup, error_line, traceback_wanted
@@ -31,6 +32,7 @@ app = typer.Typer(
 )
 
 app.add_typer(data_app, name="data")
+app.add_typer(convert_app, name="convert")
 app.command("train")(train_command)
 app.command("profile")(profile_command)
 app.command("eval")(eval_command)

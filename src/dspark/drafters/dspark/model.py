@@ -7,7 +7,11 @@ token; all γ slots predict (slot k predicts the k-th token after the anchor). A
 every context position before its anchor and its whole own block, in both directions.
 
 The backbone layers are transformers' own decoder blocks; the target's embedding and LM
-head are borrowed (frozen) through :meth:`attach_target` and are never saved. With a reduced
+head are borrowed (frozen) through :meth:`attach_target` and are never saved. A checkpoint
+that carries its own copies (the authors' DeepSpec checkpoints store ``embed_tokens`` and
+``lm_head``, frozen copies of the target's) keeps them: at :meth:`attach_target` a copy equal
+to the target's is aliased to it (the copy is freed, as vLLM's ``_should_share`` does), one
+that differs is used, frozen, so drafts follow the checkpoint's own weights. With a reduced
 draft vocabulary (``draft_vocab_size`` N < V, see :mod:`dspark.drafters.dspark.vocab`) the
 LM head is the target head's rows of the N draft tokens and logits are over draft indices;
 :meth:`DSparkModel.to_target_ids` and :meth:`DSparkModel.expand_q` map drafts back to the
@@ -32,8 +36,8 @@ from dspark.errors import DsparkError
 from dspark.target.kernels import linear
 
 WEIGHTS_NAME = "model.safetensors"
-SHARED_KEYS = ("embed_tokens.weight", "lm_head.weight")
-"""Keys that the authors' checkpoints store (frozen target copies) and dspark borrows instead."""
+CARRIED_KEYS = ("embed_tokens.weight", "lm_head.weight")
+"""Keys of the frozen embedding/LM head copies a checkpoint may carry (the authors' always do)."""
 
 
 def _family(config: DSparkConfig):
@@ -177,7 +181,11 @@ class DSparkModel(nn.Module):
             with_markov = config.confidence_head_with_markov and r > 0
             self.confidence_head = ConfidenceHead(d, r if with_markov else 0)
         self._init_weights(hf_config.initializer_range)
-        self._shared: tuple[nn.Embedding, nn.Linear] | None = None
+        # The checkpoint's own frozen copies, or None: borrowed from the target (see carry()).
+        self.embed_tokens: nn.Embedding | None = None
+        self.lm_head: nn.Linear | None = None
+        self._aliases: dict[str, torch.Tensor] = {}  # carried copies found equal to the target's
+        self._shared: tuple[nn.Module, nn.Module] | None = None
         self._head_rows: tuple[tuple, torch.Tensor] | None = None  # (key, [N, d]) cache
 
     def _init_weights(self, std: float) -> None:
@@ -186,13 +194,56 @@ class DSparkModel(nn.Module):
                 if isinstance(sub, nn.Linear):
                     nn.init.normal_(sub.weight, std=std)
 
-    # -- the borrowed target parts ---------------------------------------------------------
+    # -- the borrowed (or carried) target parts ----------------------------------------------
+    @torch.no_grad()
+    def carry(self, embed_tokens: torch.Tensor | None = None, lm_head: torch.Tensor | None = None) -> None:
+        """Keep the checkpoint's own embedding # [V, d] and LM head # [N, d] (frozen, never trained).
+
+        They are used instead of the target's unless :meth:`attach_target` finds them equal.
+        The tensors are taken as they are (no copy).
+        """
+        d, rows = self.config.hidden_size, {"embed_tokens": self.config.vocab_size, "lm_head": self.config.num_draft_tokens}
+        for name, weight in (("embed_tokens", embed_tokens), ("lm_head", lm_head)):
+            if weight is None:
+                continue
+            if tuple(weight.shape) != (rows[name], d):
+                raise DsparkError(f"{name}.weight must be [{rows[name]}, {d}] for this config, got {list(weight.shape)}")
+            setattr(self, name, _frozen(name, weight))
+            self._aliases.pop(name, None)
+        self._head_rows = None
+
+    def carried(self) -> dict[str, torch.Tensor]:
+        """The embedding/LM head copies this checkpoint carries, by state-dict key (aliased ones too)."""
+        own = {name: getattr(self, name).weight for name in ("embed_tokens", "lm_head") if getattr(self, name) is not None}
+        return {f"{name}.weight": w for name, w in {**self._aliases, **own}.items()}
+
     def attach_target(self, target) -> None:
-        """Borrow the target's frozen embedding and LM head (kept out of state_dict)."""
+        """Borrow the target's frozen embedding and LM head (kept out of state_dict).
+
+        A carried copy equal to the target's (``torch.equal`` in the target's dtype; for a
+        reduced vocabulary, the head's draft rows) is aliased: the copy is freed and the
+        target's module used. A copy that differs is used instead of the target's.
+        """
         self.config.check_target(target)
         embed = target.model.get_input_embeddings()
         head = target.model.get_output_embeddings()
+        carried = {k.removesuffix(".weight"): w for k, w in self.carried().items()}
+        self._aliases = {}
+        for name in carried:
+            reference = embed.weight if name == "embed_tokens" else self._target_rows(head)
+            if same_tensor(carried[name], reference):
+                self._aliases[name] = reference.detach()
+                setattr(self, name, None)
+            elif getattr(self, name) is None:  # aliased to an earlier target this one differs from
+                setattr(self, name, _frozen(name, carried[name].clone()))
+        self._head_rows = None
         self._shared = (embed, head)  # a plain tuple: not registered, not saved, not trained
+
+    def _target_rows(self, head: nn.Module) -> torch.Tensor:
+        """The target head's rows of the draft tokens # [N, d] (its whole weight for N = V)."""
+        if not self.config.reduced_vocab:
+            return head.weight
+        return head.weight.detach()[self.draft_ids.to(head.weight.device)]
 
     @torch.no_grad()
     def init_from_target(self, target) -> None:
@@ -260,17 +311,11 @@ class DSparkModel(nn.Module):
         full = q.new_zeros(*q.shape[:-1], self.config.vocab_size)
         return full.index_copy_(-1, self.draft_ids, q)
 
-    @property
-    def embed_tokens(self) -> nn.Embedding:
+    def input_embeddings(self) -> nn.Module:
+        """The embedding in use: the carried copy that differs from the target's, else the target's."""
         if self._shared is None:
             raise DsparkError("attach_target() must be called before drafting or training")
-        return self._shared[0]
-
-    @property
-    def lm_head(self) -> nn.Linear:
-        if self._shared is None:
-            raise DsparkError("attach_target() must be called before drafting or training")
-        return self._shared[1]
+        return self.embed_tokens if self.embed_tokens is not None else self._shared[0]
 
     # -- context path -----------------------------------------------------------------------
     def context_states(self, features: torch.Tensor) -> torch.Tensor:
@@ -315,7 +360,7 @@ class DSparkModel(nn.Module):
         whole cached context and all T block positions. ``logits=False`` skips the LM head
         (see :meth:`slot_logits`).
         """
-        x = self.embed_tokens(block_ids).to(self.fc.weight.dtype)
+        x = self.input_embeddings()(block_ids).to(self.fc.weight.dtype)
         position_embeddings = self.rotary_emb(x, positions)
         for layer in self.layers:
             x = layer(x, attention_mask=attention_mask, position_embeddings=position_embeddings, cache=cache)
@@ -329,8 +374,13 @@ class DSparkModel(nn.Module):
 
     @property
     def draft_head_weight(self) -> torch.Tensor:
-        """[N, d] the frozen target head's rows of the draft tokens (all rows for N = V)."""
-        weight = self.lm_head.weight
+        """[N, d] the frozen target head's rows of the draft tokens (all rows for N = V), or
+        the carried head where it differs from the target's."""
+        if self._shared is None:
+            raise DsparkError("attach_target() must be called before drafting or training")
+        if self.lm_head is not None:
+            return self.lm_head.weight
+        weight = self._shared[1].weight
         if not self.config.reduced_vocab:
             return weight
         # Rebuilt only when the head or d2t changes (a checkpoint load copies into d2t in place).
@@ -389,7 +439,8 @@ class DSparkModel(nn.Module):
 
     # -- checkpoints ---------------------------------------------------------------------------
     def save_pretrained(self, folder: str | Path, dtype: torch.dtype | None = None, with_lm_head: bool = False) -> None:
-        """config.json + model.safetensors with the authors' key names; no embed/LM head.
+        """config.json + model.safetensors with the authors' key names; no embed/LM head
+        unless the checkpoint carried them (:meth:`carry`; aliased copies are written too).
 
         A reduced vocabulary saves ``d2t``/``t2d``; ``with_lm_head`` also stores the [N, d]
         head rows, which vLLM requires for a reduced draft vocabulary (the target must be attached).
@@ -400,7 +451,7 @@ class DSparkModel(nn.Module):
         folder.mkdir(parents=True, exist_ok=True)
         self.check_draft_vocab()
         self.config.save(folder)
-        tensors = dict(self.state_dict())
+        tensors = {**self.state_dict(), **self.carried()}
         if with_lm_head:
             tensors["lm_head.weight"] = self.draft_head_weight
         state = {
@@ -424,12 +475,28 @@ class DSparkModel(nn.Module):
             raise DsparkError(f"{folder}/config.json is not a DSpark config: {exc}") from exc
         model = cls(config)
         state = load_file(str(folder / WEIGHTS_NAME), device=str(device))
-        for key in SHARED_KEYS:
-            state.pop(key, None)
+        model.carry(*(state.pop(key, None) for key in CARRIED_KEYS))
         missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if k not in CARRIED_KEYS]  # carried above, as they are
         if missing or unexpected:
             raise DsparkError(
                 f"checkpoint {folder} does not match its config: missing {missing}, unexpected {unexpected}"
             )
         model.check_draft_vocab()
         return model.to(device=device, dtype=dtype).eval()
+
+
+def _frozen(name: str, weight: torch.Tensor) -> nn.Module:
+    """A frozen nn.Embedding (``embed_tokens``) or bias-free nn.Linear (``lm_head``) over ``weight``."""
+    if name == "embed_tokens":
+        return nn.Embedding.from_pretrained(weight, freeze=True)
+    head = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    head.weight = nn.Parameter(weight, requires_grad=False)
+    return head
+
+
+def same_tensor(carried: torch.Tensor, reference: torch.Tensor) -> bool:
+    """``torch.equal`` of a carried copy and the target's tensor, in the target's dtype and device."""
+    if carried.shape != reference.shape:
+        return False
+    return torch.equal(carried.detach().to(device=reference.device, dtype=reference.dtype), reference.detach())
