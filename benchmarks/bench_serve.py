@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from dspark.evaluation.datasets import load_dataset
-from dspark.evaluation.runner import git_state, machine_info
+from dspark.evaluation.provenance import git_state, machine_info
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "serve" / "serve.json"
