@@ -40,6 +40,16 @@ def tiny_target(**kwargs):
     return TargetModel(tiny_llama(**kwargs), tokenizer=None, name="tiny")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny models: thread hand-offs cost more than their
+    matmuls, and a second busy process makes multi-threaded torch an order of magnitude slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def default_target():
     """The embedded SmolLM2-135M-Instruct (de-quantized once into the user cache)."""

@@ -45,12 +45,7 @@ NUCLEUS = SamplingParams(temperature=0.7, top_k=5, top_p=0.8)
 BLOCK = 3
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: thread hand-offs cost more than the matmuls
 
 
 RICH_V = 64

@@ -72,12 +72,7 @@ DRAFT_LOGITS = torch.tensor([math.log(Q_A), math.log(1 - Q_A)])
 CORRECT_RESIDUAL = dspark.verify.residual_distribution
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: thread hand-offs cost more than the matmuls
 
 
 class FixedLogitLM(torch.nn.Module):

@@ -48,14 +48,7 @@ T1 = SamplingParams(temperature=1.0)
 NUCLEUS = SamplingParams(temperature=0.7, top_k=5, top_p=0.8)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The models are tiny: thread hand-offs cost more than the matmuls, and a second busy
-    # process makes multi-threaded torch an order of magnitude slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: thread hand-offs cost more than the matmuls
 
 
 @pytest.fixture(scope="module")

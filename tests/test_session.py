@@ -9,7 +9,6 @@ cancelled, commit exactly what ``generate`` commits for them.
 from __future__ import annotations
 
 import pytest
-import torch
 
 from conftest import tiny_target
 from dspark.engine import GenerationRequest
@@ -19,12 +18,7 @@ from dspark.serving.text import TextStream
 from test_batch_engine import RICH_PROMPTS, dspark_drafter, rich_target
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: thread hand-offs cost more than the matmuls
 
 
 @pytest.fixture(scope="module")
