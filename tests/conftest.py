@@ -40,6 +40,21 @@ def tiny_target(**kwargs):
     return TargetModel(tiny_llama(**kwargs), tokenizer=None, name="tiny")
 
 
+def random_dspark_model(target, seed: int = 1, **overrides):
+    """A random-init DSparkModel for ``target`` in eval mode, with random (not zero) Markov and
+    confidence heads so that every path matters; ``overrides`` go to DSparkConfig.for_target."""
+    from dspark.drafters.dspark import DSparkConfig, DSparkModel
+
+    torch.manual_seed(seed)
+    model = DSparkModel(DSparkConfig.for_target(target, **overrides)).eval()
+    with torch.no_grad():
+        if model.markov_head is not None:
+            model.markov_head.markov_w2.weight.normal_(std=0.5)
+        if model.confidence_head is not None:
+            model.confidence_head.proj.weight.normal_(std=0.5)
+    return model
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One torch thread for a module of tiny models: thread hand-offs cost more than their

@@ -15,10 +15,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import tiny_target
+from conftest import random_dspark_model, tiny_target
 from dspark.drafters import make_drafter
 from dspark.drafters.base import DraftInput
-from dspark.drafters.dspark import DSparkConfig, DSparkDrafter, DSparkModel
+from dspark.drafters.dspark import DSparkDrafter, DSparkModel
 from dspark.drafters.dspark.interop import export_for_engines, import_deepspec
 from dspark.errors import DsparkError, IncompatibleDrafterError
 from dspark.sampling import SamplingParams
@@ -38,15 +38,8 @@ def target():
 
 
 def make_model(target, seed=1, **overrides) -> DSparkModel:
-    torch.manual_seed(seed)
     values = dict(num_hidden_layers=2, markov_rank=8, block_size=GAMMA, mask_token_id=31, layer_family="qwen3")
-    values.update(overrides)
-    model = DSparkModel(DSparkConfig.for_target(target, **values)).eval()
-    with torch.no_grad():  # random (not zero) heads so every path matters
-        if model.markov_head is not None:
-            model.markov_head.markov_w2.weight.normal_(std=0.5)
-        if model.confidence_head is not None:
-            model.confidence_head.proj.weight.normal_(std=0.5)
+    model = random_dspark_model(target, seed, **{**values, **overrides})
     if model.config.reduced_vocab:
         model.set_draft_vocab(torch.arange(3, 3 + DRAFT_VOCAB))
     return model
