@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from dspark.evaluation.datasets import load_dataset
-from dspark.evaluation.provenance import git_state, machine_info
+from dspark.evaluation.provenance import git_state, machine_info, write_report
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "serve" / "serve.json"
@@ -315,13 +315,7 @@ def print_table(report: dict) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    report = run(args)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    png = args.out.with_suffix(".png")
-    plot(report, png)
-    print_table(report)
-    print(f"wrote {args.out} and {png}", file=sys.stderr)
+    write_report(args.out, run(args), plot=plot, table=print_table)
 
 
 if __name__ == "__main__":

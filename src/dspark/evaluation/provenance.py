@@ -9,7 +9,7 @@ import subprocess
 import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 from dspark.evaluation.aggregate import Aggregate
 from dspark.evaluation.datasets import EvalDataset
@@ -76,3 +76,19 @@ def results_dict(
         "aggregates": [asdict(a) for a in aggregates],
         "records": [r.to_json() for r in records],
     }
+
+
+def write_report(out: Path, report: dict, plot: Callable[[dict, Path], None] | None = None,
+                 table: Callable[[dict], None] | None = None) -> None:
+    """Write a benchmark's JSON to ``out``, its plot beside it (same name, .png) and its table."""
+    import json
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    written = [str(out)]
+    if plot is not None:
+        plot(report, out.with_suffix(".png"))
+        written.append(str(out.with_suffix(".png")))
+    if table is not None:
+        table(report)
+    print(f"wrote {' and '.join(written)}", file=sys.stderr)
