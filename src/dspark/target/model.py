@@ -62,9 +62,7 @@ class TargetModel:
 
     # -- the KV cache -----------------------------------------------------------------
     def new_cache(self):
-        from transformers import DynamicCache
-
-        return DynamicCache(config=self.model.config)
+        return new_dynamic_cache(self.model.config)
 
     @staticmethod
     def cache_length(cache) -> int:
@@ -138,12 +136,29 @@ class TargetModel:
         return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
 
 
+def new_dynamic_cache(config):
+    """An HF ``DynamicCache`` for ``config`` that :func:`crop_cache` can always roll back.
+
+    Sliding-window layers (Gemma 3's local layers) keep only their last window - 1 positions,
+    and a layer past its window refuses ``crop`` unless it records the past: it then keeps
+    every new position until the next crop, which cuts it back to the window.
+    """
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=config)
+    cache.activate_past_recording()
+    return cache
+
+
 def crop_cache(cache, length: int) -> None:
-    """Shrink an HF cache to ``length`` positions (transformers 5 crops by a negative count)."""
+    """Shrink an HF cache to ``length`` positions (transformers 5 crops by a negative count).
+
+    Called with nothing to drop too: a sliding-window layer then trims back to its window.
+    """
     extra = cache.get_seq_length() - length
     if extra < 0:
         raise ValueError(f"cannot roll back a cache of {cache.get_seq_length()} to {length}")
-    if extra:
+    if extra or length:  # an empty cache has nothing to trim (and its sliding layers no tensors yet)
         cache.crop(-extra)
 
 
