@@ -49,6 +49,11 @@ class TargetModel:
         self.vocab_size: int = model.get_output_embeddings().weight.shape[0]
         self.hidden_size: int = config.hidden_size
         self.num_layers: int = config.num_hidden_layers
+        self.sliding_window: int | None = (
+            getattr(config, "sliding_window", None) if "sliding_attention" in (getattr(config, "layer_types", None) or ()) else None
+        )
+        """The window of the model's sliding-attention layers (Gemma 3's local layers), or None.
+        Callers that pass their own mask give those layers a windowed one (target/ragged.py)."""
         self.device = next(model.parameters()).device
         self.eos_token_ids: frozenset[int] = frozenset(_eos_ids(model, tokenizer))
 
