@@ -271,7 +271,7 @@ def check_tensors(tensors: dict[str, torch.Tensor], expected: dict[str, tuple[in
 def check_exportable(config: DSparkConfig) -> None:
     """Refuse, in one line, a drafter vLLM or SGLang cannot serve (needs only the config)."""
     if config.layer_family != "qwen3":
-        why = {"llama": "no q/k norm", "gemma3": "sandwich norms, (1 + w) RMSNorm, scaled embedding"}
+        why = {"llama": "no q/k norm", "gemma3": "sandwich norms"}
         raise DsparkError(
             f"vLLM and SGLang serve Qwen3-style DSpark drafters ({ENGINE_ARCHITECTURE}) only; this drafter's "
             f"backbone is {config.layer_family} ({why.get(config.layer_family, 'not Qwen3')}), "
