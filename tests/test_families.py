@@ -293,6 +293,10 @@ def test_export_refuses_a_gemma3_drafter_in_one_line(gemma, tmp_path):
     result = CliRunner().invoke(app, ["convert", "export", str(tmp_path / "drafter"), str(tmp_path / "out")])
     assert result.exit_code == 2 and "backbone is gemma3" in result.output
     assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+    # A qwen3 backbone over a soft-capping target: the engines would not cap its logits.
+    with pytest.raises(DsparkError, match="do not soft-cap draft logits"):
+        export_for_engines(make_model(gemma, layer_family="qwen3"), tmp_path / "out", gemma)
+    assert not (tmp_path / "out").exists()
 
 
 def test_train_layer_family_is_recorded_and_a_resume_with_another_is_refused(gemma, tmp_path):

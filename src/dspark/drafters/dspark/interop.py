@@ -277,6 +277,9 @@ def check_exportable(config: DSparkConfig) -> None:
             f"backbone is {config.layer_family} ({why.get(config.layer_family, 'not Qwen3')}), "
             "so it cannot be exported for them"
         )
+    if config.final_logit_softcapping is not None:
+        raise DsparkError("vLLM's and SGLang's DSpark drafters do not soft-cap draft logits; this drafter caps them "
+                          f"at {config.final_logit_softcapping} as its target does, so it cannot be exported for them")
     if config.markov_rank == 0:
         raise DsparkError("vLLM's and SGLang's DSpark drafters require markov_rank > 0; "
                           "a DFlash drafter (markov_rank 0) cannot be exported for them")

@@ -29,7 +29,7 @@ from torch import nn
 
 from dspark.drafters.dspark.attention import BlockLayout
 from dspark.drafters.dspark.attention import register as register_block_attention
-from dspark.drafters.dspark.config import FAMILY_OF_MODEL_TYPE, QK_NORM_FAMILIES, DSparkConfig
+from dspark.drafters.dspark.config import QK_NORM_FAMILIES, DSparkConfig
 from dspark.drafters.dspark.heads import ConfidenceHead, MarkovHead, RNNHead
 from dspark.drafters.dspark.vocab import check_draft_ids, d2t_t2d, draft_ids_from_d2t
 from dspark.errors import DsparkError
@@ -44,10 +44,11 @@ def _family(config: DSparkConfig):
     """transformers classes for the backbone's block family, and the HF config they read.
 
     gemma3 layers bring their own sandwich norms (post-attention, pre/post-feedforward), q/k
-    norms and (1 + w) RMSNorm. Every drafter layer is ``full_attention``: the block attends to
-    the whole injected context, and the drafter's cost does not grow with it (one block of γ
-    queries), so a sliding window would only hide context; rope is the global one of the
-    target's full-attention layers (:meth:`DSparkConfig.for_target`).
+    norms and (1 + w) RMSNorm. Every drafter layer is ``full_attention``: the block's γ queries
+    should see all of the injected context (γ queries make that cheap), which a sliding window
+    would only hide; rope is the global one of the target's full-attention layers
+    (:meth:`DSparkConfig.for_target`). The final-logit soft cap is the drafter's own business
+    (:meth:`DSparkModel.slot_logits`), so the HF config leaves it out.
     """
     common = dict(
         vocab_size=config.vocab_size,
@@ -83,7 +84,7 @@ def _family(config: DSparkConfig):
             query_pre_attn_scalar=config.query_pre_attn_scalar or config.head_dim,
             layer_types=["full_attention"] * config.num_hidden_layers,
             rope_parameters={"full_attention": rope},
-            final_logit_softcapping=config.final_logit_softcapping,
+            final_logit_softcapping=None,
             attn_logit_softcapping=None,
         )
     else:
@@ -293,8 +294,8 @@ class DSparkModel(nn.Module):
         """Start the backbone from the target's own top layers (a warm start for training).
 
         Draft layer i copies target layer L - n + i wherever names and shapes agree (all of a
-        same-family layer; a qwen3 backbone on a Llama target keeps its fresh q/k norms). Across
-        families one of which is gemma3 only the projections are copied: the norms' names mean
+        same-family layer; a qwen3 backbone on a Llama target keeps its fresh q/k norms). Between
+        a Gemma and a non-Gemma family only the projections are copied: the norms' names mean
         other places in the block (Llama's ``post_attention_layernorm`` is Gemma's
         ``pre_feedforward_layernorm``) and Gemma's scale by (1 + w). fc starts by selecting the
         deepest feature layer and hidden_norm takes the scale of the norm of the target layer
@@ -305,15 +306,15 @@ class DSparkModel(nn.Module):
         decoder = model.get_decoder()
         target_layers = decoder.layers
         mine, model_type = self.config.layer_family, getattr(model.config, "model_type", "")
-        theirs = FAMILY_OF_MODEL_TYPE.get(model_type, mine)
-        only_projections = _unit_offset_norms(mine) != _unit_offset_norms(model_type) or (
-            mine != theirs and "gemma3" in (mine, theirs))
+        only_projections = _unit_offset_norms(mine) != _unit_offset_norms(model_type)
         n, total = len(self.layers), len(target_layers)
         for i, layer in enumerate(self.layers):
             source = target_layers[total - n + i].state_dict()
             own = layer.state_dict()
-            fits = lambda k, v: k in source and source[k].shape == v.shape and (not only_projections or "_proj." in k)
-            layer.load_state_dict({k: source[k] if fits(k, v) else v for k, v in own.items()})
+            layer.load_state_dict({
+                k: source[k] if k in source and source[k].shape == v.shape and (not only_projections or "_proj." in k) else v
+                for k, v in own.items()
+            })
         d = self.config.hidden_size
         deepest = max(range(len(self.config.target_layer_ids)), key=lambda j: self.config.target_layer_ids[j])
         self.fc.weight.zero_()
@@ -379,7 +380,7 @@ class DSparkModel(nn.Module):
         x = module(ids)
         scale = getattr(self._shared[0], "embed_scale", None)
         if module is self.embed_tokens and scale is not None:
-            x = x * scale.to(x.dtype)
+            x = x * torch.as_tensor(scale, dtype=x.dtype, device=x.device)
         return x
 
     # -- context path -----------------------------------------------------------------------
