@@ -156,6 +156,11 @@ CASES = [
          "variant must be dspark or dflash"),
     Case("train", "resume with another --max-length", ("train", "--data", "{w}/dir", "--out", "{w}/run",
                                                       "--max-length", "2048"), "max_length 512 there, 2048 now"),
+    Case("train", "unknown --layer-family", ("train", "--data", "{w}/dir", "--out", "{w}/run-new",
+                                            "--layer-family", "mistral"), "--layer-family must be one of"),
+    Case("train", "resume with another --layer-family", ("train", "--data", "{w}/dir", "--out", "{w}/run",
+                                                        "--max-length", "512", "--layer-family", "gemma3"),
+         "layer_family '' there, 'gemma3' now"),
     # -- profile -----------------------------------------------------------------------------
     Case("profile", "zero --max-requests", ("profile", "--max-requests", "0"), "--max-requests must be >= 1"),
     Case("profile", "zero --threads", ("profile", "--threads", "0"), "--threads must be >= 1"),
@@ -215,12 +220,18 @@ CASES = [
          "Gemma4 DSpark checkpoints (Gemma4DSparkModel) are not supported yet"),
     Case("convert export", "a Llama-family drafter (the shipped one)", ("convert", "export", str(SHIPPED),
                                                                          "{w}/exported"), "backbone is llama"),
+    Case("convert export", "a Gemma 3-family drafter", ("convert", "export", "{w}/drafter-gemma3", "{w}/exported"),
+         "backbone is gemma3"),
     Case("convert export", "unknown --dtype", ("convert", "export", "{w}/deepspec", "{w}/exported", "--dtype", "int8"),
          "--dtype must be one of"),
 ]
 
 
 # -- the world the cases run in -------------------------------------------------------------------
+RUN_SETTINGS = {"max_length": 512, "layer_family": ""}
+"""The recorded settings of the world's run to resume."""
+
+
 def build_world(folder: Path, with_model_files: bool = False) -> Path:
     """The files the cases name: existing files and folders, broken drafters, a run to resume.
 
@@ -238,10 +249,10 @@ def build_world(folder: Path, with_model_files: bool = False) -> Path:
     (folder / "responses.jsonl").write_text("")
     settings = {"max_new_tokens": 256, "temperature": 0.9, "top_p": 0.9, "seed": 0, "max_prompt_tokens": 2048}
     (folder / "responses.jsonl.settings.json").write_text(json.dumps({"settings": settings}))
-    run = folder / "run"  # a run with a checkpoint, trained with --max-length 512
+    run = folder / "run"  # a run with a checkpoint, trained with --max-length 512 and the target's family
     run.mkdir(exist_ok=True)
     (run / "latest").write_text("step_00000001\n")
-    (run / "train_config.json").write_text(json.dumps({"max_length": 512}))
+    (run / "train_config.json").write_text(json.dumps(RUN_SETTINGS))
     _broken_drafters(folder)
     _deepspec_checkpoints(folder)
     if with_model_files:
@@ -289,6 +300,7 @@ def _deepspec_checkpoints(folder: Path) -> None:
         (folder / name).mkdir(exist_ok=True)
         (folder / name / "config.json").write_text(json.dumps(cfg))
         save_file({k: v.clone().contiguous() for k, v in tensors.items()}, str(folder / name / "model.safetensors"))
+    DSparkModel(config.replace(layer_family="gemma3")).save_pretrained(folder / "drafter-gemma3")
 
 
 def _model_files(folder: Path) -> None:
@@ -404,7 +416,7 @@ def test_bad_input_is_one_line_and_exit_2(case, results):
 def test_resume_refusals_happen_before_anything_is_written(world, results):
     """The refused resumes left their files as they were (nothing appended, no checkpoint touched)."""
     assert (world / "responses.jsonl").read_text() == ""
-    assert json.loads((world / "run" / "train_config.json").read_text()) == {"max_length": 512}
+    assert json.loads((world / "run" / "train_config.json").read_text()) == RUN_SETTINGS
     assert not (world / "eval").exists() and not (world / "store").exists()
 
 

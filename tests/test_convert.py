@@ -317,6 +317,7 @@ def test_import_refuses_a_target_it_does_not_fit(target, tmp_path):
 
 @pytest.mark.parametrize("overrides, message", [
     ({"layer_family": "llama"}, "serve Qwen3-style DSpark drafters .* backbone is llama"),
+    ({"layer_family": "gemma3"}, "serve Qwen3-style DSpark drafters .* backbone is gemma3"),
     ({"markov_head_type": "rnn"}, "rnn Markov head has no vLLM destination"),
     ({"markov_rank": 0, "enable_confidence_head": False}, "require markov_rank > 0"),
 ])

@@ -1,6 +1,7 @@
 """Gemma 3 270M, the second real family (262k-token vocabulary, sandwich norms, scaled
 embedding): it loads offline from its PyPI package and greedy speculative decoding with the
-n-gram drafter equals transformers' own greedy ``generate``, token for token."""
+n-gram drafter, and with a gemma3-family DSpark drafter past the sliding window, equals
+transformers' own greedy ``generate``, token for token."""
 
 from __future__ import annotations
 
@@ -37,3 +38,32 @@ def test_gemma3_greedy_ngram_equals_plain_generate(gemma):
     engine = SpeculativeEngine(gemma, make_drafter("ngram", gamma=4))
     got = engine.generate(GenerationRequest(ids, max_new_tokens=12))
     assert got.token_ids == want and got.stats.rounds < 12  # the repeated count is drafted
+
+
+def test_gemma3_drafter_of_its_family_is_lossless_past_the_sliding_window(gemma):
+    """A random-init gemma3-family DSpark drafter (warm-started, reduced vocabulary) on a prompt
+    longer than the 512-token window: batch-1 and batched greedy output equal ``generate``."""
+    from dspark.drafters.base import NoDrafter
+    from dspark.drafters.dspark import DSparkConfig, DSparkDrafter, DSparkModel
+    from dspark.engine import BatchEngine
+    from dspark.scheduling import FixedGamma
+
+    text = "The river ran past the mill, the mill stood by the river, and the miller slept. " * 40
+    ids = gemma.encode_prompt(text, chat=False)
+    assert len(ids) > gemma.model.config.sliding_window
+    config = DSparkConfig.for_target(gemma, num_hidden_layers=2, markov_rank=8, draft_vocab_size=4096, block_size=4)
+    assert config.layer_family == "gemma3" and config.rope_theta == 1e6 and config.hidden_act == "gelu_pytorch_tanh"
+    torch.manual_seed(0)
+    model = DSparkModel(config).eval()
+    model.set_draft_vocab(torch.arange(4096))
+    model.attach_target(gemma)
+    model.init_from_target(gemma)
+    want = gemma.model.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False)[0, len(ids):].tolist()
+    got = SpeculativeEngine(gemma, DSparkDrafter(model)).generate(GenerationRequest(ids, max_new_tokens=16))
+    assert got.token_ids == want
+    assert SpeculativeEngine(gemma, NoDrafter()).generate(GenerationRequest(ids, max_new_tokens=16)).token_ids == want
+    requests = [GenerationRequest(ids, max_new_tokens=16), GenerationRequest(ids[:40], max_new_tokens=16)]
+    batched = BatchEngine(gemma, DSparkDrafter(model), FixedGamma(), max_batch=2).generate(requests).results
+    assert batched[0].token_ids == want
+    short = gemma.model.generate(torch.tensor([ids[:40]]), max_new_tokens=16, do_sample=False)[0, 40:].tolist()
+    assert batched[1].token_ids == short

@@ -12,7 +12,7 @@ import torch
 from dspark.drafters.base import DraftBlock, DraftInput
 from dspark.errors import IncompatibleDrafterError
 from dspark.sampling import sample_from_logits
-from dspark.target.model import crop_cache
+from dspark.target.model import crop_cache, new_dynamic_cache
 
 
 class DraftModelDrafter:
@@ -60,9 +60,7 @@ class DraftModelDrafter:
         committed = tokens.tolist()  # host sync: once per round, to diff against the cache
         keep = _common_prefix(self._cached, committed[:-1])
         if self._cache is None:
-            from transformers import DynamicCache
-
-            self._cache = DynamicCache(config=self.model.config)
+            self._cache = new_dynamic_cache(self.model.config)
         crop_cache(self._cache, keep)
         feed = tokens[keep:].unsqueeze(0)  # [1, n] the unseen committed tokens, anchor last
         drafted, probs = [], []

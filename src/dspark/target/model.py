@@ -49,6 +49,11 @@ class TargetModel:
         self.vocab_size: int = model.get_output_embeddings().weight.shape[0]
         self.hidden_size: int = config.hidden_size
         self.num_layers: int = config.num_hidden_layers
+        self.sliding_window: int | None = (
+            getattr(config, "sliding_window", None) if "sliding_attention" in (getattr(config, "layer_types", None) or ()) else None
+        )
+        """The window of the model's sliding-attention layers (Gemma 3's local layers), or None.
+        Callers that pass their own mask give those layers a windowed one (target/ragged.py)."""
         self.device = next(model.parameters()).device
         self.eos_token_ids: frozenset[int] = frozenset(_eos_ids(model, tokenizer))
 
@@ -62,9 +67,7 @@ class TargetModel:
 
     # -- the KV cache -----------------------------------------------------------------
     def new_cache(self):
-        from transformers import DynamicCache
-
-        return DynamicCache(config=self.model.config)
+        return new_dynamic_cache(self.model.config)
 
     @staticmethod
     def cache_length(cache) -> int:
@@ -138,12 +141,29 @@ class TargetModel:
         return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
 
 
+def new_dynamic_cache(config):
+    """An HF ``DynamicCache`` for ``config`` that :func:`crop_cache` can always roll back.
+
+    Sliding-window layers (Gemma 3's local layers) keep only their last window - 1 positions,
+    and a layer past its window refuses ``crop`` unless it records the past: it then keeps
+    every new position until the next crop, which cuts it back to the window.
+    """
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=config)
+    cache.activate_past_recording()
+    return cache
+
+
 def crop_cache(cache, length: int) -> None:
-    """Shrink an HF cache to ``length`` positions (transformers 5 crops by a negative count)."""
+    """Shrink an HF cache to ``length`` positions (transformers 5 crops by a negative count).
+
+    Called with nothing to drop too: a sliding-window layer then trims back to its window.
+    """
     extra = cache.get_seq_length() - length
     if extra < 0:
         raise ValueError(f"cannot roll back a cache of {cache.get_seq_length()} to {length}")
-    if extra:
+    if extra or length:  # an empty cache has nothing to trim (and its sliding layers no tensors yet)
         cache.crop(-extra)
 
 

@@ -34,4 +34,6 @@ def verify_forward(
     view = SlotWriteView(cache, torch.tensor(list(slots), device=device), starts_t, kv_len)
     positions = starts_t.unsqueeze(1) + torch.arange(num_new, device=device)
     mask = ragged_causal_mask(starts_t, num_new, kv_len)
+    if target.sliding_window is not None:  # one mask per layer type, as transformers builds them
+        mask = {"full_attention": mask, "sliding_attention": ragged_causal_mask(starts_t, num_new, kv_len, target.sliding_window)}
     return target.forward(feed, view, layer_ids, attention_mask=mask, position_ids=positions)

@@ -112,8 +112,9 @@ class SlotContextView:
         return torch.cat([keys, key_states], dim=-2), torch.cat([values, value_states], dim=-2)
 
 
-def ragged_causal_mask(starts: torch.Tensor, num_new: int, kv_len: int) -> torch.Tensor:
-    """Bool mask # [R, 1, T, kv_len]: query t of row r sees key k iff k <= starts[r] + t.
+def ragged_causal_mask(starts: torch.Tensor, num_new: int, kv_len: int, window: int | None = None) -> torch.Tensor:
+    """Bool mask # [R, 1, T, kv_len]: query t of row r sees key k iff k <= starts[r] + t
+    (and, given a sliding ``window``, k > starts[r] + t - window, as transformers' overlay).
 
     Keys before starts[r] are the row's committed history; keys starts[r]..starts[r]+t are
     this forward's own tokens up to t. Every query sees at least itself, so no row of the
@@ -121,7 +122,10 @@ def ragged_causal_mask(starts: torch.Tensor, num_new: int, kv_len: int) -> torch
     """
     query_pos = starts.view(-1, 1, 1) + torch.arange(num_new, device=starts.device).view(1, -1, 1)
     keys = torch.arange(kv_len, device=starts.device).view(1, 1, -1)
-    return (keys <= query_pos).unsqueeze(1)
+    mask = keys <= query_pos
+    if window is not None:
+        mask &= keys > query_pos - window
+    return mask.unsqueeze(1)
 
 
 def context_block_mask(ctx_lens: torch.Tensor, ctx_len: int, block: int) -> torch.Tensor:

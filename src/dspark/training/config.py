@@ -6,7 +6,7 @@ import dataclasses
 import json
 from dataclasses import dataclass
 
-from dspark.drafters.dspark.config import DSparkConfig
+from dspark.drafters.dspark.config import LAYER_FAMILIES, DSparkConfig
 from dspark.training.loss import DFLASH_WEIGHTS, LossWeights
 
 
@@ -20,6 +20,9 @@ class TrainConfig:
     """"dspark" (Markov + confidence heads, CE+TV+BCE) or "dflash" (heads off, CE only)."""
     num_layers: int = 2
     """Draft transformer layers."""
+    layer_family: str = ""
+    """Block family of the draft layers (llama, qwen3, gemma3); "" = the target's family
+    (DSparkConfig.for_target). Recorded as given, so a resume with another value is refused."""
     block_size: int = 7
     """γ."""
     markov_rank: int = 32
@@ -63,6 +66,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.variant not in ("dspark", "dflash"):
             raise ValueError(f"variant must be dspark or dflash, got {self.variant!r}")
+        if self.layer_family and self.layer_family not in LAYER_FAMILIES:
+            raise ValueError(f"layer_family must be one of {', '.join(LAYER_FAMILIES)} (or empty), got {self.layer_family!r}")
         for name in ("steps", "batch_size", "anchors_per_sequence", "num_layers", "block_size", "save_every", "log_every",
                      "max_length"):
             if getattr(self, name) < 1:
@@ -80,6 +85,8 @@ class TrainConfig:
 
     def drafter_config(self, target) -> DSparkConfig:
         overrides = dict(num_hidden_layers=self.num_layers, block_size=self.block_size)
+        if self.layer_family:
+            overrides["layer_family"] = self.layer_family
         if self.draft_vocab_size and self.draft_vocab_size < target.vocab_size:
             overrides["draft_vocab_size"] = self.draft_vocab_size
         if self.target_layer_ids:

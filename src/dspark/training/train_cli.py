@@ -23,6 +23,7 @@ def train_command(
     anchors: int = typer.Option(64, help="Blocks per sequence; they share one context pass."),
     draft_vocab: int = typer.Option(8192, help="Draft vocabulary: the N most frequent training targets (0 = the whole vocabulary)."),
     num_layers: int = typer.Option(2, help="Draft transformer layers."),
+    layer_family: Optional[str] = typer.Option(None, help="Block family of the draft layers: llama, qwen3 or gemma3 (default: the target's)."),
     block_size: int = typer.Option(7, help="γ: draft tokens per block (anchor = slot 1)."),
     markov_rank: int = typer.Option(32, help="Markov head rank r (dspark)."),
     markov_head_type: str = typer.Option("vanilla", help="vanilla or rnn (dspark)."),
@@ -42,9 +43,12 @@ def train_command(
     export: Optional[Path] = typer.Option(None, help="Also write the best (else the last) drafter here as fp16 safetensors."),
 ) -> None:
     """Train a drafter; rerun the same command to resume from the last checkpoint."""
+    from dspark.drafters.dspark.config import LAYER_FAMILIES
     from dspark.edge import check_out_dir
     from dspark.errors import DsparkError
 
+    if layer_family is not None and layer_family not in LAYER_FAMILIES:
+        raise DsparkError(f"--layer-family must be one of {', '.join(LAYER_FAMILIES)}, got {layer_family!r}")
     for path in data:
         if not path.exists():
             raise DsparkError(f"training data not found: {path}")
@@ -63,7 +67,7 @@ def train_command(
     from dspark.training.trainer import TrainConfig, train
 
     config = TrainConfig(
-        out_dir=str(out), variant=variant, num_layers=num_layers, block_size=block_size,
+        out_dir=str(out), variant=variant, num_layers=num_layers, layer_family=layer_family or "", block_size=block_size,
         markov_rank=markov_rank, markov_head_type=markov_head_type,
         target_layer_ids=tuple(layer_ids or ()), init_from_target=init_from_target, steps=steps, batch_size=batch_size,
         anchors_per_sequence=anchors, draft_vocab_size=draft_vocab, lr=lr, gamma_w=gamma_w, max_epochs=max_epochs,

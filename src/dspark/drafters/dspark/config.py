@@ -15,7 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-LAYER_FAMILIES = ("qwen3", "llama")
+LAYER_FAMILIES = ("qwen3", "llama", "gemma3")
+"""transformers block families a drafter backbone can be built from (see model._family)."""
+QK_NORM_FAMILIES = ("qwen3", "gemma3")
+"""Families whose attention normalises each head's queries and keys before rope."""
+FAMILY_OF_MODEL_TYPE = {"llama": "llama", "qwen3": "qwen3", "gemma3": "gemma3", "gemma3_text": "gemma3"}
+"""The drafter family that follows a target's HF ``model_type``; other targets get qwen3."""
+ARCHITECTURES = {"qwen3": "Qwen3DSparkModel", "llama": "LlamaDSparkModel", "gemma3": "Gemma3DSparkModel"}
 MARKOV_HEAD_TYPES = ("vanilla", "rnn")
 
 
@@ -51,7 +57,13 @@ class DSparkConfig:
     hidden_act: str = "silu"
     layer_family: str = "qwen3"
     """transformers block family of the backbone: the target's own family where dspark has it
-    (llama for Llama-style targets such as SmolLM2), else qwen3, the family vLLM/SGLang serve."""
+    (llama for SmolLM2, gemma3 for Gemma 3), else qwen3, the family vLLM/SGLang serve."""
+    query_pre_attn_scalar: int = 0
+    """gemma3 only: attention scores are scaled by query_pre_attn_scalar ** -0.5 (0 = head_dim)."""
+    final_logit_softcapping: float | None = None
+    """The target's cap on its final logits (Gemma: cap · tanh(z / cap)), applied to the draft
+    LM head's logits U_k the same way; None where the target has none. A property of the
+    target, so it holds whatever the backbone family."""
     markov_rank: int = 256
     """r of the low-rank Markov head W1 (V×r) · W2 (r×V); 0 turns the head off (DFlash)."""
     markov_head_type: str = "vanilla"
@@ -80,7 +92,11 @@ class DSparkConfig:
         if not 0 <= self.mask_token_id < self.vocab_size:
             raise ValueError(f"mask_token_id {self.mask_token_id} is outside the vocabulary")
         if self.layer_family not in LAYER_FAMILIES:
-            raise ValueError(f"layer_family must be one of {LAYER_FAMILIES}")
+            raise ValueError(f"layer_family must be one of {', '.join(LAYER_FAMILIES)}, got {self.layer_family!r}")
+        if self.query_pre_attn_scalar < 0:
+            raise ValueError("query_pre_attn_scalar must be >= 0 (0 = head_dim)")
+        if self.final_logit_softcapping is not None and self.final_logit_softcapping <= 0:
+            raise ValueError("final_logit_softcapping must be > 0 or None")
         if self.markov_head_type not in MARKOV_HEAD_TYPES:
             raise ValueError(f"markov_head_type must be one of {MARKOV_HEAD_TYPES}")
         if self.markov_rank < 0:
@@ -111,10 +127,19 @@ class DSparkConfig:
     # -- construction from a target -----------------------------------------------------
     @classmethod
     def for_target(cls, target, **overrides: Any) -> "DSparkConfig":
-        """Copy the target's shapes; pick 5 feature layers spread over its depth."""
+        """Copy the target's shapes; pick 5 feature layers spread over its depth.
+
+        The backbone family follows the target's ``model_type`` (:data:`FAMILY_OF_MODEL_TYPE`)
+        unless ``layer_family`` is overridden. Gemma 3 targets mix sliding-window layers (local
+        rope, θ = 10k) with full-attention layers (global rope, θ = 1M); a drafter's layers all
+        attend to the whole injected context, so they take the full-attention layers' rope.
+        """
         cfg = target.model.config
         n = cfg.num_hidden_layers
+        family = FAMILY_OF_MODEL_TYPE.get(getattr(cfg, "model_type", ""), "qwen3")
         rope = getattr(cfg, "rope_parameters", None) or {}
+        rope = rope.get("full_attention", rope) if isinstance(rope.get("full_attention"), dict) else rope
+        softcap = getattr(cfg, "final_logit_softcapping", None)
         values: dict[str, Any] = dict(
             target_name=target.name,
             vocab_size=target.vocab_size,
@@ -128,9 +153,11 @@ class DSparkConfig:
             rms_norm_eps=float(getattr(cfg, "rms_norm_eps", 1e-6)),
             rope_theta=float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))),
             max_position_embeddings=getattr(cfg, "max_position_embeddings", 8192),
-            hidden_act=getattr(cfg, "hidden_act", "silu"),
+            hidden_act=getattr(cfg, "hidden_act", None) or getattr(cfg, "hidden_activation", None) or "silu",
             mask_token_id=pick_mask_token(target),
-            layer_family="llama" if getattr(cfg, "model_type", "") == "llama" else "qwen3",
+            layer_family=family,
+            query_pre_attn_scalar=int(getattr(cfg, "query_pre_attn_scalar", None) or 0),
+            final_logit_softcapping=float(softcap) if softcap else None,
         )
         values.update(overrides)
         if "target_layer_ids" in overrides:
@@ -160,7 +187,7 @@ class DSparkConfig:
         """The config.json of the authors' layout (an HF Qwen3 config plus DSpark fields)."""
         d: dict[str, Any] = dict(self.extra)
         d.update(
-            architectures=["Qwen3DSparkModel"] if self.layer_family == "qwen3" else ["LlamaDSparkModel"],
+            architectures=[ARCHITECTURES[self.layer_family]],
             model_type=self.layer_family,
             dspark_target_name=self.target_name,
             vocab_size=self.vocab_size,
@@ -188,6 +215,12 @@ class DSparkConfig:
             markov_rank=self.markov_rank,
             enable_confidence_head=self.enable_confidence_head,
         )
+        if self.layer_family == "gemma3":  # the name transformers' Gemma3TextConfig reads
+            d["hidden_activation"] = self.hidden_act
+        if self.query_pre_attn_scalar:
+            d["query_pre_attn_scalar"] = self.query_pre_attn_scalar
+        if self.final_logit_softcapping is not None:
+            d["final_logit_softcapping"] = self.final_logit_softcapping
         if self.markov_rank > 0:
             d["markov_head_type"] = self.markov_head_type
         if self.enable_confidence_head:
@@ -221,7 +254,7 @@ class DSparkConfig:
 
 _WRITTEN = {
     "architectures", "model_type", "dspark_target_name", "target_hidden_size", "rope_parameters",
-    "attention_bias", "tie_word_embeddings", "layer_types", "sample_from_anchor",
+    "attention_bias", "tie_word_embeddings", "layer_types", "sample_from_anchor", "hidden_activation",
 }
 
 

@@ -271,10 +271,15 @@ def check_tensors(tensors: dict[str, torch.Tensor], expected: dict[str, tuple[in
 def check_exportable(config: DSparkConfig) -> None:
     """Refuse, in one line, a drafter vLLM or SGLang cannot serve (needs only the config)."""
     if config.layer_family != "qwen3":
+        why = {"llama": "no q/k norm", "gemma3": "sandwich norms"}
         raise DsparkError(
             f"vLLM and SGLang serve Qwen3-style DSpark drafters ({ENGINE_ARCHITECTURE}) only; this drafter's "
-            f"backbone is {config.layer_family} (no q/k norm), so it cannot be exported for them"
+            f"backbone is {config.layer_family} ({why.get(config.layer_family, 'not Qwen3')}), "
+            "so it cannot be exported for them"
         )
+    if config.final_logit_softcapping is not None:
+        raise DsparkError("vLLM's and SGLang's DSpark drafters do not soft-cap draft logits; this drafter caps them "
+                          f"at {config.final_logit_softcapping} as its target does, so it cannot be exported for them")
     if config.markov_rank == 0:
         raise DsparkError("vLLM's and SGLang's DSpark drafters require markov_rank > 0; "
                           "a DFlash drafter (markov_rank 0) cannot be exported for them")

@@ -29,7 +29,7 @@ from torch import nn
 
 from dspark.drafters.dspark.attention import BlockLayout
 from dspark.drafters.dspark.attention import register as register_block_attention
-from dspark.drafters.dspark.config import DSparkConfig
+from dspark.drafters.dspark.config import QK_NORM_FAMILIES, DSparkConfig
 from dspark.drafters.dspark.heads import ConfidenceHead, MarkovHead, RNNHead
 from dspark.drafters.dspark.vocab import check_draft_ids, d2t_t2d, draft_ids_from_d2t
 from dspark.errors import DsparkError
@@ -41,24 +41,16 @@ CARRIED_KEYS = ("embed_tokens.weight", "lm_head.weight")
 
 
 def _family(config: DSparkConfig):
-    """transformers classes for the backbone's block family."""
-    if config.layer_family == "qwen3":
-        from transformers import Qwen3Config as Cfg
-        from transformers.models.qwen3.modeling_qwen3 import (
-            Qwen3DecoderLayer as Layer,
-            Qwen3RMSNorm as Norm,
-            Qwen3RotaryEmbedding as Rotary,
-            apply_rotary_pos_emb,
-        )
-    else:
-        from transformers import LlamaConfig as Cfg
-        from transformers.models.llama.modeling_llama import (
-            LlamaDecoderLayer as Layer,
-            LlamaRMSNorm as Norm,
-            LlamaRotaryEmbedding as Rotary,
-            apply_rotary_pos_emb,
-        )
-    hf_config = Cfg(
+    """transformers classes for the backbone's block family, and the HF config they read.
+
+    gemma3 layers bring their own sandwich norms (post-attention, pre/post-feedforward), q/k
+    norms and (1 + w) RMSNorm. Every drafter layer is ``full_attention``: the block's γ queries
+    should see all of the injected context (γ queries make that cheap), which a sliding window
+    would only hide; rope is the global one of the target's full-attention layers
+    (:meth:`DSparkConfig.for_target`). The final-logit soft cap is the drafter's own business
+    (:meth:`DSparkModel.slot_logits`), so the HF config leaves it out.
+    """
+    common = dict(
         vocab_size=config.vocab_size,
         hidden_size=config.hidden_size,
         intermediate_size=config.intermediate_size,
@@ -68,13 +60,65 @@ def _family(config: DSparkConfig):
         head_dim=config.head_dim,
         rms_norm_eps=config.rms_norm_eps,
         max_position_embeddings=config.max_position_embeddings,
-        hidden_act=config.hidden_act,
         attention_bias=False,
-        rope_parameters={"rope_theta": config.rope_theta, "rope_type": "default"},
     )
+    rope = {"rope_theta": config.rope_theta, "rope_type": "default"}
+    if config.layer_family == "gemma3":
+        from transformers import Gemma3TextConfig
+        from transformers.models.gemma3.modeling_gemma3 import (
+            Gemma3DecoderLayer as Layer,
+            Gemma3RMSNorm as Norm,
+            Gemma3RotaryEmbedding,
+            apply_rotary_pos_emb,
+        )
+
+        class Rotary(Gemma3RotaryEmbedding):
+            """Gemma 3's rope at the one layer type the drafter has (its forward takes the type)."""
+
+            def forward(self, x, position_ids):
+                return super().forward(x, position_ids, "full_attention")
+
+        hf_config = Gemma3TextConfig(
+            **common,
+            hidden_activation=config.hidden_act,
+            query_pre_attn_scalar=config.query_pre_attn_scalar or config.head_dim,
+            layer_types=["full_attention"] * config.num_hidden_layers,
+            rope_parameters={"full_attention": rope},
+            final_logit_softcapping=None,
+            attn_logit_softcapping=None,
+        )
+    else:
+        if config.layer_family == "qwen3":
+            from transformers import Qwen3Config as Cfg
+            from transformers.models.qwen3.modeling_qwen3 import (
+                Qwen3DecoderLayer as Layer,
+                Qwen3RMSNorm as Norm,
+                Qwen3RotaryEmbedding as Rotary,
+                apply_rotary_pos_emb,
+            )
+        else:
+            from transformers import LlamaConfig as Cfg
+            from transformers.models.llama.modeling_llama import (
+                LlamaDecoderLayer as Layer,
+                LlamaRMSNorm as Norm,
+                LlamaRotaryEmbedding as Rotary,
+                apply_rotary_pos_emb,
+            )
+        hf_config = Cfg(**common, hidden_act=config.hidden_act, rope_parameters=rope)
     # transformers' sdpa for every mask, except the training forward's BlockLayout (attention.py).
     hf_config._attn_implementation = register_block_attention()
     return hf_config, Layer, Norm, Rotary, apply_rotary_pos_emb
+
+
+def _unit_offset_norms(model_type: str) -> bool:
+    """True for families whose RMSNorm scales by (1 + w), so w = 0 is the identity (every
+    Gemma generation); Llama and Qwen3 scale by w."""
+    return model_type.startswith("gemma")
+
+
+def _convert_norm(weight: torch.Tensor, from_offset: bool, to_offset: bool) -> torch.Tensor:
+    """The RMSNorm weight that applies the same scale in the other convention."""
+    return weight + (int(from_offset) - int(to_offset))
 
 
 class ContextKV:
@@ -250,26 +294,34 @@ class DSparkModel(nn.Module):
         """Start the backbone from the target's own top layers (a warm start for training).
 
         Draft layer i copies target layer L - n + i wherever names and shapes agree (all of a
-        same-family layer; a qwen3 backbone on a Llama target keeps its fresh q/k norms). fc
-        starts by selecting the deepest feature layer and hidden_norm takes the norm weight of
-        the target layer that reads it, so H_ctx begins as that layer's normalised input; the
-        final norm is the target's.
+        same-family layer; a qwen3 backbone on a Llama target keeps its fresh q/k norms). Between
+        a Gemma and a non-Gemma family only the projections are copied: the norms' names mean
+        other places in the block (Llama's ``post_attention_layernorm`` is Gemma's
+        ``pre_feedforward_layernorm``) and Gemma's scale by (1 + w). fc starts by selecting the
+        deepest feature layer and hidden_norm takes the scale of the norm of the target layer
+        that reads it, so H_ctx begins as that layer's normalised input; the final norm is the
+        target's (scales converted between the two RMSNorm conventions).
         """
         model = target.model
         decoder = model.get_decoder()
         target_layers = decoder.layers
+        mine, model_type = self.config.layer_family, getattr(model.config, "model_type", "")
+        only_projections = _unit_offset_norms(mine) != _unit_offset_norms(model_type)
         n, total = len(self.layers), len(target_layers)
         for i, layer in enumerate(self.layers):
             source = target_layers[total - n + i].state_dict()
             own = layer.state_dict()
-            layer.load_state_dict({k: source[k] if k in source and source[k].shape == v.shape else v for k, v in own.items()})
+            layer.load_state_dict({
+                k: source[k] if k in source and source[k].shape == v.shape and (not only_projections or "_proj." in k) else v
+                for k, v in own.items()
+            })
         d = self.config.hidden_size
         deepest = max(range(len(self.config.target_layer_ids)), key=lambda j: self.config.target_layer_ids[j])
         self.fc.weight.zero_()
         self.fc.weight[:, deepest * d : (deepest + 1) * d] = torch.eye(d)
         reader = target_layers[self.config.target_layer_ids[deepest] + 1]
-        self.hidden_norm.weight.copy_(reader.input_layernorm.weight)
-        self.norm.weight.copy_(decoder.norm.weight)
+        for norm, source in ((self.hidden_norm, reader.input_layernorm), (self.norm, decoder.norm)):
+            norm.weight.copy_(_convert_norm(source.weight, _unit_offset_norms(model_type), _unit_offset_norms(mine)))
 
     # -- the draft vocabulary -------------------------------------------------------------
     @torch.no_grad()
@@ -317,6 +369,20 @@ class DSparkModel(nn.Module):
             raise DsparkError("attach_target() must be called before drafting or training")
         return self.embed_tokens if self.embed_tokens is not None else self._shared[0]
 
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings as the target computes them # [...] -> [..., d].
+
+        The target's own module is called, so a scaled embedding stays scaled (Gemma multiplies
+        by sqrt(d) inside ``Gemma3TextScaledWordEmbedding``); a carried copy, a plain table,
+        gets the target module's ``embed_scale`` too.
+        """
+        module = self.input_embeddings()
+        x = module(ids)
+        scale = getattr(self._shared[0], "embed_scale", None)
+        if module is self.embed_tokens and scale is not None:
+            x = x * torch.as_tensor(scale, dtype=x.dtype, device=x.device)
+        return x
+
     # -- context path -----------------------------------------------------------------------
     def context_states(self, features: torch.Tensor) -> torch.Tensor:
         """H_ctx = RMSNorm(fc(features)) # [B, n, m*d] -> [B, n, d]."""
@@ -330,7 +396,7 @@ class DSparkModel(nn.Module):
             attn = layer.self_attn
             shape = (batch, n, -1, attn.head_dim)
             key = attn.k_proj(h_ctx).view(shape)
-            if self.config.layer_family == "qwen3":  # per-head q/k norms
+            if self.config.layer_family in QK_NORM_FAMILIES:  # per-head q/k norms, as the layer's own forward
                 key = attn.k_norm(key)
             key = key.transpose(1, 2)
             key, _ = self._apply_rope(key, key, cos, sin)
@@ -360,7 +426,7 @@ class DSparkModel(nn.Module):
         whole cached context and all T block positions. ``logits=False`` skips the LM head
         (see :meth:`slot_logits`).
         """
-        x = self.input_embeddings()(block_ids).to(self.fc.weight.dtype)
+        x = self.embed(block_ids).to(self.fc.weight.dtype)
         position_embeddings = self.rotary_emb(x, positions)
         for layer in self.layers:
             x = layer(x, attention_mask=attention_mask, position_embeddings=position_embeddings, cache=cache)
@@ -368,9 +434,18 @@ class DSparkModel(nn.Module):
         return BlockOutput(hidden=hidden, base_logits=self.slot_logits(hidden) if logits else None)
 
     def slot_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """U_k = lm_head(h_k) over the draft vocabulary, hidden # [..., d] -> [..., N]."""
+        """U_k = lm_head(h_k) over the draft vocabulary, hidden # [..., d] -> [..., N].
+
+        Where the target soft-caps its final logits (``final_logit_softcapping``), U_k is capped
+        the same way, cap · tanh(U / cap), before the Markov bias is added: the head then
+        produces logits on the target's scale in training and in drafting alike.
+        """
         weight = self.draft_head_weight
-        return linear(hidden.to(weight.dtype), weight)
+        logits = linear(hidden.to(weight.dtype), weight)
+        cap = self.config.final_logit_softcapping
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
 
     @property
     def draft_head_weight(self) -> torch.Tensor:
