@@ -153,7 +153,7 @@ CASES = [
     Case("train", "zero steps", ("train", "--data", "{w}/dir", "--out", "{w}/run-new", "--steps", "0"),
          "steps must be >= 1"),
     Case("train", "unknown variant", ("train", "--data", "{w}/dir", "--out", "{w}/run-new", "--variant", "eagle"),
-         "variant must be dspark or dflash"),
+         "variant must be dspark, dflash or eagle3"),
     Case("train", "resume with another --max-length", ("train", "--data", "{w}/dir", "--out", "{w}/run",
                                                       "--max-length", "2048"), "max_length 512 there, 2048 now"),
     # -- profile -----------------------------------------------------------------------------
