@@ -154,6 +154,8 @@ CASES = [
          "steps must be >= 1"),
     Case("train", "unknown variant", ("train", "--data", "{w}/dir", "--out", "{w}/run-new", "--variant", "eagle"),
          "variant must be dspark, dflash or eagle3"),
+    Case("train", "eagle3 with two layers", ("train", "--data", "{w}/dir", "--out", "{w}/run-new", "--variant", "eagle3",
+                                            "--num-layers", "2"), "num_layers must be 1"),
     Case("train", "resume with another --max-length", ("train", "--data", "{w}/dir", "--out", "{w}/run",
                                                       "--max-length", "2048"), "max_length 512 there, 2048 now"),
     # -- profile -----------------------------------------------------------------------------

@@ -39,11 +39,14 @@ def target():
     return tiny_target(vocab_size=V, hidden=32, layers=6, scale=4.0)
 
 
-def random_eagle3(target, draft_ids: torch.Tensor | None = DRAFT_IDS, seed: int = 5, std: float = 0.3) -> Eagle3Model:
+def random_eagle3(target, draft_ids: torch.Tensor | None = DRAFT_IDS, seed: int = 5, std: float = 0.3,
+                  layer_family: str = "llama") -> Eagle3Model:
     """A random Eagle3Model with weights large enough that every input (token, features,
     own hidden state, earlier pairs) moves the logits."""
     torch.manual_seed(seed)
-    extra = {} if draft_ids is None else {"draft_vocab_size": draft_ids.numel()}
+    extra = {"layer_family": layer_family}
+    if draft_ids is not None:
+        extra["draft_vocab_size"] = draft_ids.numel()
     model = Eagle3Model(Eagle3Config.for_target(target, block_size=GAMMA, **extra))
     with torch.no_grad():
         for p in model.parameters():
@@ -155,11 +158,13 @@ def test_training_time_test_loss_equals_explicit_loops(target):
 # -- chain drafting = the unrolled training forward ----------------------------------------------------
 
 
-def test_chain_drafting_equals_the_unrolled_training_forward(target):
+@pytest.mark.parametrize("layer_family", ["llama", "qwen3"])
+def test_chain_drafting_equals_the_unrolled_training_forward(target, layer_family):
     # Two rounds through the drafter's own KV cache (the second after a partial acceptance,
     # so the chain's K/V must be cropped and the real pairs folded), each compared with the
-    # training forward on the committed + drafted tokens at that round's anchor.
-    model = random_eagle3(target)
+    # training forward on the committed + drafted tokens at that round's anchor. The qwen3
+    # block (per-head q/k norms) runs the same path.
+    model = random_eagle3(target, layer_family=layer_family)
     drafter = Eagle3Drafter(model)
     drafter.reset()
     committed = [4, 7, 1, 9, 2, 2, 13]
