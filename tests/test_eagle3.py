@@ -291,3 +291,20 @@ def test_training_lowers_the_loss_and_writes_a_drafter_the_factory_loads(tmp_pat
     engine = SpeculativeEngine(target, drafter)
     result = engine.generate(GenerationRequest([9, 4, 6, 3, 5], SamplingParams(), max_new_tokens=12))
     assert result.token_ids == plain(target, [9, 4, 6, 3, 5], 12)
+
+
+def test_warm_start_copies_an_eagle3_drafter_and_refuses_a_dspark_one(target, tmp_path):
+    from conftest import random_dspark_model
+    from dspark.training.checkpoints import warm_start
+
+    source = random_eagle3(target)
+    source.save_pretrained(tmp_path / "e3")
+    fresh = Eagle3Model(source.config)
+    fresh.set_draft_vocab(torch.tensor([0, 2, 4, 6, 7, 10, 12, 14, 15, 16, 18, 20]))
+    warm_start(fresh, tmp_path / "e3")
+    theirs = source.state_dict()
+    assert all(torch.equal(v, theirs[k]) for k, v in fresh.state_dict().items() if k not in ("d2t", "t2d"))
+    assert not torch.equal(fresh.d2t, source.d2t)  # the run keeps the vocabulary it chose
+    random_dspark_model(target).save_pretrained(tmp_path / "ds")
+    with pytest.raises(DsparkError, match="not an EAGLE-3 drafter"):
+        warm_start(fresh, tmp_path / "ds")
