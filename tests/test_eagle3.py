@@ -215,6 +215,26 @@ def test_greedy_output_equals_plain_decoding(target, draft_ids):
     assert [r.token_ids for r in results] == want
 
 
+def test_batched_drafter_equals_batch1_under_sampling(target):
+    # Verifying whole blocks, a request consumes its random stream exactly as in batch 1, so
+    # the batched drafter (slots, padded folds, one layer call per chain step) must give every
+    # request the tokens the batch-1 drafter gives it, whatever else is in the batch.
+    from dspark.drafters.eagle3.drafter import BatchedEagle3Drafter
+    from dspark.drafters.factory import as_batch_drafter
+    from dspark.scheduling import FixedGamma
+
+    assert isinstance(as_batch_drafter(Eagle3Drafter(random_eagle3(target))), BatchedEagle3Drafter)
+    nucleus = SamplingParams(temperature=0.7, top_k=8, top_p=0.9)
+    prompts = [[3], [0, 1, 2, 3, 4, 5], [7, 7, 7, 7], [20, 2, 11, 5, 9], [1, 2], [6, 5, 4, 3, 2, 1, 0, 9, 8]]
+    requests = [GenerationRequest(p, params, max_new_tokens=6 + 3 * i, seed=i)
+                for i, p in enumerate(prompts) for params in (T1, nucleus, SamplingParams())]
+    want = [SpeculativeEngine(target, Eagle3Drafter(random_eagle3(target))).generate(r).token_ids for r in requests]
+    batched = BatchEngine(target, Eagle3Drafter(random_eagle3(target)), FixedGamma(), max_batch=5)
+    results = batched.generate(requests).results
+    assert [r.token_ids for r in results] == want
+    assert sum(sum(r.stats.proposed) for r in results) > 0 and sum(sum(r.stats.accepted) for r in results) > 0
+
+
 # -- checkpoints -------------------------------------------------------------------------------------------
 
 

@@ -85,13 +85,14 @@ def make_drafter(spec: str, gamma: int | None = None, device: str = "cpu", dtype
 
 
 def as_batch_drafter(drafter) -> BatchDrafter:
-    """The batched form of ``drafter``: itself if it already is one, DSpark's own batched path,
-    else a LoopedDrafter."""
+    """The batched form of ``drafter``: itself if it already is one, DSpark's or EAGLE-3's own
+    batched path, else a LoopedDrafter."""
     from dspark.drafters.dspark.drafter import DSparkDrafter
+    from dspark.drafters.eagle3.drafter import Eagle3Drafter
     from dspark.drafters.looped import LoopedDrafter
 
     if isinstance(drafter, BatchDrafter):
         return drafter
-    if isinstance(drafter, DSparkDrafter):
+    if isinstance(drafter, (DSparkDrafter, Eagle3Drafter)):
         return drafter.batched()
     return LoopedDrafter(drafter)
