@@ -103,6 +103,11 @@ DRAFTERS = {
     # The same over a reduced draft vocabulary: q is zero on OUTSIDE_DRAFT_VOCAB, which only
     # the residual or the bonus token can produce.
     "dspark-reduced-vocab": lambda: random_dspark_drafter(draft_ids=REDUCED_DRAFT_IDS),
+    # A random-init EAGLE-3 drafter: chain drafting, each step's q sampled from the drafter's
+    # own hidden state of the step before.
+    "eagle3": lambda: random_eagle3_drafter(),
+    # The same over the reduced draft vocabulary.
+    "eagle3-reduced-vocab": lambda: random_eagle3_drafter(draft_ids=REDUCED_DRAFT_IDS),
 }
 REDUCED_DRAFT_IDS = torch.tensor([0, 1, 3, 4])
 OUTSIDE_DRAFT_VOCAB = {2, 5}
@@ -120,6 +125,22 @@ def random_dspark_drafter(draft_ids: torch.Tensor | None = None):
     with torch.no_grad():
         model.markov_head.markov_w2.weight.normal_(std=2.0)
     return DSparkDrafter(model)
+
+
+def random_eagle3_drafter(draft_ids: torch.Tensor | None = None):
+    from dspark.drafters.eagle3 import Eagle3Config, Eagle3Drafter, Eagle3Model
+
+    like_target = tiny_target(vocab_size=V, seed=TARGET_SEED, scale=TARGET_SCALE)
+    torch.manual_seed(13)
+    extra = {} if draft_ids is None else {"draft_vocab_size": draft_ids.numel()}
+    model = Eagle3Model(Eagle3Config.for_target(like_target, block_size=3, **extra))
+    if draft_ids is not None:
+        model.set_draft_vocab(draft_ids)
+    with torch.no_grad():  # weights large enough that token, features and own state all move q
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(std=0.3)
+    return Eagle3Drafter(model)
 
 
 def test_mock_drafter_follows_the_protocol():
@@ -221,9 +242,13 @@ def lossless_check(target, drafter_name: str, params: SamplingParams) -> tuple[G
         ("dspark", T1),
         ("dspark-reduced-vocab", T1),
         ("dspark-reduced-vocab", NUCLEUS),
+        ("eagle3", T1),
+        ("eagle3-reduced-vocab", T1),
+        ("eagle3-reduced-vocab", NUCLEUS),
     ],
     ids=["other-model-T1", "other-model-nucleus", "sharpened-T1", "fixed-T1", "ngram-T1", "dspark-T1",
-         "dspark-reduced-vocab-T1", "dspark-reduced-vocab-nucleus"],
+         "dspark-reduced-vocab-T1", "dspark-reduced-vocab-nucleus", "eagle3-T1", "eagle3-reduced-vocab-T1",
+         "eagle3-reduced-vocab-nucleus"],
 )
 def test_sampled_output_is_target_distributed(target, drafter_name, params):
     fit, sampled = lossless_check(target, drafter_name, params)
@@ -298,6 +323,8 @@ GREEDY_DRAFTERS = {
     "same-model": lambda: DraftModelDrafter(tiny_llama(vocab_size=V, seed=TARGET_SEED, scale=TARGET_SCALE), gamma=4),
     "fixed-logits": DRAFTERS["fixed-logits"],
     "dspark": DRAFTERS["dspark"],
+    "eagle3": DRAFTERS["eagle3"],
+    "eagle3-reduced-vocab": DRAFTERS["eagle3-reduced-vocab"],
 }
 
 

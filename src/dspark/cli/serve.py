@@ -21,7 +21,7 @@ SERVE_EXTRA = ("fastapi", "uvicorn", "prometheus_client")
 
 def serve_command(
     model: Optional[str] = typer.Option(None, help="HF id, folder or .gguf; default: SmolLM2-135M-Instruct."),
-    drafter: Optional[str] = typer.Option(None, help="none | ngram | model:<path> | dspark[:<folder>] | dflash:<folder>; default: the shipped DSpark drafter."),
+    drafter: Optional[str] = typer.Option(None, help="none | ngram | model:<path> | dspark[:<folder>] | dflash:<folder> | eagle3:<folder>; default: the shipped DSpark drafter."),
     policy: str = typer.Option("dspark", help="plain | fixed[:γ] | gamma1 | threshold:<t> | dspark (Algorithm 1 over this machine's cost table)."),
     max_batch: int = typer.Option(8, help="Most requests in flight at once (continuous batching)."),
     max_queue: int = typer.Option(256, help="Most requests waiting for a slot; more are refused with 429."),

@@ -6,7 +6,8 @@
 - ``ngram``: prompt lookup;
 - ``model:<id|folder|file.gguf>``: an independent draft model sharing the tokenizer;
 - ``dspark``: the DSpark drafter shipped for the default target;
-- ``dspark:<folder>`` / ``dflash:<folder>``: a trained DSpark or DFlash checkpoint.
+- ``dspark:<folder>`` / ``dflash:<folder>``: a trained DSpark or DFlash checkpoint;
+- ``eagle3:<folder>``: a trained EAGLE-3 checkpoint (the chain-drafting baseline).
 
 ``as_batch_drafter`` gives any drafter the batched engine's interface. Only this module
 imports concrete drafters, so the protocols in :mod:`dspark.drafters.base` depend on none.
@@ -19,7 +20,7 @@ from pathlib import Path
 from dspark.drafters.base import BatchDrafter, Drafter, NoDrafter
 from dspark.errors import DsparkError
 
-DRAFTER_HELP = "none | ngram | model:<HF id|folder|.gguf> | dspark[:<folder>] | dflash:<folder>"
+DRAFTER_HELP = "none | ngram | model:<HF id|folder|.gguf> | dspark[:<folder>] | dflash:<folder> | eagle3:<folder>"
 SHIPPED_DRAFTER = Path(__file__).resolve().parent.parent / "assets" / "drafters" / "smollm2-135m-instruct-dspark"
 """The DSpark drafter trained for the embedded default target (fp16, no embedding/LM head)."""
 
@@ -45,16 +46,34 @@ def make_drafter(spec: str, gamma: int | None = None, device: str = "cpu", dtype
         from dspark.drafters.draft_model import DraftModelDrafter
 
         return DraftModelDrafter.load(arg, gamma=gamma or 5, device=device)
+    if kind == "eagle3":
+        from safetensors import SafetensorError
+
+        from dspark.drafters.eagle3 import Eagle3Drafter
+        from dspark.drafters.eagle3.config import is_eagle3_folder
+
+        folder = Path(arg).expanduser()
+        if not arg or not (folder / "config.json").is_file():
+            raise DsparkError(f"eagle3 needs a checkpoint folder: eagle3:<folder> (no config.json at {folder})")
+        if not is_eagle3_folder(folder):
+            raise DsparkError(f"{folder} holds no EAGLE-3 drafter; use dspark:{folder} or dflash:{folder}")
+        try:
+            return Eagle3Drafter.load(folder, gamma=gamma, device=device, dtype=dtype)
+        except (OSError, RuntimeError, SafetensorError) as exc:
+            raise DsparkError(f"could not load the drafter at {folder}: {exc}") from exc
     if kind in ("dspark", "dflash"):
         from safetensors import SafetensorError
 
         from dspark.drafters.dspark import DSparkDrafter
+        from dspark.drafters.eagle3.config import is_eagle3_folder
 
         folder = Path(arg).expanduser() if arg else SHIPPED_DRAFTER
         if not arg and kind == "dflash":
             raise DsparkError("dflash needs a checkpoint folder: dflash:<folder>")
         if not (folder / "config.json").is_file():
             raise DsparkError(f"no DSpark drafter at {folder} (expected config.json and model.safetensors)")
+        if is_eagle3_folder(folder):
+            raise DsparkError(f"{folder} holds an EAGLE-3 drafter; use eagle3:{folder}")
         try:
             drafter = DSparkDrafter.load(folder, gamma=gamma, device=device, dtype=dtype)
         except (OSError, RuntimeError, SafetensorError) as exc:  # truncated, missing or mismatched weights
@@ -66,13 +85,14 @@ def make_drafter(spec: str, gamma: int | None = None, device: str = "cpu", dtype
 
 
 def as_batch_drafter(drafter) -> BatchDrafter:
-    """The batched form of ``drafter``: itself if it already is one, DSpark's own batched path,
-    else a LoopedDrafter."""
+    """The batched form of ``drafter``: itself if it already is one, DSpark's or EAGLE-3's own
+    batched path, else a LoopedDrafter."""
     from dspark.drafters.dspark.drafter import DSparkDrafter
+    from dspark.drafters.eagle3.drafter import Eagle3Drafter
     from dspark.drafters.looped import LoopedDrafter
 
     if isinstance(drafter, BatchDrafter):
         return drafter
-    if isinstance(drafter, DSparkDrafter):
+    if isinstance(drafter, (DSparkDrafter, Eagle3Drafter)):
         return drafter.batched()
     return LoopedDrafter(drafter)

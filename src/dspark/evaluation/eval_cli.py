@@ -21,7 +21,7 @@ def eval_command(
     dataset: Optional[List[str]] = typer.Option(
         None, "--dataset", help=f"Built-in set ({BUILTIN_HELP}) or a .jsonl of {{\"turns\": [...]}} (repeatable); default: all built-ins."),
     drafter: Optional[List[str]] = typer.Option(
-        None, "--drafter", help="Drafter to compare (repeatable): none | ngram | model:<path> | dspark[:<folder>] | dflash:<folder>; "
+        None, "--drafter", help="Drafter to compare (repeatable): none | ngram | model:<path> | dspark[:<folder>] | dflash:<folder> | eagle3:<folder>; "
         "default: the shipped DSpark drafter. Plain decoding (none) always runs as the reference."),
     model: Optional[str] = typer.Option(None, help="Target: HF id, folder, .gguf or gemma3-270m; default SmolLM2-135M-Instruct."),
     limit: int = typer.Option(10, help="Conversations per dataset: the first N of the split."),

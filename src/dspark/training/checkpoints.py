@@ -149,13 +149,13 @@ def keep_if_best(out: Path, step: int, score: HeldoutScore, model: DSparkModel) 
 
 
 @torch.no_grad()
-def warm_start(model: DSparkModel, folder: str | Path) -> None:
+def warm_start(model, folder: str | Path) -> None:
     """Copy a trained drafter's weights into ``model`` where names and shapes fit.
 
     The Markov head's W2 rows follow the tokens: a full-vocabulary source gives the rows of
     ``model``'s draft tokens. d2t/t2d are never copied (the run chose its own vocabulary).
     """
-    source = DSparkModel.from_pretrained(folder)
+    source = type(model).from_pretrained(folder)  # a drafter of the same kind (DSpark/DFlash or EAGLE-3)
     if source.config.vocab_size != model.config.vocab_size:
         raise DsparkError(f"cannot warm-start from {folder}: it was built for another vocabulary")
     theirs = source.state_dict()

@@ -7,7 +7,9 @@ import json
 from dataclasses import dataclass
 
 from dspark.drafters.dspark.config import LAYER_FAMILIES, DSparkConfig
-from dspark.training.loss import DFLASH_WEIGHTS, LossWeights
+from dspark.training.loss import DFLASH_WEIGHTS, EAGLE3_WEIGHTS, LossWeights
+
+VARIANTS = ("dspark", "dflash", "eagle3")
 
 
 @dataclass(frozen=True)
@@ -17,9 +19,10 @@ class TrainConfig:
     out_dir: str
     """Checkpoints, logs and the final drafter go here."""
     variant: str = "dspark"
-    """"dspark" (Markov + confidence heads, CE+TV+BCE) or "dflash" (heads off, CE only)."""
+    """"dspark" (Markov + confidence heads, CE+TV+BCE), "dflash" (heads off, CE only) or
+    "eagle3" (one layer, chain drafting, soft CE over the γ-step training-time test)."""
     num_layers: int = 2
-    """Draft transformer layers."""
+    """Draft transformer layers (EAGLE-3 has exactly one)."""
     layer_family: str = ""
     """Block family of the draft layers (llama, qwen3, gemma3); "" = the target's family
     (DSparkConfig.for_target). Recorded as given, so a resume with another value is refused."""
@@ -64,8 +67,10 @@ class TrainConfig:
     """Training sequences were cut to this many tokens (the loader's; recorded so a resume checks it)."""
 
     def __post_init__(self) -> None:
-        if self.variant not in ("dspark", "dflash"):
-            raise ValueError(f"variant must be dspark or dflash, got {self.variant!r}")
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant must be dspark, dflash or eagle3, got {self.variant!r}")
+        if self.variant == "eagle3" and self.num_layers != 1:
+            raise ValueError(f"eagle3 drafts with one decoder layer; num_layers must be 1, got {self.num_layers}")
         if self.layer_family and self.layer_family not in LAYER_FAMILIES:
             raise ValueError(f"layer_family must be one of {', '.join(LAYER_FAMILIES)} (or empty), got {self.layer_family!r}")
         for name in ("steps", "batch_size", "anchors_per_sequence", "num_layers", "block_size", "save_every", "log_every",
@@ -81,16 +86,24 @@ class TrainConfig:
     def loss_weights(self) -> LossWeights:
         if self.variant == "dflash":
             return dataclasses.replace(DFLASH_WEIGHTS, gamma_w=self.gamma_w)
+        if self.variant == "eagle3":
+            return dataclasses.replace(EAGLE3_WEIGHTS, gamma_w=self.gamma_w)
         return LossWeights(ce=self.loss_ce, tv=self.loss_tv, conf=self.loss_conf, gamma_w=self.gamma_w)
 
-    def drafter_config(self, target) -> DSparkConfig:
-        overrides = dict(num_hidden_layers=self.num_layers, block_size=self.block_size)
+    def drafter_config(self, target):
+        """The drafter's config for ``target``: a DSparkConfig, or an Eagle3Config for eagle3."""
+        overrides = dict(block_size=self.block_size)
         if self.layer_family:
             overrides["layer_family"] = self.layer_family
         if self.draft_vocab_size and self.draft_vocab_size < target.vocab_size:
             overrides["draft_vocab_size"] = self.draft_vocab_size
         if self.target_layer_ids:
             overrides["target_layer_ids"] = tuple(self.target_layer_ids)
+        if self.variant == "eagle3":
+            from dspark.drafters.eagle3.config import Eagle3Config
+
+            return Eagle3Config.for_target(target, **overrides)
+        overrides["num_hidden_layers"] = self.num_layers
         if self.variant == "dflash":
             overrides.update(markov_rank=0, enable_confidence_head=False)
         else:

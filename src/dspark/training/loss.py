@@ -7,14 +7,17 @@ w_k = exp(-(k-1)/γ_w) and averaged over valid slots:
   next token of text the target wrote, or the target's greedy token on text it did not);
 - L_tv: ‖p_d − p_t‖₁ against the target distribution p_t at the same position;
 - L_conf: BCE(c_k, c*_k) with the soft label c*_k = 1 − ½‖p_d − p_t‖₁ (detached), which is the
-  exact per-slot acceptance probability of rejection sampling.
+  exact per-slot acceptance probability of rejection sampling;
+- L_soft: the soft cross-entropy −Σ_x p_t(x) log p_d(x), forward KL(p_t ‖ p_d) up to p_t's
+  entropy (a constant): EAGLE-3's objective, weighted by α_soft (0 for DSpark and DFlash).
 
 "Averaged" means Σ w_k·ℓ_k / Σ w_k over valid slots; ``denominator`` lets data-parallel
 ranks divide by the *global* weight sum so N ranks reproduce one process exactly.
 
 With a reduced draft vocabulary D (N of the V target tokens) p_d is zero outside D, so
 ‖p_d − p_t‖₁ = Σ_{x∈D} |p_d(x) − p_t(x)| + p_t(V∖D): the target's mass outside D enters as
-a constant ``target_outside``, and a label outside D (index -1) has no CE term.
+a constant ``target_outside``, and a label outside D (index -1) has no CE term; L_soft sums
+over D only (p_t's mass outside D is out of p_d's reach), so its minimiser is p_t renormalised on D.
 """
 
 from __future__ import annotations
@@ -38,16 +41,21 @@ class LossWeights:
     """α_conf (0 when the confidence head is off)."""
     gamma_w: float = 4.0
     """γ_w in w_k = exp(-(k-1)/γ_w); 4 in every DeepSpec config."""
+    soft: float = 0.0
+    """α_soft, the soft cross-entropy to p_t (EAGLE-3's loss)."""
 
     def __post_init__(self) -> None:
-        if min(self.ce, self.tv, self.conf) < 0 or self.ce + self.tv <= 0:
-            raise ValueError("loss weights must be >= 0 with ce + tv > 0")
+        if min(self.ce, self.tv, self.conf, self.soft) < 0 or self.ce + self.tv + self.soft <= 0:
+            raise ValueError("loss weights must be >= 0 with ce + tv + soft > 0")
         if self.gamma_w <= 0:
             raise ValueError("gamma_w must be > 0")
 
 
 DSPARK_WEIGHTS = LossWeights()
 DFLASH_WEIGHTS = LossWeights(ce=1.0, tv=0.0, conf=0.0)
+EAGLE3_WEIGHTS = LossWeights(ce=0.0, tv=0.0, conf=0.0, soft=1.0)
+"""Soft CE to p_t at every step of the training-time test; w_k = exp(-(k-1)/4) ≈ 0.78^(k-1) is
+close to EAGLE-3's own 0.8^(k-1) step weights."""
 
 
 def position_weights(gamma: int, gamma_w: float, device=None) -> torch.Tensor:
@@ -71,6 +79,8 @@ class LossTerms:
     greedy_survival: torch.Tensor | None = None
     """[γ] fraction of blocks whose slots 1..k all match the target's argmax (T = 0 prefix
     survival, exact on text the target wrote greedily); None without ``greedy_index``."""
+    soft: torch.Tensor | None = None
+    """L_soft (detached); None when α_soft = 0."""
 
     def tau_estimate(self) -> float:
         """1 + Σ_k Π_{i≤k} acceptance_i: the training-time estimate of τ."""
@@ -123,6 +133,12 @@ def dspark_loss(
         bce = F.binary_cross_entropy_with_logits(confidence_logits.float(), soft_accept, reduction="none")
         conf_term = (w * bce).sum() / denom
     total = weights.ce * ce_term + weights.tv * tv_term + weights.conf * conf_term
+    soft_term = None
+    if weights.soft > 0:
+        soft_ce = -(target_probs.float() * log_pd).sum(-1)  # [n, γ]
+        soft_term = (w * soft_ce).sum() / denom
+        total = total + weights.soft * soft_term
+        soft_term = soft_term.detach()
 
     counts = valid.float().sum(0)
     acceptance = (soft_accept * valid.float()).sum(0) / counts.clamp_min(1.0)
@@ -132,7 +148,7 @@ def dspark_loss(
             match = (draft_logits.argmax(-1) == greedy_index) & valid  # [n, γ]
             survived = match.long().cumprod(-1).float()  # slots 1..k all matched
             greedy = (survived * valid.float()).sum(0) / counts.clamp_min(1.0)
-    return LossTerms(total, ce_term.detach(), tv_term.detach(), conf_term.detach(), acceptance, counts, greedy)
+    return LossTerms(total, ce_term.detach(), tv_term.detach(), conf_term.detach(), acceptance, counts, greedy, soft_term)
 
 
 def expected_tau(acceptance: list[float]) -> float:

@@ -1,4 +1,4 @@
-"""``dspark train``: train a DSpark or DFlash drafter on regenerated responses.
+"""``dspark train``: train a DSpark, DFlash or EAGLE-3 drafter on regenerated responses.
 
 Runs on one process, or on N under ``torchrun --nproc_per_node N -m dspark train ...``
 (gloo on CPU, NCCL on CUDA). Only typer is imported at module top.
@@ -16,15 +16,15 @@ import typer
 def train_command(
     data: List[Path] = typer.Option(..., help="Training data (repeatable): a shard store folder (`dspark data regen` / `dspark data text`) or a responses.jsonl."),
     out: Path = typer.Option(..., help="Run folder: checkpoints, latest pointer, train_log.jsonl, best/."),
-    variant: str = typer.Option("dspark", help="dspark (Markov + confidence heads) or dflash (heads off, CE only)."),
+    variant: str = typer.Option("dspark", help="dspark (Markov + confidence heads), dflash (heads off, CE only) or eagle3 (one layer, chain drafting, γ-step training-time test)."),
     model: Optional[str] = typer.Option(None, help="Target: HF id, folder, .gguf or gemma3-270m; default SmolLM2-135M-Instruct."),
     steps: int = typer.Option(1000, help="Optimizer steps."),
     batch_size: int = typer.Option(4, help="Sequences per step, summed over processes."),
     anchors: int = typer.Option(64, help="Blocks per sequence; they share one context pass."),
     draft_vocab: int = typer.Option(8192, help="Draft vocabulary: the N most frequent training targets (0 = the whole vocabulary)."),
-    num_layers: int = typer.Option(2, help="Draft transformer layers."),
+    num_layers: Optional[int] = typer.Option(None, help="Draft transformer layers; default 2 (dspark, dflash) or 1 (eagle3, which has one)."),
     layer_family: Optional[str] = typer.Option(None, help="Block family of the draft layers: llama, qwen3 or gemma3 (default: the target's)."),
-    block_size: int = typer.Option(7, help="γ: draft tokens per block (anchor = slot 1)."),
+    block_size: int = typer.Option(7, help="γ: draft tokens per block (anchor = slot 1); eagle3: the training-time-test horizon."),
     markov_rank: int = typer.Option(32, help="Markov head rank r (dspark)."),
     markov_head_type: str = typer.Option("vanilla", help="vanilla or rnn (dspark)."),
     layer_ids: Optional[List[int]] = typer.Option(None, "--layer-id", help="Target feature layer (repeatable); default 5 spread."),
@@ -67,7 +67,7 @@ def train_command(
     from dspark.training.trainer import TrainConfig, train
 
     config = TrainConfig(
-        out_dir=str(out), variant=variant, num_layers=num_layers, layer_family=layer_family or "", block_size=block_size,
+        out_dir=str(out), variant=variant, num_layers=num_layers or (1 if variant == "eagle3" else 2), layer_family=layer_family or "", block_size=block_size,
         markov_rank=markov_rank, markov_head_type=markov_head_type,
         target_layer_ids=tuple(layer_ids or ()), init_from_target=init_from_target, steps=steps, batch_size=batch_size,
         anchors_per_sequence=anchors, draft_vocab_size=draft_vocab, lr=lr, gamma_w=gamma_w, max_epochs=max_epochs,
@@ -97,10 +97,10 @@ def train_command(
             features = CachedFeatures.build(feature_cache, split.train, target, layer_ids_used)
         last = train(config, target, split.train, features=features, heldout=split.heldout)
         if export is not None and (world == 1 or torch.distributed.get_rank() == 0):
-            from dspark.drafters.dspark import DSparkModel
+            from dspark.training.trainer import model_class
 
             chosen = out / "best" if (out / "best" / "model.safetensors").is_file() else last
-            DSparkModel.from_pretrained(chosen).save_pretrained(export, dtype=torch.float16)
+            model_class(variant).from_pretrained(chosen).save_pretrained(export, dtype=torch.float16)
             typer.echo(f"dspark: exported {chosen} to {export} (fp16)", err=True)
         typer.echo(str(last))
     finally:

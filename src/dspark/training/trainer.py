@@ -1,4 +1,4 @@
-"""Train a DSpark (or DFlash) drafter against a frozen target, on 1 or N processes.
+"""Train a DSpark, DFlash or EAGLE-3 drafter against a frozen target, on 1 or N processes.
 
 One code path for 1 and N processes: under ``torchrun`` each rank takes its rows of the same
 global batch (see :mod:`dspark.training.batches`) and DDP averages gradients; the loss is
@@ -8,6 +8,10 @@ Checkpoints, resume and the best drafter so far: :mod:`dspark.training.checkpoin
 data order and anchors are functions of (seed, step), a resumed run loses and repeats
 nothing. The loss of one step: :mod:`dspark.training.step`; held-out scoring, which picks
 ``out/best/``: :mod:`dspark.training.heldout`.
+
+The three variants share everything but the model and the loss weights: the same data,
+anchors, target features and p_t (:class:`~dspark.training.step.StepContext` calls
+``model(features, input_ids, anchors)``, which for EAGLE-3 is the γ-step training-time test).
 
 A reduced draft vocabulary (``draft_vocab_size``) is the most frequent training-target
 tokens, with the stop tokens forced in; its LM head is the target head's rows, so the run
@@ -30,6 +34,7 @@ from tqdm.auto import tqdm
 
 from dspark.drafters.dspark.model import DSparkModel
 from dspark.drafters.dspark.vocab import top_tokens
+from dspark.drafters.eagle3.model import Eagle3Model
 from dspark.errors import DsparkError
 from dspark.training import checkpoints
 from dspark.training.batches import global_batch_indices, make_batch
@@ -48,10 +53,17 @@ class StepLog:
     ce: float
     tv: float
     conf: float
+    soft: float
+    """EAGLE-3's soft cross-entropy to p_t (0 for dspark and dflash)."""
     slot_acceptance: list[float]
     prefix_survival: list[float]
     tau_estimate: float
     elapsed_s: float
+
+
+def model_class(variant: str) -> type:
+    """The trainable model of a variant: Eagle3Model for eagle3, else DSparkModel."""
+    return Eagle3Model if variant == "eagle3" else DSparkModel
 
 
 def lr_lambda(config: TrainConfig) -> Callable[[int], float]:
@@ -104,7 +116,7 @@ def train(
     device = target.device
     drafter_config = config.drafter_config(target)
     torch.manual_seed(config.seed)  # identical initial weights on every rank
-    model = DSparkModel(drafter_config).to(device)
+    model = model_class(config.variant)(drafter_config).to(device)
     model.attach_target(target)
     if drafter_config.reduced_vocab:
         model.set_draft_vocab(choose_draft_vocab(sequences, target, drafter_config.num_draft_tokens))
@@ -175,14 +187,15 @@ def choose_draft_vocab(sequences: Sequence, target, size: int) -> torch.Tensor:
 
 
 def _log_entry(step, scheduler, terms, world, started) -> StepLog:
-    values = torch.stack([terms.total.detach(), terms.ce, terms.tv, terms.conf]).float()
+    soft = terms.soft if terms.soft is not None else torch.zeros_like(terms.ce)
+    values = torch.stack([terms.total.detach(), terms.ce, terms.tv, terms.conf, soft]).float()
     acceptance = terms.slot_acceptance.float()
     if world > 1:
         dist.all_reduce(values)  # rank-local sums of normalised terms = global terms
         dist.all_reduce(acceptance)
         acceptance = acceptance / world
     survival = acceptance.cumprod(0)
-    total, ce, tv, conf = values.tolist()  # host sync: once per log step
+    total, ce, tv, conf, soft = values.tolist()  # host sync: once per log step
     return StepLog(
         step=step,
         lr=scheduler.get_last_lr()[0],
@@ -190,6 +203,7 @@ def _log_entry(step, scheduler, terms, world, started) -> StepLog:
         ce=ce,
         tv=tv,
         conf=conf,
+        soft=soft,
         slot_acceptance=[round(x, 4) for x in acceptance.tolist()],
         prefix_survival=[round(x, 4) for x in survival.tolist()],
         tau_estimate=1.0 + float(survival.sum()),
