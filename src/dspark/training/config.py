@@ -6,7 +6,8 @@ import dataclasses
 import json
 from dataclasses import dataclass
 
-from dspark.drafters.dspark.config import LAYER_FAMILIES, DSparkConfig
+from dspark.drafters.dspark.config import DSparkConfig
+from dspark.drafters.families import LAYER_FAMILIES
 from dspark.training.loss import DFLASH_WEIGHTS, EAGLE3_WEIGHTS, LossWeights
 
 VARIANTS = ("dspark", "dflash", "eagle3")

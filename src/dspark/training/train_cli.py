@@ -43,7 +43,7 @@ def train_command(
     export: Optional[Path] = typer.Option(None, help="Also write the best (else the last) drafter here as fp16 safetensors."),
 ) -> None:
     """Train a drafter; rerun the same command to resume from the last checkpoint."""
-    from dspark.drafters.dspark.config import LAYER_FAMILIES
+    from dspark.drafters.families import LAYER_FAMILIES
     from dspark.edge import check_out_dir
     from dspark.errors import DsparkError
 

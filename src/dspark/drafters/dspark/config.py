@@ -15,12 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-LAYER_FAMILIES = ("qwen3", "llama", "gemma3")
-"""transformers block families a drafter backbone can be built from (see model._family)."""
-QK_NORM_FAMILIES = ("qwen3", "gemma3")
-"""Families whose attention normalises each head's queries and keys before rope."""
-FAMILY_OF_MODEL_TYPE = {"llama": "llama", "qwen3": "qwen3", "gemma3": "gemma3", "gemma3_text": "gemma3"}
-"""The drafter family that follows a target's HF ``model_type``; other targets get qwen3."""
+from dspark.drafters.families import LAYER_FAMILIES, family_json_fields, family_of
+
 ARCHITECTURES = {"qwen3": "Qwen3DSparkModel", "llama": "LlamaDSparkModel", "gemma3": "Gemma3DSparkModel"}
 MARKOV_HEAD_TYPES = ("vanilla", "rnn")
 
@@ -129,14 +125,14 @@ class DSparkConfig:
     def for_target(cls, target, **overrides: Any) -> "DSparkConfig":
         """Copy the target's shapes; pick 5 feature layers spread over its depth.
 
-        The backbone family follows the target's ``model_type`` (:data:`FAMILY_OF_MODEL_TYPE`)
+        The backbone family follows the target's ``model_type`` (:func:`~dspark.drafters.families.family_of`)
         unless ``layer_family`` is overridden. Gemma 3 targets mix sliding-window layers (local
         rope, θ = 10k) with full-attention layers (global rope, θ = 1M); a drafter's layers all
         attend to the whole injected context, so they take the full-attention layers' rope.
         """
         cfg = target.model.config
         n = cfg.num_hidden_layers
-        family = FAMILY_OF_MODEL_TYPE.get(getattr(cfg, "model_type", ""), "qwen3")
+        family = family_of(getattr(cfg, "model_type", ""), "qwen3")  # qwen3: what vLLM/SGLang serve
         rope = getattr(cfg, "rope_parameters", None) or {}
         rope = rope.get("full_attention", rope) if isinstance(rope.get("full_attention"), dict) else rope
         softcap = getattr(cfg, "final_logit_softcapping", None)
@@ -215,12 +211,7 @@ class DSparkConfig:
             markov_rank=self.markov_rank,
             enable_confidence_head=self.enable_confidence_head,
         )
-        if self.layer_family == "gemma3":  # the name transformers' Gemma3TextConfig reads
-            d["hidden_activation"] = self.hidden_act
-        if self.query_pre_attn_scalar:
-            d["query_pre_attn_scalar"] = self.query_pre_attn_scalar
-        if self.final_logit_softcapping is not None:
-            d["final_logit_softcapping"] = self.final_logit_softcapping
+        d.update(family_json_fields(self))
         if self.markov_rank > 0:
             d["markov_head_type"] = self.markov_head_type
         if self.enable_confidence_head:

@@ -29,96 +29,18 @@ from torch import nn
 
 from dspark.drafters.dspark.attention import BlockLayout
 from dspark.drafters.dspark.attention import register as register_block_attention
-from dspark.drafters.dspark.config import QK_NORM_FAMILIES, DSparkConfig
+from dspark.drafters.dspark.config import DSparkConfig
 from dspark.drafters.dspark.heads import ConfidenceHead, MarkovHead, RNNHead
-from dspark.drafters.dspark.vocab import check_draft_ids, d2t_t2d, draft_ids_from_d2t
+from dspark.drafters.dspark.vocab import DraftVocabulary
+from dspark.drafters.families import (
+    QK_NORM_FAMILIES, convert_norm, embed_as_target, family_blocks, soft_cap, unit_offset_norms,
+)
 from dspark.errors import DsparkError
 from dspark.target.kernels import linear
 
 WEIGHTS_NAME = "model.safetensors"
 CARRIED_KEYS = ("embed_tokens.weight", "lm_head.weight")
 """Keys of the frozen embedding/LM head copies a checkpoint may carry (the authors' always do)."""
-
-
-def _family(config: DSparkConfig):
-    """transformers classes for the backbone's block family, and the HF config they read.
-
-    gemma3 layers bring their own sandwich norms (post-attention, pre/post-feedforward), q/k
-    norms and (1 + w) RMSNorm. Every drafter layer is ``full_attention``: the block's γ queries
-    should see all of the injected context (γ queries make that cheap), which a sliding window
-    would only hide; rope is the global one of the target's full-attention layers
-    (:meth:`DSparkConfig.for_target`). The final-logit soft cap is the drafter's own business
-    (:meth:`DSparkModel.slot_logits`), so the HF config leaves it out.
-    """
-    common = dict(
-        vocab_size=config.vocab_size,
-        hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.num_hidden_layers,
-        num_attention_heads=config.num_attention_heads,
-        num_key_value_heads=config.num_key_value_heads,
-        head_dim=config.head_dim,
-        rms_norm_eps=config.rms_norm_eps,
-        max_position_embeddings=config.max_position_embeddings,
-        attention_bias=False,
-    )
-    rope = {"rope_theta": config.rope_theta, "rope_type": "default"}
-    if config.layer_family == "gemma3":
-        from transformers import Gemma3TextConfig
-        from transformers.models.gemma3.modeling_gemma3 import (
-            Gemma3DecoderLayer as Layer,
-            Gemma3RMSNorm as Norm,
-            Gemma3RotaryEmbedding,
-            apply_rotary_pos_emb,
-        )
-
-        class Rotary(Gemma3RotaryEmbedding):
-            """Gemma 3's rope at the one layer type the drafter has (its forward takes the type)."""
-
-            def forward(self, x, position_ids):
-                return super().forward(x, position_ids, "full_attention")
-
-        hf_config = Gemma3TextConfig(
-            **common,
-            hidden_activation=config.hidden_act,
-            query_pre_attn_scalar=config.query_pre_attn_scalar or config.head_dim,
-            layer_types=["full_attention"] * config.num_hidden_layers,
-            rope_parameters={"full_attention": rope},
-            final_logit_softcapping=None,
-            attn_logit_softcapping=None,
-        )
-    else:
-        if config.layer_family == "qwen3":
-            from transformers import Qwen3Config as Cfg
-            from transformers.models.qwen3.modeling_qwen3 import (
-                Qwen3DecoderLayer as Layer,
-                Qwen3RMSNorm as Norm,
-                Qwen3RotaryEmbedding as Rotary,
-                apply_rotary_pos_emb,
-            )
-        else:
-            from transformers import LlamaConfig as Cfg
-            from transformers.models.llama.modeling_llama import (
-                LlamaDecoderLayer as Layer,
-                LlamaRMSNorm as Norm,
-                LlamaRotaryEmbedding as Rotary,
-                apply_rotary_pos_emb,
-            )
-        hf_config = Cfg(**common, hidden_act=config.hidden_act, rope_parameters=rope)
-    # transformers' sdpa for every mask, except the training forward's BlockLayout (attention.py).
-    hf_config._attn_implementation = register_block_attention()
-    return hf_config, Layer, Norm, Rotary, apply_rotary_pos_emb
-
-
-def _unit_offset_norms(model_type: str) -> bool:
-    """True for families whose RMSNorm scales by (1 + w), so w = 0 is the identity (every
-    Gemma generation); Llama and Qwen3 scale by w."""
-    return model_type.startswith("gemma")
-
-
-def _convert_norm(weight: torch.Tensor, from_offset: bool, to_offset: bool) -> torch.Tensor:
-    """The RMSNorm weight that applies the same scale in the other convention."""
-    return weight + (int(from_offset) - int(to_offset))
 
 
 class ContextKV:
@@ -191,15 +113,17 @@ def block_attention_mask(anchors: torch.Tensor, seq_len: int, gamma: int) -> tor
     return torch.cat([ctx, own], dim=-1).unsqueeze(1)
 
 
-class DSparkModel(nn.Module):
+class DSparkModel(DraftVocabulary, nn.Module):
     """The drafter's trainable parts; see the module docstring for the data flow."""
 
     def __init__(self, config: DSparkConfig) -> None:
         super().__init__()
         self.config = config
-        hf_config, Layer, Norm, Rotary, rope = _family(config)
+        # transformers' sdpa for every mask, except the training forward's BlockLayout (attention.py).
+        blocks = family_blocks(config, config.num_hidden_layers, register_block_attention())
+        hf_config, Layer, Norm = blocks.hf_config, blocks.layer, blocks.norm
         self.hf_config = hf_config
-        self._apply_rope = rope
+        self._apply_rope = blocks.apply_rope
         d, m = config.hidden_size, len(config.target_layer_ids)
         self.fc = nn.Linear(m * d, d, bias=False)
         self.hidden_norm = Norm(d, eps=config.rms_norm_eps)
@@ -207,7 +131,7 @@ class DSparkModel(nn.Module):
         for layer in self.layers:
             layer.self_attn.is_causal = False  # the block attends bidirectionally
         self.norm = Norm(d, eps=config.rms_norm_eps)
-        self.rotary_emb = Rotary(config=hf_config)
+        self.rotary_emb = blocks.rotary(config=hf_config)
         r, n_draft = config.markov_rank, config.num_draft_tokens
         self.markov_head: MarkovHead | RNNHead | None = None
         if r > 0:
@@ -216,10 +140,7 @@ class DSparkModel(nn.Module):
                 if config.markov_head_type == "vanilla"
                 else RNNHead(config.vocab_size, r, d, n_draft)
             )
-        if config.reduced_vocab:
-            # Saved under the speculators names; set_draft_vocab() or a checkpoint fills them.
-            self.register_buffer("d2t", torch.zeros(n_draft, dtype=torch.long))
-            self.register_buffer("t2d", torch.zeros(config.vocab_size, dtype=torch.bool))
+        self.register_draft_vocab()  # d2t/t2d with a reduced vocabulary
         self.confidence_head: ConfidenceHead | None = None
         if config.enable_confidence_head:
             with_markov = config.confidence_head_with_markov and r > 0
@@ -230,7 +151,6 @@ class DSparkModel(nn.Module):
         self.lm_head: nn.Linear | None = None
         self._aliases: dict[str, torch.Tensor] = {}  # carried copies found equal to the target's
         self._shared: tuple[nn.Module, nn.Module] | None = None
-        self._head_rows: tuple[tuple, torch.Tensor] | None = None  # (key, [N, d]) cache
 
     def _init_weights(self, std: float) -> None:
         for module in [self.fc, *self.layers]:
@@ -306,7 +226,7 @@ class DSparkModel(nn.Module):
         decoder = model.get_decoder()
         target_layers = decoder.layers
         mine, model_type = self.config.layer_family, getattr(model.config, "model_type", "")
-        only_projections = _unit_offset_norms(mine) != _unit_offset_norms(model_type)
+        only_projections = unit_offset_norms(mine) != unit_offset_norms(model_type)
         n, total = len(self.layers), len(target_layers)
         for i, layer in enumerate(self.layers):
             source = target_layers[total - n + i].state_dict()
@@ -321,47 +241,7 @@ class DSparkModel(nn.Module):
         self.fc.weight[:, deepest * d : (deepest + 1) * d] = torch.eye(d)
         reader = target_layers[self.config.target_layer_ids[deepest] + 1]
         for norm, source in ((self.hidden_norm, reader.input_layernorm), (self.norm, decoder.norm)):
-            norm.weight.copy_(_convert_norm(source.weight, _unit_offset_norms(model_type), _unit_offset_norms(mine)))
-
-    # -- the draft vocabulary -------------------------------------------------------------
-    @torch.no_grad()
-    def set_draft_vocab(self, draft_ids: torch.Tensor) -> None:
-        """Fill d2t/t2d from ascending target ids # [N] (N = config.draft_vocab_size)."""
-        if not self.config.reduced_vocab:
-            raise DsparkError("this drafter predicts over the whole target vocabulary; it has no d2t")
-        if draft_ids.shape != self.d2t.shape:
-            raise ValueError(f"draft ids must be [{self.d2t.shape[0]}], got {tuple(draft_ids.shape)}")
-        d2t, t2d = d2t_t2d(draft_ids.cpu().long(), self.config.vocab_size)
-        self.d2t.copy_(d2t)
-        self.t2d.copy_(t2d)
-
-    @property
-    def draft_ids(self) -> torch.Tensor | None:
-        """Target id of each draft index # [N], or None for the full vocabulary."""
-        return draft_ids_from_d2t(self.d2t) if self.config.reduced_vocab else None
-
-    def check_draft_vocab(self) -> None:
-        """Raise DsparkError unless d2t and t2d describe one valid, consistent subset."""
-        if not self.config.reduced_vocab:
-            return
-        ids = self.draft_ids.cpu()
-        try:
-            check_draft_ids(ids, self.config.vocab_size)
-        except ValueError as exc:
-            raise DsparkError(f"the drafter's d2t is not a valid draft vocabulary: {exc}") from None
-        if not torch.equal(d2t_t2d(ids, self.config.vocab_size)[1], self.t2d.cpu()):
-            raise DsparkError("the drafter's t2d does not match its d2t")
-
-    def to_target_ids(self, draft_index: torch.Tensor) -> torch.Tensor:
-        """Target ids of draft indices # [...] (the identity for the full vocabulary)."""
-        return draft_index if not self.config.reduced_vocab else draft_index + self.d2t[draft_index]
-
-    def expand_q(self, q: torch.Tensor) -> torch.Tensor:
-        """q over draft indices # [..., N] -> over the target vocabulary # [..., V], zero outside."""
-        if not self.config.reduced_vocab:
-            return q
-        full = q.new_zeros(*q.shape[:-1], self.config.vocab_size)
-        return full.index_copy_(-1, self.draft_ids, q)
+            norm.weight.copy_(convert_norm(source.weight, unit_offset_norms(model_type), unit_offset_norms(mine)))
 
     def input_embeddings(self) -> nn.Module:
         """The embedding in use: the carried copy that differs from the target's, else the target's."""
@@ -376,12 +256,8 @@ class DSparkModel(nn.Module):
         by sqrt(d) inside ``Gemma3TextScaledWordEmbedding``); a carried copy, a plain table,
         gets the target module's ``embed_scale`` too.
         """
-        module = self.input_embeddings()
-        x = module(ids)
-        scale = getattr(self._shared[0], "embed_scale", None)
-        if module is self.embed_tokens and scale is not None:
-            x = x * torch.as_tensor(scale, dtype=x.dtype, device=x.device)
-        return x
+        self.input_embeddings()  # raises until attach_target()
+        return embed_as_target(self._shared[0], ids, self.embed_tokens)
 
     # -- context path -----------------------------------------------------------------------
     def context_states(self, features: torch.Tensor) -> torch.Tensor:
@@ -441,11 +317,7 @@ class DSparkModel(nn.Module):
         produces logits on the target's scale in training and in drafting alike.
         """
         weight = self.draft_head_weight
-        logits = linear(hidden.to(weight.dtype), weight)
-        cap = self.config.final_logit_softcapping
-        if cap is not None:
-            logits = torch.tanh(logits / cap) * cap
-        return logits
+        return soft_cap(linear(hidden.to(weight.dtype), weight), self.config.final_logit_softcapping)
 
     @property
     def draft_head_weight(self) -> torch.Tensor:
@@ -455,16 +327,7 @@ class DSparkModel(nn.Module):
             raise DsparkError("attach_target() must be called before drafting or training")
         if self.lm_head is not None:
             return self.lm_head.weight
-        weight = self._shared[1].weight
-        if not self.config.reduced_vocab:
-            return weight
-        # Rebuilt only when the head or d2t changes (a checkpoint load copies into d2t in place).
-        key = (weight.data_ptr(), weight.dtype, self.d2t.data_ptr(), self.d2t._version)
-        # Rows gathered while drafting (inference mode) cannot enter autograd: training rebuilds them.
-        stale = self._head_rows is not None and self._head_rows[1].is_inference() and not torch.is_inference_mode_enabled()
-        if self._head_rows is None or self._head_rows[0] != key or stale:
-            self._head_rows = (key, weight.detach()[self.draft_ids.to(weight.device)])
-        return self._head_rows[1]
+        return self.draft_rows(self._shared[1].weight)
 
     # -- heads -----------------------------------------------------------------------------------
     def teacher_forced_logits(self, out: BlockOutput, prev_tokens: torch.Tensor) -> torch.Tensor:
