@@ -10,12 +10,12 @@ confidence head off, the drafter is exactly the DFlash baseline.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dspark.drafters.families import LAYER_FAMILIES, family_json_fields, family_of
+from dspark.drafters import drafter_config
+from dspark.drafters.families import family_json_fields
 
 ARCHITECTURES = {"qwen3": "Qwen3DSparkModel", "llama": "LlamaDSparkModel", "gemma3": "Gemma3DSparkModel"}
 MARKOV_HEAD_TYPES = ("vanilla", "rnn")
@@ -75,32 +75,13 @@ class DSparkConfig:
     """Unrecognised config.json fields, kept so a round trip loses nothing."""
 
     def __post_init__(self) -> None:
-        if self.block_size < 1:
-            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
-        if not self.target_layer_ids:
-            raise ValueError("target_layer_ids must name at least one target layer")
-        ids = list(self.target_layer_ids)
-        if ids != sorted(set(ids)) or ids[0] < 0 or ids[-1] >= self.num_target_layers - 1:
-            raise ValueError(
-                f"target_layer_ids {ids} must be strictly increasing in 0..{self.num_target_layers - 2}"
-                " (the final, normed layer is never a feature layer)"
-            )
+        drafter_config.check_shapes(self)
         if not 0 <= self.mask_token_id < self.vocab_size:
             raise ValueError(f"mask_token_id {self.mask_token_id} is outside the vocabulary")
-        if self.layer_family not in LAYER_FAMILIES:
-            raise ValueError(f"layer_family must be one of {', '.join(LAYER_FAMILIES)}, got {self.layer_family!r}")
-        if self.query_pre_attn_scalar < 0:
-            raise ValueError("query_pre_attn_scalar must be >= 0 (0 = head_dim)")
-        if self.final_logit_softcapping is not None and self.final_logit_softcapping <= 0:
-            raise ValueError("final_logit_softcapping must be > 0 or None")
         if self.markov_head_type not in MARKOV_HEAD_TYPES:
             raise ValueError(f"markov_head_type must be one of {MARKOV_HEAD_TYPES}")
         if self.markov_rank < 0:
             raise ValueError("markov_rank must be >= 0")
-        if not 0 <= self.draft_vocab_size <= self.vocab_size:
-            raise ValueError(f"draft_vocab_size must be in 0..{self.vocab_size}, got {self.draft_vocab_size}")
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
 
     @property
     def is_dflash(self) -> bool:
@@ -123,60 +104,21 @@ class DSparkConfig:
     # -- construction from a target -----------------------------------------------------
     @classmethod
     def for_target(cls, target, **overrides: Any) -> "DSparkConfig":
-        """Copy the target's shapes; pick 5 feature layers spread over its depth.
+        """Copy the target's shapes (:func:`~dspark.drafters.drafter_config.target_shapes`: 5
+        feature layers spread over its depth, the target's family, Gemma's global rope).
 
-        The backbone family follows the target's ``model_type`` (:func:`~dspark.drafters.families.family_of`)
-        unless ``layer_family`` is overridden. Gemma 3 targets mix sliding-window layers (local
-        rope, θ = 10k) with full-attention layers (global rope, θ = 1M); a drafter's layers all
-        attend to the whole injected context, so they take the full-attention layers' rope.
+        The backbone family follows the target's ``model_type`` unless ``layer_family`` is
+        overridden; qwen3, the family vLLM/SGLang serve, for targets dspark has no family for.
         """
-        cfg = target.model.config
-        n = cfg.num_hidden_layers
-        family = family_of(getattr(cfg, "model_type", ""), "qwen3")  # qwen3: what vLLM/SGLang serve
-        rope = getattr(cfg, "rope_parameters", None) or {}
-        rope = rope.get("full_attention", rope) if isinstance(rope.get("full_attention"), dict) else rope
-        softcap = getattr(cfg, "final_logit_softcapping", None)
-        values: dict[str, Any] = dict(
-            target_name=target.name,
-            vocab_size=target.vocab_size,
-            hidden_size=cfg.hidden_size,
-            num_target_layers=n,
-            target_layer_ids=spread_layers(n, 5),
-            num_attention_heads=cfg.num_attention_heads,
-            num_key_value_heads=getattr(cfg, "num_key_value_heads", cfg.num_attention_heads),
-            head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
-            intermediate_size=cfg.intermediate_size,
-            rms_norm_eps=float(getattr(cfg, "rms_norm_eps", 1e-6)),
-            rope_theta=float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))),
-            max_position_embeddings=getattr(cfg, "max_position_embeddings", 8192),
-            hidden_act=getattr(cfg, "hidden_act", None) or getattr(cfg, "hidden_activation", None) or "silu",
-            mask_token_id=pick_mask_token(target),
-            layer_family=family,
-            query_pre_attn_scalar=int(getattr(cfg, "query_pre_attn_scalar", None) or 0),
-            final_logit_softcapping=float(softcap) if softcap else None,
-        )
+        values = drafter_config.target_shapes(target, default_family="qwen3")
+        values["mask_token_id"] = pick_mask_token(target)
         values.update(overrides)
-        if "target_layer_ids" in overrides:
-            values["target_layer_ids"] = tuple(overrides["target_layer_ids"])
+        values["target_layer_ids"] = tuple(values["target_layer_ids"])
         return cls(**values)
 
     def check_target(self, target) -> None:
         """Raise IncompatibleDrafterError unless ``target`` is the model this was built for."""
-        from dspark.errors import IncompatibleDrafterError
-
-        cfg = target.model.config
-        problems = []
-        if target.vocab_size != self.vocab_size:
-            problems.append(f"vocabulary {target.vocab_size} != {self.vocab_size}")
-        if cfg.hidden_size != self.hidden_size:
-            problems.append(f"hidden size {cfg.hidden_size} != {self.hidden_size}")
-        if cfg.num_hidden_layers != self.num_target_layers:
-            problems.append(f"layer count {cfg.num_hidden_layers} != {self.num_target_layers}")
-        if problems:
-            raise IncompatibleDrafterError(
-                f"this drafter was trained for {self.target_name!r} and does not fit target "
-                f"{target.name!r}: " + "; ".join(problems)
-            )
+        drafter_config.check_target(self, target, "drafter")
 
     # -- config.json ----------------------------------------------------------------------
     def to_json_dict(self) -> dict[str, Any]:
@@ -220,44 +162,23 @@ class DSparkConfig:
 
     @classmethod
     def from_json_dict(cls, d: dict[str, Any]) -> "DSparkConfig":
-        known = {f.name for f in dataclasses.fields(cls)} - {"extra", "target_name", "layer_family"}
-        values = {k: d[k] for k in known if k in d}
-        values["target_layer_ids"] = tuple(d["target_layer_ids"])
-        values["target_name"] = d.get("dspark_target_name", d.get("_name_or_path", "unknown"))
-        values["layer_family"] = d.get("model_type", "qwen3")
-        if "rope_theta" not in d and isinstance(d.get("rope_parameters"), dict):
-            values["rope_theta"] = d["rope_parameters"].get("rope_theta", 10000.0)
-        if values.get("draft_vocab_size") == values.get("vocab_size"):
-            values["draft_vocab_size"] = 0  # written as V by full-vocabulary checkpoints
+        values = drafter_config.values_from_json(cls, d, _WRITTEN, default_family="qwen3")
         values.setdefault("markov_head_type", "vanilla")
         values.setdefault("confidence_head_with_markov", False)
-        values["extra"] = {k: v for k, v in d.items() if k not in known and k not in _WRITTEN}
         return cls(**values)
 
     def save(self, folder: str | Path) -> None:
-        path = Path(folder) / "config.json"
-        path.write_text(json.dumps(self.to_json_dict(), indent=2, sort_keys=True) + "\n")
+        drafter_config.save_json(self.to_json_dict(), folder)
 
     @classmethod
     def load(cls, folder: str | Path) -> "DSparkConfig":
-        return cls.from_json_dict(json.loads((Path(folder) / "config.json").read_text()))
+        return cls.from_json_dict(drafter_config.load_json(folder))
 
 
 _WRITTEN = {
     "architectures", "model_type", "dspark_target_name", "target_hidden_size", "rope_parameters",
     "attention_bias", "tie_word_embeddings", "layer_types", "sample_from_anchor", "hidden_activation",
 }
-
-
-def spread_layers(num_layers: int, count: int) -> tuple[int, ...]:
-    """``count`` layer ids spread from layer 1 to the second-to-last (DeepSpec's spacing)."""
-    last = num_layers - 2  # output of the last layer is the normed final state: excluded
-    count = max(1, min(count, last))
-    if count == 1:
-        return (last,)
-    start = 1 if last >= count else 0
-    step = (last - start) / (count - 1)
-    return tuple(sorted({round(start + i * step) for i in range(count)}))
 
 
 def pick_mask_token(target) -> int:

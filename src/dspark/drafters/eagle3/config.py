@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dspark.drafters.dspark.config import spread_layers
+from dspark.drafters import drafter_config
+from dspark.drafters.families import family_json_fields
 
-LAYER_FAMILIES = ("llama", "qwen3")
+ARCHITECTURES = {"llama": "LlamaForCausalLMEagle3", "qwen3": "Qwen3ForCausalLMEagle3", "gemma3": "Gemma3ForCausalLMEagle3"}
 DRAFTER_KIND = "eagle3"
 """The ``dspark_drafter`` field of an EAGLE-3 config.json."""
 
@@ -49,7 +50,13 @@ class Eagle3Config:
     max_position_embeddings: int = 8192
     hidden_act: str = "silu"
     layer_family: str = "llama"
-    """transformers family of the one decoder layer: the target's (llama for SmolLM2) or qwen3."""
+    """transformers family of the one decoder layer: the target's own where dspark has it
+    (llama for SmolLM2, gemma3 for Gemma 3), else llama, the family EAGLE-3 releases use."""
+    query_pre_attn_scalar: int = 0
+    """gemma3 only: attention scores are scaled by query_pre_attn_scalar ** -0.5 (0 = head_dim)."""
+    final_logit_softcapping: float | None = None
+    """The target's cap on its final logits (Gemma: cap · tanh(z / cap)), applied to the
+    drafter's logits the same way; None where the target has none."""
     draft_vocab_size: int = 0
     """N: tokens the drafter predicts over (rows of the target head named by d2t/t2d);
     0 means the whole target vocabulary."""
@@ -57,21 +64,7 @@ class Eagle3Config:
     """Unrecognised config.json fields, kept so a round trip loses nothing."""
 
     def __post_init__(self) -> None:
-        if self.block_size < 1:
-            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
-        ids = list(self.target_layer_ids)
-        if not ids:
-            raise ValueError("target_layer_ids must name at least one target layer")
-        if ids != sorted(set(ids)) or ids[0] < 0 or ids[-1] >= self.num_target_layers - 1:
-            raise ValueError(
-                f"target_layer_ids {ids} must be strictly increasing in 0..{self.num_target_layers - 2}"
-            )
-        if self.layer_family not in LAYER_FAMILIES:
-            raise ValueError(f"layer_family must be one of {LAYER_FAMILIES}, got {self.layer_family!r}")
-        if not 0 <= self.draft_vocab_size <= self.vocab_size:
-            raise ValueError(f"draft_vocab_size must be in 0..{self.vocab_size}, got {self.draft_vocab_size}")
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+        drafter_config.check_shapes(self)
 
     @property
     def num_draft_tokens(self) -> int:
@@ -87,53 +80,23 @@ class Eagle3Config:
 
     @classmethod
     def for_target(cls, target, **overrides: Any) -> "Eagle3Config":
-        """Copy the target's shapes; the same 5 spread feature layers as DSpark's default."""
-        cfg = target.model.config
-        n = cfg.num_hidden_layers
-        rope = getattr(cfg, "rope_parameters", None) or {}
-        values: dict[str, Any] = dict(
-            target_name=target.name,
-            vocab_size=target.vocab_size,
-            hidden_size=cfg.hidden_size,
-            num_target_layers=n,
-            target_layer_ids=spread_layers(n, 5),
-            num_attention_heads=cfg.num_attention_heads,
-            num_key_value_heads=getattr(cfg, "num_key_value_heads", cfg.num_attention_heads),
-            head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
-            intermediate_size=cfg.intermediate_size,
-            rms_norm_eps=float(getattr(cfg, "rms_norm_eps", 1e-6)),
-            rope_theta=float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))),
-            max_position_embeddings=getattr(cfg, "max_position_embeddings", 8192),
-            hidden_act=getattr(cfg, "hidden_act", "silu"),
-            layer_family="qwen3" if getattr(cfg, "model_type", "") == "qwen3" else "llama",
-        )
+        """Copy the target's shapes as DSparkConfig.for_target does (the same 5 spread feature
+        layers, the target's family, Gemma's global rope, scalar and soft cap); llama for
+        targets dspark has no family for."""
+        values = drafter_config.target_shapes(target, default_family="llama")
         values.update(overrides)
         values["target_layer_ids"] = tuple(values["target_layer_ids"])
         return cls(**values)
 
     def check_target(self, target) -> None:
         """Raise IncompatibleDrafterError unless ``target`` is the model this was built for."""
-        from dspark.errors import IncompatibleDrafterError
-
-        cfg = target.model.config
-        problems = []
-        if target.vocab_size != self.vocab_size:
-            problems.append(f"vocabulary {target.vocab_size} != {self.vocab_size}")
-        if cfg.hidden_size != self.hidden_size:
-            problems.append(f"hidden size {cfg.hidden_size} != {self.hidden_size}")
-        if cfg.num_hidden_layers != self.num_target_layers:
-            problems.append(f"layer count {cfg.num_hidden_layers} != {self.num_target_layers}")
-        if problems:
-            raise IncompatibleDrafterError(
-                f"this EAGLE-3 drafter was trained for {self.target_name!r} and does not fit target "
-                f"{target.name!r}: " + "; ".join(problems)
-            )
+        drafter_config.check_target(self, target, "EAGLE-3 drafter")
 
     # -- config.json ----------------------------------------------------------------------
     def to_json_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = dict(self.extra)
         d.update(
-            architectures=["LlamaForCausalLMEagle3" if self.layer_family == "llama" else "Qwen3ForCausalLMEagle3"],
+            architectures=[ARCHITECTURES[self.layer_family]],
             model_type=self.layer_family,
             dspark_drafter=DRAFTER_KIND,
             dspark_target_name=self.target_name,
@@ -157,34 +120,26 @@ class Eagle3Config:
             attention_bias=False,
             tie_word_embeddings=False,
         )
+        d.update(family_json_fields(self))
         return d
 
     @classmethod
     def from_json_dict(cls, d: dict[str, Any]) -> "Eagle3Config":
         if d.get("dspark_drafter") != DRAFTER_KIND:
             raise ValueError("config.json does not describe an EAGLE-3 drafter (dspark_drafter != 'eagle3')")
-        known = {f.name for f in dataclasses.fields(cls)} - {"extra", "target_name", "layer_family"}
-        values = {k: d[k] for k in known if k in d}
-        values["target_layer_ids"] = tuple(d["target_layer_ids"])
-        values["target_name"] = d.get("dspark_target_name", "unknown")
-        values["layer_family"] = d.get("model_type", "llama")
-        if values.get("draft_vocab_size") == values.get("vocab_size"):
-            values["draft_vocab_size"] = 0
-        values["extra"] = {k: v for k, v in d.items() if k not in known and k not in _WRITTEN}
-        return cls(**values)
+        return cls(**drafter_config.values_from_json(cls, d, _WRITTEN, default_family="llama"))
 
     def save(self, folder: str | Path) -> None:
-        path = Path(folder) / "config.json"
-        path.write_text(json.dumps(self.to_json_dict(), indent=2, sort_keys=True) + "\n")
+        drafter_config.save_json(self.to_json_dict(), folder)
 
     @classmethod
     def load(cls, folder: str | Path) -> "Eagle3Config":
-        return cls.from_json_dict(json.loads((Path(folder) / "config.json").read_text()))
+        return cls.from_json_dict(drafter_config.load_json(folder))
 
 
 _WRITTEN = {
     "architectures", "model_type", "dspark_drafter", "dspark_target_name", "target_hidden_size",
-    "eagle_config", "num_hidden_layers", "attention_bias", "tie_word_embeddings",
+    "eagle_config", "num_hidden_layers", "attention_bias", "tie_word_embeddings", "hidden_activation",
 }
 
 

@@ -37,42 +37,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dspark.drafters.dspark.vocab import check_draft_ids, d2t_t2d, draft_ids_from_d2t
+from dspark.drafters.dspark.vocab import DraftVocabulary
 from dspark.drafters.eagle3.config import Eagle3Config
+from dspark.drafters.families import convert_norm, embed_as_target, family_blocks, soft_cap, unit_offset_norms
 from dspark.errors import DsparkError
 from dspark.target.kernels import linear
 
 WEIGHTS_NAME = "model.safetensors"
-
-
-def _family(config: Eagle3Config):
-    """transformers' config, decoder layer, RMSNorm and rotary classes of the layer's family."""
-    if config.layer_family == "qwen3":
-        from transformers import Qwen3Config as Cfg
-        from transformers.models.qwen3.modeling_qwen3 import (
-            Qwen3DecoderLayer as Layer, Qwen3RMSNorm as Norm, Qwen3RotaryEmbedding as Rotary,
-        )
-    else:
-        from transformers import LlamaConfig as Cfg
-        from transformers.models.llama.modeling_llama import (
-            LlamaDecoderLayer as Layer, LlamaRMSNorm as Norm, LlamaRotaryEmbedding as Rotary,
-        )
-    hf_config = Cfg(
-        vocab_size=config.vocab_size,
-        hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size,
-        num_hidden_layers=1,
-        num_attention_heads=config.num_attention_heads,
-        num_key_value_heads=config.num_key_value_heads,
-        head_dim=config.head_dim,
-        rms_norm_eps=config.rms_norm_eps,
-        max_position_embeddings=config.max_position_embeddings,
-        hidden_act=config.hidden_act,
-        attention_bias=False,
-        rope_parameters={"rope_theta": config.rope_theta, "rope_type": "default"},
-    )
-    hf_config._attn_implementation = "sdpa"  # every call passes its mask (None only for one query)
-    return hf_config, Layer, Norm, Rotary
 
 
 class StepKV:
@@ -113,13 +84,15 @@ class TrainOutput:
     """EAGLE-3 has no confidence head."""
 
 
-class Eagle3Model(nn.Module):
+class Eagle3Model(DraftVocabulary, nn.Module):
     """The drafter's trainable parts; see the module docstring for the data flow."""
 
     def __init__(self, config: Eagle3Config) -> None:
         super().__init__()
         self.config = config
-        hf_config, Layer, Norm, Rotary = _family(config)
+        # sdpa: every call passes its mask (None only where every query sees every key).
+        self._blocks = family_blocks(config, 1, "sdpa")
+        hf_config, Layer, Norm = self._blocks.hf_config, self._blocks.layer, self._blocks.norm
         self.hf_config = hf_config
         d, m = config.hidden_size, len(config.target_layer_ids)
         self.fc = nn.Linear(m * d, d, bias=False)
@@ -129,15 +102,12 @@ class Eagle3Model(nn.Module):
             setattr(attn, name, nn.Linear(2 * d, getattr(attn, name).out_features, bias=False))
         self.midlayer.hidden_norm = Norm(d, eps=config.rms_norm_eps)
         self.norm = Norm(d, eps=config.rms_norm_eps)
-        self.rotary_emb = Rotary(config=hf_config)
-        if config.reduced_vocab:
-            self.register_buffer("d2t", torch.zeros(config.num_draft_tokens, dtype=torch.long))
-            self.register_buffer("t2d", torch.zeros(config.vocab_size, dtype=torch.bool))
+        self.rotary_emb = self._blocks.rotary(config=hf_config)
+        self.register_draft_vocab()  # d2t/t2d with a reduced vocabulary
         for sub in self.modules():
             if isinstance(sub, nn.Linear):
                 nn.init.normal_(sub.weight, std=hf_config.initializer_range)
         self._shared: tuple[nn.Module, nn.Module] | None = None  # the target's (embedding, head)
-        self._head_rows: tuple[tuple, torch.Tensor] | None = None
 
     # -- the borrowed target parts ----------------------------------------------------------
     def attach_target(self, target) -> None:
@@ -152,59 +122,14 @@ class Eagle3Model(nn.Module):
         return self._shared
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        """Token embeddings # [...] -> [..., d] in the drafter's dtype."""
-        return self._parts()[0](ids).to(self.fc.weight.dtype)
+        """Token embeddings as the target computes them (Gemma's scaled by sqrt(d)) # [...] -> [..., d],
+        in the drafter's dtype."""
+        return embed_as_target(self._parts()[0], ids).to(self.fc.weight.dtype)
 
     @property
     def head_weight(self) -> torch.Tensor:
         """[N, d] the frozen target head's rows of the draft tokens (all rows for N = V)."""
-        weight = self._parts()[1].weight
-        if not self.config.reduced_vocab:
-            return weight
-        key = (weight.data_ptr(), weight.dtype, self.d2t.data_ptr(), self.d2t._version)
-        # Rows gathered while drafting (inference mode) cannot enter autograd: training rebuilds them.
-        stale = self._head_rows is not None and self._head_rows[1].is_inference() and not torch.is_inference_mode_enabled()
-        if self._head_rows is None or self._head_rows[0] != key or stale:
-            self._head_rows = (key, weight.detach()[self.draft_ids.to(weight.device)])
-        return self._head_rows[1]
-
-    # -- the draft vocabulary ---------------------------------------------------------------
-    @torch.no_grad()
-    def set_draft_vocab(self, draft_ids: torch.Tensor) -> None:
-        """Fill d2t/t2d from ascending target ids # [N] (N = config.draft_vocab_size)."""
-        if not self.config.reduced_vocab:
-            raise DsparkError("this drafter predicts over the whole target vocabulary; it has no d2t")
-        if draft_ids.shape != self.d2t.shape:
-            raise ValueError(f"draft ids must be [{self.d2t.shape[0]}], got {tuple(draft_ids.shape)}")
-        d2t, t2d = d2t_t2d(draft_ids.cpu().long(), self.config.vocab_size)
-        self.d2t.copy_(d2t)
-        self.t2d.copy_(t2d)
-
-    @property
-    def draft_ids(self) -> torch.Tensor | None:
-        """Target id of each draft index # [N], or None for the full vocabulary."""
-        return draft_ids_from_d2t(self.d2t) if self.config.reduced_vocab else None
-
-    def check_draft_vocab(self) -> None:
-        if not self.config.reduced_vocab:
-            return
-        ids = self.draft_ids.cpu()
-        try:
-            check_draft_ids(ids, self.config.vocab_size)
-        except ValueError as exc:
-            raise DsparkError(f"the drafter's d2t is not a valid draft vocabulary: {exc}") from None
-        if not torch.equal(d2t_t2d(ids, self.config.vocab_size)[1], self.t2d.cpu()):
-            raise DsparkError("the drafter's t2d does not match its d2t")
-
-    def to_target_ids(self, draft_index: torch.Tensor) -> torch.Tensor:
-        """Target ids of draft indices # [...] (the identity for the full vocabulary)."""
-        return draft_index if not self.config.reduced_vocab else draft_index + self.d2t[draft_index]
-
-    def expand_q(self, q: torch.Tensor) -> torch.Tensor:
-        """q over draft indices # [..., N] -> over the target vocabulary # [..., V], zero outside."""
-        if not self.config.reduced_vocab:
-            return q
-        return q.new_zeros(*q.shape[:-1], self.config.vocab_size).index_copy_(-1, self.draft_ids, q)
+        return self.draft_rows(self._parts()[1].weight)
 
     # -- the layer ----------------------------------------------------------------------------
     def fuse(self, features: torch.Tensor) -> torch.Tensor:
@@ -222,13 +147,13 @@ class Eagle3Model(nn.Module):
         layer = self.midlayer
         x = torch.cat([layer.input_layernorm(emb), layer.hidden_norm(state)], dim=-1)  # [B, T, 2d]
         attn, _ = layer.self_attn(x, position_embeddings=self.rotary_emb(state, positions), attention_mask=mask, cache=cache)
-        h = state + attn
-        return h + layer.mlp(layer.post_attention_layernorm(h))
+        return self._blocks.finish_layer(layer, state, attn)  # residual from g_{j-1}, then the MLP
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """lm_head(norm(h)) over the draft vocabulary, hidden # [..., d] -> [..., N]."""
+        """lm_head(norm(h)) over the draft vocabulary, hidden # [..., d] -> [..., N]; soft-capped
+        where the target caps its logits, so they are on the target's scale."""
         weight = self.head_weight
-        return linear(self.norm(hidden).to(weight.dtype), weight)
+        return soft_cap(linear(self.norm(hidden).to(weight.dtype), weight), self.config.final_logit_softcapping)
 
     # -- training-time test ---------------------------------------------------------------------
     def forward(self, features: torch.Tensor, input_ids: torch.Tensor, anchors: torch.Tensor) -> TrainOutput:
@@ -269,28 +194,34 @@ class Eagle3Model(nn.Module):
         The layer copies every weight whose name and shape agree; of q/k/v, the target's
         weights go to the feature half of the 2d input (the embedding half keeps its random
         init); hidden_norm takes that layer's input norm; fc starts by selecting the deepest
-        feature layer; the final norm is the target's.
+        feature layer; the final norm is the target's. Between a Gemma and a non-Gemma family
+        only the projections are copied and the two norms' scales are converted, as
+        :meth:`DSparkModel.init_from_target <dspark.drafters.dspark.model.DSparkModel.init_from_target>` does.
         """
         decoder = target.model.get_decoder()
         source = decoder.layers[-1].state_dict()
         own = self.midlayer.state_dict()
         d = self.config.hidden_size
+        theirs_offset = unit_offset_norms(getattr(target.model.config, "model_type", ""))
+        mine_offset = unit_offset_norms(self.config.layer_family)
         merged = {}
         for key, value in own.items():
             theirs = source.get(key)
-            if theirs is not None and theirs.shape == value.shape:
+            if theirs is not None and theirs_offset != mine_offset and "_proj." not in key:
+                merged[key] = value  # a norm: other places in the block, another convention
+            elif theirs is not None and theirs.shape == value.shape:
                 merged[key] = theirs
             elif theirs is not None and key.split(".")[-2] in ("q_proj", "k_proj", "v_proj"):
                 merged[key] = torch.cat([value[:, :d], theirs.to(value.dtype)], dim=1)
             else:
                 merged[key] = value
-        merged["hidden_norm.weight"] = source["input_layernorm.weight"]
+        merged["hidden_norm.weight"] = convert_norm(source["input_layernorm.weight"], theirs_offset, mine_offset)
         self.midlayer.load_state_dict(merged)
         ids = self.config.target_layer_ids
         deepest = max(range(len(ids)), key=lambda j: ids[j])
         self.fc.weight.zero_()
         self.fc.weight[:, deepest * d : (deepest + 1) * d] = torch.eye(d)
-        self.norm.weight.copy_(decoder.norm.weight)
+        self.norm.weight.copy_(convert_norm(decoder.norm.weight, theirs_offset, mine_offset))
 
     # -- checkpoints ---------------------------------------------------------------------------
     def save_pretrained(self, folder: str | Path, dtype: torch.dtype | None = None) -> None:
