@@ -1,6 +1,7 @@
 """The EAGLE-3 baseline: the training-time-test loss against explicit loops, chain drafting
 against the unrolled training forward (its slow oracle), greedy equality through both engines,
-checkpoints, and a short training run whose checkpoint the factory loads.
+checkpoints, a short training run whose checkpoint the factory loads, and the gemma3 family on
+a tiny Gemma 3 target (sandwich norms, sqrt(d)-scaled embedding, soft-capped logits).
 
 The exact-enumeration chi-square losslessness checks of an EAGLE-3 drafter live with the
 others in test_lossless.py (drafters "eagle3" and "eagle3-reduced-vocab").
@@ -14,7 +15,7 @@ import math
 import pytest
 import torch
 
-from conftest import tiny_target
+from conftest import GEMMA3_SOFTCAP, tiny_target
 from dspark.drafters.base import DraftInput, Drafter, NoDrafter
 from dspark.drafters.eagle3 import Eagle3Config, Eagle3Drafter, Eagle3Model
 from dspark.engine import BatchEngine, GenerationRequest, SpeculativeEngine
@@ -39,12 +40,17 @@ def target():
     return tiny_target(vocab_size=V, hidden=32, layers=6, scale=4.0)
 
 
+@pytest.fixture(scope="module")
+def gemma():
+    return tiny_target("gemma3", vocab_size=V, hidden=32, layers=6, scale=4.0)
+
+
 def random_eagle3(target, draft_ids: torch.Tensor | None = DRAFT_IDS, seed: int = 5, std: float = 0.3,
-                  layer_family: str = "llama") -> Eagle3Model:
+                  layer_family: str | None = "llama") -> Eagle3Model:
     """A random Eagle3Model with weights large enough that every input (token, features,
-    own hidden state, earlier pairs) moves the logits."""
+    own hidden state, earlier pairs) moves the logits; ``layer_family`` None is the target's."""
     torch.manual_seed(seed)
-    extra = {"layer_family": layer_family}
+    extra = {"layer_family": layer_family} if layer_family else {}
     if draft_ids is not None:
         extra["draft_vocab_size"] = draft_ids.numel()
     model = Eagle3Model(Eagle3Config.for_target(target, block_size=GAMMA, **extra))
@@ -328,3 +334,117 @@ def test_warm_start_copies_an_eagle3_drafter_and_refuses_a_dspark_one(target, tm
     random_dspark_model(target).save_pretrained(tmp_path / "ds")
     with pytest.raises(DsparkError, match="not an EAGLE-3 drafter"):
         warm_start(fresh, tmp_path / "ds")
+
+
+# -- the gemma3 family on a Gemma 3 target -------------------------------------------------------------
+
+
+def test_the_family_follows_the_target(target, gemma):
+    assert Eagle3Config.for_target(target).layer_family == "llama"
+    assert Eagle3Config.for_target(tiny_target("qwen3", vocab_size=V, hidden=32, layers=6)).layer_family == "qwen3"
+    config = Eagle3Config.for_target(gemma)
+    assert config.layer_family == "gemma3" and config.final_logit_softcapping == GEMMA3_SOFTCAP
+    assert config.query_pre_attn_scalar == 16 and config.hidden_act == "gelu_pytorch_tanh"
+    assert config.rope_theta == gemma.model.config.rope_parameters["full_attention"]["rope_theta"]
+    model = Eagle3Model(config)
+    assert type(model.midlayer).__name__ == "Gemma3DecoderLayer" and model.hf_config.layer_types == ["full_attention"]
+    assert Eagle3Config.for_target(gemma, layer_family="llama").layer_family == "llama"  # overridable
+
+
+def test_gemma3_chain_drafting_equals_the_unrolled_training_forward(gemma):
+    model = random_eagle3(gemma, layer_family=None)
+    drafter = Eagle3Drafter(model)
+    drafter.reset()
+    committed = [4, 7, 1, 9, 2, 2, 13, 5, 20, 3]  # longer than the target's sliding window
+    g = torch.Generator().manual_seed(0)
+    block = drafter.propose(DraftInput(torch.tensor(committed), features_of(gemma, model, committed)[:-1], T1, g,
+                                       max_tokens=GAMMA))
+    full = committed + block.tokens.tolist()
+    with torch.no_grad():
+        out = model(features_of(gemma, model, full)[None], torch.tensor([full]), torch.tensor([[len(committed) - 1]]))
+    assert torch.allclose(block.q, model.expand_q(out.draft_logits[0, 0].softmax(-1)), atol=1e-5)
+
+
+@pytest.mark.parametrize("draft_ids", [None, DRAFT_IDS], ids=["full-vocab", "reduced-vocab"])
+def test_gemma3_greedy_output_equals_plain_decoding(gemma, draft_ids):
+    from dspark.scheduling import FixedGamma
+
+    prompts = [[3], [0, 1, 2, 3, 4, 5], [7, 7, 7, 7], [20, 2, 11, 5, 9, 1, 1, 8]]
+    want = [plain(gemma, p, 20) for p in prompts]
+    drafter = Eagle3Drafter(random_eagle3(gemma, draft_ids, std=0.05, layer_family=None))
+    assert drafter.config.layer_family == "gemma3"
+    got = [SpeculativeEngine(gemma, drafter).generate(GenerationRequest(p, SamplingParams(), max_new_tokens=20))
+           for p in prompts]
+    assert [r.token_ids for r in got] == want
+    assert sum(sum(r.stats.proposed) for r in got) > 0
+    batched = BatchEngine(gemma, Eagle3Drafter(random_eagle3(gemma, draft_ids, std=0.05, layer_family=None)),
+                          FixedGamma(), max_batch=3)
+    results = batched.generate([GenerationRequest(p, SamplingParams(), max_new_tokens=20) for p in prompts]).results
+    assert [r.token_ids for r in results] == want
+
+
+def test_gemma3_drafter_embeds_tokens_scaled_by_sqrt_hidden(gemma):
+    """Tokens enter the layer as sqrt(d) · E[x], as in the target, in drafting and in training."""
+    model = random_eagle3(gemma, layer_family=None)
+    seen = []
+    hook = model.midlayer.input_layernorm.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
+    ids = [4, 7, 1, 9, 2]
+    feats = features_of(gemma, model, ids)
+    drafter = Eagle3Drafter(model)
+    drafter.reset()
+    drafter.propose(DraftInput(torch.tensor(ids), feats[:-1], SamplingParams(), None, max_tokens=1))
+    with torch.no_grad():
+        model(feats[None], torch.tensor([ids]), torch.tensor([[2]]))
+    hook.remove()
+    table = gemma.model.get_input_embeddings().weight
+    scaled = table[torch.tensor(ids)] * math.sqrt(32)
+    assert not torch.allclose(scaled, table[torch.tensor(ids)], atol=1e-3)  # the scale matters
+    assert torch.allclose(seen[0][0], scaled, atol=1e-6)  # the fold over the prompt's pairs
+    assert torch.allclose(seen[1][0], scaled, atol=1e-6)  # training's step 1 over every pair
+
+
+def test_gemma3_draft_logits_are_soft_capped_like_the_targets(gemma):
+    """logits = cap · tanh(lm_head(norm(h)) / cap), in drafting (q at T = 1) and in training."""
+    model = random_eagle3(gemma, draft_ids=None, layer_family=None)
+    with torch.no_grad():
+        model.norm.weight.fill_(20.0)  # large normed states, so the cap binds
+    normed = []
+    hook = model.norm.register_forward_hook(lambda m, args, out: normed.append(out.detach().clone()))
+    ids = [4, 7, 1, 9, 2]
+    feats = features_of(gemma, model, ids)
+    drafter = Eagle3Drafter(model)
+    drafter.reset()
+    block = drafter.propose(DraftInput(torch.tensor(ids), feats[:-1], T1, torch.Generator().manual_seed(0), max_tokens=1))
+    with torch.no_grad():
+        train = model(feats[None], torch.tensor([ids]), torch.tensor([[2]])).draft_logits[0, 0]  # [γ, V]
+    hook.remove()
+    head, cap = gemma.model.get_output_embeddings().weight, GEMMA3_SOFTCAP
+    raw = normed[0] @ head.T  # [V]
+    assert raw.abs().max() > 2 * cap  # uncapped logits would differ a lot
+    assert torch.allclose(block.q[0], torch.softmax(cap * torch.tanh(raw / cap), -1), atol=1e-5)
+    assert torch.allclose(train, cap * torch.tanh(normed[-1][0, 0] @ head.T / cap), atol=1e-5)
+
+
+def test_gemma3_save_and_load_are_bit_exact(gemma, tmp_path):
+    model = random_eagle3(gemma, layer_family=None)
+    model.save_pretrained(tmp_path / "e3")
+    config = json.loads((tmp_path / "e3" / "config.json").read_text())
+    assert config["architectures"] == ["Gemma3ForCausalLMEagle3"] and config["model_type"] == "gemma3"
+    assert config["final_logit_softcapping"] == GEMMA3_SOFTCAP and config["hidden_activation"] == "gelu_pytorch_tanh"
+    loaded = Eagle3Model.from_pretrained(tmp_path / "e3")
+    assert loaded.config == model.config and loaded.config.extra == {}
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+def test_cross_family_warm_start_keeps_each_norms_scale(gemma):
+    """A llama layer on a Gemma target copies the projections only; its norms (scale w) take
+    the Gemma norms' scale (1 + w)."""
+    model = Eagle3Model(Eagle3Config.for_target(gemma, layer_family="llama"))
+    model.init_from_target(gemma)
+    last, decoder = gemma.model.get_decoder().layers[-1], gemma.model.get_decoder()
+    assert torch.equal(model.midlayer.mlp.down_proj.weight, last.mlp.down_proj.weight)
+    assert torch.equal(model.midlayer.self_attn.o_proj.weight, last.self_attn.o_proj.weight)
+    assert torch.equal(model.midlayer.hidden_norm.weight, 1 + last.input_layernorm.weight)
+    assert torch.equal(model.norm.weight, 1 + decoder.norm.weight)
+    # Llama's post_attention_layernorm sits where Gemma's pre_feedforward one does: left alone.
+    assert torch.equal(model.midlayer.post_attention_layernorm.weight, torch.ones(32))

@@ -107,6 +107,24 @@ def test_family_follows_the_target_and_builds_its_layers(target, family):
     assert make_model(target, layer_family=other).config.layer_family == other  # overridable
 
 
+def test_finish_layer_is_the_family_layers_own_forward_after_attention(target, family):
+    """FamilyBlocks.finish_layer (EAGLE-3 runs the layer's attention on its own 2d-wide
+    input) against the HF decoder layer's forward, gemma3's sandwich norms included."""
+    from dspark.drafters.families import family_blocks
+
+    config = DSparkConfig.for_target(target, num_hidden_layers=1)
+    blocks = family_blocks(config, 1, "sdpa")
+    torch.manual_seed(0)
+    layer = blocks.layer(blocks.hf_config, 0).eval()
+    with torch.no_grad():
+        for weight in layer.parameters():
+            weight.normal_(std=0.3)  # random norms too (Gemma's start at the identity)
+    x = torch.randn(1, 5, config.hidden_size)
+    rope = blocks.rotary(config=blocks.hf_config)(x, torch.arange(5).unsqueeze(0))
+    with torch.no_grad():
+        attn, _ = layer.self_attn(layer.input_layernorm(x), position_embeddings=rope, attention_mask=None)
+        assert torch.allclose(blocks.finish_layer(layer, x, attn), layer(x, position_embeddings=rope), atol=1e-6)
+
 def test_drafter_shapes_with_a_reduced_vocabulary(target):
     model = make_model(target)
     feats = target.forward(torch.tensor([IDS]), layer_ids=model.config.target_layer_ids).features

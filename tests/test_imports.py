@@ -224,3 +224,22 @@ def test_the_checks_catch_a_planted_cycle_and_a_lazy_import(tmp_path):
     assert len(cycles) == 1
     assert describe(cycles[0], modules).split(" -> ")[0].startswith("pkg.c ")
     assert {e.source for e in cycles[0]} == {"pkg.c", "pkg.sub.a", "pkg.sub.b"}
+
+
+@pytest.mark.parametrize(
+    "source, forbidden",
+    [
+        ("dspark.drafters.dspark", ("dspark.drafters.eagle3",)),
+        ("dspark.drafters.families", ("dspark.drafters.dspark", "dspark.drafters.eagle3")),
+        ("dspark.drafters.drafter_config", ("dspark.drafters.dspark", "dspark.drafters.eagle3")),
+    ],
+)
+def test_the_eagle3_baseline_builds_on_dspark_never_the_reverse(graph, source, forbidden):
+    # EAGLE-3 reuses DSpark's vocabulary code and the shared drafter modules; DSpark and the
+    # shared modules must stay usable without it.
+    modules, edges, _ = graph
+    assert any(m == source or m.startswith(source + ".") for m in modules)
+    bad = [f"{e.source} -> {e.target} (line {e.line})" for e in edges
+           if (e.source == source or e.source.startswith(source + "."))
+           and any(e.target == f or e.target.startswith(f + ".") for f in forbidden)]
+    assert not bad, "\n".join(bad)
