@@ -1,18 +1,18 @@
-"""What the drafter configs (DSparkConfig, Eagle3Config) share: the target's shapes they copy,
-the checks of those shapes, and the config.json round trip.
+"""DrafterConfig: what the drafter configs (DSparkConfig, Eagle3Config) share.
 
-Both configs are frozen dataclasses with the target fields (``target_name``, ``vocab_size``,
-``hidden_size``, ``num_target_layers``, ``target_layer_ids``), the layer fields of
-:func:`~dspark.drafters.families.family_blocks`, ``block_size``, ``draft_vocab_size`` and
-``extra`` (config.json fields they do not know, kept so a round trip loses nothing).
+The fields copied from the target (:func:`target_shapes`) and their checks, the layer fields
+that :func:`~dspark.drafters.families.family_blocks` reads, the draft vocabulary size, and
+the config.json round trip (each subclass writes its own layout; :func:`values_from_json`
+reads what the layouts have in common).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
 from dspark.drafters.families import LAYER_FAMILIES, family_of
 
@@ -64,74 +64,155 @@ def target_shapes(target, default_family: str) -> dict[str, Any]:
     )
 
 
-def check_shapes(config) -> None:
-    """Raise ValueError unless the fields both configs have are consistent (their ``__post_init__``)."""
-    if config.block_size < 1:
-        raise ValueError(f"block_size must be >= 1, got {config.block_size}")
-    if not config.target_layer_ids:
-        raise ValueError("target_layer_ids must name at least one target layer")
-    ids = list(config.target_layer_ids)
-    if ids != sorted(set(ids)) or ids[0] < 0 or ids[-1] >= config.num_target_layers - 1:
-        raise ValueError(
-            f"target_layer_ids {ids} must be strictly increasing in 0..{config.num_target_layers - 2}"
-            " (the final, normed layer is never a feature layer)"
-        )
-    if config.layer_family not in LAYER_FAMILIES:
-        raise ValueError(f"layer_family must be one of {', '.join(LAYER_FAMILIES)}, got {config.layer_family!r}")
-    if config.query_pre_attn_scalar < 0:
-        raise ValueError("query_pre_attn_scalar must be >= 0 (0 = head_dim)")
-    if config.final_logit_softcapping is not None and config.final_logit_softcapping <= 0:
-        raise ValueError("final_logit_softcapping must be > 0 or None")
-    if not 0 <= config.draft_vocab_size <= config.vocab_size:
-        raise ValueError(f"draft_vocab_size must be in 0..{config.vocab_size}, got {config.draft_vocab_size}")
-    if config.num_attention_heads % config.num_key_value_heads:
-        raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+Config = TypeVar("Config", bound="DrafterConfig")
 
 
-def check_target(config, target, what: str) -> None:
-    """Raise IncompatibleDrafterError unless ``target`` is the model ``config`` was built for."""
-    from dspark.errors import IncompatibleDrafterError
+@dataclass(frozen=True)
+class DrafterConfig:
+    """The fields every drafter config has; subclasses add theirs and their config.json layout."""
 
-    cfg = target.model.config
-    problems = []
-    if target.vocab_size != config.vocab_size:
-        problems.append(f"vocabulary {target.vocab_size} != {config.vocab_size}")
-    if cfg.hidden_size != config.hidden_size:
-        problems.append(f"hidden size {cfg.hidden_size} != {config.hidden_size}")
-    if cfg.num_hidden_layers != config.num_target_layers:
-        problems.append(f"layer count {cfg.num_hidden_layers} != {config.num_target_layers}")
-    if problems:
-        raise IncompatibleDrafterError(
-            f"this {what} was trained for {config.target_name!r} and does not fit target "
-            f"{target.name!r}: " + "; ".join(problems)
-        )
+    KIND: ClassVar[str] = "drafter"
+    """What the drafter is called in errors."""
+
+    # -- the target it was trained for ------------------------------------------------
+    target_name: str
+    """Name or path of the target model, recorded for humans."""
+    vocab_size: int
+    """Target vocabulary size (rows of its embedding and LM head)."""
+    hidden_size: int
+    """Target (and drafter) width d; the embedding and LM head are the target's."""
+    num_target_layers: int
+    """Target depth; feature layer ids must be below num_target_layers - 1."""
+    target_layer_ids: tuple[int, ...]
+    """Feature layers, "output of HF layer k" semantics (hidden_states[k + 1])."""
+    # -- the drafter --------------------------------------------------------------------
+    block_size: int = 7
+    """γ: tokens drafted per round."""
+    num_attention_heads: int = 8
+    num_key_value_heads: int = 8
+    head_dim: int = 64
+    intermediate_size: int = 1024
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 8192
+    hidden_act: str = "silu"
+    layer_family: str = "qwen3"
+    """transformers block family of the draft layers (see the subclass)."""
+    query_pre_attn_scalar: int = 0
+    """gemma3 only: attention scores are scaled by query_pre_attn_scalar ** -0.5 (0 = head_dim)."""
+    final_logit_softcapping: float | None = None
+    """The target's cap on its final logits (Gemma: cap · tanh(z / cap)), applied to the draft
+    LM head's logits the same way; None where the target has none. A property of the target,
+    so it holds whatever the drafter's family."""
+    draft_vocab_size: int = 0
+    """N: tokens the drafter predicts over (a row subset of the target head, named by the
+    ``d2t``/``t2d`` tensors of the checkpoint); 0 means the whole target vocabulary."""
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+    """Unrecognised config.json fields, kept so a round trip loses nothing."""
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if not self.target_layer_ids:
+            raise ValueError("target_layer_ids must name at least one target layer")
+        ids = list(self.target_layer_ids)
+        if ids != sorted(set(ids)) or ids[0] < 0 or ids[-1] >= self.num_target_layers - 1:
+            raise ValueError(
+                f"target_layer_ids {ids} must be strictly increasing in 0..{self.num_target_layers - 2}"
+                " (the final, normed layer is never a feature layer)"
+            )
+        if self.layer_family not in LAYER_FAMILIES:
+            raise ValueError(f"layer_family must be one of {', '.join(LAYER_FAMILIES)}, got {self.layer_family!r}")
+        if self.query_pre_attn_scalar < 0:
+            raise ValueError("query_pre_attn_scalar must be >= 0 (0 = head_dim)")
+        if self.final_logit_softcapping is not None and self.final_logit_softcapping <= 0:
+            raise ValueError("final_logit_softcapping must be > 0 or None")
+        if not 0 <= self.draft_vocab_size <= self.vocab_size:
+            raise ValueError(f"draft_vocab_size must be in 0..{self.vocab_size}, got {self.draft_vocab_size}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+
+    @property
+    def num_draft_tokens(self) -> int:
+        """N, the size of the draft vocabulary (V when it is the whole target vocabulary)."""
+        return self.draft_vocab_size or self.vocab_size
+
+    @property
+    def reduced_vocab(self) -> bool:
+        """True when the drafter predicts over a strict subset of the target vocabulary."""
+        return self.num_draft_tokens < self.vocab_size
+
+    def replace(self: Config, **changes: Any) -> Config:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def default_family(cls) -> str:
+        """The family of a drafter for a target dspark has no family for: the field's default."""
+        return cls.__dataclass_fields__["layer_family"].default
+
+    @classmethod
+    def for_target(cls: type[Config], target, **overrides: Any) -> Config:
+        """Copy the target's shapes (:func:`target_shapes`), then ``overrides``."""
+        values = target_shapes(target, cls.default_family())
+        values.update(overrides)
+        values["target_layer_ids"] = tuple(values["target_layer_ids"])
+        return cls(**values)
+
+    def check_target(self, target) -> None:
+        """Raise IncompatibleDrafterError unless ``target`` is the model this was built for."""
+        from dspark.errors import IncompatibleDrafterError
+
+        cfg = target.model.config
+        problems = []
+        if target.vocab_size != self.vocab_size:
+            problems.append(f"vocabulary {target.vocab_size} != {self.vocab_size}")
+        if cfg.hidden_size != self.hidden_size:
+            problems.append(f"hidden size {cfg.hidden_size} != {self.hidden_size}")
+        if cfg.num_hidden_layers != self.num_target_layers:
+            problems.append(f"layer count {cfg.num_hidden_layers} != {self.num_target_layers}")
+        if problems:
+            raise IncompatibleDrafterError(
+                f"this {self.KIND} was trained for {self.target_name!r} and does not fit target "
+                f"{target.name!r}: " + "; ".join(problems)
+            )
+
+    # -- config.json ----------------------------------------------------------------------
+    def to_json_dict(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    @classmethod
+    def from_json_dict(cls: type[Config], d: dict[str, Any]) -> Config:
+        raise NotImplementedError
+
+    def save(self, folder: str | Path) -> None:
+        """Write ``folder/config.json`` (sorted keys, so equal configs give equal files)."""
+        (Path(folder) / CONFIG_NAME).write_text(json.dumps(self.to_json_dict(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls: type[Config], folder: str | Path) -> Config:
+        return cls.from_json_dict(load_json(folder))
 
 
 # -- config.json -------------------------------------------------------------------------------------
-def values_from_json(cls, d: dict[str, Any], written: set[str], default_family: str) -> dict[str, Any]:
+def values_from_json(cls, d: dict[str, Any], written: set[str]) -> dict[str, Any]:
     """The dataclass ``cls``'s field values from a config.json dict ``d``.
 
     Fields named as the dataclass's are read as they are; ``target_name`` is
-    ``dspark_target_name``, ``layer_family`` is ``model_type``. A draft vocabulary written as V
-    (full-vocabulary checkpoints) becomes 0. What neither the dataclass nor ``written`` (the
+    ``dspark_target_name``, ``layer_family`` is ``model_type`` (the class's default without
+    one). A draft vocabulary written as V (full-vocabulary checkpoints) becomes 0. What neither the dataclass nor ``written`` (the
     fields the config writes for others to read) names goes to ``extra``.
     """
     known = {f.name for f in dataclasses.fields(cls)} - {"extra", "target_name", "layer_family"}
     values = {k: d[k] for k in known if k in d}
     values["target_layer_ids"] = tuple(d["target_layer_ids"])
     values["target_name"] = d.get("dspark_target_name", d.get("_name_or_path", "unknown"))
-    values["layer_family"] = d.get("model_type", default_family)
+    values["layer_family"] = d.get("model_type", cls.default_family())
     if "rope_theta" not in d and isinstance(d.get("rope_parameters"), dict):
         values["rope_theta"] = d["rope_parameters"].get("rope_theta", 10000.0)
     if values.get("draft_vocab_size") == values.get("vocab_size"):
         values["draft_vocab_size"] = 0  # written as V by full-vocabulary checkpoints
     values["extra"] = {k: v for k, v in d.items() if k not in known and k not in written}
     return values
-
-
-def save_json(d: dict[str, Any], folder: str | Path) -> None:
-    """Write ``folder/config.json`` (sorted keys, so equal configs give equal files)."""
-    (Path(folder) / CONFIG_NAME).write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
 
 
 def load_json(folder: str | Path) -> dict[str, Any]:

@@ -9,12 +9,10 @@ confidence head off, the drafter is exactly the DFlash baseline.
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
-from dspark.drafters import drafter_config
+from dspark.drafters.drafter_config import DrafterConfig, values_from_json
 from dspark.drafters.families import family_json_fields
 
 ARCHITECTURES = {"qwen3": "Qwen3DSparkModel", "llama": "LlamaDSparkModel", "gemma3": "Gemma3DSparkModel"}
@@ -22,44 +20,20 @@ MARKOV_HEAD_TYPES = ("vanilla", "rnn")
 
 
 @dataclass(frozen=True)
-class DSparkConfig:
-    """Shape and behaviour of a DSpark (or DFlash) drafter for one target model."""
+class DSparkConfig(DrafterConfig):
+    """Shape and behaviour of a DSpark (or DFlash) drafter for one target model.
 
-    # -- the target it was trained for ------------------------------------------------
-    target_name: str
-    """Name or path of the target model, recorded for humans."""
-    vocab_size: int
-    """Target vocabulary size (rows of its embedding and LM head)."""
-    hidden_size: int
-    """Target (and drafter) width d; the embedding and LM head are shared."""
-    num_target_layers: int
-    """Target depth; feature layer ids must be below num_target_layers - 1."""
-    target_layer_ids: tuple[int, ...]
-    """Feature layers, "output of HF layer k" semantics (hidden_states[k + 1])."""
-    # -- the drafter --------------------------------------------------------------------
-    block_size: int = 7
-    """γ: drafted tokens per round; the anchor is slot 1, so a full verify covers γ + 1."""
+    The target's fields and the layer fields are :class:`DrafterConfig`'s. ``block_size`` γ:
+    the anchor is slot 1 of a block, so a full verify covers γ + 1 tokens.
+    """
+
+    layer_family: str = "qwen3"
+    """transformers block family of the backbone: the target's own family where dspark has it
+    (llama for SmolLM2, gemma3 for Gemma 3), else qwen3, the family vLLM/SGLang serve."""
     mask_token_id: int = 0
     """Vocabulary row fed to slots 2..γ (a spare token of the target vocabulary)."""
     num_hidden_layers: int = 2
     """Draft transformer layers in the parallel backbone."""
-    num_attention_heads: int = 8
-    num_key_value_heads: int = 8
-    head_dim: int = 64
-    intermediate_size: int = 1024
-    rms_norm_eps: float = 1e-6
-    rope_theta: float = 10000.0
-    max_position_embeddings: int = 8192
-    hidden_act: str = "silu"
-    layer_family: str = "qwen3"
-    """transformers block family of the backbone: the target's own family where dspark has it
-    (llama for SmolLM2, gemma3 for Gemma 3), else qwen3, the family vLLM/SGLang serve."""
-    query_pre_attn_scalar: int = 0
-    """gemma3 only: attention scores are scaled by query_pre_attn_scalar ** -0.5 (0 = head_dim)."""
-    final_logit_softcapping: float | None = None
-    """The target's cap on its final logits (Gemma: cap · tanh(z / cap)), applied to the draft
-    LM head's logits U_k the same way; None where the target has none. A property of the
-    target, so it holds whatever the backbone family."""
     markov_rank: int = 256
     """r of the low-rank Markov head W1 (V×r) · W2 (r×V); 0 turns the head off (DFlash)."""
     markov_head_type: str = "vanilla"
@@ -68,14 +42,9 @@ class DSparkConfig:
     """Predict c_k, the probability that slot k survives given the earlier slots did."""
     confidence_head_with_markov: bool = True
     """Feed W1[x_{k-1}] to the confidence head besides h_k (eq. 7)."""
-    draft_vocab_size: int = 0
-    """N: tokens the drafter predicts over (a row subset of the target head, named by the
-    ``d2t``/``t2d`` tensors of the checkpoint); 0 means the whole target vocabulary."""
-    extra: dict[str, Any] = field(default_factory=dict, compare=False)
-    """Unrecognised config.json fields, kept so a round trip loses nothing."""
 
     def __post_init__(self) -> None:
-        drafter_config.check_shapes(self)
+        super().__post_init__()
         if not 0 <= self.mask_token_id < self.vocab_size:
             raise ValueError(f"mask_token_id {self.mask_token_id} is outside the vocabulary")
         if self.markov_head_type not in MARKOV_HEAD_TYPES:
@@ -88,37 +57,13 @@ class DSparkConfig:
         """True when the sequential and confidence heads are off: the DFlash baseline."""
         return self.markov_rank == 0 and not self.enable_confidence_head
 
-    @property
-    def num_draft_tokens(self) -> int:
-        """N, the size of the draft vocabulary (V when it is the whole target vocabulary)."""
-        return self.draft_vocab_size or self.vocab_size
-
-    @property
-    def reduced_vocab(self) -> bool:
-        """True when the drafter predicts over a strict subset of the target vocabulary."""
-        return self.num_draft_tokens < self.vocab_size
-
-    def replace(self, **changes: Any) -> "DSparkConfig":
-        return dataclasses.replace(self, **changes)
-
     # -- construction from a target -----------------------------------------------------
     @classmethod
     def for_target(cls, target, **overrides: Any) -> "DSparkConfig":
         """Copy the target's shapes (:func:`~dspark.drafters.drafter_config.target_shapes`: 5
-        feature layers spread over its depth, the target's family, Gemma's global rope).
-
-        The backbone family follows the target's ``model_type`` unless ``layer_family`` is
-        overridden; qwen3, the family vLLM/SGLang serve, for targets dspark has no family for.
-        """
-        values = drafter_config.target_shapes(target, default_family="qwen3")
-        values["mask_token_id"] = pick_mask_token(target)
-        values.update(overrides)
-        values["target_layer_ids"] = tuple(values["target_layer_ids"])
-        return cls(**values)
-
-    def check_target(self, target) -> None:
-        """Raise IncompatibleDrafterError unless ``target`` is the model this was built for."""
-        drafter_config.check_target(self, target, "drafter")
+        feature layers spread over its depth, the target's family unless ``layer_family`` is
+        overridden, Gemma's global rope) and pick a spare mask token."""
+        return super().for_target(target, **{"mask_token_id": pick_mask_token(target), **overrides})
 
     # -- config.json ----------------------------------------------------------------------
     def to_json_dict(self) -> dict[str, Any]:
@@ -162,17 +107,10 @@ class DSparkConfig:
 
     @classmethod
     def from_json_dict(cls, d: dict[str, Any]) -> "DSparkConfig":
-        values = drafter_config.values_from_json(cls, d, _WRITTEN, default_family="qwen3")
+        values = values_from_json(cls, d, _WRITTEN)
         values.setdefault("markov_head_type", "vanilla")
         values.setdefault("confidence_head_with_markov", False)
         return cls(**values)
-
-    def save(self, folder: str | Path) -> None:
-        drafter_config.save_json(self.to_json_dict(), folder)
-
-    @classmethod
-    def load(cls, folder: str | Path) -> "DSparkConfig":
-        return cls.from_json_dict(drafter_config.load_json(folder))
 
 
 _WRITTEN = {

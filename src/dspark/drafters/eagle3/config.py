@@ -9,13 +9,11 @@ same as DSpark's, so both drafters can be trained on the same target layers.
 
 from __future__ import annotations
 
-import dataclasses
-import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from dspark.drafters import drafter_config
+from dspark.drafters.drafter_config import DrafterConfig, load_json, values_from_json
 from dspark.drafters.families import family_json_fields
 
 ARCHITECTURES = {"llama": "LlamaForCausalLMEagle3", "qwen3": "Qwen3ForCausalLMEagle3", "gemma3": "Gemma3ForCausalLMEagle3"}
@@ -24,73 +22,19 @@ DRAFTER_KIND = "eagle3"
 
 
 @dataclass(frozen=True)
-class Eagle3Config:
-    """Shape and behaviour of an EAGLE-3 drafter for one target model."""
+class Eagle3Config(DrafterConfig):
+    """Shape and behaviour of an EAGLE-3 drafter for one target model.
 
-    # -- the target it was trained for ------------------------------------------------
-    target_name: str
-    """Name or path of the target model, recorded for humans."""
-    vocab_size: int
-    """Target vocabulary size (rows of its embedding and LM head)."""
-    hidden_size: int
-    """Target (and drafter) width d; the embedding and LM head are the target's."""
-    num_target_layers: int
-    """Target depth; feature layer ids must be below num_target_layers - 1."""
-    target_layer_ids: tuple[int, ...]
-    """Fused feature layers (low, mid, high in EAGLE-3; DSpark's layers by default here)."""
-    # -- the drafter --------------------------------------------------------------------
-    block_size: int = 7
-    """γ: chain-drafted tokens per round, and the training-time-test horizon."""
-    num_attention_heads: int = 8
-    num_key_value_heads: int = 8
-    head_dim: int = 64
-    intermediate_size: int = 1024
-    rms_norm_eps: float = 1e-6
-    rope_theta: float = 10000.0
-    max_position_embeddings: int = 8192
-    hidden_act: str = "silu"
+    The target's fields and the layer fields are :class:`DrafterConfig`'s: ``target_layer_ids``
+    are the fused feature layers (low, mid, high in EAGLE-3; DSpark's layers by default here),
+    ``block_size`` γ the chain-drafted tokens per round and the training-time-test horizon.
+    """
+
+    KIND: ClassVar[str] = "EAGLE-3 drafter"
+
     layer_family: str = "llama"
     """transformers family of the one decoder layer: the target's own where dspark has it
     (llama for SmolLM2, gemma3 for Gemma 3), else llama, the family EAGLE-3 releases use."""
-    query_pre_attn_scalar: int = 0
-    """gemma3 only: attention scores are scaled by query_pre_attn_scalar ** -0.5 (0 = head_dim)."""
-    final_logit_softcapping: float | None = None
-    """The target's cap on its final logits (Gemma: cap · tanh(z / cap)), applied to the
-    drafter's logits the same way; None where the target has none."""
-    draft_vocab_size: int = 0
-    """N: tokens the drafter predicts over (rows of the target head named by d2t/t2d);
-    0 means the whole target vocabulary."""
-    extra: dict[str, Any] = field(default_factory=dict, compare=False)
-    """Unrecognised config.json fields, kept so a round trip loses nothing."""
-
-    def __post_init__(self) -> None:
-        drafter_config.check_shapes(self)
-
-    @property
-    def num_draft_tokens(self) -> int:
-        """N, the size of the draft vocabulary (V when it is the whole target vocabulary)."""
-        return self.draft_vocab_size or self.vocab_size
-
-    @property
-    def reduced_vocab(self) -> bool:
-        return self.num_draft_tokens < self.vocab_size
-
-    def replace(self, **changes: Any) -> "Eagle3Config":
-        return dataclasses.replace(self, **changes)
-
-    @classmethod
-    def for_target(cls, target, **overrides: Any) -> "Eagle3Config":
-        """Copy the target's shapes as DSparkConfig.for_target does (the same 5 spread feature
-        layers, the target's family, Gemma's global rope, scalar and soft cap); llama for
-        targets dspark has no family for."""
-        values = drafter_config.target_shapes(target, default_family="llama")
-        values.update(overrides)
-        values["target_layer_ids"] = tuple(values["target_layer_ids"])
-        return cls(**values)
-
-    def check_target(self, target) -> None:
-        """Raise IncompatibleDrafterError unless ``target`` is the model this was built for."""
-        drafter_config.check_target(self, target, "EAGLE-3 drafter")
 
     # -- config.json ----------------------------------------------------------------------
     def to_json_dict(self) -> dict[str, Any]:
@@ -127,14 +71,7 @@ class Eagle3Config:
     def from_json_dict(cls, d: dict[str, Any]) -> "Eagle3Config":
         if d.get("dspark_drafter") != DRAFTER_KIND:
             raise ValueError("config.json does not describe an EAGLE-3 drafter (dspark_drafter != 'eagle3')")
-        return cls(**drafter_config.values_from_json(cls, d, _WRITTEN, default_family="llama"))
-
-    def save(self, folder: str | Path) -> None:
-        drafter_config.save_json(self.to_json_dict(), folder)
-
-    @classmethod
-    def load(cls, folder: str | Path) -> "Eagle3Config":
-        return cls.from_json_dict(drafter_config.load_json(folder))
+        return cls(**values_from_json(cls, d, _WRITTEN))
 
 
 _WRITTEN = {
@@ -145,8 +82,7 @@ _WRITTEN = {
 
 def is_eagle3_folder(folder: str | Path) -> bool:
     """True when ``folder/config.json`` names an EAGLE-3 drafter."""
-    path = Path(folder) / "config.json"
     try:
-        return json.loads(path.read_text()).get("dspark_drafter") == DRAFTER_KIND
+        return load_json(folder).get("dspark_drafter") == DRAFTER_KIND
     except (OSError, ValueError, AttributeError):
         return False
