@@ -14,9 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
-from dspark.drafters.families import LAYER_FAMILIES, family_of
+from dspark.drafters.families import LAYER_FAMILIES, family_json_fields, family_of
 
 CONFIG_NAME = "config.json"
+COMMON_WRITTEN = {"model_type", "dspark_target_name", "target_hidden_size", "attention_bias", "tie_word_embeddings",
+                  "hidden_activation"}
+"""Fields of :meth:`DrafterConfig.common_json` that name no dataclass field (read back as nothing or
+under another name)."""
 
 
 def spread_layers(num_layers: int, count: int) -> tuple[int, ...]:
@@ -180,6 +184,34 @@ class DrafterConfig:
     def to_json_dict(self) -> dict[str, Any]:
         raise NotImplementedError
 
+    def common_json(self) -> dict[str, Any]:
+        """The config.json fields of both layouts (HF-config names), over the unknown ones kept
+        in ``extra``; a subclass's ``to_json_dict`` adds its own."""
+        d: dict[str, Any] = dict(self.extra)
+        d.update(
+            model_type=self.layer_family,
+            dspark_target_name=self.target_name,
+            vocab_size=self.vocab_size,
+            draft_vocab_size=self.num_draft_tokens,
+            hidden_size=self.hidden_size,
+            target_hidden_size=self.hidden_size,
+            num_target_layers=self.num_target_layers,
+            target_layer_ids=list(self.target_layer_ids),
+            block_size=self.block_size,
+            num_attention_heads=self.num_attention_heads,
+            num_key_value_heads=self.num_key_value_heads,
+            head_dim=self.head_dim,
+            intermediate_size=self.intermediate_size,
+            rms_norm_eps=self.rms_norm_eps,
+            rope_theta=self.rope_theta,
+            max_position_embeddings=self.max_position_embeddings,
+            hidden_act=self.hidden_act,
+            attention_bias=False,
+            tie_word_embeddings=False,
+        )
+        d.update(family_json_fields(self))
+        return d
+
     @classmethod
     def from_json_dict(cls: type[Config], d: dict[str, Any]) -> Config:
         raise NotImplementedError
@@ -199,8 +231,9 @@ def values_from_json(cls, d: dict[str, Any], written: set[str]) -> dict[str, Any
 
     Fields named as the dataclass's are read as they are; ``target_name`` is
     ``dspark_target_name``, ``layer_family`` is ``model_type`` (the class's default without
-    one). A draft vocabulary written as V (full-vocabulary checkpoints) becomes 0. What neither the dataclass nor ``written`` (the
-    fields the config writes for others to read) names goes to ``extra``.
+    one). A draft vocabulary written as V (full-vocabulary checkpoints) becomes 0. What
+    neither the dataclass nor ``written`` (the fields the subclass writes for others to read,
+    besides :data:`COMMON_WRITTEN`) names goes to ``extra``.
     """
     known = {f.name for f in dataclasses.fields(cls)} - {"extra", "target_name", "layer_family"}
     values = {k: d[k] for k in known if k in d}
@@ -211,7 +244,7 @@ def values_from_json(cls, d: dict[str, Any], written: set[str]) -> dict[str, Any
         values["rope_theta"] = d["rope_parameters"].get("rope_theta", 10000.0)
     if values.get("draft_vocab_size") == values.get("vocab_size"):
         values["draft_vocab_size"] = 0  # written as V by full-vocabulary checkpoints
-    values["extra"] = {k: v for k, v in d.items() if k not in known and k not in written}
+    values["extra"] = {k: v for k, v in d.items() if k not in known and k not in written | COMMON_WRITTEN}
     return values
 
 

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from dspark.drafters.drafter_config import DrafterConfig, values_from_json
-from dspark.drafters.families import family_json_fields
 
 ARCHITECTURES = {"qwen3": "Qwen3DSparkModel", "llama": "LlamaDSparkModel", "gemma3": "Gemma3DSparkModel"}
 MARKOV_HEAD_TYPES = ("vanilla", "rnn")
@@ -68,37 +67,17 @@ class DSparkConfig(DrafterConfig):
     # -- config.json ----------------------------------------------------------------------
     def to_json_dict(self) -> dict[str, Any]:
         """The config.json of the authors' layout (an HF Qwen3 config plus DSpark fields)."""
-        d: dict[str, Any] = dict(self.extra)
+        d = self.common_json()
         d.update(
             architectures=[ARCHITECTURES[self.layer_family]],
-            model_type=self.layer_family,
-            dspark_target_name=self.target_name,
-            vocab_size=self.vocab_size,
-            draft_vocab_size=self.num_draft_tokens,
-            hidden_size=self.hidden_size,
-            num_target_layers=self.num_target_layers,
-            target_hidden_size=self.hidden_size,
-            target_layer_ids=list(self.target_layer_ids),
-            block_size=self.block_size,
             mask_token_id=self.mask_token_id,
             num_hidden_layers=self.num_hidden_layers,
-            num_attention_heads=self.num_attention_heads,
-            num_key_value_heads=self.num_key_value_heads,
-            head_dim=self.head_dim,
-            intermediate_size=self.intermediate_size,
-            rms_norm_eps=self.rms_norm_eps,
-            rope_theta=self.rope_theta,
             rope_parameters={"rope_theta": self.rope_theta, "rope_type": "default"},
-            max_position_embeddings=self.max_position_embeddings,
-            hidden_act=self.hidden_act,
-            attention_bias=False,
-            tie_word_embeddings=False,
             layer_types=["full_attention"] * self.num_hidden_layers,
             sample_from_anchor=True,
             markov_rank=self.markov_rank,
             enable_confidence_head=self.enable_confidence_head,
         )
-        d.update(family_json_fields(self))
         if self.markov_rank > 0:
             d["markov_head_type"] = self.markov_head_type
         if self.enable_confidence_head:
@@ -113,10 +92,7 @@ class DSparkConfig(DrafterConfig):
         return cls(**values)
 
 
-_WRITTEN = {
-    "architectures", "model_type", "dspark_target_name", "target_hidden_size", "rope_parameters",
-    "attention_bias", "tie_word_embeddings", "layer_types", "sample_from_anchor", "hidden_activation",
-}
+_WRITTEN = {"architectures", "rope_parameters", "layer_types", "sample_from_anchor"}
 
 
 def pick_mask_token(target) -> int:

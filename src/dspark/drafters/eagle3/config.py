@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from dspark.drafters.drafter_config import DrafterConfig, load_json, values_from_json
-from dspark.drafters.families import family_json_fields
 
 ARCHITECTURES = {"llama": "LlamaForCausalLMEagle3", "qwen3": "Qwen3ForCausalLMEagle3", "gemma3": "Gemma3ForCausalLMEagle3"}
 DRAFTER_KIND = "eagle3"
@@ -38,33 +37,13 @@ class Eagle3Config(DrafterConfig):
 
     # -- config.json ----------------------------------------------------------------------
     def to_json_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = dict(self.extra)
+        d = self.common_json()
         d.update(
             architectures=[ARCHITECTURES[self.layer_family]],
-            model_type=self.layer_family,
             dspark_drafter=DRAFTER_KIND,
-            dspark_target_name=self.target_name,
-            vocab_size=self.vocab_size,
-            draft_vocab_size=self.num_draft_tokens,
-            hidden_size=self.hidden_size,
-            target_hidden_size=self.hidden_size,
-            num_target_layers=self.num_target_layers,
-            target_layer_ids=list(self.target_layer_ids),
             eagle_config={"eagle_aux_hidden_state_layer_ids": list(self.target_layer_ids)},
-            block_size=self.block_size,
             num_hidden_layers=1,
-            num_attention_heads=self.num_attention_heads,
-            num_key_value_heads=self.num_key_value_heads,
-            head_dim=self.head_dim,
-            intermediate_size=self.intermediate_size,
-            rms_norm_eps=self.rms_norm_eps,
-            rope_theta=self.rope_theta,
-            max_position_embeddings=self.max_position_embeddings,
-            hidden_act=self.hidden_act,
-            attention_bias=False,
-            tie_word_embeddings=False,
         )
-        d.update(family_json_fields(self))
         return d
 
     @classmethod
@@ -74,10 +53,7 @@ class Eagle3Config(DrafterConfig):
         return cls(**values_from_json(cls, d, _WRITTEN))
 
 
-_WRITTEN = {
-    "architectures", "model_type", "dspark_drafter", "dspark_target_name", "target_hidden_size",
-    "eagle_config", "num_hidden_layers", "attention_bias", "tie_word_embeddings", "hidden_activation",
-}
+_WRITTEN = {"architectures", "dspark_drafter", "eagle_config", "num_hidden_layers"}
 
 
 def is_eagle3_folder(folder: str | Path) -> bool:
