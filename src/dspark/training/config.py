@@ -26,7 +26,7 @@ class TrainConfig:
     """Draft transformer layers (EAGLE-3 has exactly one)."""
     layer_family: str = ""
     """Block family of the draft layers (llama, qwen3, gemma3); "" = the target's family
-    (DSparkConfig.for_target). Recorded as given, so a resume with another value is refused."""
+    (the drafter config's for_target). Recorded as given, so a resume with another value is refused."""
     block_size: int = 7
     """γ."""
     markov_rank: int = 32

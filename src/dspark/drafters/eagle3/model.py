@@ -30,7 +30,6 @@ and q is expanded to the target vocabulary with zeros outside, so verification s
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
