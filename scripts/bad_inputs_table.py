@@ -58,7 +58,8 @@ def main() -> int:
             line = line.replace(str(world), "<tmp>").replace(str(SRC), "<src>")
             if case.usage:
                 line = f"click's usage message: {line}"
-            print(f"| {case.command} | {cell(case.problem)} | {cell(shown_args(case.args))} | {cell(line)} |")
+            shown = shown_args(case.args).replace(str(world), "<tmp>").replace(str(SRC), "<src>")
+            print(f"| {case.command} | {cell(case.problem)} | {cell(shown)} | {cell(line)} |")
     print(f"\n{len(cases) - failed} of {len(cases)} cases behave as required.", file=sys.stderr)
     return 1 if failed else 0
 
