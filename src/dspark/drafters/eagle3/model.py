@@ -46,19 +46,15 @@ WEIGHTS_NAME = "model.safetensors"
 
 
 class StepKV:
-    """The drafter layer's keys/values, appended call by call (a transformers cache stand-in).
+    """The drafter layer's keys/values, appended call by call (a transformers cache stand-in
+    for the training-time test, whose steps all attend to the pairs and the chain so far).
 
-    ``update`` stores the new K/V and returns everything stored; ``crop`` drops what the
-    last chain drafted, since those entries were computed from the drafter's own states.
+    ``update`` stores the new K/V and returns everything stored.
     """
 
     def __init__(self) -> None:
         self.keys: torch.Tensor | None = None  # [B, kv_heads, n, head_dim]
         self.values: torch.Tensor | None = None
-
-    @property
-    def length(self) -> int:
-        return 0 if self.keys is None else int(self.keys.shape[-2])
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         if self.keys is None:
@@ -67,10 +63,6 @@ class StepKV:
             self.keys = torch.cat([self.keys, key_states], dim=-2)
             self.values = torch.cat([self.values, value_states], dim=-2)
         return self.keys, self.values
-
-    def crop(self, length: int) -> None:
-        if self.keys is not None:
-            self.keys, self.values = self.keys[..., :length, :], self.values[..., :length, :]
 
 
 @dataclass(frozen=True)
@@ -135,9 +127,12 @@ class Eagle3Model(DraftVocabulary, nn.Module):
         """g = fc(f), target features # [..., m*d] -> [..., d]."""
         return self.fc(features.to(self.fc.weight.dtype))
 
-    def step(self, emb: torch.Tensor, state: torch.Tensor, positions: torch.Tensor, cache: StepKV,
+    def step(self, emb: torch.Tensor, state: torch.Tensor, positions: torch.Tensor, cache,
              mask: torch.Tensor | None) -> torch.Tensor:
         """One pass of the decoder layer over T new entries # -> [B, T, d] (pre-norm h).
+
+        ``cache`` is what the layer's attention updates: a :class:`StepKV` in training, the
+        drafter's :class:`~dspark.target.slot_cache.SlotWriteView` when drafting.
 
         emb # [B, T, d] token embeddings, state # [B, T, d] g_{j-1} (fused target features)
         or the drafter's own previous h, positions # [B, T]; ``mask`` # [B, 1, T, n_cached + T]
