@@ -47,8 +47,6 @@ def make_drafter(spec: str, gamma: int | None = None, device: str = "cpu", dtype
 
         return DraftModelDrafter.load(arg, gamma=gamma or 5, device=device)
     if kind == "eagle3":
-        from safetensors import SafetensorError
-
         from dspark.drafters.eagle3 import Eagle3Drafter
         from dspark.drafters.eagle3.config import is_eagle3_folder
 
@@ -57,13 +55,8 @@ def make_drafter(spec: str, gamma: int | None = None, device: str = "cpu", dtype
             raise DsparkError(f"eagle3 needs a checkpoint folder: eagle3:<folder> (no config.json at {folder})")
         if not is_eagle3_folder(folder):
             raise DsparkError(f"{folder} holds no EAGLE-3 drafter; use dspark:{folder} or dflash:{folder}")
-        try:
-            return Eagle3Drafter.load(folder, gamma=gamma, device=device, dtype=dtype)
-        except (OSError, RuntimeError, SafetensorError) as exc:
-            raise DsparkError(f"could not load the drafter at {folder}: {exc}") from exc
+        return _load_checkpoint(Eagle3Drafter, folder, gamma, device, dtype)
     if kind in ("dspark", "dflash"):
-        from safetensors import SafetensorError
-
         from dspark.drafters.dspark import DSparkDrafter
         from dspark.drafters.eagle3.config import is_eagle3_folder
 
@@ -74,14 +67,21 @@ def make_drafter(spec: str, gamma: int | None = None, device: str = "cpu", dtype
             raise DsparkError(f"no DSpark drafter at {folder} (expected config.json and model.safetensors)")
         if is_eagle3_folder(folder):
             raise DsparkError(f"{folder} holds an EAGLE-3 drafter; use eagle3:{folder}")
-        try:
-            drafter = DSparkDrafter.load(folder, gamma=gamma, device=device, dtype=dtype)
-        except (OSError, RuntimeError, SafetensorError) as exc:  # truncated, missing or mismatched weights
-            raise DsparkError(f"could not load the drafter at {folder}: {exc}") from exc
+        drafter = _load_checkpoint(DSparkDrafter, folder, gamma, device, dtype)
         if kind == "dflash" and not drafter.config.is_dflash:
             raise DsparkError(f"{folder} holds a DSpark drafter, not DFlash; use dspark:{folder}")
         return drafter
     raise DsparkError(f"unknown drafter {spec!r}; choose one of: {DRAFTER_HELP}")
+
+
+def _load_checkpoint(cls, folder: Path, gamma, device, dtype):
+    """``cls.load(folder, ...)``, with truncated, missing or mismatched weights as one line."""
+    from safetensors import SafetensorError
+
+    try:
+        return cls.load(folder, gamma=gamma, device=device, dtype=dtype)
+    except (OSError, RuntimeError, SafetensorError) as exc:
+        raise DsparkError(f"could not load the drafter at {folder}: {exc}") from exc
 
 
 def as_batch_drafter(drafter) -> BatchDrafter:
