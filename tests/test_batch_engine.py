@@ -31,7 +31,7 @@ from dspark.drafters.factory import as_batch_drafter
 from dspark.drafters.looped import LoopedDrafter
 from dspark.drafters.ngram import NgramConfig, NgramDrafter
 from dspark.engine import BatchEngine, GenerationRequest, SpeculativeEngine
-from dspark.engine.build import build_engine
+from dspark.engine.build import OneRequest, build_engine, build_single_engine
 from dspark.errors import DsparkError
 from dspark.sampling import SamplingParams
 from dspark.scheduling import DSparkScheduler, FixedGamma, FlatCost, StaticThreshold, gamma_one
@@ -354,3 +354,25 @@ def test_errors_are_clear(target, rich):
     with pytest.raises(ValueError, match="max_batch"):
         BatchEngine(target, NoDrafter(), FixedGamma(), max_batch=0)
     assert BatchEngine(target, NoDrafter(), FixedGamma()).generate([]).results == []
+
+
+def test_auto_policy_schedules_drafters_with_confidences_and_verifies_whole_blocks_otherwise(rich, tmp_path):
+    engine = build_engine(rich, dspark_drafter(rich=True), "auto", profile_dir=tmp_path, profile_if_missing=True)
+    assert engine.policy.name == "dspark"
+    for name in ("ngram", "other-model"):
+        assert build_engine(rich, DRAFTERS[name](), "auto").policy.name == "fixed", name
+    no_head = dspark_drafter(rich=True)
+    no_head.model.confidence_head = None  # DFlash has none: Algorithm 1 could never schedule it
+    assert build_engine(rich, no_head, "auto").policy.name == "fixed"
+
+
+@pytest.mark.parametrize("drafter_name", ["none", "ngram", "dspark"])
+def test_one_request_engine_streams_what_it_returns_and_equals_plain_decoding(rich, batch1_greedy, drafter_name, tmp_path):
+    """`dspark generate`'s engine: the batched engine at R = 1 behind generate(request)."""
+    engine = build_single_engine(rich, DRAFTERS[drafter_name](), policy="auto", profile_dir=tmp_path,
+                                 profile_if_missing=True)
+    assert isinstance(engine, OneRequest)
+    for request, expected in zip(mixed_requests(), batch1_greedy):
+        streamed: list[int] = []
+        result = engine.generate(request, on_tokens=streamed.extend)
+        assert result.token_ids == expected and streamed == expected

@@ -34,11 +34,20 @@ def test_json_output_has_the_documented_fields():
     result = _run("Count from one to ten.", "--max-new-tokens", "24", "--json", "--compare")
     assert result.exit_code == 0, result.stderr
     data = json.loads(result.stdout)
-    for key in ("text", "token_ids", "tau", "rounds", "tokens_per_second", "speedup"):
+    for key in ("text", "token_ids", "tau", "rounds", "tokens_per_second", "speedup", "verify_length"):
         assert key in data
+    assert data["policy"] == "dspark"  # auto: the shipped drafter has a confidence head
     assert len(data["token_ids"]) <= 24
     assert data["identical_to_plain"] is True
     assert data["tau"] >= 1.0
+
+
+@pytest.mark.slow
+def test_generate_verifies_whole_blocks_for_a_drafter_without_confidences():
+    result = _run("Count from one to ten.", "--max-new-tokens", "16", "--json", "--compare", "--drafter", "ngram")
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["policy"] == "fixed" and data["identical_to_plain"] is True
 
 
 @pytest.mark.slow

@@ -366,6 +366,21 @@ def test_eval_and_calibrate_commands_end_to_end(tiny_world):
     assert not (tmp / "eval2" / "tau.png").exists()
 
 
+def test_eval_under_a_policy_runs_what_generate_runs(tiny_world, monkeypatch):
+    """--policy auto: DSpark's scheduler for the drafter with a confidence head, whole blocks
+    for n-gram, plain decoding for the reference; greedy outputs still equal plain decoding's."""
+    tmp, prompts, drafter = tiny_world
+    monkeypatch.setenv("DSPARK_PROFILE_DIR", str(tmp / "profiles"))
+    result = cli.invoke(app, ["eval", "--dataset", str(prompts), "--max-new-tokens", "12", "--limit", "2",
+                              "--drafter", "ngram", "--drafter", f"dspark:{drafter}", "--policy", "auto",
+                              "--no-plots", "--out", str(tmp / "eval")])
+    assert result.exit_code == 0, result.output + result.stderr
+    data = json.loads((tmp / "eval" / "results.json").read_text())
+    assert data["settings"]["policies"] == {"none": "plain", "ngram": "fixed", f"dspark:{drafter}": "dspark"}
+    assert all(r["identical_to_plain"] for r in data["records"])
+    assert "`ngram` fixed" in (tmp / "eval" / "report.md").read_text()
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

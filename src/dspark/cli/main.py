@@ -86,6 +86,8 @@ def generate(
     stop: Optional[List[str]] = typer.Option(None, help="Stop string (repeatable)."),
     chat: bool = typer.Option(True, help="Apply the chat template to the prompt."),
     compare: bool = typer.Option(False, help="Also run plain decoding and report the speedup."),
+    policy: str = typer.Option("auto", help="auto (dspark for a drafter with a confidence head, else fixed) | plain | fixed[:γ] | gamma1 | threshold:<t> | dspark (Algorithm 1 over this machine's cost table)."),
+    profile: bool = typer.Option(True, "--profile/--no-profile", help="Measure this machine's cost table when the dspark policy has none (seconds at batch 1)."),
     device: str = typer.Option("cpu", help="cpu | cuda[:i] | mps; the target and the drafter go there."),
     dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16 (auto: float32 on the CPU, bfloat16 on CUDA)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of text."),
@@ -99,8 +101,10 @@ def generate(
         raise DsparkError(f"--max-new-tokens must be between 1 and {MAX_NEW_TOKENS_CAP}, got {max_new_tokens}")
     if gamma is not None and gamma < 1:
         raise DsparkError(f"--gamma must be >= 1, got {gamma}")
+    from dspark.engine.build import check_policy
     from dspark.target.loading import parse_device, parse_dtype, resolve
 
+    check_policy(policy)
     device = parse_device(device)
     torch_dtype = parse_dtype(dtype, device)
     resolve(model)  # a bad --model fails before anything loads
@@ -108,7 +112,7 @@ def generate(
 
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
     _generate(prompt, model, drafter, gamma, params, max_new_tokens, seed, tuple(stop or ()), chat, compare,
-              device, torch_dtype, as_json)
+              policy, profile, device, torch_dtype, as_json)
 
 
 def _check_utf8(what: str, text: str) -> None:
@@ -119,17 +123,19 @@ def _check_utf8(what: str, text: str) -> None:
         raise DsparkError(f"{what} is not valid UTF-8 (undecodable byte at character {exc.start})") from None
 
 
-def _generate(prompt, model, drafter_spec, gamma, params, max_new_tokens, seed, stop, chat, compare, device, dtype,
-              as_json):
-    from dspark.drafters import NoDrafter, default_drafter_spec, make_drafter
+def _generate(prompt, model, drafter_spec, gamma, params, max_new_tokens, seed, stop, chat, compare, policy,
+              profile, device, dtype, as_json):
+    from dspark.drafters import default_drafter_spec, make_drafter
     from dspark.engine import GenerationRequest
-    from dspark.engine.build import build_single_engine
+    from dspark.engine.build import PLAIN, build_engine, drafter_calibration
     from dspark.target import TargetModel
 
     # The drafter before the target: a bad spec or broken drafter files fail in a second.
-    drafter = make_drafter(drafter_spec or default_drafter_spec(), gamma=gamma, device=device, dtype=dtype)
+    spec = drafter_spec or default_drafter_spec()
+    drafter = make_drafter(spec, gamma=gamma, device=device, dtype=dtype)
     target = TargetModel.load(model, device=device, dtype=dtype)
-    engine = build_single_engine(target, drafter)
+    # One request is the batched engine at R = 1: the same scheduler as `dspark batch` and `serve`.
+    engine = build_engine(target, drafter, policy, 1, calibrate=drafter_calibration(spec), profile_if_missing=profile)
     request = GenerationRequest(
         prompt_ids=target.encode_prompt(prompt, chat=chat),
         params=params,
@@ -139,16 +145,19 @@ def _generate(prompt, model, drafter_spec, gamma, params, max_new_tokens, seed, 
     )
     target.warm_up()
     streamer = None if as_json else _Streamer(target, stop)
-    result = engine.generate(request, on_tokens=streamer)
+    run = engine.generate([request], on_tokens=(lambda _, ids: streamer(ids)) if streamer else None)
+    result = run.results[0]
     if streamer is not None:
         streamer.finish(result.text)
     plain = None
     if compare:
-        plain = build_single_engine(target, NoDrafter()).generate(request)
+        plain = build_engine(target, None, PLAIN, 1).generate([request]).results[0]
     stats = result.stats
     summary = {
         "model": target.name,
         "drafter": drafter.name,
+        "policy": engine.policy.name,
+        "verify_length": run.stats.verify_length,
         "text": result.text,
         "token_ids": result.token_ids,
         "finish_reason": result.finish_reason,
@@ -165,7 +174,8 @@ def _generate(prompt, model, drafter_spec, gamma, params, max_new_tokens, seed, 
         typer.echo(json.dumps(summary))
         return
     line = (
-        f"[{drafter.name}] τ={stats.tau:.2f} · {stats.new_tokens} tokens in {stats.rounds} rounds"
+        f"[{drafter.name} / {engine.policy.name}] τ={stats.tau:.2f} · ℓ={run.stats.verify_length:.2f}"
+        f" · {stats.new_tokens} tokens in {stats.rounds} rounds"
         f" · {stats.tokens_per_second:.1f} tok/s"
     )
     if plain is not None:

@@ -84,6 +84,13 @@ def _load_checkpoint(cls, folder: Path, gamma, device, dtype):
         raise DsparkError(f"could not load the drafter at {folder}: {exc}") from exc
 
 
+def has_confidences(drafter) -> bool:
+    """Whether ``drafter`` (either form) gives each slot a confidence c_k: a DSpark drafter with
+    its confidence head, the only kind DSpark's scheduler can schedule."""
+    model = getattr(drafter, "model", None)
+    return getattr(model, "confidence_head", None) is not None
+
+
 def as_batch_drafter(drafter) -> BatchDrafter:
     """The batched form of ``drafter``: itself if it already is one, DSpark's or EAGLE-3's own
     batched path, else a LoopedDrafter."""

@@ -140,9 +140,11 @@ class BatchEngine:
         self,
         requests: Sequence[GenerationRequest],
         on_result: Callable[[int, GenerationResult], None] | None = None,
+        on_tokens: Callable[[int, list[int]], None] | None = None,
     ) -> BatchResult:
         """Serve every request, at most ``max_batch`` at a time, in arrival order;
-        ``on_result(i, result)`` is told the moment request i finishes."""
+        ``on_result(i, result)`` is told the moment request i finishes and ``on_tokens(i, ids)``
+        each step's newly visible ids of request i (for streaming)."""
         if not requests:
             return BatchResult([], BatchStats())
         for request in requests:
@@ -161,6 +163,10 @@ class BatchEngine:
             stats.prefill_s += events.prefill_s
             if events.record is not None:
                 stats.steps.append(events.record)
+            if on_tokens is not None:
+                for i, ids in events.tokens.items():
+                    if ids:
+                        on_tokens(i, ids)
             for i, result in events.finished.items():
                 results[i] = result
                 if on_result is not None:

@@ -12,7 +12,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from dspark.drafters.base import Drafter, NoDrafter
-from dspark.drafters.factory import SHIPPED_DRAFTER, as_batch_drafter, default_drafter_spec, make_drafter
+from dspark.drafters.factory import (
+    SHIPPED_DRAFTER,
+    as_batch_drafter,
+    default_drafter_spec,
+    has_confidences,
+    make_drafter,
+)
 from dspark.engine.batched import BatchEngine
 from dspark.engine.single import SpeculativeEngine
 from dspark.scheduling.calibration import load_calibration
@@ -23,6 +29,22 @@ from dspark.target.model import TargetModel
 
 PLAIN = "plain"
 """The policy of plain decoding: it runs without a drafter."""
+AUTO = "auto"
+"""DSpark's scheduler for a drafter with confidences, else verify every drafted token."""
+
+
+def check_policy(spec: str) -> None:
+    """Refuse an unknown or malformed policy name in one line, before anything loads."""
+    if spec not in (AUTO, "dspark"):
+        make_policy(spec)
+
+
+def resolve_policy(policy: str, drafter) -> str:
+    """``auto`` -> ``dspark`` when ``drafter`` gives confidences (Algorithm 1 over this
+    machine's cost table), else ``fixed`` (n-gram, DFlash, EAGLE-3: the whole block)."""
+    if policy != AUTO:
+        return policy
+    return "dspark" if has_confidences(drafter) else "fixed"
 
 
 def load_drafter(spec: str | None, target: TargetModel, gamma: int | None = None) -> Drafter:
@@ -34,12 +56,32 @@ def load_drafter(spec: str | None, target: TargetModel, gamma: int | None = None
     return drafter
 
 
-def build_single_engine(target: TargetModel, drafter: Drafter | str | None = None, gamma: int | None = None) -> SpeculativeEngine:
-    """The batch-1 engine over ``target`` with ``drafter`` or its spec (None: the shipped one):
-    every round verifies the whole block (the reference loop of `dspark eval`)."""
+def build_single_engine(
+    target: TargetModel, drafter: Drafter | str | None = None, gamma: int | None = None, policy: str | None = None,
+    **engine_kwargs,
+) -> "SpeculativeEngine | OneRequest":
+    """A one-request engine over ``target`` with ``drafter`` or its spec (None: the shipped
+    one). Without ``policy``, the batch-1 loop whose every round verifies the whole block (the
+    reference loop of `dspark eval`); with one, the batched engine at R = 1 under that policy
+    (what `dspark generate` runs), behind the same ``generate(request)``."""
+    if policy is not None:
+        if isinstance(drafter, NoDrafter):
+            policy = PLAIN
+        return OneRequest(build_engine(target, drafter, policy, 1, gamma=gamma, **engine_kwargs))
     if drafter is None or isinstance(drafter, str):
         drafter = load_drafter(drafter, target, gamma)
     return SpeculativeEngine(target, drafter)
+
+
+class OneRequest:
+    """A :class:`BatchEngine` of one slot behind the batch-1 engine's ``generate(request)``."""
+
+    def __init__(self, engine: BatchEngine) -> None:
+        self.engine, self.drafter, self.policy = engine, engine.drafter, engine.policy
+
+    def generate(self, request, on_tokens=None):
+        stream = (lambda _, ids: on_tokens(ids)) if on_tokens is not None else None
+        return self.engine.generate([request], on_tokens=stream).results[0]
 
 
 def drafter_calibration(spec: str | None) -> Calibrate | None:
@@ -75,7 +117,7 @@ def cost_table_for(
 def build_engine(
     target: TargetModel,
     drafter: Drafter | str | None = None,
-    policy: Policy | str = "dspark",
+    policy: Policy | str = AUTO,
     max_batch: int = 1,
     *,
     gamma: int | None = None,
@@ -91,7 +133,8 @@ def build_engine(
     ``drafter`` is a drafter or its spec (None: the shipped one); a spec brings the
     calibration saved beside it unless ``calibrate`` is given. ``policy`` is a policy or its
     name (``dspark.scheduling.factory.POLICY_HELP``): ``plain`` runs without a drafter, and
-    ``dspark`` uses ``cost`` or this target's profiled cost table (see :func:`cost_table_for`).
+    ``dspark`` uses ``cost`` or this target's profiled cost table (see :func:`cost_table_for`);
+    ``auto`` is :func:`resolve_policy`.
     """
     if isinstance(policy, str) and policy == PLAIN:
         drafter = NoDrafter()
@@ -101,6 +144,7 @@ def build_engine(
         drafter = load_drafter(drafter, target, gamma)
     batch_drafter = as_batch_drafter(drafter)
     if isinstance(policy, str):
+        policy = resolve_policy(policy, batch_drafter)
         if cost is None and needs_cost_table(policy):
             cost = cost_table_for(target, max_batch, batch_drafter.gamma, profile_dir, profile_if_missing)
         policy = make_policy(policy, cost, calibrate)

@@ -29,6 +29,7 @@ def eval_command(
     temperature: float = typer.Option(0.0, help="0 = greedy (every drafter must match plain decoding); the paper uses 1.0."),
     seed: int = typer.Option(0, help="Seed of every request's random stream."),
     gamma: Optional[int] = typer.Option(None, help="Draft tokens per round (drafter default if unset)."),
+    policy: Optional[str] = typer.Option(None, help="Unset: every round verifies the whole block (τ comparable across drafters). auto | fixed[:γ] | dspark | ...: the batched engine at one request under that policy, as `dspark generate` runs (auto: dspark for drafters with a confidence head, else fixed)."),
     split: str = typer.Option("test", help="test (first 80% of each set) or all; the last 20% belongs to `dspark calibrate`."),
     turns: Optional[int] = typer.Option(None, help="Only the first N turns of each conversation (mt-bench has 2); default all."),
     ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Always generate --max-new-tokens tokens."),
@@ -48,13 +49,17 @@ def eval_command(
         raise DsparkError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     if split not in ("test", "all"):
         raise DsparkError(f"--split must be test or all, got {split!r} (the calibration split belongs to `dspark calibrate`)")
+    if policy is not None:
+        from dspark.engine.build import check_policy
+
+        check_policy(policy)
     check_out_dir(out)
     _eval(dataset, drafter, model, limit, max_new_tokens, temperature, seed, gamma, split, turns, ignore_eos, device,
-          dtype, out, plots)
+          dtype, out, plots, policy)
 
 
 def _eval(dataset_specs, drafter_specs, model, limit, max_new_tokens, temperature, seed, gamma, split, turns,
-          ignore_eos, device, dtype, out, plots):
+          ignore_eos, device, dtype, out, plots, policy=None):
     import os
 
     from tqdm import tqdm
@@ -69,7 +74,7 @@ def _eval(dataset_specs, drafter_specs, model, limit, max_new_tokens, temperatur
     if split == "all":
         typer.echo("warning: --split all includes the calibration prompts; the confidence check is not held out",
                    err=True)
-    target, engines, calibrations = _load(model, specs, gamma, device, dtype)
+    target, engines, calibrations = _load(model, specs, gamma, device, dtype, policy)
     encode = target.encode_conversation
     machine = provenance.machine_info(target)
     runner.warm_up_engines(engines, encode([{"role": "user", "content": datasets[0].conversations[0].turns[0]}]))
@@ -80,7 +85,8 @@ def _eval(dataset_specs, drafter_specs, model, limit, max_new_tokens, temperatur
     aggregates = aggregate.aggregate(records, list(engines), calibrations)
     results = provenance.results_dict(
         model=target.name, datasets=datasets, drafters={s: e.drafter.name for s, e in engines.items()},
-        settings=settings, gamma=gamma, records=records, aggregates=aggregates, machine=machine,
+        settings=settings, gamma=gamma, policies={s: getattr(e, "policy", None) and e.policy.name for s, e in engines.items()},
+        records=records, aggregates=aggregates, machine=machine,
         load_avg_end=list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     )
     written = report.write_eval_report(results, out, plots=plots)
@@ -228,9 +234,9 @@ def drafter_folder(spec: str) -> Path | None:
     return SHIPPED_DRAFTER
 
 
-def _load(model, specs, gamma, device, dtype=None):
-    """The target, one engine per drafter spec, and each drafter's stored calibration (or None);
-    DSpark drafters run in the target's dtype."""
+def _load(model, specs, gamma, device, dtype=None, policy=None):
+    """The target, one engine per drafter spec (under ``policy``: see ``build_single_engine``),
+    and each drafter's stored calibration (or None); DSpark drafters run in the target's dtype."""
     from dspark.drafters import make_drafter
     from dspark.engine.build import build_single_engine
     from dspark.scheduling.calibration import Calibration
@@ -238,9 +244,13 @@ def _load(model, specs, gamma, device, dtype=None):
 
     drafters = {s: make_drafter(s, gamma=gamma, device=device, dtype=dtype) for s in specs}  # fail fast, before the target loads
     target = TargetModel.load(model, device=device, dtype=dtype)
-    engines = {s: build_single_engine(target, d) for s, d in drafters.items()}
     calibrations = {}
     for s in specs:
         folder = drafter_folder(s)
         calibrations[s] = Calibration.load(folder) if folder is not None else None
+    engines = {
+        s: build_single_engine(target, d, policy=policy, **({} if policy is None else {
+            "calibrate": calibrations[s].apply if calibrations[s] is not None else None, "profile_if_missing": True}))
+        for s, d in drafters.items()
+    }
     return target, engines, calibrations

@@ -234,6 +234,9 @@ def eval_markdown(results: dict, plots: bool = True) -> str:
         f"- datasets: {sets}",
         f"- temperature {s['temperature']:g}, ≤ {s['max_new_tokens']} new tokens per turn, seed {s['seed']}, "
         f"γ {s['gamma'] if s['gamma'] is not None else 'drafter default'}",
+        "- verification: " + (", ".join(f"`{k}` {v}" for k, v in s["policies"].items())
+                              if any((s.get("policies") or {}).values())
+                              else "every round verifies the whole drafted block"),
         f"- machine: {m['device']}, {m['dtype']}, {m['torch_num_threads']} threads, torch {m['torch']}, "
         f"load average {_fmt((m.get('load_avg') or [math.nan])[0])} → {_fmt((m.get('load_avg_end') or [math.nan])[0])}",
         f"- date {results['date']}" + (f", commit {results['git']['commit'][:10]}"

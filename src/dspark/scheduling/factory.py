@@ -7,7 +7,8 @@ from dspark.scheduling.algorithm1 import DSparkScheduler
 from dspark.scheduling.cost import CostModel
 from dspark.scheduling.policy import Calibrate, FixedGamma, Policy, StaticThreshold, gamma_one
 
-POLICY_HELP = "plain | fixed[:γ] | gamma1 | threshold:<t> | dspark"
+POLICY_HELP = "auto | plain | fixed[:γ] | gamma1 | threshold:<t> | dspark"
+"""`auto` is resolved by the composition root (`engine.build.resolve_policy`), never here."""
 
 
 def make_policy(spec: str, cost: CostModel | None = None, calibrate: Calibrate | None = None) -> Policy:
