@@ -2,8 +2,9 @@
 
     .venv/bin/python benchmarks/render_eval.py benchmarks/results/eval_t0/results.json
 
-Prints, per file, τ per dataset and drafter, then the overall row of every drafter with
-speed, conditional acceptance per position and the time split.
+Prints, per file, τ per dataset and drafter, the speedup per dataset with drafting time as a
+share of a plain step (plain decoding's mean round), then the overall row of every drafter
+with conditional acceptance per position and the time split.
 """
 
 from __future__ import annotations
@@ -42,6 +43,15 @@ def render(path: Path) -> str:
         a = by[("all", spec)]
         out.append(f"| {short(spec)} | " + " | ".join(cells)
                    + f" | {fmt(a['tau'])} | {a['tokens_per_s']:.1f} | {a['speedup']:.2f}x | {fmt(a['efficiency'])} |")
+    out.append("")
+    out.append("| drafter | " + " | ".join(f"speedup {d}" for d in datasets) + " | speedup all | drafting / plain step |")
+    out.append("|---|" + "---|" * (len(datasets) + 2))
+    for spec in drafters:
+        a = by[("all", spec)]
+        step = plain.get("t_verify_s")  # plain decoding's round is one 1-token step
+        share = f"{a['t_draft_s'] / step:.2f}" if step else "–"
+        out.append(f"| {short(spec)} | " + " | ".join(f"{by[(d, spec)]['speedup']:.2f}x" for d in datasets)
+                   + f" | {a['speedup']:.2f}x | {share} |")
     out.append("")
     out.append("| drafter (all sets) | conditional acceptance k = 1..γ | verify rate | draft / verify ms per round | identical to plain |")
     out.append("|---|---|---|---|---|")
