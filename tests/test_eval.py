@@ -251,6 +251,40 @@ def test_second_turn_follows_the_targets_own_first_answer(run, target):
     assert plain_first.new_tokens == len(plain_ids)
 
 
+def test_a_killed_eval_resumes_from_its_journal_without_rerunning(run, datasets, tmp_path):
+    engines, records, _ = run
+    path = tmp_path / "journal.jsonl"
+    fingerprint = {"settings": {"max_new_tokens": 16}, "drafters": list(engines)}
+    settings = runner.EvalSettings(max_new_tokens=16, temperature=0.0)
+    first = runner.Journal(path, fingerprint)
+    # the first conversation finishes, the second is cut mid-line by a kill
+    first_conv = [r for r in records if (r.dataset, r.prompt_index) == ("chat", 0)]
+    first.add("chat", 0, first_conv)
+    with path.open("a") as f:
+        f.write('{"dataset": "chat", "index": 1, "rec')
+
+    calls = []
+
+    class Counting:
+        def __init__(self, engine):
+            self.engine = engine
+
+        def generate(self, request):
+            calls.append(request)
+            return self.engine.generate(request)
+
+    resumed = runner.Journal(path, fingerprint)
+    assert list(resumed.done) == [("chat", 0)]
+    again = runner.run_generations(datasets, {s: Counting(e) for s, e in engines.items()}, settings,
+                                   lambda m: engines["none"].target.encode_conversation(m), journal=resumed)
+    assert len(calls) == 2 * len(engines)  # chat #1 and code #5 only
+    assert [r.to_json() | {"wall_s": 0, "prefill_s": 0, "draft_s": 0, "verify_s": 0} for r in again] == \
+        [r.to_json() | {"wall_s": 0, "prefill_s": 0, "draft_s": 0, "verify_s": 0} for r in records]
+    assert len(runner.Journal(path, fingerprint).done) == 3
+    with pytest.raises(ValueError, match="other settings"):
+        runner.Journal(path, {**fingerprint, "settings": {"max_new_tokens": 32}})
+
+
 def runner_request(prompt_ids):
     from dspark.engine import GenerationRequest
 

@@ -35,7 +35,8 @@ def eval_command(
     ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Always generate --max-new-tokens tokens."),
     device: str = typer.Option("cpu", help="cpu | cuda[:i] | mps; the target and every drafter go there."),
     dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16 (auto: float32 on the CPU, bfloat16 on CUDA)."),
-    out: Path = typer.Option(Path("dspark-eval"), help="Folder for results.json, the PNG plots and report.md."),
+    out: Path = typer.Option(Path("dspark-eval"), help="Folder for results.json, the PNG plots and report.md; "
+                             "its journal.jsonl keeps finished conversations, and a rerun with the same settings resumes."),
     plots: bool = typer.Option(True, "--plots/--no-plots", help="Write the PNG plots."),
 ) -> None:
     """Compare drafters against plain decoding: τ, acceptance per position, speedup, time split."""
@@ -61,6 +62,7 @@ def eval_command(
 def _eval(dataset_specs, drafter_specs, model, limit, max_new_tokens, temperature, seed, gamma, split, turns,
           ignore_eos, device, dtype, out, plots, policy=None):
     import os
+    from dataclasses import asdict
 
     from tqdm import tqdm
 
@@ -78,14 +80,21 @@ def _eval(dataset_specs, drafter_specs, model, limit, max_new_tokens, temperatur
     encode = target.encode_conversation
     machine = provenance.machine_info(target)
     runner.warm_up_engines(engines, encode([{"role": "user", "content": datasets[0].conversations[0].turns[0]}]))
+    policies = {s: getattr(e, "policy", None) and e.policy.name for s, e in engines.items()}
+    journal = runner.Journal(out / "journal.jsonl", {
+        "settings": asdict(settings), "gamma": gamma, "model": target.name, "policies": policies,
+        "drafters": {s: e.drafter.name for s, e in engines.items()},
+        "datasets": {d.name: [d.path, [c.index for c in d.conversations], d.num_turns] for d in datasets}})
+    if journal.done:
+        typer.echo(f"resuming from {journal.path}: {len(journal.done)} conversation(s) already done", err=True)
     total = sum(d.num_turns for d in datasets) * len(engines)
     # tqdm rather than rich's bar: it also shows progress (rate, ETA) when stderr is a log file.
     with tqdm(total=total, unit="gen", dynamic_ncols=True) as progress:
-        records = runner.run_generations(datasets, engines, settings, encode, progress)
+        records = runner.run_generations(datasets, engines, settings, encode, progress, journal)
     aggregates = aggregate.aggregate(records, list(engines), calibrations)
     results = provenance.results_dict(
         model=target.name, datasets=datasets, drafters={s: e.drafter.name for s, e in engines.items()},
-        settings=settings, gamma=gamma, policies={s: getattr(e, "policy", None) and e.policy.name for s, e in engines.items()},
+        settings=settings, gamma=gamma, policies=policies,
         records=records, aggregates=aggregates, machine=machine,
         load_avg_end=list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     )

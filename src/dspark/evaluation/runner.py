@@ -9,12 +9,17 @@ oracle every drafter must reproduce token for token (a mismatch is recorded, not
 
 Multi-turn sets (mt-bench): turn t is asked after the target's own answer to turn t − 1,
 namely plain decoding's answer, so every drafter sees the same conversation.
+
+A long eval loses nothing when killed: :class:`Journal` appends each finished conversation's
+records to a JSONL file, and a rerun with the same settings skips what the journal holds.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 from dspark.evaluation.datasets import EvalDataset
@@ -110,16 +115,50 @@ def warm_up_engines(engines: Mapping, prompt_ids: list[int], tokens: int = 8) ->
         engine.generate(request)
 
 
+class Journal:
+    """Finished conversations of one eval run, one JSONL line each, after a header line that
+    fingerprints the run (settings, model, drafters, policy, prompts). A journal of another run
+    is refused, so records of different runs never mix."""
+
+    def __init__(self, path: Path, fingerprint: dict):
+        self.path = Path(path)
+        self.fingerprint = json.loads(json.dumps(fingerprint))  # as it reads back
+        self.done: dict[tuple[str, int], list[GenerationRecord]] = {}
+        if self.path.exists() and self.path.stat().st_size:
+            lines = self.path.read_text().splitlines()
+            if json.loads(lines[0]) != {"fingerprint": self.fingerprint}:
+                raise ValueError(f"{self.path} belongs to an eval run with other settings; pass another --out, "
+                                 "or delete the journal to start again")
+            for line in lines[1:]:
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:
+                    break  # a line cut short by a kill: that conversation runs again
+                self.done[(entry["dataset"], entry["index"])] = [GenerationRecord(**r) for r in entry["records"]]
+            self.path.write_text("".join(line + "\n" for line in lines[:1 + len(self.done)]))
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(json.dumps({"fingerprint": self.fingerprint}) + "\n")
+
+    def add(self, dataset: str, index: int, records: list[GenerationRecord]) -> None:
+        self.done[(dataset, index)] = records
+        with self.path.open("a") as f:
+            f.write(json.dumps({"dataset": dataset, "index": index, "records": [asdict(r) for r in records]}) + "\n")
+
+
 def run_generations(
     datasets: Sequence[EvalDataset],
     engines: Mapping,
     settings: EvalSettings,
     encode: Encoder,
     progress=None,
+    journal: Journal | None = None,
 ) -> list[GenerationRecord]:
     """Run every turn with every engine (``engines`` maps spec -> SpeculativeEngine, incl. ``none``).
 
-    ``progress``, when given, is a tqdm-like bar advanced once per generation.
+    ``progress``, when given, is a tqdm-like bar advanced once per generation. Conversations
+    ``journal`` already holds are not run again (their records are returned as stored); each new
+    one is added to it when it finishes.
     """
     if REFERENCE not in engines:
         raise ValueError(f"engines must include the reference drafter {REFERENCE!r}")
@@ -128,6 +167,14 @@ def run_generations(
     slot = 0
     for dataset in datasets:
         for conversation in dataset.conversations:
+            stored = journal.done.get((dataset.name, conversation.index)) if journal is not None else None
+            if stored is not None:
+                records += stored
+                slot += len(conversation.turns)
+                if progress is not None:
+                    progress.update(len(stored))
+                continue
+            first = len(records)
             history: list[dict] = []
             for t, user in enumerate(conversation.turns, 1):
                 messages = history + [{"role": "user", "content": user}]
@@ -151,6 +198,8 @@ def run_generations(
                     records.append(_record(dataset.name, conversation.index, t, spec, position, result, wall,
                                            plain.token_ids, request.params.greedy))
                 history = messages + [{"role": "assistant", "content": plain.text}]
+            if journal is not None:
+                journal.add(dataset.name, conversation.index, records[first:])
     return records
 
 
