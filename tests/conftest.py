@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# The suite runs in parallel workers (pytest-xdist, `-n 2` in pyproject's addopts): each
+# worker takes an equal share of the cores, so two workers never oversubscribe them.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 
 def tiny_llama(vocab_size: int = 8, seed: int = 0, hidden: int = 16, layers: int = 2, scale: float = 1.0):

@@ -392,6 +392,15 @@ def test_eval_and_calibrate_commands_end_to_end(tiny_world):
     assert (tmp / "cal" / "reliability.png").is_file() and (tmp / "cal" / "threshold_sweep.png").is_file()
     assert "Sequential Temperature Scaling" in result.stdout
 
+    # the same command again resumes: nothing reruns, the same records come back
+    result = cli.invoke(app, ["eval", *common, "--drafter", "ngram", "--drafter", f"dspark:{drafter}",
+                              "--limit", "2", "--out", str(tmp / "eval")])
+    assert result.exit_code == 0 and "2 conversation(s) already done" in result.stderr, result.output + result.stderr
+    again = json.loads((tmp / "eval" / "results.json").read_text())
+    assert again["records"] == data["records"]
+    result = cli.invoke(app, ["eval", *common[:-1], "16", "--drafter", "ngram", "--limit", "2", "--out", str(tmp / "eval")])
+    assert result.exit_code == 2 and "belongs to an eval run with other settings" in result.stderr, result.stderr
+
     result = cli.invoke(app, ["eval", *common, "--drafter", f"dspark:{drafter}", "--limit", "1", "--no-plots",
                               "--out", str(tmp / "eval2")])
     assert result.exit_code == 0, result.output + result.stderr

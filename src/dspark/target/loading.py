@@ -183,7 +183,7 @@ def _dequantized_gguf(gguf: Path, name: str | None = None) -> Path:
     stat = gguf.stat()
     key = hashlib.sha1(f"{gguf.resolve()}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()
     target = cache_root() / "models" / f"{name or gguf.stem}-{key[:10]}"
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+    if _complete_cache(target):
         return target
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -205,9 +205,19 @@ def _dequantized_gguf(gguf: Path, name: str | None = None) -> Path:
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        if _complete_cache(target):
+            return target  # another process (a parallel test worker) finished first: keep its copy
         if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)  # atomic: a killed first load never leaves half a cache
+            shutil.rmtree(target)  # a broken leftover
+        try:
+            staging.rename(target)  # atomic: a killed first load never leaves half a cache
+        except OSError:
+            if not _complete_cache(target):  # lost a race to a complete copy: fine
+                raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def _complete_cache(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
