@@ -67,3 +67,16 @@ def test_make_drafter_puts_the_dspark_drafter_in_the_given_dtype():
     drafter = make_drafter("dspark", dtype=torch.bfloat16)
     assert {p.dtype for p in drafter.model.parameters()} == {torch.bfloat16}
     assert {p.dtype for p in make_drafter("dspark").model.parameters()} == {torch.float32}
+
+
+def test_each_target_gets_its_own_shipped_drafter_else_ngram(tmp_path, monkeypatch):
+    import dspark.drafters.factory as factory
+
+    assert factory.default_drafter_spec() == factory.default_drafter_spec("smollm2-135m-instruct") == "dspark"
+    assert factory.default_drafter_spec("gpt2") == "ngram"  # the SmolLM2 drafter does not fit another target
+    shipped = tmp_path / "drafters"
+    (shipped / "gemma3-270m-dspark").mkdir(parents=True)
+    (shipped / "gemma3-270m-dspark" / "config.json").write_text("{}")
+    monkeypatch.setattr(factory, "SHIPPED_DRAFTERS", shipped)
+    assert factory.default_drafter_spec("gemma3-270m") == f"dspark:{shipped / 'gemma3-270m-dspark'}"
+    assert factory.default_drafter_spec() == "ngram"  # no folder for the default target in this fake package

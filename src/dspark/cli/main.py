@@ -76,7 +76,7 @@ MAX_NEW_TOKENS_CAP = 1 << 20
 def generate(
     prompt: str = typer.Argument(..., help="The user message (or raw text with --no-chat)."),
     model: Optional[str] = typer.Option(None, help="HF id, folder, .gguf or gemma3-270m; default: SmolLM2-135M-Instruct."),
-    drafter: Optional[str] = typer.Option(None, help="none | ngram | model:<path> | dspark[:<folder>] | dflash:<folder> | eagle3:<folder>; default: the shipped DSpark drafter."),
+    drafter: Optional[str] = typer.Option(None, help="none | ngram | model:<path> | dspark[:<folder>] | dflash:<folder> | eagle3:<folder>; default: the DSpark drafter shipped for the target (SmolLM2-135M), else ngram."),
     gamma: Optional[int] = typer.Option(None, help="Draft tokens per round (drafter default if unset)."),
     temperature: float = typer.Option(0.0, help="0 = greedy."),
     top_p: float = typer.Option(1.0, help="Nucleus filter in (0, 1]."),
@@ -131,7 +131,7 @@ def _generate(prompt, model, drafter_spec, gamma, params, max_new_tokens, seed, 
     from dspark.target import TargetModel
 
     # The drafter before the target: a bad spec or broken drafter files fail in a second.
-    spec = drafter_spec or default_drafter_spec()
+    spec = drafter_spec or default_drafter_spec(model)
     drafter = make_drafter(spec, gamma=gamma, device=device, dtype=dtype)
     target = TargetModel.load(model, device=device, dtype=dtype)
     # One request is the batched engine at R = 1: the same scheduler as `dspark batch` and `serve`.

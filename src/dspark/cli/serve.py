@@ -21,7 +21,7 @@ SERVE_EXTRA = ("fastapi", "uvicorn", "prometheus_client")
 
 def serve_command(
     model: Optional[str] = typer.Option(None, help="HF id, folder or .gguf; default: SmolLM2-135M-Instruct."),
-    drafter: Optional[str] = typer.Option(None, help="none | ngram | model:<path> | dspark[:<folder>] | dflash:<folder> | eagle3:<folder>; default: the shipped DSpark drafter."),
+    drafter: Optional[str] = typer.Option(None, help="none | ngram | model:<path> | dspark[:<folder>] | dflash:<folder> | eagle3:<folder>; default: the DSpark drafter shipped for the target (SmolLM2-135M), else ngram."),
     policy: str = typer.Option("dspark", help="plain | fixed[:γ] | gamma1 | threshold:<t> | dspark (Algorithm 1 over this machine's cost table)."),
     max_batch: int = typer.Option(8, help="Most requests in flight at once (continuous batching)."),
     max_queue: int = typer.Option(256, help="Most requests waiting for a slot; more are refused with 429."),
@@ -58,6 +58,7 @@ def serve_command(
 
     import uvicorn
 
+    from dspark.drafters import default_drafter_spec
     from dspark.engine.build import PLAIN, build_engine, drafter_calibration
     from dspark.serving.app import build_app
     from dspark.serving.config import DEFAULT_MAX_MODEL_LEN, ServeSettings
@@ -77,7 +78,7 @@ def serve_command(
         drafter=engine.drafter.name,
         policy=engine.policy.name,
     )
-    calibrate = None if policy == PLAIN else drafter_calibration(drafter)
+    calibrate = None if policy == PLAIN else drafter_calibration(drafter or default_drafter_spec(target.name))
     app = build_app(engine, target, settings, calibrate)
     target.warm_up()
     typer.echo(

@@ -21,13 +21,22 @@ from dspark.drafters.base import BatchDrafter, Drafter, NoDrafter
 from dspark.errors import DsparkError
 
 DRAFTER_HELP = "none | ngram | model:<HF id|folder|.gguf> | dspark[:<folder>] | dflash:<folder> | eagle3:<folder>"
-SHIPPED_DRAFTER = Path(__file__).resolve().parent.parent / "assets" / "drafters" / "smollm2-135m-instruct-dspark"
+SHIPPED_DRAFTERS = Path(__file__).resolve().parent.parent / "assets" / "drafters"
+"""Drafters shipped inside the package, one folder ``<target name>-dspark`` per target."""
+SHIPPED_DRAFTER = SHIPPED_DRAFTERS / "smollm2-135m-instruct-dspark"
 """The DSpark drafter trained for the embedded default target (fp16, no embedding/LM head)."""
 
 
-def default_drafter_spec() -> str:
-    """``dspark`` once a trained drafter ships inside the package, else ``ngram``."""
-    return "dspark" if (SHIPPED_DRAFTER / "config.json").is_file() else "ngram"
+def default_drafter_spec(model: str | None = None) -> str:
+    """The drafter a target gets when none is named: ``dspark`` (the shipped drafter) for the
+    default target, ``dspark:<folder>`` where the package ships one for ``model`` (a target
+    spec such as ``gemma3-270m``), else ``ngram``, which fits every target."""
+    from dspark.target.loading import DEFAULT_MODEL
+
+    folder = SHIPPED_DRAFTERS / f"{model or DEFAULT_MODEL}-dspark"
+    if not (folder / "config.json").is_file():
+        return "ngram"
+    return "dspark" if folder == SHIPPED_DRAFTER else f"dspark:{folder}"
 
 
 def make_drafter(spec: str, gamma: int | None = None, device: str = "cpu", dtype=None) -> Drafter:

@@ -48,10 +48,10 @@ def resolve_policy(policy: str, drafter) -> str:
 
 
 def load_drafter(spec: str | None, target: TargetModel, gamma: int | None = None) -> Drafter:
-    """The drafter named by ``spec`` (None: the shipped one), on the target's device and in its
+    """The drafter named by ``spec`` (None: the one shipped for this target, else n-gram), on the target's device and in its
     dtype, checked against the target."""
     dtype = next(target.model.parameters()).dtype
-    drafter = make_drafter(spec or default_drafter_spec(), gamma=gamma, device=str(target.device), dtype=dtype)
+    drafter = make_drafter(spec or default_drafter_spec(target.name), gamma=gamma, device=str(target.device), dtype=dtype)
     drafter.check_target(target)
     return drafter
 
@@ -139,9 +139,10 @@ def build_engine(
     if isinstance(policy, str) and policy == PLAIN:
         drafter = NoDrafter()
     if drafter is None or isinstance(drafter, str):
+        spec = drafter or default_drafter_spec(target.name)
         if calibrate is None:
-            calibrate = drafter_calibration(drafter)
-        drafter = load_drafter(drafter, target, gamma)
+            calibrate = drafter_calibration(spec)
+        drafter = load_drafter(spec, target, gamma)
     batch_drafter = as_batch_drafter(drafter)
     if isinstance(policy, str):
         policy = resolve_policy(policy, batch_drafter)

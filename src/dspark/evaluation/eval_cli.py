@@ -22,7 +22,7 @@ def eval_command(
         None, "--dataset", help=f"Built-in set ({BUILTIN_HELP}) or a .jsonl of {{\"turns\": [...]}} (repeatable); default: all built-ins."),
     drafter: Optional[List[str]] = typer.Option(
         None, "--drafter", help="Drafter to compare (repeatable): none | ngram | model:<path> | dspark[:<folder>] | dflash:<folder> | eagle3:<folder>; "
-        "default: the shipped DSpark drafter. Plain decoding (none) always runs as the reference."),
+        "default: the DSpark drafter shipped for the target (SmolLM2-135M), else ngram. Plain decoding (none) always runs as the reference."),
     model: Optional[str] = typer.Option(None, help="Target: HF id, folder, .gguf or gemma3-270m; default SmolLM2-135M-Instruct."),
     limit: int = typer.Option(10, help="Conversations per dataset: the first N of the split."),
     max_new_tokens: int = typer.Option(256, help="Most new tokens per turn."),
@@ -72,7 +72,7 @@ def _eval(dataset_specs, drafter_specs, model, limit, max_new_tokens, temperatur
     settings = runner.EvalSettings(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, ignore_eos=ignore_eos)
     datasets = [load_dataset(s, split=split, limit=limit, max_turns=turns) for s in (dataset_specs or builtin_names())]
     device, dtype = _device_dtype(device, dtype)
-    specs = _drafter_specs(drafter_specs)
+    specs = _drafter_specs(drafter_specs, model)
     if split == "all":
         typer.echo("warning: --split all includes the calibration prompts; the confidence check is not held out",
                    err=True)
@@ -223,11 +223,11 @@ def _device_dtype(device: str, dtype: str):
     return device, parse_dtype(dtype, device)
 
 
-def _drafter_specs(given) -> list[str]:
+def _drafter_specs(given, model=None) -> list[str]:
     from dspark.drafters import default_drafter_spec
     from dspark.evaluation.runner import REFERENCE
 
-    specs = list(dict.fromkeys(given or [default_drafter_spec()]))
+    specs = list(dict.fromkeys(given or [default_drafter_spec(model)]))
     return [REFERENCE] + [s for s in specs if s != REFERENCE]
 
 
