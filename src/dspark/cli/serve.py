@@ -68,7 +68,8 @@ def serve_command(
     context = int(getattr(target.model.config, "max_position_embeddings", DEFAULT_MAX_MODEL_LEN))
     if max_model_len is not None and max_model_len > context:
         raise DsparkError(f"--max-model-len {max_model_len} exceeds the model's context window of {context} tokens")
-    engine = build_engine(target, drafter, policy, max_batch, gamma=gamma, profile_dir=profile_dir,
+    spec = drafter or default_drafter_spec(target.name)
+    engine = build_engine(target, spec, policy, max_batch, gamma=gamma, profile_dir=profile_dir,
                           profile_if_missing=profile)
     settings = ServeSettings(
         model_name=served_model_name or target.name,
@@ -78,7 +79,7 @@ def serve_command(
         drafter=engine.drafter.name,
         policy=engine.policy.name,
     )
-    calibrate = None if policy == PLAIN else drafter_calibration(drafter or default_drafter_spec(target.name))
+    calibrate = None if policy == PLAIN else drafter_calibration(spec)
     app = build_app(engine, target, settings, calibrate)
     target.warm_up()
     typer.echo(

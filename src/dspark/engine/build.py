@@ -48,8 +48,8 @@ def resolve_policy(policy: str, drafter) -> str:
 
 
 def load_drafter(spec: str | None, target: TargetModel, gamma: int | None = None) -> Drafter:
-    """The drafter named by ``spec`` (None: the one shipped for this target, else n-gram), on the target's device and in its
-    dtype, checked against the target."""
+    """The drafter named by ``spec`` (None: the one shipped for this target, else n-gram), on
+    the target's device and in its dtype, checked against the target."""
     dtype = next(target.model.parameters()).dtype
     drafter = make_drafter(spec or default_drafter_spec(target.name), gamma=gamma, device=str(target.device), dtype=dtype)
     drafter.check_target(target)
@@ -85,7 +85,8 @@ class OneRequest:
 
 
 def drafter_calibration(spec: str | None) -> Calibrate | None:
-    """The STS calibration saved beside a DSpark / DFlash drafter folder, if there is one."""
+    """The STS calibration saved beside a DSpark / DFlash drafter folder, if there is one
+    (``spec`` None: the default target's default drafter; resolve another target's first)."""
     kind, _, folder = (spec or default_drafter_spec()).partition(":")
     if kind not in ("dspark", "dflash"):
         return None

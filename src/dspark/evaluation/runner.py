@@ -129,13 +129,15 @@ class Journal:
             if json.loads(lines[0]) != {"fingerprint": self.fingerprint}:
                 raise ValueError(f"{self.path} belongs to an eval run with other settings; pass another --out, "
                                  "or delete the journal to start again")
+            kept = 1
             for line in lines[1:]:
                 try:
                     entry = json.loads(line)
                 except json.JSONDecodeError:
                     break  # a line cut short by a kill: that conversation runs again
                 self.done[(entry["dataset"], entry["index"])] = [GenerationRecord(**r) for r in entry["records"]]
-            self.path.write_text("".join(line + "\n" for line in lines[:1 + len(self.done)]))
+                kept += 1
+            self.path.write_text("".join(line + "\n" for line in lines[:kept]))
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.path.write_text(json.dumps({"fingerprint": self.fingerprint}) + "\n")
