@@ -186,6 +186,27 @@ def test_exported_config_has_what_vllm_and_sglang_read(target, tmp_path):
     assert tensors["fc.weight"].dtype == torch.bfloat16 and "embed_tokens.weight" not in tensors
 
 
+def test_export_expands_a_draft_w1_to_the_v_rows_the_engines_index(target, tmp_path):
+    model = make_model(target, draft_vocab_size=DRAFT_VOCAB, markov_w1_vocab="draft")
+    with torch.no_grad():
+        model.markov_head.markov_w1.weight.normal_()
+    export_for_engines(model, tmp_path / "out", target, dtype=torch.float32)
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert "markov_w1_vocab" not in cfg
+    w1 = load_file(str(tmp_path / "out" / "model.safetensors"))["markov_head.markov_w1.weight"]
+    assert w1.shape == (32, 8)
+    vocab = torch.arange(32)
+    assert torch.equal(w1, model.markov_head.markov_w1.weight[model.markov_rows(vocab)])
+    assert torch.equal(w1[model.draft_ids], model.markov_head.markov_w1.weight[:DRAFT_VOCAB])
+    from dspark.drafters.dspark.model import BlockOutput
+
+    exported = DSparkModel.from_pretrained(tmp_path / "out")  # the V-row layout: the same drafter
+    assert exported.config.markov_w1_vocab == "target" and exported.markov_head.markov_w1.weight.shape == (32, 8)
+    out = BlockOutput(torch.randn(2, GAMMA, 32), torch.randn(2, GAMMA, DRAFT_VOCAB))
+    prev = torch.randint(0, 32, (2, GAMMA), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(exported.teacher_forced_logits(out, prev), model.teacher_forced_logits(out, prev))
+
+
 # -- carried embedding / LM head -------------------------------------------------------------
 def test_a_carried_embedding_and_head_that_differ_are_used(target, tmp_path):
     model = make_model(target)

@@ -106,17 +106,21 @@ def test_incremental_context_equals_recompute_and_training_path(target):
     assert torch.allclose(trained, serve.base_logits[0], atol=1e-4)
 
 
-@pytest.mark.parametrize("vocab", [0, 20], ids=["full-vocab", "draft-vocab"])
-def test_batched_drafts_equal_the_teacher_forced_forward(target, vocab):
+@pytest.mark.parametrize("vocab, w1", [(0, "target"), (20, "target"), (20, "draft")],
+                         ids=["full-vocab", "draft-vocab", "draft-vocab-draft-w1"])
+def test_batched_drafts_equal_the_teacher_forced_forward(target, vocab, w1):
     """The slow oracle of the one drafting path: every request's block, drafted together with
     others of other lengths (padded contexts, one backbone pass, the Markov loop over slots),
     is what the training forward gives when teacher-forced on the drafted tokens."""
     from dspark.drafters.dspark.drafter import BatchedDSparkDrafter
     from dspark.sampling import warp_probs
 
-    model = make_model(target, **({"draft_vocab_size": vocab} if vocab else {}))
+    model = make_model(target, markov_w1_vocab=w1, **({"draft_vocab_size": vocab} if vocab else {}))
     if vocab:
-        model.set_draft_vocab(torch.arange(3, 3 + vocab))
+        model.set_draft_vocab(torch.arange(3, 3 + vocab))  # anchors 0..2 and 23..29 are outside it
+    if w1 == "draft":
+        with torch.no_grad():
+            model.markov_head.markov_w1.weight.normal_()
     drafter = BatchedDSparkDrafter(model, "dspark", GAMMA)
     drafter.allocate(num_slots=3, capacity=8)  # smaller than the longest context: slots grow
     g = torch.Generator().manual_seed(5)
@@ -158,6 +162,31 @@ def test_markov_bias_depends_on_previous_token(target):
     assert torch.allclose(a[0, 2], model.markov_head.markov_w2(model.markov_head.markov_w1(torch.tensor(3))))
 
 
+def test_draft_w1_has_a_row_per_draft_token_and_one_for_the_rest(target):
+    from dspark.drafters.dspark.model import BlockOutput
+
+    model = make_model(target, draft_vocab_size=6, markov_w1_vocab="draft")
+    ids = torch.tensor([2, 5, 7, 11, 13, 17])
+    model.set_draft_vocab(ids)
+    assert model.markov_head.markov_w1.weight.shape == (7, 8)
+    rows = model.markov_rows(torch.arange(32))
+    assert rows[ids].tolist() == list(range(6))
+    assert set(rows[~model.t2d].tolist()) == {6}
+    out = BlockOutput(torch.randn(1, GAMMA, 32), torch.zeros(1, GAMMA, 6))
+    a = model.teacher_forced_logits(out, torch.tensor([[1, 3, 7, 4]]))
+    b = model.teacher_forced_logits(out, torch.tensor([[1, 30, 7, 20]]))  # other tokens outside: same row
+    assert torch.equal(a, b)
+    c = model.teacher_forced_logits(out, torch.tensor([[1, 3, 11, 4]]))  # another draft token
+    assert not torch.allclose(a[0, 2], c[0, 2])
+    assert torch.allclose(c[0, 2], model.markov_head.markov_w2(model.markov_head.markov_w1.weight[3]))
+    model.set_draft_vocab(torch.tensor([0, 5, 7, 11, 13, 17]))  # the cached row table follows t2d
+    assert int(model.markov_rows(torch.tensor(0))) == 0 and int(model.markov_rows(torch.tensor(2))) == 6
+    with pytest.raises(ValueError, match="reduced draft vocabulary"):
+        DSparkConfig.for_target(target, markov_w1_vocab="draft")
+    with pytest.raises(ValueError, match="markov_w1_vocab"):
+        DSparkConfig.for_target(target, draft_vocab_size=6, markov_w1_vocab="tokens")
+
+
 def test_rnn_head_carries_history(target):
     model = make_model(target, markov_head_type="rnn")
     with torch.no_grad():
@@ -171,9 +200,14 @@ def test_rnn_head_carries_history(target):
     assert all(not torch.allclose(a[0, k], b[0, k]) for k in range(GAMMA))
 
 
-@pytest.mark.parametrize("family, architecture", [("llama", "LlamaDSparkModel"), ("qwen3", "Qwen3DSparkModel")])
-def test_save_load_round_trip_is_bit_exact(target, tmp_path, family, architecture):
-    model = make_model(target, layer_family=family)
+@pytest.mark.parametrize("family, architecture, w1", [("llama", "LlamaDSparkModel", "target"),
+                                                     ("qwen3", "Qwen3DSparkModel", "target"),
+                                                     ("llama", "LlamaDSparkModel", "draft")])
+def test_save_load_round_trip_is_bit_exact(target, tmp_path, family, architecture, w1):
+    vocab = {"draft_vocab_size": 20} if w1 == "draft" else {}
+    model = make_model(target, layer_family=family, markov_w1_vocab=w1, **vocab)
+    if vocab:
+        model.set_draft_vocab(torch.arange(2, 22))
     model.save_pretrained(tmp_path / "d")
     loaded = DSparkModel.from_pretrained(tmp_path / "d")
     for key, value in model.state_dict().items():
@@ -184,6 +218,7 @@ def test_save_load_round_trip_is_bit_exact(target, tmp_path, family, architectur
                   "enable_confidence_head", "confidence_head_with_markov"):
         assert field in cfg
     assert cfg["architectures"] == [architecture]
+    assert cfg.get("markov_w1_vocab", "target") == w1  # absent for the authors' V-row layout
     from safetensors.torch import load_file
 
     keys = set(load_file(str(tmp_path / "d" / "model.safetensors")))

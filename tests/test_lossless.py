@@ -103,6 +103,9 @@ DRAFTERS = {
     # The same over a reduced draft vocabulary: q is zero on OUTSIDE_DRAFT_VOCAB, which only
     # the residual or the bonus token can produce.
     "dspark-reduced-vocab": lambda: random_dspark_drafter(draft_ids=REDUCED_DRAFT_IDS),
+    # The same with W1 over the draft vocabulary plus one shared row for the tokens outside it
+    # (markov_w1_vocab "draft"): those previous tokens all get one bias.
+    "dspark-draft-w1": lambda: random_dspark_drafter(draft_ids=REDUCED_DRAFT_IDS, markov_w1_vocab="draft"),
     # A random-init EAGLE-3 drafter: chain drafting, each step's q sampled from the drafter's
     # own hidden state of the step before.
     "eagle3": lambda: random_eagle3_drafter(),
@@ -113,17 +116,21 @@ REDUCED_DRAFT_IDS = torch.tensor([0, 1, 3, 4])
 OUTSIDE_DRAFT_VOCAB = {2, 5}
 
 
-def random_dspark_drafter(draft_ids: torch.Tensor | None = None):
+def random_dspark_drafter(draft_ids: torch.Tensor | None = None, markov_w1_vocab: str = "target"):
     from dspark.drafters.dspark import DSparkConfig, DSparkDrafter, DSparkModel
 
     like_target = tiny_target(vocab_size=V, seed=TARGET_SEED, scale=TARGET_SCALE)
     torch.manual_seed(11)
-    extra = {} if draft_ids is None else {"draft_vocab_size": draft_ids.numel()}
+    extra = {"markov_w1_vocab": markov_w1_vocab}
+    if draft_ids is not None:
+        extra["draft_vocab_size"] = draft_ids.numel()
     model = DSparkModel(DSparkConfig.for_target(like_target, num_hidden_layers=1, markov_rank=4, block_size=3, **extra))
     if draft_ids is not None:
         model.set_draft_vocab(draft_ids)
     with torch.no_grad():
         model.markov_head.markov_w2.weight.normal_(std=2.0)
+        if markov_w1_vocab == "draft":  # rows large enough that the previous token moves q
+            model.markov_head.markov_w1.weight.normal_()
     return DSparkDrafter(model)
 
 
@@ -242,12 +249,13 @@ def lossless_check(target, drafter_name: str, params: SamplingParams) -> tuple[G
         ("dspark", T1),
         ("dspark-reduced-vocab", T1),
         ("dspark-reduced-vocab", NUCLEUS),
+        ("dspark-draft-w1", T1),
         ("eagle3", T1),
         ("eagle3-reduced-vocab", T1),
         ("eagle3-reduced-vocab", NUCLEUS),
     ],
     ids=["other-model-T1", "other-model-nucleus", "sharpened-T1", "fixed-T1", "ngram-T1", "dspark-T1",
-         "dspark-reduced-vocab-T1", "dspark-reduced-vocab-nucleus", "eagle3-T1", "eagle3-reduced-vocab-T1",
+         "dspark-reduced-vocab-T1", "dspark-reduced-vocab-nucleus", "dspark-draft-w1-T1", "eagle3-T1", "eagle3-reduced-vocab-T1",
          "eagle3-reduced-vocab-nucleus"],
 )
 def test_sampled_output_is_target_distributed(target, drafter_name, params):

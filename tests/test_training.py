@@ -321,6 +321,37 @@ def test_warm_start_moves_markov_rows_with_their_tokens(tmp_path):
     assert torch.equal(small.draft_ids, ids)
 
 
+def test_warm_start_maps_w1_rows_between_the_target_and_draft_layouts(tmp_path):
+    from dspark.drafters.dspark import DSparkConfig, DSparkModel
+    from dspark.training.checkpoints import warm_start
+
+    target = tiny_target(vocab_size=32, hidden=32, layers=6)
+    shape = dict(num_hidden_layers=1, markov_rank=4, block_size=3)
+    full = DSparkModel(DSparkConfig.for_target(target, **shape))
+    with torch.no_grad():
+        full.markov_head.markov_w1.weight.normal_()
+    full.save_pretrained(tmp_path / "full")
+    ids = torch.tensor([1, 4, 9, 20, 31])
+    small = DSparkModel(DSparkConfig.for_target(target, **shape, draft_vocab_size=5, markov_w1_vocab="draft"))
+    small.set_draft_vocab(ids)
+    warm_start(small, tmp_path / "full")
+    w1 = full.markov_head.markov_w1.weight
+    outside = ~small.t2d
+    assert torch.equal(small.markov_head.markov_w1.weight[:5], w1[ids])
+    assert torch.allclose(small.markov_head.markov_w1.weight[5], w1[outside].mean(0))
+    # Back to the V-row layout, over another draft vocabulary of the same size: every token's row follows it.
+    small.save_pretrained(tmp_path / "small")
+    other = DSparkModel(DSparkConfig.for_target(target, **shape, draft_vocab_size=5))
+    other.set_draft_vocab(torch.tensor([0, 1, 4, 9, 20]))
+    warm_start(other, tmp_path / "small")
+    back = other.markov_head.markov_w1.weight
+    assert torch.equal(back[ids], small.markov_head.markov_w1.weight[:5])
+    assert bool((back[outside] == small.markov_head.markov_w1.weight[5]).all())
+    w2 = small.markov_head.markov_w2.weight
+    assert torch.equal(other.markov_head.markov_w2.weight[1:], w2[:4])  # 1, 4, 9, 20 moved one row down
+    assert bool((other.markov_head.markov_w2.weight[0] == 0).all())  # token 0: the source never drafted it
+
+
 def test_greedy_survival_is_the_prefix_of_argmax_matches():
     # Block 0 matches at slots 1 and 2, then misses; block 1 misses at once; slot 3 of block 1 is invalid.
     logits = torch.tensor([[[5.0, 0, 0], [0, 5.0, 0], [5.0, 0, 0]], [[0, 0, 5.0], [0, 5.0, 0], [0, 0, 5.0]]])

@@ -152,23 +152,46 @@ def keep_if_best(out: Path, step: int, score: HeldoutScore, model: DSparkModel) 
 def warm_start(model, folder: str | Path) -> None:
     """Copy a trained drafter's weights into ``model`` where names and shapes fit.
 
-    The Markov head's W2 rows follow the tokens: a full-vocabulary source gives the rows of
-    ``model``'s draft tokens. d2t/t2d are never copied (the run chose its own vocabulary).
+    The Markov head's rows follow the tokens, whatever the two vocabularies: W2 gets the rows
+    of ``model``'s draft tokens (zero for a token the source could not draft), and W1 the
+    row of each previous token, between the V-row and the (N + 1)-row layouts (a new
+    out-of-vocabulary row is the mean of the rows of the tokens it stands for). d2t/t2d are
+    never copied (the run chose its own vocabulary).
     """
     source = type(model).from_pretrained(folder)  # a drafter of the same kind (DSpark/DFlash or EAGLE-3)
     if source.config.vocab_size != model.config.vocab_size:
         raise DsparkError(f"cannot warm-start from {folder}: it was built for another vocabulary")
     theirs = source.state_dict()
     own = model.state_dict()
-    key = "markov_head.markov_w2.weight"
-    if key in theirs and key in own and theirs[key].shape != own[key].shape:
-        rows = torch.zeros(model.config.vocab_size, theirs[key].shape[1])  # [V, r] by target id
-        src_ids = source.draft_ids if source.draft_ids is not None else torch.arange(source.config.vocab_size)
-        rows[src_ids] = theirs[key].float()
-        mine = model.draft_ids if model.draft_ids is not None else torch.arange(model.config.vocab_size)
-        theirs[key] = rows[mine.cpu()]
+    w1, w2 = "markov_head.markov_w1.weight", "markov_head.markov_w2.weight"
+    if w2 in theirs and w2 in own and theirs[w2].shape[1] == own[w2].shape[1]:
+        theirs[w2] = _draft_rows_by_token(source, theirs[w2], model)
+        theirs[w1] = _w1_rows_by_token(source, theirs[w1], model)
     merged = {
         k: theirs[k].to(v.dtype) if k in theirs and theirs[k].shape == v.shape and k not in ("d2t", "t2d") else v
         for k, v in own.items()
     }
     model.load_state_dict(merged)
+
+
+def _ids(model) -> torch.Tensor:
+    """Target id of each draft index of ``model`` # [N] (every id for the full vocabulary)."""
+    return model.draft_ids.cpu() if model.draft_ids is not None else torch.arange(model.config.vocab_size)
+
+
+def _draft_rows_by_token(source, rows: torch.Tensor, model) -> torch.Tensor:
+    """W2 rows # [N_src, r] of ``source``'s draft tokens -> of ``model``'s # [N, r], zero where missing."""
+    by_token = torch.zeros(model.config.vocab_size, rows.shape[1])  # [V, r]
+    by_token[_ids(source)] = rows.float()
+    return by_token[_ids(model)]
+
+
+def _w1_rows_by_token(source, rows: torch.Tensor, model) -> torch.Tensor:
+    """W1 of ``source`` # [V or N_src + 1, r] -> in ``model``'s layout, row for row by previous token."""
+    vocab = torch.arange(model.config.vocab_size)
+    by_token = rows.float()[source.markov_rows(vocab)]  # [V, r]
+    if model.config.markov_w1_vocab == "target":
+        return by_token
+    ids = _ids(model)
+    outside = ~model.t2d.cpu()
+    return torch.cat([by_token[ids], by_token[outside].mean(0, keepdim=True)])

@@ -33,6 +33,9 @@ class TrainConfig:
     """r of the Markov head (dspark only)."""
     markov_head_type: str = "vanilla"
     """"vanilla" or "rnn" (dspark only)."""
+    markov_w1_vocab: str = "target"
+    """Rows of the Markov head's W1 (dspark only): "target" (V) or "draft" (N + 1; needs a
+    reduced draft vocabulary), see DSparkConfig.markov_w1_vocab."""
     target_layer_ids: tuple[int, ...] = ()
     """Feature layers; empty = 5 spread over the target's depth."""
     init_from_target: bool = True
@@ -74,6 +77,10 @@ class TrainConfig:
             raise ValueError(f"eagle3 drafts with one decoder layer; num_layers must be 1, got {self.num_layers}")
         if self.layer_family and self.layer_family not in LAYER_FAMILIES:
             raise ValueError(f"layer_family must be one of {', '.join(LAYER_FAMILIES)} (or empty), got {self.layer_family!r}")
+        if self.markov_w1_vocab not in ("target", "draft"):
+            raise ValueError(f"markov_w1_vocab must be target or draft, got {self.markov_w1_vocab!r}")
+        if self.markov_w1_vocab == "draft" and (self.variant != "dspark" or not self.draft_vocab_size):
+            raise ValueError("markov_w1_vocab draft needs the dspark variant and a reduced draft vocabulary (draft_vocab_size > 0)")
         for name in ("steps", "batch_size", "anchors_per_sequence", "num_layers", "block_size", "save_every", "log_every",
                      "max_length"):
             if getattr(self, name) < 1:
@@ -108,7 +115,8 @@ class TrainConfig:
         if self.variant == "dflash":
             overrides.update(markov_rank=0, enable_confidence_head=False)
         else:
-            overrides.update(markov_rank=self.markov_rank, markov_head_type=self.markov_head_type)
+            overrides.update(markov_rank=self.markov_rank, markov_head_type=self.markov_head_type,
+                             markov_w1_vocab=self.markov_w1_vocab)
         return DSparkConfig.for_target(target, **overrides)
 
     def to_json(self) -> str:

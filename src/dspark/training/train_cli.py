@@ -27,6 +27,7 @@ def train_command(
     block_size: int = typer.Option(7, help="γ: draft tokens per block (anchor = slot 1); eagle3: the training-time-test horizon."),
     markov_rank: int = typer.Option(32, help="Markov head rank r (dspark)."),
     markov_head_type: str = typer.Option("vanilla", help="vanilla or rnn (dspark)."),
+    markov_w1: str = typer.Option("target", help="Rows of the Markov head's W1 (dspark): target (one per target token, the authors' layout) or draft (one per draft token plus one shared row; small for large vocabularies)."),
     layer_ids: Optional[List[int]] = typer.Option(None, "--layer-id", help="Target feature layer (repeatable); default 5 spread."),
     init_from_target: bool = typer.Option(True, "--init-from-target/--random-init", help="Warm-start the draft layers from the target's top layers."),
     init_from: Optional[Path] = typer.Option(None, help="Warm-start from a trained drafter folder (after --init-from-target)."),
@@ -68,7 +69,7 @@ def train_command(
 
     config = TrainConfig(
         out_dir=str(out), variant=variant, num_layers=num_layers or (1 if variant == "eagle3" else 2), layer_family=layer_family or "", block_size=block_size,
-        markov_rank=markov_rank, markov_head_type=markov_head_type,
+        markov_rank=markov_rank, markov_head_type=markov_head_type, markov_w1_vocab=markov_w1,
         target_layer_ids=tuple(layer_ids or ()), init_from_target=init_from_target, steps=steps, batch_size=batch_size,
         anchors_per_sequence=anchors, draft_vocab_size=draft_vocab, lr=lr, gamma_w=gamma_w, max_epochs=max_epochs,
         init_from=str(init_from or ""), save_every=save_every, log_every=log_every, seed=seed, max_length=max_length,

@@ -16,6 +16,7 @@ from dspark.drafters.drafter_config import DrafterConfig, values_from_json
 
 ARCHITECTURES = {"qwen3": "Qwen3DSparkModel", "llama": "LlamaDSparkModel", "gemma3": "Gemma3DSparkModel"}
 MARKOV_HEAD_TYPES = ("vanilla", "rnn")
+MARKOV_W1_VOCABS = ("target", "draft")
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,11 @@ class DSparkConfig(DrafterConfig):
     """Predict c_k, the probability that slot k survives given the earlier slots did."""
     confidence_head_with_markov: bool = True
     """Feed W1[x_{k-1}] to the confidence head besides h_k (eq. 7)."""
+    markov_w1_vocab: str = "target"
+    """Rows of W1: "target" (one per target token, V × r, the authors' layout) or "draft" (one
+    per draft token plus one shared row for every token outside the draft vocabulary,
+    (N + 1) × r; needs a reduced vocabulary). "draft" keeps a large-vocabulary target's
+    drafter small (Gemma 3: V = 262,144); the export to vLLM/SGLang expands it to V rows."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -50,6 +56,15 @@ class DSparkConfig(DrafterConfig):
             raise ValueError(f"markov_head_type must be one of {MARKOV_HEAD_TYPES}")
         if self.markov_rank < 0:
             raise ValueError("markov_rank must be >= 0")
+        if self.markov_w1_vocab not in MARKOV_W1_VOCABS:
+            raise ValueError(f"markov_w1_vocab must be one of {MARKOV_W1_VOCABS}, got {self.markov_w1_vocab!r}")
+        if self.markov_w1_vocab == "draft" and not self.reduced_vocab:
+            raise ValueError('markov_w1_vocab "draft" needs a reduced draft vocabulary (draft_vocab_size < vocab_size)')
+
+    @property
+    def markov_w1_rows(self) -> int:
+        """Rows of W1: V, or N + 1 for markov_w1_vocab "draft" (the last row for out-of-vocabulary tokens)."""
+        return self.num_draft_tokens + 1 if self.markov_w1_vocab == "draft" else self.vocab_size
 
     @property
     def is_dflash(self) -> bool:
@@ -80,6 +95,8 @@ class DSparkConfig(DrafterConfig):
         )
         if self.markov_rank > 0:
             d["markov_head_type"] = self.markov_head_type
+            if self.markov_w1_vocab != "target":  # absent means the authors' V-row layout
+                d["markov_w1_vocab"] = self.markov_w1_vocab
         if self.enable_confidence_head:
             d["confidence_head_with_markov"] = self.confidence_head_with_markov
         return d

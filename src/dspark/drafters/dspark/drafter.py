@@ -214,7 +214,7 @@ class BatchedDSparkDrafter:
                     break
             logits = base[:, k] if base is not None else model.slot_logits(hidden[:, k])  # [R, N]
             if head is not None:
-                bias, state = head.step(prev, hidden[:, k], state)
+                bias, state = head.step(model.markov_rows(prev), hidden[:, k], state)
                 logits = logits + bias
             top2 = logits.topk(2, dim=-1).values  # [R, 2]
             margins.append(top2[:, 0] - top2[:, 1])

@@ -12,13 +12,18 @@ from torch import nn
 
 
 class MarkovHead(nn.Module):
-    """Low-rank first-order transition bias B(x_{k-1}, ·) = W1[x_{k-1}] · W2 (paper eq. 5)."""
+    """Low-rank first-order transition bias B(x_{k-1}, ·) = W1[x_{k-1}] · W2 (paper eq. 5).
 
-    def __init__(self, vocab_size: int, rank: int, draft_vocab_size: int | None = None) -> None:
+    The heads take W1 *row indices* of the previous tokens: the target ids themselves for a
+    V-row W1, or draft indices (N for any other token) for an (N + 1)-row one
+    (:meth:`~dspark.drafters.dspark.model.DSparkModel.markov_rows` maps them).
+    """
+
+    def __init__(self, w1_rows: int, rank: int, draft_vocab_size: int) -> None:
         super().__init__()
-        # W1 is indexed by the previous token, any target token; W2 scores the N draft tokens.
-        self.markov_w1 = nn.Embedding(vocab_size, rank)  # W1: V×r lookup table
-        self.markov_w2 = nn.Linear(rank, draft_vocab_size or vocab_size, bias=False)  # W2: r×N (stored [N, r])
+        # W1 is indexed by the previous token's row; W2 scores the N draft tokens.
+        self.markov_w1 = nn.Embedding(w1_rows, rank)  # W1: V×r (or (N+1)×r) lookup table
+        self.markov_w2 = nn.Linear(rank, draft_vocab_size, bias=False)  # W2: r×N (stored [N, r])
         nn.init.normal_(self.markov_w1.weight, std=0.02)
         nn.init.zeros_(self.markov_w2.weight)  # start as the plain parallel drafter
 
@@ -47,11 +52,11 @@ class RNNHead(nn.Module):
     s_k = σ(g) ⊙ s_{k-1} + (1 − σ(g)) ⊙ tanh(c) and B_k = W2ᵀ tanh(o). s_0 = 0.
     """
 
-    def __init__(self, vocab_size: int, rank: int, hidden_size: int, draft_vocab_size: int | None = None) -> None:
+    def __init__(self, w1_rows: int, rank: int, hidden_size: int, draft_vocab_size: int) -> None:
         super().__init__()
         self.rank = rank
-        self.markov_w1 = nn.Embedding(vocab_size, rank)
-        self.markov_w2 = nn.Linear(rank, draft_vocab_size or vocab_size, bias=False)
+        self.markov_w1 = nn.Embedding(w1_rows, rank)
+        self.markov_w2 = nn.Linear(rank, draft_vocab_size, bias=False)
         self.joint_proj = nn.Linear(2 * rank + hidden_size, 3 * rank)
         nn.init.normal_(self.markov_w1.weight, std=0.02)
         nn.init.zeros_(self.markov_w2.weight)

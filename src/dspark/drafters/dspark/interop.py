@@ -309,6 +309,9 @@ def export_for_engines(src_or_model: str | Path | DSparkModel, out: str | Path, 
     _check_out(out)
     carried = model.carried()
     tensors = {**model.state_dict(), **carried}
+    if config.markov_w1_vocab == "draft":  # the engines index W1 by target id: expand it to V rows
+        w1 = "markov_head.markov_w1.weight"
+        tensors[w1] = tensors[w1][model.markov_rows(torch.arange(config.vocab_size, device=tensors[w1].device))]
     reference = _target_weights(config, target, getattr(model, "d2t", None))
     if config.reduced_vocab and "lm_head.weight" not in tensors:
         tensors["lm_head.weight"] = reference["lm_head.weight"]
@@ -334,6 +337,7 @@ def export_for_engines(src_or_model: str | Path | DSparkModel, out: str | Path, 
 def engine_config(config: DSparkConfig, target, dtype: torch.dtype) -> dict[str, Any]:
     """config.json for vLLM / SGLang: the authors' layout, with every field those engines read."""
     d = config.to_json_dict()
+    d.pop("markov_w1_vocab", None)  # written expanded to the V-row layout the engines read
     target_cfg = target.model.config
     d.update(
         architectures=[ENGINE_ARCHITECTURE],

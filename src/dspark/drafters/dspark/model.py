@@ -136,9 +136,9 @@ class DSparkModel(DraftVocabulary, nn.Module):
         self.markov_head: MarkovHead | RNNHead | None = None
         if r > 0:
             self.markov_head = (
-                MarkovHead(config.vocab_size, r, n_draft)
+                MarkovHead(config.markov_w1_rows, r, n_draft)
                 if config.markov_head_type == "vanilla"
-                else RNNHead(config.vocab_size, r, d, n_draft)
+                else RNNHead(config.markov_w1_rows, r, d, n_draft)
             )
         self.register_draft_vocab()  # d2t/t2d with a reduced vocabulary
         self.confidence_head: ConfidenceHead | None = None
@@ -334,7 +334,14 @@ class DSparkModel(DraftVocabulary, nn.Module):
         """U_k + B_k(x*_{k-1}) with the true previous tokens # [..., γ] -> [..., γ, N]."""
         if self.markov_head is None:
             return out.base_logits
-        return out.base_logits + self.markov_head.teacher_forced(prev_tokens, out.hidden)
+        return out.base_logits + self.markov_head.teacher_forced(self.markov_rows(prev_tokens), out.hidden)
+
+    def markov_rows(self, tokens: torch.Tensor) -> torch.Tensor:
+        """W1 rows of target tokens # [...]: the ids themselves, or for markov_w1_vocab "draft"
+        their draft indices with N for every token outside the draft vocabulary."""
+        if self.config.markov_w1_vocab == "target":
+            return tokens
+        return self.draft_index_or_oov(tokens)
 
     def confidence_logits(self, hidden: torch.Tensor, prev_tokens: torch.Tensor) -> torch.Tensor | None:
         """Raw logits of c_k # [..., γ] from h_k and W1[x_{k-1}], or None without the head."""
@@ -342,7 +349,7 @@ class DSparkModel(DraftVocabulary, nn.Module):
             return None
         prev = None
         if self.confidence_head.proj.in_features > self.config.hidden_size:
-            prev = self.markov_head.embed(prev_tokens)
+            prev = self.markov_head.embed(self.markov_rows(prev_tokens))
         return self.confidence_head(hidden, prev)
 
     # -- training forward ----------------------------------------------------------------------

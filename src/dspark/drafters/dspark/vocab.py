@@ -94,6 +94,7 @@ class DraftVocabulary:
             self.register_buffer("d2t", torch.zeros(self.config.num_draft_tokens, dtype=torch.long))
             self.register_buffer("t2d", torch.zeros(self.config.vocab_size, dtype=torch.bool))
         self._head_rows: tuple[tuple, torch.Tensor] | None = None  # (key, [N, d]) cache of draft_rows()
+        self._oov_index: tuple[tuple, torch.Tensor] | None = None  # (key, [V]) cache of draft_index_or_oov()
 
     @torch.no_grad()
     def set_draft_vocab(self, draft_ids: torch.Tensor) -> None:
@@ -133,6 +134,21 @@ class DraftVocabulary:
             return q
         full = q.new_zeros(*q.shape[:-1], self.config.vocab_size)
         return full.index_copy_(-1, self.draft_ids, q)
+
+    def draft_index_or_oov(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Draft index of target tokens # [...], N for a token outside the draft vocabulary.
+
+        Cached like :meth:`draft_rows`: the [V] table is rebuilt only when t2d changes.
+        """
+        if not self.config.reduced_vocab:
+            return tokens
+        key = (self.t2d.data_ptr(), self.t2d._version, tokens.device)
+        stale = self._oov_index is not None and self._oov_index[1].is_inference() and not torch.is_inference_mode_enabled()
+        if self._oov_index is None or self._oov_index[0] != key or stale:
+            t2d = self.t2d.to(tokens.device)
+            table = torch.where(t2d, t2d.long().cumsum(0) - 1, self.config.num_draft_tokens)
+            self._oov_index = (key, table)
+        return self._oov_index[1][tokens]
 
     def draft_rows(self, weight: torch.Tensor) -> torch.Tensor:
         """The rows of the draft tokens of a target head ``weight`` # [V, d] -> [N, d] (all of it for N = V).
