@@ -50,6 +50,10 @@ def train_command(
 
     if layer_family is not None and layer_family not in LAYER_FAMILIES:
         raise DsparkError(f"--layer-family must be one of {', '.join(LAYER_FAMILIES)}, got {layer_family!r}")
+    if markov_w1 not in ("target", "draft"):
+        raise DsparkError(f"--markov-w1 must be target or draft, got {markov_w1!r}")
+    if markov_w1 == "draft" and (variant != "dspark" or draft_vocab == 0):
+        raise DsparkError("--markov-w1 draft needs --variant dspark and a reduced draft vocabulary (--draft-vocab > 0)")
     for path in data:
         if not path.exists():
             raise DsparkError(f"training data not found: {path}")
