@@ -80,3 +80,9 @@ def test_each_target_gets_its_own_shipped_drafter_else_ngram(tmp_path, monkeypat
     monkeypatch.setattr(factory, "SHIPPED_DRAFTERS", shipped)
     assert factory.default_drafter_spec("gemma3-270m") == f"dspark:{shipped / 'gemma3-270m-dspark'}"
     assert factory.default_drafter_spec() == "ngram"  # no folder for the default target in this fake package
+    # A bare `dspark` means the drafter shipped for the target; other specs are kept as given.
+    assert factory.resolve_drafter_spec("dspark", "gemma3-270m") == f"dspark:{shipped / 'gemma3-270m-dspark'}"
+    assert factory.resolve_drafter_spec(None, "gemma3-270m") == f"dspark:{shipped / 'gemma3-270m-dspark'}"
+    assert factory.resolve_drafter_spec("dspark", "gpt2") == "dspark"  # none shipped: the default target's (refused later)
+    assert factory.resolve_drafter_spec("ngram", "gemma3-270m") == "ngram"
+    assert factory.resolve_drafter_spec("dspark:/x", "gemma3-270m") == "dspark:/x"

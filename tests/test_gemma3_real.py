@@ -67,3 +67,19 @@ def test_gemma3_drafter_of_its_family_is_lossless_past_the_sliding_window(gemma)
     assert batched[0].token_ids == want
     short = gemma.model.generate(torch.tensor([ids[:40]]), max_new_tokens=16, do_sample=False)[0, 40:].tolist()
     assert batched[1].token_ids == short
+
+
+def test_gemma3_shipped_drafter_greedy_equals_plain_generate(gemma):
+    """`dspark generate --model gemma3-270m` with its shipped DSpark drafter (the default), under
+    the scheduler and verifying whole blocks: greedy output equals transformers' ``generate``."""
+    from dspark.drafters import resolve_drafter_spec
+    from dspark.engine.build import build_engine
+
+    ids = gemma.encode_prompt("def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n", chat=False)
+    want = gemma.model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)[0, len(ids):].tolist()
+    spec = resolve_drafter_spec(None, "gemma3-270m")
+    assert spec.startswith("dspark:") and spec.endswith("gemma3-270m-dspark")
+    for policy in ("auto", "fixed"):
+        engine = build_engine(gemma, spec, policy, 1)
+        got = engine.generate([GenerationRequest(ids, max_new_tokens=24)]).results[0]
+        assert got.token_ids == want, policy

@@ -6,7 +6,7 @@ import json
 
 import torch
 
-from dspark.drafters import SHIPPED_DRAFTER, default_drafter_spec
+from dspark.drafters import SHIPPED_DRAFTER, SHIPPED_DRAFTERS, default_drafter_spec
 from dspark.drafters.dspark import DSparkConfig
 
 
@@ -37,3 +37,22 @@ def test_shipped_calibration_has_one_temperature_per_slot():
     config = json.loads((SHIPPED_DRAFTER / "config.json").read_text())
     assert len(calibration.temperatures) == config["block_size"]
     assert all(t > 0 for t in calibration.temperatures)
+
+
+def test_the_gemma3_drafter_is_small_with_w1_over_its_draft_vocabulary():
+    """Gemma 3's 262,144-token vocabulary: a V-row W1 alone would be 16.8 MB of fp16 at rank 32."""
+    from safetensors.torch import load_file
+
+    folder = SHIPPED_DRAFTERS / "gemma3-270m-dspark"
+    weights = folder / "model.safetensors"
+    assert weights.stat().st_size <= 20 * 2**20
+    state = load_file(str(weights))
+    assert all(t.dtype == torch.float16 for t in state.values() if t.is_floating_point())
+    config = DSparkConfig.load(folder)
+    assert config.vocab_size == 262144 and config.layer_family == "gemma3" and config.reduced_vocab
+    assert config.markov_w1_vocab == "draft"
+    assert state["markov_head.markov_w1.weight"].shape == (config.num_draft_tokens + 1, config.markov_rank)
+    assert default_drafter_spec("gemma3-270m") == f"dspark:{folder}"
+    from dspark.scheduling.calibration import Calibration
+
+    assert len(Calibration.load(folder).temperatures) == config.block_size

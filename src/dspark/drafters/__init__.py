@@ -11,9 +11,11 @@ from dspark.drafters.base import BatchDrafter, DraftBlock, DraftGate, DraftInput
 from dspark.drafters.factory import (
     DRAFTER_HELP,
     SHIPPED_DRAFTER,
+    SHIPPED_DRAFTERS,
     as_batch_drafter,
     default_drafter_spec,
     make_drafter,
+    resolve_drafter_spec,
 )
 
 __all__ = [
@@ -25,7 +27,9 @@ __all__ = [
     "NoDrafter",
     "DRAFTER_HELP",
     "SHIPPED_DRAFTER",
+    "SHIPPED_DRAFTERS",
     "as_batch_drafter",
     "default_drafter_spec",
     "make_drafter",
+    "resolve_drafter_spec",
 ]

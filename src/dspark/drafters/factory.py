@@ -5,7 +5,8 @@
 - ``none``: plain decoding (the reference);
 - ``ngram``: prompt lookup;
 - ``model:<id|folder|file.gguf>``: an independent draft model sharing the tokenizer;
-- ``dspark``: the DSpark drafter shipped for the default target;
+- ``dspark``: the DSpark drafter shipped for the target (:func:`resolve_drafter_spec`; the
+  default target's where none is named);
 - ``dspark:<folder>`` / ``dflash:<folder>``: a trained DSpark or DFlash checkpoint;
 - ``eagle3:<folder>``: a trained EAGLE-3 checkpoint (the chain-drafting baseline).
 
@@ -37,6 +38,18 @@ def default_drafter_spec(model: str | None = None) -> str:
     if not (folder / "config.json").is_file():
         return "ngram"
     return "dspark" if folder == SHIPPED_DRAFTER else f"dspark:{folder}"
+
+
+def resolve_drafter_spec(spec: str | None, model: str | None = None) -> str:
+    """The spec to build for target ``model``: :func:`default_drafter_spec` for None, and a bare
+    ``dspark`` as the DSpark drafter shipped for ``model`` where the package has one (the
+    default target's otherwise); any other spec as given."""
+    if spec is None:
+        return default_drafter_spec(model)
+    if spec == "dspark":
+        shipped = default_drafter_spec(model)
+        return shipped if shipped.startswith("dspark") else spec
+    return spec
 
 
 def make_drafter(spec: str, gamma: int | None = None, device: str = "cpu", dtype=None) -> Drafter:

@@ -18,6 +18,7 @@ from dspark.drafters.factory import (
     default_drafter_spec,
     has_confidences,
     make_drafter,
+    resolve_drafter_spec,
 )
 from dspark.engine.batched import BatchEngine
 from dspark.engine.single import SpeculativeEngine
@@ -51,7 +52,7 @@ def load_drafter(spec: str | None, target: TargetModel, gamma: int | None = None
     """The drafter named by ``spec`` (None: the one shipped for this target, else n-gram), on
     the target's device and in its dtype, checked against the target."""
     dtype = next(target.model.parameters()).dtype
-    drafter = make_drafter(spec or default_drafter_spec(target.name), gamma=gamma, device=str(target.device), dtype=dtype)
+    drafter = make_drafter(resolve_drafter_spec(spec, target.name), gamma=gamma, device=str(target.device), dtype=dtype)
     drafter.check_target(target)
     return drafter
 
@@ -140,7 +141,7 @@ def build_engine(
     if isinstance(policy, str) and policy == PLAIN:
         drafter = NoDrafter()
     if drafter is None or isinstance(drafter, str):
-        spec = drafter or default_drafter_spec(target.name)
+        spec = resolve_drafter_spec(drafter, target.name)
         if calibrate is None:
             calibrate = drafter_calibration(spec)
         drafter = load_drafter(spec, target, gamma)

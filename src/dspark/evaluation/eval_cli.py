@@ -139,15 +139,15 @@ def calibrate_command(
         raise DsparkError(f"--min-events must be >= 0, got {min_events}")
     if max_new_tokens < 1:
         raise DsparkError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
-    spec = drafter or "dspark"
+    from dspark.drafters import SHIPPED_DRAFTERS, resolve_drafter_spec
+
+    spec = resolve_drafter_spec(drafter or "dspark", model)  # bare dspark: the one shipped for --model
     folder = drafter_folder(spec)
     if folder is None:
         raise DsparkError(f"calibrate needs a DSpark drafter (dspark[:<folder>]), got {spec!r}")
     check_out_dir(out)
     if save:
-        from dspark.drafters import SHIPPED_DRAFTER
-
-        if folder.resolve() == SHIPPED_DRAFTER.resolve() and not overwrite_shipped:
+        if folder.resolve().is_relative_to(SHIPPED_DRAFTERS.resolve()) and not overwrite_shipped:
             raise DsparkError(
                 f"--save would overwrite the shipped drafter's calibration.json in {folder}; pass "
                 "--overwrite-shipped to mean it, --no-save to only report, or calibrate a copy (dspark:<folder>)"
@@ -224,10 +224,10 @@ def _device_dtype(device: str, dtype: str):
 
 
 def _drafter_specs(given, model=None) -> list[str]:
-    from dspark.drafters import default_drafter_spec
+    from dspark.drafters import resolve_drafter_spec
     from dspark.evaluation.runner import REFERENCE
 
-    specs = list(dict.fromkeys(given or [default_drafter_spec(model)]))
+    specs = list(dict.fromkeys(resolve_drafter_spec(s, model) for s in (given or [None])))
     return [REFERENCE] + [s for s in specs if s != REFERENCE]
 
 
