@@ -179,7 +179,7 @@ def test_draft_w1_has_a_row_per_draft_token_and_one_for_the_rest(target):
     c = model.teacher_forced_logits(out, torch.tensor([[1, 3, 11, 4]]))  # another draft token
     assert not torch.allclose(a[0, 2], c[0, 2])
     assert torch.allclose(c[0, 2], model.markov_head.markov_w2(model.markov_head.markov_w1.weight[3]))
-    model.set_draft_vocab(torch.tensor([0, 5, 7, 11, 13, 17]))  # the cached row table follows t2d
+    model.set_draft_vocab(torch.tensor([0, 5, 7, 11, 13, 17]))  # the cached row table follows the draft vocabulary
     assert int(model.markov_rows(torch.tensor(0))) == 0 and int(model.markov_rows(torch.tensor(2))) == 6
     with pytest.raises(ValueError, match="reduced draft vocabulary"):
         DSparkConfig.for_target(target, markov_w1_vocab="draft")

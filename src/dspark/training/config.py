@@ -6,7 +6,7 @@ import dataclasses
 import json
 from dataclasses import dataclass
 
-from dspark.drafters.dspark.config import DSparkConfig
+from dspark.drafters.dspark.config import MARKOV_W1_VOCABS, DSparkConfig
 from dspark.drafters.families import LAYER_FAMILIES
 from dspark.training.loss import DFLASH_WEIGHTS, EAGLE3_WEIGHTS, LossWeights
 
@@ -77,8 +77,8 @@ class TrainConfig:
             raise ValueError(f"eagle3 drafts with one decoder layer; num_layers must be 1, got {self.num_layers}")
         if self.layer_family and self.layer_family not in LAYER_FAMILIES:
             raise ValueError(f"layer_family must be one of {', '.join(LAYER_FAMILIES)} (or empty), got {self.layer_family!r}")
-        if self.markov_w1_vocab not in ("target", "draft"):
-            raise ValueError(f"markov_w1_vocab must be target or draft, got {self.markov_w1_vocab!r}")
+        if self.markov_w1_vocab not in MARKOV_W1_VOCABS:
+            raise ValueError(f"markov_w1_vocab must be {' or '.join(MARKOV_W1_VOCABS)}, got {self.markov_w1_vocab!r}")
         if self.markov_w1_vocab == "draft" and (self.variant != "dspark" or not self.draft_vocab_size):
             raise ValueError("markov_w1_vocab draft needs the dspark variant and a reduced draft vocabulary (draft_vocab_size > 0)")
         for name in ("steps", "batch_size", "anchors_per_sequence", "num_layers", "block_size", "save_every", "log_every",

@@ -44,14 +44,15 @@ def train_command(
     export: Optional[Path] = typer.Option(None, help="Also write the best (else the last) drafter here as fp16 safetensors."),
 ) -> None:
     """Train a drafter; rerun the same command to resume from the last checkpoint."""
+    from dspark.drafters.dspark.config import MARKOV_W1_VOCABS
     from dspark.drafters.families import LAYER_FAMILIES
     from dspark.edge import check_out_dir
     from dspark.errors import DsparkError
 
     if layer_family is not None and layer_family not in LAYER_FAMILIES:
         raise DsparkError(f"--layer-family must be one of {', '.join(LAYER_FAMILIES)}, got {layer_family!r}")
-    if markov_w1 not in ("target", "draft"):
-        raise DsparkError(f"--markov-w1 must be target or draft, got {markov_w1!r}")
+    if markov_w1 not in MARKOV_W1_VOCABS:
+        raise DsparkError(f"--markov-w1 must be {' or '.join(MARKOV_W1_VOCABS)}, got {markov_w1!r}")
     if markov_w1 == "draft" and (variant != "dspark" or draft_vocab == 0):
         raise DsparkError("--markov-w1 draft needs --variant dspark and a reduced draft vocabulary (--draft-vocab > 0)")
     for path in data:

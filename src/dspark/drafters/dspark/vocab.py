@@ -138,16 +138,15 @@ class DraftVocabulary:
     def draft_index_or_oov(self, tokens: torch.Tensor) -> torch.Tensor:
         """Draft index of target tokens # [...], N for a token outside the draft vocabulary.
 
-        Cached like :meth:`draft_rows`: the [V] table is rebuilt only when t2d changes.
+        Cached like :meth:`draft_rows`: the [V] table is rebuilt only when d2t changes.
         """
         if not self.config.reduced_vocab:
             return tokens
-        key = (self.t2d.data_ptr(), self.t2d._version, tokens.device)
+        key = (self.d2t.data_ptr(), self.d2t._version, tokens.device)
         stale = self._oov_index is not None and self._oov_index[1].is_inference() and not torch.is_inference_mode_enabled()
         if self._oov_index is None or self._oov_index[0] != key or stale:
-            t2d = self.t2d.to(tokens.device)
-            table = torch.where(t2d, t2d.long().cumsum(0) - 1, self.config.num_draft_tokens)
-            self._oov_index = (key, table)
+            index = target_to_draft_index(self.draft_ids.to(tokens.device), self.config.vocab_size)
+            self._oov_index = (key, index.masked_fill(index < 0, self.config.num_draft_tokens))
         return self._oov_index[1][tokens]
 
     def draft_rows(self, weight: torch.Tensor) -> torch.Tensor:
