@@ -585,6 +585,13 @@ def test_serve_command_sigterm_finishes_the_requests_in_flight(target, tmp_path)
         with ThreadPoolExecutor(3) as pool:
             streams = [pool.submit(stream, i) for i in range(3)]
             assert first_chunk.wait(60)
+            # Signal only once the server holds all three (one streaming, two queued): a
+            # request still in the kernel's accept backlog when uvicorn stops listening would
+            # never be answered, which under load made this test time out.
+            held_by = time.monotonic() + 60
+            while metric(url, "dspark:num_requests_running") + metric(url, "dspark:num_requests_waiting") < 3:
+                assert time.monotonic() < held_by, "the server never held all three requests"
+                time.sleep(0.05)
             process.send_signal(signal.SIGTERM)
             in_flight = sum(not f.done() for f in streams)
             results = [f.result() for f in streams]
