@@ -53,8 +53,15 @@ def fit_log_linear(xs: list[float], ys: list[float]) -> dict | None:
     sxx = sum((v - mx) ** 2 for v in lx)
     b = sum((u - mx) * (v - my) for u, v in zip(lx, ys)) / sxx if sxx > 0 else 0.0
     a = my - b * mx
-    tokens_for = {str(t): (math.exp((t - a) / b) if b > 0 else None) for t in (2.0, 2.5)}
-    return {"a": a, "b_per_ln_token": b, "tau_gain_per_doubling": b * math.log(2), "tokens_for_tau": tokens_for}
+    fit = {"a": a, "b_per_ln_token": b, "tau_gain_per_doubling": b * math.log(2)}
+    return {**fit, "tokens_for_tau": {str(t): tokens_for_tau(fit, t) for t in (2.0, 2.5)}}
+
+
+def tokens_for_tau(fit: dict, tau: float) -> float | None:
+    """Training tokens at which the fit τ = a + b·ln(tokens) reaches ``tau`` (None: a flat fit)."""
+    if fit["b_per_ln_token"] <= 0:
+        return None
+    return math.exp((tau - fit["a"]) / fit["b_per_ln_token"])
 
 
 def training_rate(run: Path, seen: dict[int, dict]) -> dict | None:

@@ -21,8 +21,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
+import shlex
+import sys
 from pathlib import Path
+
+from scaling_study import tokens_for_tau
 
 
 def round_costs(round_cost: dict) -> dict[int, float]:
@@ -41,13 +44,6 @@ def required_tau(costs: dict[int, float], speedup: float) -> tuple[int, float]:
         raise SystemExit(f"error: no round length reaches {speedup}x at these costs")
     ell = min(feasible, key=feasible.get)
     return ell, feasible[ell]
-
-
-def tokens_for(fit: dict, tau: float) -> float | None:
-    """Training tokens at which the fit τ = a + b·ln(tokens) reaches ``tau`` (None: a flat fit)."""
-    if fit["b_per_ln_token"] <= 0:
-        return None
-    return math.exp((tau - fit["a"]) / fit["b_per_ln_token"])
 
 
 def main() -> None:
@@ -71,15 +67,14 @@ def main() -> None:
     rows = []
     for speedup in args.speedups:
         ell, tau = required_tau(costs, speedup)
-        tokens = tokens_for(fit, tau)
+        tokens = tokens_for_tau(fit, tau)
         rows.append({
             "speedup": speedup, "round_drafts": ell, "round_cost_plain_steps": costs[ell],
             "tau_needed": tau, "training_tokens": tokens,
             "cpu_hours_at_measured_rate": None if tokens is None else tokens / rate / 3600,
         })
     result = {
-        "command": "python benchmarks/speedup_reach.py " + " ".join(
-            f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in vars(args).items()),
+        "command": shlex.join(["python", *sys.argv]),
         "inputs": {"round_cost": str(args.round_cost), "scaling": str(args.scaling), "run": args.run},
         "round_cost_plain_steps": {str(k): v for k, v in costs.items()},
         "fit_tau_greedy": {"a": fit["a"], "b_per_ln_token": fit["b_per_ln_token"]},
