@@ -19,7 +19,7 @@ from conftest import random_dspark_model, tiny_target
 from dspark.drafters import make_drafter
 from dspark.drafters.base import DraftInput
 from dspark.drafters.dspark import DSparkDrafter, DSparkModel
-from dspark.drafters.dspark.interop import export_for_engines, import_deepspec
+from dspark.drafters.dspark.interop import export_vllm, import_deepspec
 from dspark.errors import DsparkError, IncompatibleDrafterError
 from dspark.sampling import SamplingParams
 
@@ -134,7 +134,7 @@ def test_import_then_export_gives_back_the_authors_tensors_and_fields(target, tm
     model = make_model(target, **({"draft_vocab_size": vocab} if vocab else {}))
     source_cfg = write_deepspec(model, target, tmp_path / "deepspec")
     import_deepspec(tmp_path / "deepspec", tmp_path / "imported")
-    report = export_for_engines(tmp_path / "imported", tmp_path / "exported", target, dtype=torch.bfloat16)
+    report = export_vllm(tmp_path / "imported", tmp_path / "exported", target, dtype=torch.bfloat16)
     source = load_file(str(tmp_path / "deepspec" / "model.safetensors"))
     exported = load_file(str(tmp_path / "exported" / "model.safetensors"))
     assert set(exported) == set(source) == set(report.keys)
@@ -150,8 +150,8 @@ def test_import_then_export_gives_back_the_authors_tensors_and_fields(target, tm
 def test_export_reloads_bit_exactly(target, tmp_path):
     for vocab in (0, DRAFT_VOCAB):
         model = make_model(target, **({"draft_vocab_size": vocab} if vocab else {}))
-        export_for_engines(model, tmp_path / f"f32-{vocab}", target, dtype=torch.float32)
-        export_for_engines(model, tmp_path / f"bf16-{vocab}", target, dtype=torch.bfloat16)
+        export_vllm(model, tmp_path / f"f32-{vocab}", target, dtype=torch.float32)
+        export_vllm(model, tmp_path / f"bf16-{vocab}", target, dtype=torch.bfloat16)
         f32 = DSparkModel.from_pretrained(tmp_path / f"f32-{vocab}")
         bf16 = DSparkModel.from_pretrained(tmp_path / f"bf16-{vocab}", dtype=torch.bfloat16)
         assert f32.config == model.config == bf16.config
@@ -171,7 +171,7 @@ def test_export_reloads_bit_exactly(target, tmp_path):
 
 def test_exported_config_has_what_vllm_and_sglang_read(target, tmp_path):
     model = make_model(target, draft_vocab_size=DRAFT_VOCAB)
-    export_for_engines(model, tmp_path / "out", target)
+    export_vllm(model, tmp_path / "out", target)
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())
     assert cfg["architectures"] == ["Qwen3DSparkModel"] and cfg["model_type"] == "qwen3"
     assert cfg["markov_rank"] == 8 and cfg["markov_head_type"] == "vanilla"
@@ -190,7 +190,7 @@ def test_export_expands_a_draft_w1_to_the_v_rows_the_engines_index(target, tmp_p
     model = make_model(target, draft_vocab_size=DRAFT_VOCAB, markov_w1_vocab="draft")
     with torch.no_grad():
         model.markov_head.markov_w1.weight.normal_()
-    export_for_engines(model, tmp_path / "out", target, dtype=torch.float32)
+    export_vllm(model, tmp_path / "out", target, dtype=torch.float32)
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())
     assert "markov_w1_vocab" not in cfg
     w1 = load_file(str(tmp_path / "out" / "model.safetensors"))["markov_head.markov_w1.weight"]
@@ -229,7 +229,7 @@ def test_a_carried_embedding_and_head_that_differ_are_used(target, tmp_path):
     assert not m.embed_tokens.weight.requires_grad and not m.lm_head.weight.requires_grad
     assert all(not name.startswith(("embed_tokens", "lm_head")) for name, p in m.named_parameters() if p.requires_grad)
     # The carried copies are the checkpoint's: an export writes them back and notes SGLang ignores them.
-    report = export_for_engines(m, tmp_path / "exported", target)
+    report = export_vllm(m, tmp_path / "exported", target)
     differs = [n for n in report.notes if "differs from the target's" in n]
     assert len(differs) == 2 and all("SGLang always uses the target's" in n for n in differs)
     assert torch.equal(load_file(str(tmp_path / "exported" / "model.safetensors"))["embed_tokens.weight"], embed.bfloat16())
@@ -337,14 +337,14 @@ def test_import_refuses_a_target_it_does_not_fit(target, tmp_path):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"layer_family": "llama"}, "serve Qwen3-style DSpark drafters .* backbone is llama"),
-    ({"layer_family": "gemma3"}, "serve Qwen3-style DSpark drafters .* backbone is gemma3"),
-    ({"markov_head_type": "rnn"}, "rnn Markov head has no vLLM destination"),
-    ({"markov_rank": 0, "enable_confidence_head": False}, "require markov_rank > 0"),
+    ({"layer_family": "llama"}, "serves Qwen3-style DSpark drafters .* backbone is llama"),
+    ({"layer_family": "gemma3"}, "serves Qwen3-style DSpark drafters .* backbone is gemma3"),
+    ({"markov_head_type": "rnn"}, "rnn Markov head has no vLLM or llama.cpp destination"),
+    ({"markov_rank": 0, "enable_confidence_head": False}, "requires markov_rank > 0"),
 ])
 def test_export_refuses_what_the_engines_cannot_serve(target, tmp_path, overrides, message):
     with pytest.raises(DsparkError, match=message):
-        export_for_engines(make_model(target, **overrides), tmp_path / "out", target)
+        export_vllm(make_model(target, **overrides), tmp_path / "out", target)
     assert not (tmp_path / "out").exists()
 
 
@@ -352,7 +352,7 @@ def test_export_refuses_a_folder_in_use(target, tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "config.json").write_text("{}")
     with pytest.raises(DsparkError, match="not an empty folder"):
-        export_for_engines(make_model(target), tmp_path / "out", target)
+        export_vllm(make_model(target), tmp_path / "out", target)
     assert (tmp_path / "out" / "config.json").read_text() == "{}"
 
 
@@ -381,7 +381,9 @@ def test_convert_export_command(target, tmp_path):
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert f'"model": "{tmp_path / "out"}", "num_speculative_tokens": {GAMMA}' in result.stdout
-    assert "--speculative-algorithm DSPARK" in result.stdout
+    sglang = CliRunner().invoke(app, [*args[:3], str(tmp_path / "out-sglang"), *args[4:], "--engine", "sglang"])
+    assert sglang.exit_code == 0, sglang.output
+    assert f"--speculative-algorithm DSPARK --speculative-draft-model-path {tmp_path / 'out-sglang'}" in sglang.stdout
     assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
     reloaded = DSparkModel.from_pretrained(tmp_path / "out")
     assert reloaded.config.layer_family == "qwen3" and reloaded.carried() == {}

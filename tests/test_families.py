@@ -21,7 +21,8 @@ import torch
 from conftest import GEMMA3_SOFTCAP, random_dspark_model, tiny_target
 from dspark.drafters.base import DraftInput, NoDrafter
 from dspark.drafters.dspark import DSparkConfig, DSparkDrafter, DSparkModel
-from dspark.drafters.dspark.interop import export_for_engines
+from dspark.drafters.dspark.interop import export_vllm
+from dspark.drafters.families import family_of
 from dspark.engine import BatchEngine, GenerationRequest, SpeculativeEngine
 from dspark.errors import DsparkError
 from dspark.sampling import SamplingParams
@@ -50,8 +51,10 @@ def target(family):
 
 
 def make_model(target, seed=1, reduced=True, **overrides) -> DSparkModel:
+    """A drafter with a backbone of the target's own family (qwen3 is only the default)."""
     values = dict(num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
-                  intermediate_size=64, markov_rank=4, block_size=GAMMA, mask_token_id=V - 1)
+                  intermediate_size=64, markov_rank=4, block_size=GAMMA, mask_token_id=V - 1,
+                  layer_family=family_of(target.model.config.model_type, "qwen3"))
     if reduced:
         values["draft_vocab_size"] = DRAFT_IDS.numel()
     model = random_dspark_model(target, seed, **{**values, **overrides})
@@ -93,7 +96,8 @@ def test_adapter_rollback_matches_an_uncached_forward(target):
 
 
 # -- drafter shapes --------------------------------------------------------------------------------
-def test_family_follows_the_target_and_builds_its_layers(target, family):
+def test_backbone_is_qwen3_by_default_and_builds_each_familys_layers_on_request(target, family):
+    assert DSparkConfig.for_target(target).layer_family == "qwen3"  # the family every engine serves
     model = make_model(target)
     assert model.config.layer_family == family
     assert {type(layer).__name__ for layer in model.layers} == {LAYER_CLASS[family]}
@@ -300,8 +304,8 @@ def test_gemma_draft_logits_are_soft_capped_like_the_targets(gemma):
 # -- export and training -----------------------------------------------------------------------------
 def test_export_refuses_a_gemma3_drafter_in_one_line(gemma, tmp_path):
     model = make_model(gemma)
-    with pytest.raises(DsparkError, match="serve Qwen3-style DSpark drafters .* backbone is gemma3"):
-        export_for_engines(model, tmp_path / "out", gemma)
+    with pytest.raises(DsparkError, match="serves Qwen3-style DSpark drafters .* backbone is gemma3"):
+        export_vllm(model, tmp_path / "out", gemma)
     assert not (tmp_path / "out").exists()
     from typer.testing import CliRunner
 
@@ -312,8 +316,8 @@ def test_export_refuses_a_gemma3_drafter_in_one_line(gemma, tmp_path):
     assert result.exit_code == 2 and "backbone is gemma3" in result.output
     assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
     # A qwen3 backbone over a soft-capping target: the engines would not cap its logits.
-    with pytest.raises(DsparkError, match="do not soft-cap draft logits"):
-        export_for_engines(make_model(gemma, layer_family="qwen3"), tmp_path / "out", gemma)
+    with pytest.raises(DsparkError, match="does not soft-cap draft logits"):
+        export_vllm(make_model(gemma, layer_family="qwen3"), tmp_path / "out", gemma)
     assert not (tmp_path / "out").exists()
 
 
@@ -328,7 +332,7 @@ def test_train_layer_family_is_recorded_and_a_resume_with_another_is_refused(gem
     with pytest.raises(DsparkError, match="layer_family 'llama' there, 'gemma3' now"):
         train(small_config(tmp_path / "run", steps=4, save_every=2, layer_family="gemma3"), gemma, seqs, progress=False)
     folder = train(small_config(tmp_path / "default", steps=2, save_every=2), gemma, seqs, progress=False)
-    assert DSparkModel.from_pretrained(folder).config.layer_family == "gemma3"  # the target's
+    assert DSparkModel.from_pretrained(folder).config.layer_family == "qwen3"  # the default for every target
 
 
 def test_train_command_refuses_an_unknown_layer_family_in_one_line(tmp_path):

@@ -1,4 +1,4 @@
-"""``dspark convert``: the authors' DeepSpec checkpoints in, vLLM / SGLang drafters out.
+"""``dspark convert``: the authors' DeepSpec checkpoints in; drafters out for vLLM, SGLang, llama.cpp, speculators and DeepSpec.
 
 The work is in :mod:`dspark.drafters.dspark.interop`; these commands check their arguments,
 load the target where one is needed and print the result. Refusals are one line
@@ -21,10 +21,12 @@ convert_app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    help="Import the authors' DeepSpec checkpoints; export drafters for vLLM and SGLang.",
+    help="Import the authors' DeepSpec checkpoints; export drafters for vLLM, SGLang, llama.cpp, speculators and DeepSpec.",
 )
 
 EXPORT_DTYPES = ("bfloat16", "float16", "float32")
+ENGINE_NAMES = {"vllm": "vLLM", "sglang": "SGLang", "llama.cpp": "llama.cpp", "speculators": "speculators", "deepspec": "DeepSpec"}
+ENGINES = tuple(ENGINE_NAMES)  # the keys of interop.EXPORTERS (checked by a test), named here so --help imports no torch
 
 
 def _new_folder(out: Path) -> Path:
@@ -87,38 +89,44 @@ def import_command(
 @convert_app.command("export")
 def export_command(
     src: Path = typer.Argument(..., help="A dspark drafter folder (Qwen3-family DSpark)."),
-    out: Path = typer.Argument(..., help="New folder for the vLLM / SGLang drafter."),
+    out: Path = typer.Argument(..., help="New folder for the exported drafter."),
+    engine: str = typer.Option("vllm", help=f"Where it will run: {' | '.join(ENGINES)}."),
     model: Optional[str] = typer.Option(None, help="The target it serves (HF id, folder or .gguf); default: SmolLM2-135M-Instruct."),
-    dtype: str = typer.Option("bfloat16", help="bfloat16 | float16 | float32: dtype of the written tensors."),
+    dtype: Optional[str] = typer.Option(None, help="bfloat16 | float16 | float32: dtype of the written tensors (default float32 for llama.cpp, else bfloat16)."),
+    llama_cpp_converter: Optional[Path] = typer.Option(None, help="llama.cpp's convert_hf_to_gguf.py: run it to write the GGUF (--engine llama.cpp); without it the exact command is printed."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
 ) -> None:
-    """Write a drafter in the layout vLLM (method dspark) and SGLang (DSPARK) load."""
+    """Write a drafter in the layout an engine's own loader reads (vLLM, SGLang, llama.cpp, speculators, DeepSpec)."""
+    if engine not in ENGINES:
+        raise DsparkError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    dtype = dtype or ("float32" if engine == "llama.cpp" else "bfloat16")
     if dtype not in EXPORT_DTYPES:
         raise DsparkError(f"--dtype must be one of {', '.join(EXPORT_DTYPES)}, got {dtype!r}")
+    if llama_cpp_converter is not None and engine != "llama.cpp":
+        raise DsparkError("--llama-cpp-converter goes with --engine llama.cpp")
     out = _new_folder(out)
     if not (src / "config.json").is_file():
         raise DsparkError(f"SRC {src} is not a dspark drafter folder (no config.json)")
     import torch
 
     from dspark.drafters.dspark import DSparkConfig
-    from dspark.drafters.dspark.interop import check_exportable, export_for_engines
+    from dspark.drafters.dspark.interop import EXPORTERS, check_exportable
 
     try:
         config = DSparkConfig.load(src)
     except (KeyError, TypeError, ValueError) as exc:
         raise DsparkError(f"{src}/config.json is not a DSpark config: {exc}") from None
-    check_exportable(config)  # a family the engines cannot serve is refused before any model loads
+    check_exportable(config, ENGINE_NAMES[engine])  # a family the engines cannot serve is refused before any model loads
     torch_dtype = getattr(torch, dtype)
     target = _load_target(model, torch_dtype)  # a reduced vocabulary's head rows are written in this dtype
-    report = export_for_engines(src, out, target, dtype=torch_dtype)
+    extra = {"converter": llama_cpp_converter} if engine == "llama.cpp" else {}
+    report = EXPORTERS[engine](src, out, target, dtype=torch_dtype, **extra)
     if as_json:
-        typer.echo(json.dumps({"out": str(report.out), "dtype": report.dtype, "keys": list(report.keys),
-                               "notes": list(report.notes), "target": target.name}))
+        typer.echo(json.dumps({"engine": engine, "out": str(report.out), "dtype": report.dtype, "keys": list(report.keys),
+                               "notes": list(report.notes), "serve": list(report.serve), "target": target.name}))
         return
-    typer.echo(f"exported {src} -> {out} ({report.dtype}, {len(report.keys)} tensors) for target {target.name}")
+    typer.echo(f"exported {src} -> {out} for {ENGINE_NAMES[engine]} ({report.dtype}, {len(report.keys)} tensors), target {target.name}")
     for note in report.notes:
         typer.echo(f"note: {note}", err=True)
-    typer.echo(f"vLLM:   vllm serve {target.name} --speculative-config "
-               f"'{{\"method\": \"dspark\", \"model\": \"{out}\", \"num_speculative_tokens\": {config.block_size}}}'")
-    typer.echo(f"SGLang: python -m sglang.launch_server --model-path {target.name} "
-               f"--speculative-algorithm DSPARK --speculative-draft-model-path {out}")
+    for line in report.serve:
+        typer.echo(f"{ENGINE_NAMES[engine]}: {line}")

@@ -25,8 +25,9 @@ class TrainConfig:
     num_layers: int = 2
     """Draft transformer layers (EAGLE-3 has exactly one)."""
     layer_family: str = ""
-    """Block family of the draft layers (llama, qwen3, gemma3); "" = the target's family
-    (the drafter config's for_target). Recorded as given, so a resume with another value is refused."""
+    """Block family of the draft layers (llama, qwen3, gemma3); "" = the drafter config's
+    default (``for_target``: qwen3 for dspark and dflash, the target's own for eagle3).
+    Recorded as given, so a resume with another value is refused."""
     block_size: int = 7
     """γ."""
     markov_rank: int = 32

@@ -23,7 +23,7 @@ def train_command(
     anchors: int = typer.Option(64, help="Blocks per sequence; they share one context pass."),
     draft_vocab: int = typer.Option(8192, help="Draft vocabulary: the N most frequent training targets (0 = the whole vocabulary)."),
     num_layers: Optional[int] = typer.Option(None, help="Draft transformer layers; default 2 (dspark, dflash) or 1 (eagle3, which has one)."),
-    layer_family: Optional[str] = typer.Option(None, help="Block family of the draft layers: llama, qwen3 or gemma3 (default: the target's)."),
+    layer_family: Optional[str] = typer.Option(None, help="Block family of the draft layers: qwen3, llama or gemma3. Default: qwen3 for dspark and dflash (the one vLLM, SGLang and llama.cpp serve, for any target), the target's own for eagle3."),
     block_size: int = typer.Option(7, help="γ: draft tokens per block (anchor = slot 1); eagle3: the training-time-test horizon."),
     markov_rank: int = typer.Option(32, help="Markov head rank r (dspark)."),
     markov_head_type: str = typer.Option("vanilla", help="vanilla or rnn (dspark)."),

@@ -28,8 +28,9 @@ class DSparkConfig(DrafterConfig):
     """
 
     layer_family: str = "qwen3"
-    """transformers block family of the backbone: the target's own family where dspark has it
-    (llama for SmolLM2, gemma3 for Gemma 3), else qwen3, the family vLLM/SGLang serve."""
+    """transformers block family of the backbone: qwen3 for every target unless asked
+    otherwise (the one family vLLM, SGLang and llama.cpp serve; a Qwen3 backbone drafts for a
+    Llama or Gemma target as well), or the target's own (llama, gemma3)."""
     mask_token_id: int = 0
     """Vocabulary row fed to slots 2..γ (a spare token of the target vocabulary)."""
     num_hidden_layers: int = 2
@@ -75,9 +76,10 @@ class DSparkConfig(DrafterConfig):
     @classmethod
     def for_target(cls, target, **overrides: Any) -> "DSparkConfig":
         """Copy the target's shapes (:func:`~dspark.drafters.drafter_config.target_shapes`: 5
-        feature layers spread over its depth, the target's family unless ``layer_family`` is
-        overridden, Gemma's global rope) and pick a spare mask token."""
-        return super().for_target(target, **{"mask_token_id": pick_mask_token(target), **overrides})
+        feature layers spread over its depth, Gemma's global rope), a qwen3 backbone unless
+        ``layer_family`` is given, and pick a spare mask token."""
+        defaults = {"layer_family": cls.default_family(), "mask_token_id": pick_mask_token(target)}
+        return super().for_target(target, **{**defaults, **overrides})
 
     # -- config.json ----------------------------------------------------------------------
     def to_json_dict(self) -> dict[str, Any]:
