@@ -58,6 +58,7 @@ class EvalDataset:
     domain: str
     """math, code, chat, or "custom" for a file given by path."""
     path: str
+    """The file, as results record it: a built-in set as `dspark/assets/eval/<file>` (no machine path)."""
     split: str
     conversations: tuple[Conversation, ...]
 
@@ -114,17 +115,18 @@ def load_dataset(spec: str, split: str = "test", limit: int | None = None, max_t
     if spec in BUILTIN:
         info = BUILTIN[spec]
         name, domain, path = spec, info.domain, ASSET_DIR / info.file
+        shown = f"dspark/assets/eval/{info.file}"  # results and calibration files name no machine path
     else:
         path = Path(spec).expanduser()
         if not path.is_file():
             raise DsparkError(
                 f"unknown dataset {spec!r}: neither a built-in ({', '.join(BUILTIN)}) nor an existing .jsonl file"
             )
-        name, domain = path.stem, "custom"
+        name, domain, shown = path.stem, "custom", str(path)
     rows = read_conversations(path)
     indices = split_range(len(rows), split)
     if not indices:
         raise DsparkError(f"{name} has no conversations in its {split} split ({len(rows)} in all)")
     chosen = list(indices)[:limit] if limit is not None else list(indices)
     conversations = tuple(Conversation(i, rows[i][:max_turns]) for i in chosen)
-    return EvalDataset(name=name, domain=domain, path=str(path), split=split, conversations=conversations)
+    return EvalDataset(name=name, domain=domain, path=shown, split=split, conversations=conversations)
