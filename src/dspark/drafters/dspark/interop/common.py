@@ -154,6 +154,13 @@ def check_exportable(config: DSparkConfig, engine: str = "vLLM, SGLang and llama
         raise DsparkError(f"cannot export for {engine}: its Qwen3 DSpark MLP is silu only; this drafter uses {config.hidden_act}")
 
 
+def own_copies(model: DSparkModel, target) -> list[str]:
+    """The carried keys whose tensors differ from the target's (embedding; head rows of the draft tokens):
+    what engines that always borrow the target's would silently replace."""
+    reference = target_weights(model.config, target, getattr(model, "d2t", None))
+    return sorted(k for k, w in model.carried().items() if not same_tensor(w, reference[k]))
+
+
 def load_drafter(src_or_model: str | Path | DSparkModel) -> DSparkModel:
     return src_or_model if isinstance(src_or_model, DSparkModel) else DSparkModel.from_pretrained(src_or_model)
 
