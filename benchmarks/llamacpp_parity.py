@@ -123,6 +123,15 @@ def dspark_run(engine, prompt_ids: list[int], tokens: int) -> dict:
             "drafted": sum(s.proposed), "accepted": sum(s.accepted), "rounds": s.rounds}
 
 
+def shown_path(path: str) -> str:
+    """``path`` as results record it: relative to the repository or the package, never this machine's."""
+    resolved = Path(path).resolve()
+    for root in (Path.cwd(), Path(__file__).resolve().parent.parent):
+        if resolved.is_relative_to(root):
+            return str(resolved.relative_to(root))
+    return Path(path).name
+
+
 def same_prefix(a: str, b: str) -> dict:
     """Texts equal over the characters both have (llama.cpp runs a few tokens past the budget)?
     Text, not re-encoded ids: a generated " Jan" + "et" re-encodes as " Janet"."""
@@ -237,7 +246,7 @@ def main() -> None:
     result = {
         "command": shlex.join([".venv/bin/python", "benchmarks/llamacpp_parity.py", *sys.argv[1:]]),
         "what": "the same drafter and target (F32) in llama.cpp and dspark at T = 0, whole blocks of γ in both",
-        "drafter": drafter, "gamma": gamma, "llama_cpp": f"vendored by llama-cpp-python {LLAMA_CPP_PYTHON}",
+        "drafter": shown_path(drafter), "gamma": gamma, "llama_cpp": f"vendored by llama-cpp-python {LLAMA_CPP_PYTHON}",
         "machine": machine_info(target), "git": git_state(), "date": time.strftime("%Y-%m-%d"),
         "per_set": per_set, "overall": summarise(records), "records": records,
     }

@@ -30,8 +30,8 @@ DSparkModel.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2], dtype=torc
     heldout)  # v5 and v6 on the run's held-out batches
       $PY benchmarks/heldout_compare.py --run $RUNS/v6_qwen3 "${DATA[@]}" --drafter "$V5" --drafter $SHIPPED \
         --out benchmarks/results/heldout_v5_v6.json ;;
-    eval_t0)  # the product path, v5 and v6 interleaved with plain decoding
-      $DS eval --limit 30 --max-new-tokens 128 --turns 1 --policy auto --drafter "dspark:$V5" --drafter dspark \
+    eval_t0)  # the product path, interleaved with plain decoding
+      $DS eval --limit 30 --max-new-tokens 128 --turns 1 --policy auto --drafter dspark \
         --temperature 0 --out benchmarks/results/eval_t0_v6 ;;
     eval_t1)
       $DS eval --limit 30 --max-new-tokens 128 --turns 1 --policy auto --drafter dspark \
