@@ -61,3 +61,17 @@ def test_batch_greedy_answers_equal_plain_decoding(tmp_path):
     assert all(r["new_tokens"] == 12 or r["finish_reason"] != "length" for r in spec)
     summary = json.loads((tmp_path / "spec.summary.json").read_text())
     assert summary["policy"] == "fixed-3" and summary["tokens_per_second"] > 0
+
+
+@pytest.mark.slow
+def test_a_tiny_temperature_or_top_p_line_decodes_greedily_and_every_result_is_written(tmp_path):
+    """Lines asking for temperature 1e-37 or top_p 1e-300 give the greedy answer beside a
+    sampled line; one such line used to end the whole run with no result written."""
+    prompts = tmp_path / "p.jsonl"
+    lines = [{"id": "greedy", "prompt": "What is 7*6?"}, {"id": "tiny-t", "prompt": "What is 7*6?", "temperature": 1e-37},
+             {"id": "tiny-p", "prompt": "What is 7*6?", "temperature": 0.8, "top_p": 1e-300},
+             {"id": "sampled", "prompt": "def fib(n):", "temperature": 0.8}]
+    prompts.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    got = {r["id"]: r for r in run_batch(prompts, tmp_path / "out.jsonl", "--policy", "fixed:3", "--max-batch", "4")}
+    assert set(got) == {"greedy", "tiny-t", "tiny-p", "sampled"}
+    assert got["tiny-t"]["token_ids"] == got["greedy"]["token_ids"] == got["tiny-p"]["token_ids"]

@@ -201,6 +201,21 @@ def test_sampled_output_equals_batch1_with_the_same_seed(rich, drafter_name):
     check_bookkeeping(batch)
 
 
+def test_tiny_temperatures_and_top_p_decode_greedily_beside_sampled_requests(rich, batch1_greedy):
+    """T -> 0 is greedy, and a top_p that rounds to 0 keeps the top token: requests asking for
+    them decode exactly the greedy answer, in one batch with sampled requests that still get
+    their batch-1 samples. (Their distributions used to be NaN, which failed every request of
+    the batch.)"""
+    odd = [SamplingParams(temperature=1e-37), SamplingParams(temperature=1e-45),
+           SamplingParams(temperature=0.7, top_p=1e-300)]
+    tiny = [GenerationRequest(r.prompt_ids, odd[i % 3], r.max_new_tokens, seed=r.seed)
+            for i, r in enumerate(mixed_requests())]
+    sampled = mixed_requests(T1)[:3]
+    want = [SpeculativeEngine(rich, dspark_drafter(rich=True)).generate(r).token_ids for r in sampled]
+    batch = BatchEngine(rich, dspark_drafter(rich=True), FixedGamma(), max_batch=4).generate(tiny + sampled)
+    assert [r.token_ids for r in batch.results] == batch1_greedy + want
+
+
 N_RUNS = 2000
 
 

@@ -86,3 +86,40 @@ def test_each_target_gets_its_own_shipped_drafter_else_ngram(tmp_path, monkeypat
     assert factory.resolve_drafter_spec("dspark", "gpt2") == "dspark"  # none shipped: the default target's (refused later)
     assert factory.resolve_drafter_spec("ngram", "gemma3-270m") == "ngram"
     assert factory.resolve_drafter_spec("dspark:/x", "gemma3-270m") == "dspark:/x"
+
+
+@pytest.mark.slow  # three subprocesses that import torch and transformers: ~30 s on a busy 2-core machine
+def test_generate_with_a_tiny_temperature_or_top_p_is_greedy_decoding(tmp_path):
+    """`--temperature 1e-37` and `--top-p 1e-300` on a model whose logits reach ~100 (so l / T
+    overflows float32) print the greedy answer; they used to exit with a crash trace after
+    loading the model ("probability tensor contains either inf, nan or element < 0")."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    from conftest import tiny_llama
+    from dspark.target import TargetModel
+    from serve_helpers import load_tokenizer
+
+    tokenizer = load_tokenizer()
+    folder = tmp_path / "tiny-loud"
+    target = TargetModel(tiny_llama(vocab_size=len(tokenizer), hidden=16, layers=3, scale=300.0), tokenizer)
+    target.model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    with torch.no_grad():
+        logits = target.model(torch.tensor([target.encode_prompt("Hello there.", chat=True)])).logits
+    assert float(logits.abs().max()) > 40  # l / 1e-37 is past float32's max
+
+    def generate(*args: str) -> dict:
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        done = subprocess.run([sys.executable, "-m", "dspark", "generate", "Hello there.", "--model", str(folder),
+                               "--drafter", "none", "--max-new-tokens", "8", "--json", *args],
+                              env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+        return json.loads(done.stdout)
+
+    greedy = generate("--temperature", "0")["token_ids"]
+    assert generate("--temperature", "1e-37")["token_ids"] == greedy
+    assert generate("--temperature", "1", "--top-p", "1e-300", "--seed", "3")["token_ids"] == greedy

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
@@ -395,6 +396,7 @@ class GatedSession:
     busy = property(lambda self: self.inner.busy)
     waiting = property(lambda self: self.inner.waiting)
     running = property(lambda self: self.inner.running)
+    num_slots = property(lambda self: self.inner.num_slots)
 
     def add(self, handle, request):
         self.inner.add(handle, request)
@@ -425,20 +427,158 @@ def gated_server(target, policy="plain", max_batch=1, max_queue=1, gate=None, de
 
 def test_a_full_queue_answers_429_with_retry_after(target):
     gate = threading.Event()
-    live, _ = gated_server(target, max_queue=1, gate=gate)
+    live, _ = gated_server(target, max_queue=1, gate=gate)  # one slot, one place in the queue
     with live:
-        with ThreadPoolExecutor(1) as pool:
-            first = pool.submit(post, live.url, "chat", OK_CHAT)
-            wait_for(lambda: live.loop.queued == 1, what="the first request to queue")
+        with ThreadPoolExecutor(2) as pool:
+            first = [pool.submit(post, live.url, "chat", OK_CHAT) for _ in range(2)]
+            wait_for(lambda: live.loop.in_flight == 2, what="the first two requests to arrive")
             refused = post(live.url, "chat", OK_CHAT)
             error = assert_openai_error(refused, 429)
             assert refused.headers["Retry-After"] == "1" and error["code"] == "queue_full"
             with pytest.raises(openai.RateLimitError):
                 live.client().chat.completions.create(model=MODEL, messages=user("x"), max_tokens=2)
             gate.set()
-            assert first.result().status_code == 200
+            assert [f.result().status_code for f in first] == [200, 200]
         assert post(live.url, "chat", OK_CHAT).status_code == 200  # room again
         assert metric(live.url, "dspark:request_rejected_total") == 2
+
+
+def test_max_queue_counts_only_requests_that_wait_for_a_slot(target):
+    """--max-batch 4 --max-queue 1: five requests may be in flight, whatever the loop has
+    admitted yet. Four that reach an idle server together all run (they used to be refused
+    while still on their way to a free slot); the fifth waits; the sixth gets 429."""
+    gate = threading.Event()  # the engine does not move: nobody is admitted until the gate opens
+    live, _ = gated_server(target, max_batch=4, max_queue=1, gate=gate)
+    with live:
+        with ThreadPoolExecutor(5) as pool:
+            four = [pool.submit(post, live.url, "chat", OK_CHAT) for _ in range(4)]
+            wait_for(lambda: live.loop.in_flight == 4, what="four requests to arrive")
+            assert live.loop.queued == 4  # none holds a slot yet, and none was refused
+            fifth = pool.submit(post, live.url, "chat", OK_CHAT)
+            wait_for(lambda: live.loop.in_flight == 5, what="the fifth request to queue")
+            assert_openai_error(post(live.url, "chat", OK_CHAT), 429)
+            gate.set()
+            assert [f.result().status_code for f in four + [fifth]] == [200] * 5
+        assert metric(live.url, "dspark:request_rejected_total") == 1
+        assert live.loop.in_flight == 0 and live.loop.queued == 0
+
+
+def test_a_tiny_temperature_or_top_p_answers_greedily_beside_a_greedy_request(server, target):
+    """A temperature below the greedy threshold (1e-37, or a subnormal 1e-45 that overflows any
+    logit) and a top_p that rounds to 0 are the greedy answer, and a greedy request sharing the
+    step is unaffected. Their NaN distributions used to fail every request of the step with a
+    500 ("probability tensor contains either inf, nan or element < 0")."""
+    want = reference(target, [user(PROMPTS[6]), user(PROMPTS[7])], [16, 16])
+    client = server.client()
+
+    def ask(i: int, **sampling) -> str:
+        reply = client.chat.completions.create(model=MODEL, messages=user(PROMPTS[6 + i % 2]), max_tokens=16,
+                                               seed=i, **sampling)
+        return reply.choices[0].message.content
+
+    asks = [{"temperature": 0}, {"temperature": 1e-37}, {"temperature": 1e-45}, {"temperature": 1.0, "top_p": 1e-300},
+            {"temperature": 0}]
+    with ThreadPoolExecutor(len(asks)) as pool:
+        got = list(pool.map(lambda i: ask(i, **asks[i]), range(len(asks))))
+    assert got == [want[i % 2].text for i in range(len(asks))]
+
+
+def test_a_request_whose_logits_turn_nan_fails_alone(target, monkeypatch):
+    """One request's target logits come out NaN in a step it shares with two greedy requests:
+    it gets a 500 naming the fault, they get their batch-1 answers."""
+    import dspark.engine.batched
+    import torch
+
+    real = dspark.engine.batched.verify
+
+    def nan_for_top_k_3(tokens, q, logits, params, generator):
+        if params.top_k == 3:  # only the victim sends top_k = 3 (greedy: it changes nothing else)
+            logits = torch.full_like(logits, float("nan"))
+        return real(tokens, q, logits, params, generator)
+
+    monkeypatch.setattr(dspark.engine.batched, "verify", nan_for_top_k_3)
+    want = reference(target, [user(PROMPTS[8])], [12])[0]
+    gate = threading.Event()
+    live, _ = gated_server(target, policy="dspark", max_batch=4, max_queue=4, gate=gate)
+    with live:
+        bodies = [{**OK_CHAT, "messages": user(PROMPTS[8]), "max_tokens": 12, "temperature": 0} for _ in range(3)]
+        bodies[1] = {**bodies[1], "messages": user(PROMPTS[9]), "top_k": 3}
+        with ThreadPoolExecutor(3) as pool:
+            replies = [pool.submit(post, live.url, "chat", b) for b in bodies]
+            wait_for(lambda: live.loop.in_flight == 3, what="the three requests to arrive")
+            gate.set()  # all three join the first step together
+            replies = [f.result() for f in replies]
+        error = assert_openai_error(replies[1], 500)
+        assert "NonFiniteLogits" in error["message"] and "NaN" in error["message"]
+        texts = [r.json()["choices"][0]["message"]["content"] for r in (replies[0], replies[2])]
+        assert texts == [want.text, want.text]
+        assert post(live.url, "chat", {**bodies[1], "top_k": None}).status_code == 200  # the loop goes on
+        assert metric(live.url, "dspark:request_failed_total") == 1
+
+
+def test_a_large_body_gets_a_fast_413_while_health_answers(server):
+    """A 10 MB chat body (over the 4 MiB default cap) is refused with an OpenAI 413 before it
+    is parsed or tokenized, with or without a Content-Length; a 3 MB one under the cap is
+    tokenized off the event loop. /health answers all the while: it used to stall for the
+    seconds the body took to tokenize. (The bound is generous: a stall took 5 s.)"""
+    huge = json.dumps({**OK_CHAT, "messages": user("word " * 2_000_000)}).encode()
+    under = json.dumps({**OK_CHAT, "messages": user("word " * 600_000)}).encode()
+    assert len(huge) > 10_000_000 and len(under) < 4 << 20
+    slowest, done = [0.0], threading.Event()
+
+    def watch_health() -> None:
+        with httpx.Client(timeout=30) as http:
+            while not done.is_set():
+                start = time.perf_counter()
+                assert http.get(server.url + "/health").status_code == 200
+                slowest[0] = max(slowest[0], time.perf_counter() - start)
+                time.sleep(0.01)
+
+    def chunked(body: bytes):
+        for i in range(0, len(body), 1 << 16):
+            yield body[i : i + (1 << 16)]
+
+    with ThreadPoolExecutor(1) as pool:
+        watcher = pool.submit(watch_health)
+        try:
+            declared = post(server.url, "chat", huge)
+            streamed = httpx.post(server.url + ROUTES["chat"], content=chunked(huge), timeout=60,
+                                  headers={"Content-Type": "application/json"})
+            tokenized = post(server.url, "chat", under)
+        finally:
+            done.set()
+            watcher.result()
+    for refused in (declared, streamed):
+        assert assert_openai_error(refused, 413)["code"] == "body_too_large"
+    # A client that waits for 100 Continue is refused without sending its body.
+    status, error = raw_exchange(server.port, b"Content-Length: 10000000\r\nExpect: 100-continue\r\n\r\n")
+    assert status == 413 and error["code"] == "body_too_large"
+    assert "Content-Length" not in streamed.request.headers
+    assert assert_openai_error(tokenized, 400, "messages")["code"] == "context_length_exceeded"
+    assert slowest[0] < 1.5, f"/health took {slowest[0]:.2f} s"
+
+
+def test_a_body_that_stalls_gets_408_and_frees_its_handler(target):
+    """Half a body, then nothing: after the body timeout the client gets a 408 (it used to hold
+    its handler, and the server's shutdown, forever)."""
+    with serve(target, build(target, "plain", max_batch=1), body_timeout_s=0.5) as live:
+        status, error = raw_exchange(live.port, b"Content-Length: 100\r\n\r\n" + b'{"model": "' + b"x" * 39)
+        assert status == 408 and error["code"] == "body_timeout"
+        assert post(live.url, "chat", OK_CHAT).status_code == 200
+
+
+def raw_exchange(port: int, rest: bytes) -> tuple[int, dict]:
+    """POST a chat request head (then ``rest``: more headers, a blank line, maybe body bytes)
+    on a raw socket; read until the server closes; return its status and error object."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" + rest)
+        reply = b""
+        while piece := sock.recv(1 << 16):
+            reply += piece
+    head, _, body = reply.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)["error"]
 
 
 def test_api_key_is_required_on_v1_routes(target):
@@ -536,40 +676,53 @@ def test_a_client_that_gives_up_on_a_whole_answer_is_cancelled_too(target):
 # -- the command line ---------------------------------------------------------------------------------
 
 
-@pytest.mark.slow  # a subprocess that imports torch and transformers: ~20 s on a busy 2-core machine
-def test_serve_command_sigterm_finishes_the_requests_in_flight(target, tmp_path):
-    """`dspark serve` in a subprocess over a saved tiny target; SIGTERM while one request
-    streams and two wait for the only slot: all three finish, then it exits 0."""
+def save_tiny_chat(target, folder):
+    target.model.save_pretrained(folder)
+    target.tokenizer.save_pretrained(folder)
+    return folder
+
+
+def start_serve(folder, *args: str):
+    """``dspark serve`` over a saved tiny target in a subprocess on a free port; returns
+    (process, url) once /health answers."""
     import os
-    import signal
     import socket
     import subprocess
     import sys
-    import time
 
-    folder = tmp_path / "tiny-chat"
-    target.model.save_pretrained(folder)
-    target.tokenizer.save_pretrained(folder)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env.pop("DSPARK_API_KEY", None)
     command = [sys.executable, "-m", "dspark", "serve", "--model", str(folder), "--drafter", "none", "--policy", "plain",
-               "--max-batch", "1", "--max-model-len", "256", "--port", str(port), "--served-model-name", MODEL,
-               "--log-level", "warning"]
+               "--max-model-len", "256", "--port", str(port), "--served-model-name", MODEL, "--log-level", "warning",
+               *args]
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while True:
+        if process.poll() is not None:
+            raise AssertionError(f"dspark serve exited {process.returncode}: {process.communicate()}")
+        try:
+            if httpx.get(url + "/health").status_code == 200:
+                return process, url
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError("the server did not come up")
+        time.sleep(0.2)
+
+
+@pytest.mark.slow  # a subprocess that imports torch and transformers: ~20 s on a busy 2-core machine
+def test_serve_command_sigterm_finishes_the_requests_in_flight(target, tmp_path):
+    """`dspark serve` in a subprocess over a saved tiny target; SIGTERM while one request
+    streams and two wait for the only slot: all three finish, then it exits 0."""
+    import signal
+
+    process, url = start_serve(save_tiny_chat(target, tmp_path / "tiny-chat"), "--max-batch", "1")
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert process.poll() is None, process.communicate()
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the server did not come up"
-            time.sleep(0.2)
         body = {"model": MODEL, "prompt": [1, 2, 3], "max_tokens": 240, "temperature": 0, "stream": True}
         first_chunk = threading.Event()
 
@@ -607,6 +760,86 @@ def test_serve_command_sigterm_finishes_the_requests_in_flight(target, tmp_path)
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+@pytest.mark.slow  # a subprocess that imports torch and transformers: ~20 s on a busy 2-core machine
+def test_serve_command_sigterm_exits_within_the_drain_timeout_despite_a_half_sent_body(target, tmp_path):
+    """A client sends half a body and stops; SIGTERM: the server stops waiting for it after
+    --drain-timeout and exits (it used to wait forever). Also: the key comes from
+    --api-key-file, and a loopback server without a key warns about nothing."""
+    import signal
+    import socket
+
+    folder = save_tiny_chat(target, tmp_path / "tiny-chat")
+    (tmp_path / "key").write_text("s3cret\n")
+    process, url = start_serve(folder, "--drain-timeout", "2", "--api-key-file", str(tmp_path / "key"))
+    try:
+        assert_openai_error(httpx.get(url + "/v1/models"), 401)
+        assert httpx.get(url + "/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as stalled:
+            stalled.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer s3cret\r\n"
+                            b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n" + b" " * 500)
+            time.sleep(0.5)  # the server holds the request, waiting for the rest of its body
+            signalled = time.monotonic()
+            process.send_signal(signal.SIGTERM)
+            status = process.wait(60)
+            took = time.monotonic() - signalled
+        assert status in (0, -signal.SIGTERM)
+        assert took < 2 + 15, f"exit took {took:.1f} s after SIGTERM with --drain-timeout 2"
+        assert "warning: --host" not in process.stderr.read()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_serve_reads_its_key_from_a_file_or_the_environment(tmp_path):
+    from dspark.cli.serve import read_api_key
+    from dspark.errors import DsparkError
+
+    key_file = tmp_path / "key"
+    key_file.write_text("  from-file\n")
+    env = {"DSPARK_API_KEY": "from-env"}
+    assert read_api_key(None, key_file, env) == "from-file"  # the file first, then the flag, then the environment
+    assert read_api_key("from-flag", None, env) == "from-flag"
+    assert read_api_key(None, None, env) == "from-env"
+    assert read_api_key(None, None, {}) is None
+    for flag, path, environ, message in [("k", key_file, {}, "not both"), (None, tmp_path / "none", {}, "cannot be read"),
+                                         (None, tmp_path, {}, "cannot be read"), ("  ", None, {}, "--api-key is empty"),
+                                         (None, None, {"DSPARK_API_KEY": ""}, "set but empty")]:
+        with pytest.raises(DsparkError, match=message):
+            read_api_key(flag, path, environ)
+    (tmp_path / "blank").write_text("\n")
+    with pytest.raises(DsparkError, match="is empty"):
+        read_api_key(None, tmp_path / "blank", {})
+
+
+def test_serve_warns_once_when_it_listens_beyond_loopback_without_a_key(monkeypatch, tmp_path):
+    """The address is bound and checked before anything loads; here the model is refused
+    right after, so the warning (or its absence) is all that happened."""
+    from typer.testing import CliRunner
+
+    import dspark.target.loading
+    from dspark.cli.main import app
+    from dspark.errors import DsparkError
+
+    def stop(model):
+        raise DsparkError("stopped before loading")
+
+    monkeypatch.setattr(dspark.target.loading, "resolve", stop)
+    monkeypatch.delenv("DSPARK_API_KEY", raising=False)
+    runner = CliRunner()
+    (tmp_path / "key").write_text("k\n")
+    for args, warns in [(["--host", "0.0.0.0"], True), (["--host", "0.0.0.0", "--api-key-file", str(tmp_path / "key")], False),
+                        (["--host", "127.0.0.1"], False), (["--host", "localhost"], False)]:
+        result = runner.invoke(app, ["serve", "--port", "0", *args])
+        lines = result.stderr.strip().splitlines()
+        assert result.exit_code == 2 and lines[-1] == "error: stopped before loading", result.stderr
+        if warns:
+            assert len(lines) == 2 and lines[0].startswith("warning: --host 0.0.0.0 is reachable from other machines")
+        else:
+            assert len(lines) == 1, result.stderr
 
 
 def test_serve_command_refuses_bad_options_and_a_missing_extra(monkeypatch):

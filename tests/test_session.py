@@ -9,10 +9,14 @@ cancelled, commit exactly what ``generate`` commits for them.
 from __future__ import annotations
 
 import pytest
+import torch
 
+import dspark.engine.batched
 from conftest import tiny_target
 from dspark.engine import GenerationRequest
 from dspark.engine.build import build_engine
+from dspark.errors import NonFiniteLogits
+from dspark.sampling import SamplingParams
 from dspark.scheduling import FixedGamma
 from dspark.serving.text import TextStream
 from test_batch_engine import RICH_PROMPTS, dspark_drafter, rich_target
@@ -113,6 +117,38 @@ def test_a_failing_step_fails_its_requests_and_frees_their_slots(rich):
     while session.busy:
         events.finished.update(session.step().finished)
     assert events.finished[2].token_ids == engine(rich).generate([requests(3)[2]]).results[0].token_ids
+
+
+def test_a_request_whose_own_verification_fails_fails_alone(rich, monkeypatch):
+    """One request's target logits come out NaN (a broken model) in the middle of a shared
+    step: it fails with that one-line error and frees its slot, and the requests beside it
+    (greedy and sampled) and the one that takes its slot commit exactly what they would
+    without it."""
+    real = dspark.engine.batched.verify
+
+    def nan_for_the_victim(tokens, q, logits, params, generator):
+        if params.top_k == 3:  # only the victim asks for top_k = 3 (greedy: it changes nothing else)
+            logits = torch.full_like(logits, float("nan"))
+        return real(tokens, q, logits, params, generator)
+
+    others = requests(3) + [GenerationRequest(RICH_PROMPTS[3], SamplingParams(temperature=1.0), max_new_tokens=9, seed=5)]
+    want = engine(rich).generate(others).results  # FixedGamma: a seeded sample does not depend on the batch
+    monkeypatch.setattr(dspark.engine.batched, "verify", nan_for_the_victim)
+    session = engine(rich, max_batch=3).session(num_slots=3, capacity=64)
+    session.add("victim", GenerationRequest(RICH_PROMPTS[2], SamplingParams(top_k=3), max_new_tokens=20, seed=9))
+    for i, r in enumerate(others):
+        session.add(i, r)
+    failed, finished, first = {}, {}, session.step()
+    assert first.admitted == ["victim", 0, 1] and list(first.failed) == ["victim"]
+    assert session.running == 2 and set(first.rounds) == {0, 1}  # the victim's slot is free already
+    failed.update(first.failed)
+    while session.busy:
+        events = session.step()
+        failed.update(events.failed)
+        finished.update(events.finished)
+    assert list(failed) == ["victim"] and isinstance(failed["victim"], NonFiniteLogits)
+    assert "the target's logits hold NaN or inf" in str(failed["victim"])
+    assert [finished[i].token_ids for i in range(len(others))] == [w.token_ids for w in want]
 
 
 def test_generate_still_raises_what_a_prefill_or_a_step_raises():

@@ -22,7 +22,8 @@ import torch
 from scipy.stats import binomtest
 
 import dspark.verify
-from dspark.sampling import SamplingParams, warp_probs
+from dspark.errors import NonFiniteLogits
+from dspark.sampling import GREEDY_TEMPERATURE, SamplingParams, check_logits, sample, warp_probs
 from dspark.verify import greedy_verify, point_mass, rejection_sample, residual_distribution, verify
 from stats_helpers import ALPHA, chisquare_gof
 
@@ -152,6 +153,85 @@ def test_sampling_params_accept_edge_values():
     assert SamplingParams(temperature=0.0).greedy
     assert not SamplingParams(temperature=1e-3, top_p=1.0, top_k=0).greedy
     SamplingParams(temperature=100.0, top_p=1e-9, top_k=1)
+
+
+# -- no request can make the warp or the draw fail ------------------------------------------
+# A NaN in one request's distribution used to raise inside the shared batched step and fail
+# every request in it (issue 26).
+
+# Logits as large as a real model's (|l| ~ 30): l / 1e-37 overflows float32, and a subnormal
+# temperature overflows any logit.
+BIG_LOGITS = LOGITS * 12.0
+
+
+@pytest.mark.parametrize("temperature", [1e-37, 1e-45, 5e-324, GREEDY_TEMPERATURE / 2])
+def test_temperatures_below_the_threshold_are_greedy(temperature):
+    params = SamplingParams(temperature=temperature)
+    assert params.greedy
+    one_hot = torch.nn.functional.one_hot(BIG_LOGITS.argmax(), len(LOGITS)).float()
+    assert torch.equal(warp_probs(BIG_LOGITS, params), one_hot)
+    tokens = torch.tensor([int(BIG_LOGITS.argmax()), 0])
+    logits = torch.stack([BIG_LOGITS, BIG_LOGITS, BIG_LOGITS.flip(0)])  # [γ+1, V]
+    assert verify(tokens, None, logits, params, torch.Generator().manual_seed(0)) == greedy_verify(tokens, logits)
+    assert not SamplingParams(temperature=GREEDY_TEMPERATURE).greedy
+
+
+@pytest.mark.parametrize("temperature", [GREEDY_TEMPERATURE, 1e-3, 0.7, 100.0])
+@pytest.mark.parametrize("scale", [1.0, 1e6, 1e37])
+def test_the_warp_is_finite_for_any_temperature_and_finite_logits(temperature, scale):
+    probs = warp_probs(LOGITS * scale, SamplingParams(temperature=temperature, top_k=5, top_p=0.9))
+    assert bool(probs.isfinite().all()) and float(probs.sum()) == pytest.approx(1.0, abs=1e-5)
+    assert int(probs.argmax()) == int(LOGITS.argmax())
+    plain = warp_probs(LOGITS * scale, SamplingParams(temperature=temperature))
+    assert bool(plain.isfinite().all()) and int(plain.argmax()) == int(LOGITS.argmax())
+
+
+@pytest.mark.parametrize("top_p", [1e-300, 1e-45, 1e-9])
+def test_a_tiny_top_p_keeps_the_most_likely_token(top_p):
+    probs = warp_probs(BIG_LOGITS, SamplingParams(temperature=1.0, top_p=top_p))
+    assert torch.equal(probs, torch.nn.functional.one_hot(BIG_LOGITS.argmax(), len(LOGITS)).float())
+
+
+def test_sample_draws_exactly_what_torch_multinomial_draws():
+    """The oracle: torch.multinomial(p, 1) from the same generator state, token for token, and
+    the generator left in the same state (a seeded request's stream is unchanged)."""
+    gen = torch.Generator().manual_seed(0)
+    for seed in range(200):
+        vocab = (5, 64, 5000)[seed % 3]
+        probs = torch.softmax(torch.randn(3, vocab, generator=gen) * 3, -1)
+        probs[probs < probs.median()] = 0.0  # zero-probability tokens too
+        probs = probs / probs.sum(-1, keepdim=True)
+        ours, theirs = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+        assert torch.equal(sample(probs, ours), torch.multinomial(probs, 1, generator=theirs).squeeze(-1))
+        assert torch.equal(sample(probs[0], ours), torch.multinomial(probs[0], 1, generator=theirs).squeeze(-1))
+        assert torch.rand(1, generator=ours) == torch.rand(1, generator=theirs)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0])
+def test_sample_never_raises_on_a_broken_distribution(bad):
+    probs = torch.tensor([[0.2, bad, 0.3], [0.0, 0.0, 0.0]])
+    tokens = sample(probs, torch.Generator().manual_seed(0))
+    assert tokens.shape == (2,) and bool(((tokens >= 0) & (tokens < 3)).all())
+
+
+def test_verify_refuses_logits_that_are_not_finite():
+    draft, gen = torch.tensor([1, 0]), torch.Generator().manual_seed(0)
+    sampled = SamplingParams(temperature=0.8)
+    for params in (SamplingParams(), sampled):
+        for bad in (float("nan"), float("inf")):
+            logits = GREEDY_LOGITS[:3].clone()
+            logits[1, 2] = bad
+            with pytest.raises(NonFiniteLogits, match="the target's logits hold NaN or inf"):
+                verify(draft, None, logits, params, gen)
+    q = Q.clone()
+    q[0, 1] = float("nan")
+    with pytest.raises(NonFiniteLogits, match="the drafter's q"):
+        verify(draft, q, GREEDY_LOGITS[:3], sampled, gen)
+    masked = GREEDY_LOGITS[:3].clone()
+    masked[:, 4] = float("-inf")  # an impossible token is not an error
+    assert verify(draft, None, masked, sampled, gen).tokens[-1] != 4
+    with pytest.raises(NonFiniteLogits):
+        check_logits(torch.full((2, 5), float("-inf")))  # a row with no possible token is
 
 
 # -- rejection sampling: the exact block distribution ---------------------------------------

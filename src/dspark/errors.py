@@ -11,3 +11,8 @@ class ModelLoadError(DsparkError):
 
 class IncompatibleDrafterError(DsparkError):
     """A drafter does not fit the target (vocabulary, width or layers differ)."""
+
+
+class NonFiniteLogits(DsparkError):
+    """A model's logits (or a drafter's q) hold NaN or +inf: a broken checkpoint, or an
+    overflow in its dtype. The request cannot be sampled; it fails alone."""

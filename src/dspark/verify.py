@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from dspark.sampling import SamplingParams, sample, warp_probs
+from dspark.errors import NonFiniteLogits
+from dspark.sampling import SamplingParams, check_logits, sample, usable, warp_probs
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,17 @@ def verify(
     params: SamplingParams,
     generator: torch.Generator | None,
 ) -> VerifyResult:
-    """Dispatch to greedy matching or rejection sampling # [γ], [γ, V]|None, [γ+1, V]."""
+    """Dispatch to greedy matching or rejection sampling # [γ], [γ, V]|None, [γ+1, V].
+
+    Raises :class:`~dspark.errors.NonFiniteLogits` when the target's logits (or, when
+    sampling, q) hold NaN or inf: the rule would commit garbage, so the request fails instead.
+    """
+    ok = usable(target_logits)
+    if not params.greedy and q is not None:
+        ok = ok & q.isfinite().all()
+    if not bool(ok):  # host sync: one per request and round, beside first_rejection's
+        check_logits(target_logits, "the target's logits")
+        raise NonFiniteLogits("the drafter's q holds NaN or inf: the drafter is broken or overflowed in its dtype")
     if params.greedy:
         return greedy_verify(draft_tokens, target_logits)
     return rejection_sample(draft_tokens, q, warp_probs(target_logits, params), generator)

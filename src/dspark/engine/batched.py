@@ -13,8 +13,10 @@ confidence policy, drafting itself stops at the first slot no request will verif
 :func:`~dspark.scheduling.gate.slot_gate`); one target
 forward runs [anchor, x_1..x_ℓ_r] for every request, right-padded to the longest row; each
 request is verified with its own parameters and generator and commits accepted + recovered
-or bonus tokens. Requests join (prefill into a free slot) and leave (slot freed at once)
-between steps, so up to ``max_batch`` requests are always in flight; what lives across steps
+or bonus tokens; a request whose own verification or commit raises (a broken model's NaN
+logits) fails alone, and the others commit as if it were not there. Requests join (prefill
+into a free slot) and leave (slot freed at once) between steps, so up to ``max_batch``
+requests are always in flight; what lives across steps
 (slots, waiting and running requests) is a :class:`~dspark.engine.session.BatchSession`, which
 ``generate`` drives over a fixed list and the server drives for as long as it runs.
 
@@ -37,9 +39,9 @@ import torch
 from dspark.drafters.base import BatchDrafter, DraftBatch, DraftInput
 from dspark.drafters.factory import as_batch_drafter
 from dspark.engine.request import GenerationRequest, GenerationResult, RequestState, check_request
-from dspark.engine.session import BatchSession, Live
+from dspark.engine.session import BatchSession, Live, VerifiedStep
 from dspark.engine.stats import StepRecord
-from dspark.sampling import sample_from_logits
+from dspark.sampling import check_logits, sample_from_logits
 from dspark.scheduling.gate import slot_gate
 from dspark.scheduling.policy import Policy, StepOutcome
 from dspark.target.model import TargetModel
@@ -194,6 +196,7 @@ class BatchEngine:
         """Run the prompt into ``slot`` and sample the first anchor."""
         state = RequestState.open(self.target, request)
         out = verify_forward(self.target, cache, [slot], [0], state.prompt.unsqueeze(0), self.drafter.feature_layer_ids)
+        check_logits(out.logits[0, -1], "the target's logits")  # host sync, once per request
         first, _ = sample_from_logits(out.logits[0, -1], request.params, state.generator)
         self.drafter.open(slot)
         live = Live(handle, slot, state, unseen=[out.features[0]] if out.features is not None else [])
@@ -201,8 +204,10 @@ class BatchEngine:
         state.stats.prefill_s = time.perf_counter() - state.start
         return live
 
-    def verify_step(self, live: list[Live], cache: SlotCache) -> StepRecord:
-        """One step over every live request: draft -> schedule -> verify -> commit."""
+    def verify_step(self, live: list[Live], cache: SlotCache) -> VerifiedStep:
+        """One step over every live request: draft -> schedule -> verify -> commit. A request
+        whose own verification or commit raises is reported in ``failed`` (it committed
+        nothing of this step); the others commit as if it were not there."""
         target, device, policy = self.target, self.target.device, self.policy
         t0 = time.perf_counter()
         slots = [r.slot for r in live]
@@ -236,31 +241,39 @@ class BatchEngine:
             feed[i, 1 : 1 + ell] = block.tokens[:ell]
         out = verify_forward(target, cache, slots, [r.state.length - 1 for r in live], feed, self.drafter.feature_layer_ids)
         forward_s = time.perf_counter() - t2
-        accepted, committed = [], 0
+        accepted: dict[int, int] = {}  # row -> n, for the rows that committed
+        failed: dict[Hashable, Exception] = {}
+        committed = 0
         # Per request: its own parameters and generator; one host sync each (first_rejection).
         for i, (r, block, ell) in enumerate(zip(live, blocks, lengths)):
             q = block.q[:ell] if block.q is not None else None
-            result = verify(block.tokens[:ell], q, out.logits[i, : ell + 1], r.state.request.params, r.state.generator)
+            try:
+                result = verify(block.tokens[:ell], q, out.logits[i, : ell + 1], r.state.request.params, r.state.generator)
+                r.state.commit(result.tokens)
+            except Exception as exc:  # this request only: no other row reads its logits or its state
+                failed[r.handle] = exc
+                continue
             n = result.num_accepted
             # The slot keeps the anchor and the n accepted tokens: the next write starts at
             # length - 1 after this commit of n + 1 tokens, past exactly those positions.
             if out.features is not None:
                 r.unseen.append(out.features[i, : n + 1].clone())  # not a view of the whole step
-            accepted.append(n)
+            accepted[i] = n
             committed += len(result.tokens)
-            r.state.commit(result.tokens)
         t3 = time.perf_counter()
         slots_drafted = max(drafted, default=0)
         per_slot = batch.slots_s / slots_drafted if batch.slots_s is not None and slots_drafted else None
         overhead = (t3 - t1) - forward_s  # scheduling, the rule, commits: not in a cost table
-        policy.observe(StepOutcome(len(live), schedule, sum(accepted), batch.fixed_s, per_slot, overhead))
-        for r, block, ell, n in zip(live, blocks, lengths, accepted):
+        policy.observe(StepOutcome(len(live), schedule, sum(accepted.values()), batch.fixed_s, per_slot, overhead))
+        for i, n in accepted.items():
+            block, ell = blocks[i], lengths[i]
             conf = block.confidences[:ell] if block.confidences is not None else None
-            r.state.stats.record_round(ell, n, t1 - t0, t3 - t2, conf)  # step times, shared by the batch
-        return StepRecord(
+            live[i].state.stats.record_round(ell, n, t1 - t0, t3 - t2, conf)  # step times, shared by the batch
+        record = StepRecord(
             requests=len(live), budget=len(live) + sum(lengths), drafted=sum(drafted), committed=committed,
             expected_tokens=schedule.expected_tokens, draft_s=t1 - t0, schedule_s=t2 - t1, verify_s=t3 - t2,
         )
+        return VerifiedStep(record, failed)
 
     def _back_off(self, paid: bool) -> None:
         """After a drafted step: reset the backoff if drafting paid, else double it."""

@@ -54,8 +54,9 @@ class StepEvents:
     finished: dict[Hashable, GenerationResult] = field(default_factory=dict)
     """Requests that ended in this step; their slots are free already."""
     failed: dict[Hashable, Exception] = field(default_factory=dict)
-    """Requests whose prefill raised, or every request of a verification step that raised;
-    they hold no slot any more."""
+    """Requests whose prefill raised, whose own verification or commit raised (a broken
+    model's NaN logits), or every request of a step whose shared part (drafting, the target
+    forward) raised; they hold no slot any more."""
     admitted: list[Hashable] = field(default_factory=list)
     """Requests that joined a slot in this step."""
     record: StepRecord | None = None
@@ -63,6 +64,17 @@ class StepEvents:
     rounds: dict[Hashable, RoundRecord] = field(default_factory=dict)
     """Each verified request's round of this step."""
     prefill_s: float = 0.0
+
+
+@dataclass
+class VerifiedStep:
+    """What one verification step did."""
+
+    record: StepRecord
+    """The step's counters (its target forward covered every live request)."""
+    failed: dict[Hashable, Exception] = field(default_factory=dict)
+    """Requests whose own verification or commit raised: they committed nothing of this step
+    and must leave the batch; every other request committed."""
 
 
 class SlotEngine(Protocol):
@@ -78,8 +90,8 @@ class SlotEngine(Protocol):
     def prefill_slot(self, handle: Hashable, request: GenerationRequest, slot: int, cache: SlotCache) -> Live:
         """Run a request's prompt into ``slot`` and commit its first token."""
 
-    def verify_step(self, live: list[Live], cache: SlotCache) -> StepRecord:
-        """One step over every live request."""
+    def verify_step(self, live: list[Live], cache: SlotCache) -> VerifiedStep:
+        """One step over every live request; a request that fails on its own is reported, not raised."""
 
 
 class BatchSession:
@@ -164,13 +176,16 @@ class BatchSession:
         if not self._live:
             return events
         try:
-            events.record = self.engine.verify_step(self._live, self.cache)
-        except Exception as exc:  # its requests are in an unknown state: they fail, the slots go back
-            for r in self._live:
-                events.failed[r.handle] = exc
+            step = self.engine.verify_step(self._live, self.cache)
+        except Exception as exc:  # a shared part raised: every request's state is unknown
+            failed = {r.handle: exc for r in self._live}
+        else:
+            events.record, failed = step.record, step.failed
+        for r in self._live:  # who failed leaves; the slot's stale K/V need no clearing (see cancel)
+            if r.handle in failed:
+                events.failed[r.handle] = failed[r.handle]
                 self._free.append(r.slot)
-            self._live = []
-            return events
+        self._live = [r for r in self._live if r.handle not in failed]
         events.rounds = {r.handle: r.state.stats.round_records[-1] for r in self._live}
         self._retire(events)
         return events

@@ -17,7 +17,7 @@ import torch
 
 from dspark.drafters.base import DraftInput, Drafter
 from dspark.engine.request import GenerationRequest, GenerationResult, RequestState
-from dspark.sampling import sample_from_logits
+from dspark.sampling import check_logits, sample_from_logits
 from dspark.target.model import TargetModel
 from dspark.verify import verify
 
@@ -45,6 +45,7 @@ class SpeculativeEngine:
         # Prefill: the whole prompt in one forward; its last logits give the first anchor.
         cache = target.new_cache()
         out = target.forward(state.prompt.unsqueeze(0), cache, layers)
+        check_logits(out.logits[0, -1], "the target's logits")  # host sync, once per request
         first, _ = sample_from_logits(out.logits[0, -1], params, generator)
         new_features = out.features[0] if out.features is not None else None
         shown = state.commit([int(first)])  # host sync: the first token must be checked for EOS/stop

@@ -5,11 +5,18 @@ events ending with ``data: [DONE]``, or whole), ``GET /v1/models``, ``GET /healt
 ``GET /metrics`` (Prometheus text) and FastAPI's ``/openapi.json`` and ``/docs``.
 
 Every error a client can cause is an OpenAI error body with a 4xx status: FastAPI's own 422
-for a body it cannot parse or validate becomes a 400 naming the field. A full queue is a 429
-with ``Retry-After``; a draining server a 503; a request that fails inside the server a 500
-(or, once its stream has started, an error event before ``[DONE]``). A client that leaves,
-mid-stream or while it waits for a whole answer, has its request cancelled and its slot
-freed before the next step.
+for a body it cannot parse or validate becomes a 400 naming the field. A body over
+``max_body_bytes`` is a 413 (refused on its Content-Length before a byte is read, else once
+the bytes counted pass the cap), a body that stalls for ``body_timeout_s`` a 408: no client
+holds a handler, or the shutdown, by sending its body slowly or not at all. A full server is
+a 429 with ``Retry-After``; a draining server a 503; a request that fails inside the server a
+500 (or, once its stream has started, an error event before ``[DONE]``). A client that
+leaves, mid-stream or while it waits for a whole answer, has its request cancelled and its
+slot freed before the next step.
+
+Nothing slow runs on the event loop: bodies are tokenized in a worker thread and the engine
+has its own (:mod:`dspark.serving.loop`), so ``/health`` answers while a large prompt is
+encoded.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dspark.engine.batched import BatchEngine
@@ -71,11 +79,13 @@ def create_app(loop: EngineLoop, target: TargetModel, settings: ServeSettings) -
     async def lifespan(app: FastAPI):
         loop.start()
         yield
-        await asyncio.to_thread(loop.close)
+        await asyncio.to_thread(loop.close, settings.drain_timeout_s)
 
     app = FastAPI(title="dspark", version="1", lifespan=lifespan,
                   description="OpenAI-compatible speculative decoding with DSpark drafters.")
     app.state.loop = loop
+    # The last added runs first: the key is checked before a byte of the body is read.
+    app.add_middleware(BodyGuard, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
     if settings.api_key is not None:
         app.add_middleware(BearerAuth, key=settings.api_key)
     _install_error_handlers(app)
@@ -103,12 +113,12 @@ def create_app(loop: EngineLoop, target: TargetModel, settings: ServeSettings) -
     @app.post("/v1/chat/completions", responses=ERROR_RESPONSES)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         """OpenAI's chat completions; also ``top_k``, and a ``dspark`` object on each answer."""
-        return await _answer(prepare_chat(body, target, settings), loop, request)
+        return await _answer(await run_in_threadpool(prepare_chat, body, target, settings), loop, request)
 
     @app.post("/v1/completions", responses=ERROR_RESPONSES)
     async def completions(body: CompletionRequest, request: Request) -> Response:
         """OpenAI's (legacy) completions over raw text or token ids, no chat template."""
-        return await _answer(prepare_completion(body, target, settings), loop, request)
+        return await _answer(await run_in_threadpool(prepare_completion, body, target, settings), loop, request)
 
     return app
 
@@ -119,7 +129,9 @@ ERROR_RESPONSES = {
         (400, "a field is malformed, unsupported or out of range", "invalid_request_error"),
         (401, "the API key is missing or wrong", "invalid_request_error"),
         (404, "unknown model", "invalid_request_error"),
-        (429, "the queue is full; see Retry-After", "server_overloaded"),
+        (408, "the body stalled for longer than the body timeout", "invalid_request_error"),
+        (413, "the body is larger than the server's cap (dspark serve --max-body-bytes)", "invalid_request_error"),
+        (429, "every slot is busy and the queue is full; see Retry-After", "server_overloaded"),
         (500, "the request failed inside the server", "server_error"),
         (503, "the server is shutting down", "server_overloaded"),
     ]
@@ -220,6 +232,89 @@ async def _stream(job: Job, handle: int, first: Event, events: asyncio.Queue, lo
 
 def _sse(body: dict) -> str:
     return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+
+class BodyGuard:
+    """ASGI middleware: reads each HTTP request's body itself, then hands the app the whole
+    of it. A body over ``max_bytes`` is a 413 and is never kept or parsed: it is read and
+    thrown away up to ``LINGER_BYTES``, or refused at once when its Content-Length is beyond
+    that or its client waits for ``100 Continue`` before it sends; a body that stalls for
+    ``timeout_s`` between two pieces is a 408. The app never waits on a client's upload, so
+    neither a handler nor the shutdown's drain can be held by one."""
+
+    def __init__(self, app, max_bytes: int, timeout_s: float) -> None:
+        self.app, self.max_bytes, self.timeout_s = app, max_bytes, timeout_s
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = _content_length(scope)
+        too_large = declared is not None and declared > self.max_bytes
+        at_once = too_large and (declared > LINGER_BYTES or _header(scope, b"expect") == b"100-continue")
+        chunks, size = [], 0
+        while not at_once:
+            try:
+                message = await asyncio.wait_for(receive(), self.timeout_s)
+            except asyncio.TimeoutError:
+                await _refuse(408, f"the body stalled: no byte of it came for {self.timeout_s:g} s", "body_timeout",
+                              scope, receive, send)
+                return
+            if message["type"] != "http.request":  # the client left
+                if not too_large:  # the app sees it as it would have
+                    await self.app(scope, _replay([message], receive), send)
+                return
+            size += len(message.get("body", b""))
+            too_large = too_large or size > self.max_bytes
+            if not too_large:
+                chunks.append(message.get("body", b""))
+            if not message.get("more_body", False) or size > LINGER_BYTES:
+                break
+        if too_large:
+            what = f"{declared} bytes" if declared is not None else f"more than {self.max_bytes} bytes"
+            await _refuse(413, f"the body has {what}; this server takes at most {self.max_bytes} "
+                               f"(dspark serve --max-body-bytes)", "body_too_large", scope, receive, send)
+            return
+        whole = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+        await self.app(scope, _replay([whole], receive), send)
+
+
+LINGER_BYTES = 64 << 20
+"""A body over the cap is read and thrown away up to this many bytes before the 413 goes out:
+an HTTP/1.1 client sends its whole body before it reads, and a server that closes on unread
+bytes resets the connection, so that client would see a reset instead of the 413 (nginx's
+lingering close). Beyond this the connection is closed at once."""
+
+
+async def _refuse(status: int, message: str, code: str, scope, receive, send) -> None:
+    reply = JSONResponse(error_body(message, "invalid_request_error", None, code), status_code=status,
+                         headers={"Connection": "close"})
+    await reply(scope, receive, send)
+
+
+def _header(scope, name: bytes) -> bytes | None:
+    """The first value of the request header ``name`` (lower case), lower-cased."""
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return value.lower()
+    return None
+
+
+def _content_length(scope) -> int | None:
+    """The request's Content-Length, or None without a usable one (the bytes are counted then)."""
+    try:
+        return int(_header(scope, b"content-length"))
+    except (TypeError, ValueError):
+        return None
+
+
+def _replay(messages: list[dict], receive):
+    """A ``receive`` that returns ``messages`` first, then what the connection sends (a disconnect)."""
+
+    async def replayed() -> dict:
+        return messages.pop(0) if messages else await receive()
+
+    return replayed
 
 
 class BearerAuth:

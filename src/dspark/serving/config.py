@@ -7,6 +7,14 @@ from dataclasses import dataclass
 DEFAULT_MAX_MODEL_LEN = 2048
 """Tokens per slot (prompt + max_tokens) unless the model allows fewer: every slot's K/V is
 preallocated, so this times ``max_batch`` bounds the server's memory."""
+DEFAULT_MAX_BODY_BYTES = 4 << 20
+"""Largest request body (4 MiB): a 128k-token prompt is about 0.5 MB of text, and a body
+this size parses in milliseconds and tokenizes in seconds, off the event loop."""
+DEFAULT_BODY_TIMEOUT_S = 30.0
+"""Longest wait for the next piece of a request body (nginx's ``client_body_timeout``
+counts the same way)."""
+DEFAULT_DRAIN_TIMEOUT_S = 30.0
+"""On SIGTERM, how long open requests may run before they are cancelled."""
 
 
 @dataclass(frozen=True)
@@ -18,7 +26,8 @@ class ServeSettings:
     max_model_len: int
     """Most prompt + generated tokens of one request: the context window clients see."""
     max_queue: int = 256
-    """Most requests waiting for a slot; one more is refused with 429."""
+    """Most requests waiting for a slot while every slot runs one: max_batch + max_queue
+    requests may be in flight, one more is refused with 429."""
     api_key: str | None = None
     """Bearer token every ``/v1`` route requires (None: open)."""
     max_stop: int = 4
@@ -29,6 +38,12 @@ class ServeSettings:
     """The drafter's name, for ``/v1/models`` and the metrics' info."""
     policy: str = ""
     """The verification policy's name, likewise."""
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    """Largest request body; a larger one is refused with 413 before it is parsed."""
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
+    """Most seconds between two pieces of a request body; a body that stalls longer is a 408."""
+    drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S
+    """On shutdown, how long requests in flight may take to finish before they are cancelled."""
 
     def __post_init__(self) -> None:
         if not self.model_name:
@@ -41,3 +56,7 @@ class ServeSettings:
             raise ValueError("api_key must be non-empty when given")
         if self.max_stop < 0 or self.max_stop_chars < 1:
             raise ValueError("max_stop must be >= 0 and max_stop_chars >= 1")
+        if self.max_body_bytes < 1:
+            raise ValueError(f"max_body_bytes must be >= 1, got {self.max_body_bytes}")
+        if not self.body_timeout_s > 0 or not self.drain_timeout_s >= 0:
+            raise ValueError("body_timeout_s must be > 0 and drain_timeout_s >= 0")

@@ -9,10 +9,14 @@ side talks to it through a thread-safe inbox (submit, cancel); the loop answers 
 request's ``sink``, a callable the caller makes thread safe (the app wraps
 ``loop.call_soon_threadsafe``).
 
-Faults stay local: a request whose prefill, decoding or sink raises fails alone (a
-:class:`Failed` event, its slot freed); a batched verification step that raises fails the
-requests in that step (the session frees their slots), and the loop goes on with those
-still waiting. Nothing a request does ends it.
+Faults stay local: a request whose prefill, verification, commit or sink raises fails alone
+(a :class:`Failed` event, its slot freed; the others in its step commit as usual); a shared
+part of a step that raises (drafting, the target forward) fails the requests in that step,
+and the loop goes on with those still waiting. Nothing a request does ends it.
+
+Admission: up to ``num_slots + max_queue`` requests may be in flight (running or waiting).
+Counting only the waiting ones would refuse requests that arrive together at an idle server,
+before the loop has moved them into their free slots.
 """
 
 from __future__ import annotations
@@ -64,7 +68,7 @@ Sink = Callable[[Event], None]
 
 
 class QueueFull(Exception):
-    """The queue holds ``max_queue`` waiting requests already."""
+    """Every slot runs a request and ``max_queue`` more wait already."""
 
 
 class ShuttingDown(Exception):
@@ -77,6 +81,7 @@ class Session(Protocol):
     busy: bool
     waiting: int
     running: int
+    num_slots: int
 
     def add(self, handle: Hashable, request: GenerationRequest) -> None: ...
     def cancel(self, handle: Hashable) -> bool: ...
@@ -112,11 +117,13 @@ class EngineLoop:
     def __init__(self, session: Session, decode: Callable[[list[int]], str], metrics: ServeMetrics,
                  max_queue: int) -> None:
         self.session, self.decode, self.metrics, self.max_queue = session, decode, metrics, max_queue
+        self.capacity = session.num_slots + max_queue  # most requests in flight: one per slot, max_queue waiting
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._tickets: dict[int, _Ticket] = {}  # the loop thread's only
         self._handles = itertools.count()
         self._lock = threading.Lock()
         self._queued = 0  # submitted but not yet in a slot (or gone); guarded by _lock
+        self._in_flight = 0  # submitted and not yet finished, failed or cancelled; guarded by _lock
         self._closing = threading.Event()
         self._thread = threading.Thread(target=self._run, name="dspark-engine-loop", daemon=True)
 
@@ -127,7 +134,13 @@ class EngineLoop:
 
     @property
     def queued(self) -> int:
+        """Requests waiting for a slot."""
         return self._queued
+
+    @property
+    def in_flight(self) -> int:
+        """Requests running or waiting."""
+        return self._in_flight
 
     def start(self) -> None:
         self._thread.start()
@@ -138,9 +151,11 @@ class EngineLoop:
         if self._closing.is_set():
             raise ShuttingDown("the server is shutting down")
         with self._lock:
-            if self._queued >= self.max_queue:
-                raise QueueFull(f"{self._queued} requests are waiting already (--max-queue {self.max_queue})")
+            if self._in_flight >= self.capacity:
+                raise QueueFull(f"{self._in_flight} requests are in flight already ({self.session.num_slots} "
+                                f"running, --max-batch, and {self.max_queue} waiting, --max-queue)")
             self._queued += 1
+            self._in_flight += 1
             handle = next(self._handles)
         ticket = _Ticket(request, sink, TextStream(self.decode, request.stop), time.perf_counter())
         self._inbox.put(_Add(handle, ticket))
@@ -193,10 +208,8 @@ class EngineLoop:
             except Exception as exc:  # the HTTP side checked it; a request the engine refuses fails alone
                 self._fail(command.handle, exc)
         elif isinstance(command, _Cancel) and command.handle in self._tickets:
-            ticket = self._tickets.pop(command.handle)
+            self._forget(command.handle)
             self.session.cancel(command.handle)
-            if not ticket.admitted:
-                self._unqueue()
             self.metrics.on_cancelled()
 
     def _deliver(self, events: StepEvents) -> None:
@@ -225,7 +238,7 @@ class EngineLoop:
         ticket.sink(Delta(ticket.text.push(ids) if stream_text else "", ids))
 
     def _send_done(self, handle: int, ticket: _Ticket, result: GenerationResult, now: float) -> None:
-        del self._tickets[handle]
+        self._forget(handle)
         ttft = ticket.first_token - ticket.submitted if ticket.first_token is not None else None
         self.metrics.on_finish(result, ttft, now - ticket.submitted)
         ticket.sink(Done(ticket.text.finish(result.text), result))
@@ -243,12 +256,10 @@ class EngineLoop:
 
     def _fail(self, handle: int, exc: Exception) -> None:
         """Fail one request: free its slot (if it holds one), tell its client."""
-        ticket = self._tickets.pop(handle, None)
+        ticket = self._forget(handle)
         self.session.cancel(handle)
         if ticket is None:
             return
-        if not ticket.admitted:
-            self._unqueue()
         self.metrics.on_failed()
         try:
             ticket.sink(Failed(f"internal error: {type(exc).__name__}: {exc}"))
@@ -262,3 +273,13 @@ class EngineLoop:
     def _unqueue(self) -> None:
         with self._lock:
             self._queued -= 1
+
+    def _forget(self, handle: int) -> _Ticket | None:
+        """Drop a request's ticket (it finished, failed or was cancelled) and its place in the counts."""
+        ticket = self._tickets.pop(handle, None)
+        if ticket is not None:
+            with self._lock:
+                self._in_flight -= 1
+                if not ticket.admitted:
+                    self._queued -= 1
+        return ticket
