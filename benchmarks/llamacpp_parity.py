@@ -185,7 +185,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "dspark" / "llama.cpp")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/llamacpp_parity.json"))
+    parser.add_argument("--render", type=Path, default=None,
+                        help="only render this results JSON: its tables as markdown, and its plot beside it")
     args = parser.parse_args()
+    if args.render is not None:
+        result = json.loads(args.render.read_text())
+        plot(result, args.render.with_suffix(".png"))
+        print(markdown(result))
+        return
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     import torch
     from tqdm import tqdm
@@ -252,33 +259,84 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
+    plot(result, args.out.with_suffix(".png"))
     print_table(result)
+
+
+def table_rows(result: dict):
+    """(acceptance rows, speed rows) of the two tables, per set and overall."""
+    rows = {**result["per_set"], "overall": result["overall"]}
+    accept, speed = [], []
+    for name, s in rows.items():
+        ours, theirs = s["dspark whole blocks"], s["llama.cpp draft-dspark"]
+        accept.append([
+            name, f"{ours['accepted']}/{ours['drafted']} ({ours['acceptance']:.3f})",
+            f"{theirs['accepted']}/{theirs['drafted']} ({theirs['acceptance']:.3f})",
+            f"{s['acceptance_relative_difference']:+.1%}", f"{ours['tau']:.3f}", f"{theirs['tau']:.3f}",
+            f"{s['greedy_identical']}/{s['prompts']}", f"{s['llama_cpp_draft_identical_to_its_plain']}/{s['prompts']}",
+        ])
+        speed.append([name, *[f"{s[run]['tokens_per_s']:.1f}" for run in RUNS]])
+    return accept, speed
+
+
+ACCEPT_COLUMNS = ("set", "dspark accepted/drafted", "llama.cpp accepted/drafted", "rel. diff", "τ dspark", "τ llama.cpp",
+                  "greedy = (targets)", "llama.cpp spec = its plain")
+
+
+def markdown(result: dict) -> str:
+    accept, speed = table_rows(result)
+    lines = []
+    for header, rows in ((ACCEPT_COLUMNS, accept), (("set", *RUNS), speed)):
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(row) + " |" for row in rows]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> None:
+    """Decode tok/s of every run per set (bars), and accepted per drafted token in both engines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sets = [*result["per_set"], "overall"]
+    rows = {**result["per_set"], "overall": result["overall"]}
+    fig, (speed, accept) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [3, 1]})
+    width = 0.8 / len(RUNS)
+    for i, run in enumerate(RUNS):
+        speed.bar([j + i * width for j in range(len(sets))], [rows[s][run]["tokens_per_s"] for s in sets], width, label=run)
+    speed.set_xticks([j + 0.4 - width / 2 for j in range(len(sets))], sets)
+    speed.set_ylabel("decode tok/s (one thread)")
+    speed.legend(fontsize=7)
+    for i, run in enumerate(("dspark whole blocks", "llama.cpp draft-dspark")):
+        accept.bar([j + i * 0.4 for j in range(len(sets))], [rows[s][run]["acceptance"] for s in sets], 0.4,
+                   label=run.replace(" whole blocks", "").replace(" draft-dspark", ""))
+    accept.set_xticks([j + 0.2 for j in range(len(sets))], sets, rotation=30)
+    accept.set_ylabel("accepted / drafted")
+    accept.legend(fontsize=7)
+    fig.suptitle(f"{result['drafter']} in llama.cpp and dspark: T = 0, γ = {result['gamma']}, whole blocks")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def print_table(result: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    rows = {**result["per_set"], "overall": result["overall"]}
+    accept_rows, speed_rows = table_rows(result)
     title = f"{result['drafter']}: T = 0, γ = {result['gamma']}, whole blocks in both engines"
     accept = Table(title=f"Acceptance, {title}")
-    for column in ("set", "dspark accepted/drafted", "llama.cpp accepted/drafted", "rel. diff", "τ dspark", "τ llama.cpp",
-                   "greedy = (targets)", "llama.cpp spec = its plain"):
+    for column in ACCEPT_COLUMNS:
         accept.add_column(column, justify="right")
-    for name, s in rows.items():
-        ours, theirs = s["dspark whole blocks"], s["llama.cpp draft-dspark"]
-        accept.add_row(
-            name, f"{ours['accepted']}/{ours['drafted']} ({ours['acceptance']:.3f})",
-            f"{theirs['accepted']}/{theirs['drafted']} ({theirs['acceptance']:.3f})",
-            f"{s['acceptance_relative_difference']:+.1%}", f"{ours['tau']:.2f}", f"{theirs['tau']:.2f}",
-            f"{s['greedy_identical']}/{s['prompts']}", f"{s['llama_cpp_draft_identical_to_its_plain']}/{s['prompts']}",
-        )
+    for row in accept_rows:
+        accept.add_row(*row)
     speed = Table(title="Decode tok/s (prompt excluded), one thread")
-    speed.add_column("set")
-    for run in RUNS:
-        speed.add_column(run, justify="right")
-    for name, s in rows.items():
-        speed.add_row(name, *[f"{s[run]['tokens_per_s']:.1f}" for run in RUNS])
+    for column in ("set", *RUNS):
+        speed.add_column(column, justify="right")
+    for row in speed_rows:
+        speed.add_row(*row)
     Console(width=160).print(accept, speed)
 
 
