@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from test_cli_errors import CASES, SRC, build_world, check_result, run_case  # noqa: E402
+from test_cli_errors import CASES, SRC, build_world, busy_port, check_result, run_case  # noqa: E402
 
 CELL = 180
 """Characters of a printed line kept in the table."""
@@ -33,7 +33,7 @@ def cell(text: str) -> str:
 
 def shown_args(args: tuple) -> str:
     parts = [a if isinstance(a, str) else repr(a) for a in args]
-    return "`dspark " + " ".join(p if p and " " not in p else repr(p) for p in parts).replace("{w}", "<tmp>") + "`"
+    return "`dspark " + " ".join(p if p and " " not in p else repr(p) for p in parts).replace("{w}", "<tmp>").replace("{port}", "<port>") + "`"
 
 
 def main() -> int:
@@ -55,7 +55,7 @@ def main() -> int:
                 failed += 1
                 print(f"FAILED {case.id}: {exc}", file=sys.stderr)
                 line = f"(unexpected: exit {result.returncode})"
-            line = line.replace(str(world), "<tmp>").replace(str(SRC), "<src>")
+            line = line.replace(str(world), "<tmp>").replace(str(SRC), "<src>").replace(f":{busy_port()}", ":<port>")
             if case.usage:
                 line = f"click's usage message: {line}"
             shown = shown_args(case.args).replace(str(world), "<tmp>").replace(str(SRC), "<src>")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -42,7 +43,8 @@ class Case:
     problem: str
     """What is wrong, in words."""
     args: tuple
-    """argv after ``dspark``; ``{w}`` is the world folder; a ``bytes`` item goes to argv undecoded."""
+    """argv after ``dspark``; ``{w}`` is the world folder, ``{port}`` a port in use; a ``bytes`` item
+    goes to argv undecoded."""
     expect: str
     """A piece of the one error line (for usage errors: of click's message)."""
     usage: bool = False
@@ -105,6 +107,18 @@ CASES = [
          "No such file"),
     Case("generate", "drafter config.json is not JSON", ("generate", "hi", "--drafter", "dspark:{w}/drafter-bad-config"),
          "is not a DSpark config"),
+    Case("generate", "drafter config.json says 1000 layers (the weights hold 2)",
+         ("generate", "hi", "--drafter", "dspark:{w}/drafter-1000-layers"), "says num_hidden_layers 1000, but"),
+    Case("generate", "drafter config.json with 0 attention heads", ("generate", "hi", "--drafter",
+                                                                    "dspark:{w}/drafter-zero-heads"),
+         "num_attention_heads must be > 0"),
+    Case("generate", "drafter config.json with a string hidden_size", ("generate", "hi", "--drafter",
+                                                                       "dspark:{w}/drafter-string-width"),
+         "hidden_size must be an integer"),
+    Case("generate", "drafter weights hold NaN", ("generate", "hi", "--drafter", "dspark:{w}/drafter-nan"),
+         "tensor layers.0.mlp.up_proj.weight holds NaN or inf"),
+    Case("generate", "EAGLE-3 drafter weights hold inf", ("generate", "hi", "--drafter", "eagle3:{w}/eagle3-inf"),
+         "tensor fc.weight holds NaN or inf"),
     Case("generate", "draft model HF id not cached", ("generate", "hi", "--drafter", "model:no-such-org/no-such-model"),
          "not in the local Hugging Face cache"),
     Case("generate", "draft model with another vocabulary", ("generate", "hi", "--drafter", "model:{w}/tiny-llama",
@@ -170,6 +184,25 @@ CASES = [
     Case("train", "resume with another --layer-family", ("train", "--data", "{w}/dir", "--out", "{w}/run",
                                                         "--max-length", "512", "--layer-family", "gemma3"),
          "layer_family '' there, 'gemma3' now"),
+    Case("train", "--out held by another running `dspark train`", ("train", "--data", "{w}/shards", "--out",
+                                                                  "{w}/run-busy"), "is in use by another `dspark train`"),
+    Case("train", "the same store twice", ("train", "--data", "{w}/shards", "--data", "{w}/shards/", "--out",
+                                           "{w}/run-new"), "is given twice"),
+    Case("train", "a store and a copy of it", ("train", "--data", "{w}/shards", "--data", "{w}/shards-copy", "--out",
+                                               "{w}/run-new"), "is the same shard as"),
+    Case("train", "a shard manifest that lost an id", ("train", "--data", "{w}/shards-edited", "--out", "{w}/run-new"),
+         "holds other records than its manifest lists"),
+    Case("train", "a shard that is not an npz", ("train", "--data", "{w}/shards-not-npz", "--out", "{w}/run-new"),
+         "is not a readable shard"),
+    Case("train", "a shard changed after it was written", ("train", "--data", "{w}/shards-flipped", "--out",
+                                                           "{w}/run-flipped"), "does not match its manifest (sha1)",
+         slow=True),
+    Case("train", "resume with an empty train_config.json", ("train", "--data", "{w}/shards", "--out",
+                                                             "{w}/run-empty-config"),
+         "train_config.json is not readable json (Expecting value"),
+    Case("train", "resume with an empty train_data.json", ("train", "--data", "{w}/shards", "--out",
+                                                           "{w}/run-empty-data", "--steps", "1", "--batch-size", "1"),
+         "train_data.json is not readable json (Expecting value", slow=True),
     # -- profile -----------------------------------------------------------------------------
     Case("profile", "zero --max-requests", ("profile", "--max-requests", "0"), "--max-requests must be >= 1"),
     Case("profile", "zero --threads", ("profile", "--threads", "0"), "--threads must be >= 1"),
@@ -227,18 +260,33 @@ CASES = [
          "unknown tensor mask_embedding"),
     Case("convert import", "a Gemma4 DSpark checkpoint", ("convert", "import", "{w}/deepspec-gemma4", "{w}/imported"),
          "Gemma4 DSpark checkpoints (Gemma4DSparkModel) are not supported yet"),
-    Case("convert export", "a Llama-family drafter (the shipped one)", ("convert", "export", str(SHIPPED),
-                                                                         "{w}/exported"), "backbone is llama"),
+    Case("convert export", "a Llama-family drafter", ("convert", "export", "{w}/drafter-llama", "{w}/exported"),
+         "backbone is llama"),
+    Case("convert export", "unknown --engine", ("convert", "export", str(SHIPPED), "{w}/exported", "--engine", "tgi"),
+         "--engine must be one of vllm, sglang, llama.cpp, speculators, deepspec"),
     Case("convert export", "a Gemma 3-family drafter", ("convert", "export", "{w}/drafter-gemma3", "{w}/exported"),
          "backbone is gemma3"),
     Case("convert export", "unknown --dtype", ("convert", "export", "{w}/deepspec", "{w}/exported", "--dtype", "int8"),
          "--dtype must be one of"),
+    # -- serve -------------------------------------------------------------------------------
+    Case("serve", "--api-key-file that does not exist", ("serve", "--api-key-file", "/no/such/key"),
+         "--api-key-file /no/such/key cannot be read"),
+    Case("serve", "empty --api-key-file", ("serve", "--api-key-file", "{w}/empty-key"), "is empty"),
+    Case("serve", "--api-key and --api-key-file together", ("serve", "--api-key", "k", "--api-key-file",
+                                                             "{w}/file.txt"), "give --api-key-file or --api-key, not both"),
+    Case("serve", "zero --max-body-bytes", ("serve", "--max-body-bytes", "0"), "--max-body-bytes must be >= 1"),
+    Case("serve", "negative --drain-timeout", ("serve", "--drain-timeout", "-1"), "--drain-timeout must be >= 0"),
+    Case("serve", "a port in use (before the model loads)", ("serve", "--port", "{port}"), "Address already in use"),
+    Case("serve", "an address that is not this machine's", ("serve", "--host", "192.0.2.1", "--port", "8000"),
+         "cannot listen on 192.0.2.1:8000"),
 ]
 
 
 # -- the world the cases run in -------------------------------------------------------------------
 RUN_SETTINGS = {"max_length": 512, "layer_family": ""}
 """The recorded settings of the world's run to resume."""
+HELD_LOCKS: list[int] = []
+"""Descriptors of the locks this process holds on the world's behalf (a `dspark train` still running)."""
 
 
 def build_world(folder: Path, with_model_files: bool = False) -> Path:
@@ -254,6 +302,7 @@ def build_world(folder: Path, with_model_files: bool = False) -> Path:
     (folder / "not-utf8.jsonl").write_bytes(b'{"turns": ["caf\xe9"]}\n')
     (folder / "not-json.jsonl").write_text('{"turns": ["fine"]}\n{not json\n')
     (folder / "empty.jsonl").write_text("")
+    (folder / "empty-key").write_text("\n")
     write_prompts(folder / "prompts.jsonl", [PromptRecord.make("test", "chat", ["Say hi."])])
     (folder / "responses.jsonl").write_text("")
     settings = {"max_new_tokens": 256, "temperature": 0.9, "top_p": 0.9, "seed": 0, "max_prompt_tokens": 2048}
@@ -262,8 +311,15 @@ def build_world(folder: Path, with_model_files: bool = False) -> Path:
     run.mkdir(exist_ok=True)
     (run / "latest").write_text("step_00000001\n")
     (run / "train_config.json").write_text(json.dumps(RUN_SETTINGS))
+    for name, config, data in (("run-empty-config", "", None), ("run-empty-data", "{}", "")):
+        (folder / name).mkdir(exist_ok=True)
+        (folder / name / "latest").write_text("step_00000001\n")
+        (folder / name / "train_config.json").write_text(config)
+        if data is not None:
+            (folder / name / "train_data.json").write_text(data)
     _broken_drafters(folder)
     _deepspec_checkpoints(folder)
+    _stores(folder)
     if with_model_files:
         _model_files(folder)
     return folder
@@ -283,6 +339,39 @@ def _broken_drafters(folder: Path) -> None:
     (folder / "drafter-no-weights" / "config.json").write_text(json.dumps(config))
     (folder / "drafter-bad-config" / "config.json").write_text("{not json")
     _link(weights, folder / "drafter-bad-config" / "model.safetensors")
+    for name, change in (("drafter-1000-layers", {"num_hidden_layers": 1000}),
+                         ("drafter-zero-heads", {"num_attention_heads": 0}),
+                         ("drafter-string-width", {"hidden_size": str(config["hidden_size"])})):
+        (folder / name).mkdir(exist_ok=True)
+        (folder / name / "config.json").write_text(json.dumps({**config, **change}))
+        _link(weights, folder / name / "model.safetensors")
+
+
+def _stores(folder: Path) -> None:
+    """A shard store, a copy of it, broken variants, and a run folder another process holds."""
+    import shutil
+
+    from dspark.training.data.shards import ShardRecord
+    from dspark.training.data.store import ShardStore, lock_folder
+
+    if not (folder / "shards").exists():
+        records = [ShardRecord(f"p{i}", "test", "chat", list(range(1 + i, 61 + i)), [0] * 12 + [1] * 48, "stop")
+                   for i in range(8)]
+        with ShardStore.open_or_create(folder / "shards", "regenerated", {"max_new_tokens": 48}, "t0", "k0") as store:
+            store.append(records[:4])
+            store.append(records[4:])
+        for name in ("shards-copy", "shards-edited", "shards-not-npz", "shards-flipped"):
+            shutil.copytree(folder / "shards", folder / name)
+        manifest_path = folder / "shards-edited" / "shard_00001.json"
+        manifest = json.loads(manifest_path.read_text())
+        manifest_path.write_text(json.dumps({**manifest, "ids": manifest["ids"][1:]}))
+        for name, offset in (("shards-not-npz", -10), ("shards-flipped", 100)):
+            npz = folder / name / "shard_00001.npz"
+            payload = bytearray(npz.read_bytes())
+            payload[offset] ^= 0xFF  # -10: the zip's central directory; 100: the compressed token ids
+            npz.write_bytes(bytes(payload))
+    (folder / "run-busy").mkdir(exist_ok=True)
+    HELD_LOCKS.append(lock_folder(folder / "run-busy", "held by the test world"))
 
 
 def _deepspec_checkpoints(folder: Path) -> None:
@@ -310,6 +399,19 @@ def _deepspec_checkpoints(folder: Path) -> None:
         (folder / name / "config.json").write_text(json.dumps(cfg))
         save_file({k: v.clone().contiguous() for k, v in tensors.items()}, str(folder / name / "model.safetensors"))
     DSparkModel(config.replace(layer_family="gemma3")).save_pretrained(folder / "drafter-gemma3")
+    DSparkModel(config.replace(layer_family="llama")).save_pretrained(folder / "drafter-llama")
+    nan = DSparkModel(config)
+    with torch.no_grad():
+        nan.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
+    nan.save_pretrained(folder / "drafter-nan")
+    from dspark.drafters.eagle3 import Eagle3Config, Eagle3Model
+
+    eagle3 = Eagle3Model(Eagle3Config(**{k: getattr(config, k) for k in (
+        "target_name", "vocab_size", "hidden_size", "num_target_layers", "target_layer_ids", "num_attention_heads",
+        "num_key_value_heads", "head_dim", "intermediate_size")}))
+    with torch.no_grad():
+        eagle3.fc.weight[0, 0] = float("inf")
+    eagle3.save_pretrained(folder / "eagle3-inf")
 
 
 def _model_files(folder: Path) -> None:
@@ -348,8 +450,22 @@ def case_env(folder: Path) -> dict[str, str]:
     return env
 
 
+_LISTENING: list[socket.socket] = []
+
+
+def busy_port() -> int:
+    """A loopback port this process listens on (opened once): ``{port}`` in a case's args."""
+    if not _LISTENING:
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(1)
+        _LISTENING.append(sock)
+    return _LISTENING[0].getsockname()[1]
+
+
 def run_case(case: Case, folder: Path) -> subprocess.CompletedProcess:
-    args = [a.replace("{w}", str(folder)) if isinstance(a, str) else a for a in case.args]
+    args = [a.replace("{w}", str(folder)).replace("{port}", str(busy_port())) if isinstance(a, str) else a
+            for a in case.args]
     return subprocess.run(
         [sys.executable, "-m", "dspark", *args], cwd=folder, env=case_env(folder),
         capture_output=True, text=True, errors="backslashreplace", timeout=CASE_TIMEOUT_S,
@@ -410,7 +526,8 @@ def results(world, request):
 
 def test_the_table_covers_every_command():
     commands = {c.command.split()[0] if c.command.startswith("data") else c.command for c in CASES}
-    assert {"generate", "eval", "calibrate", "train", "profile", "data", "convert"} <= {c.split()[0] for c in commands}
+    assert {"generate", "eval", "calibrate", "train", "profile", "data", "convert", "serve"} <= {
+        c.split()[0] for c in commands}
     assert {"convert import", "convert export"} <= {c.command for c in CASES}
     assert {c.command for c in CASES if c.command.startswith("data ")} >= {
         "data prompts", "data pool", "data generate", "data regen", "data text", "data summary"}
@@ -426,7 +543,7 @@ def test_resume_refusals_happen_before_anything_is_written(world, results):
     """The refused resumes left their files as they were (nothing appended, no checkpoint touched)."""
     assert (world / "responses.jsonl").read_text() == ""
     assert json.loads((world / "run" / "train_config.json").read_text()) == RUN_SETTINGS
-    assert not (world / "eval").exists() and not (world / "store").exists()
+    assert not (world / "eval").exists() and not (world / "store").exists() and not (world / "run-new").exists()
 
 
 # -- the boundary itself: internal errors, Ctrl-C, the debugging switch -------------------------------

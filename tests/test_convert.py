@@ -291,6 +291,8 @@ def test_import_refuses_a_missing_required_field(target, tmp_path, field):
     ({"sample_from_anchor": False}, "1\\+N block layout"),
     ({"speculators_model_type": "dspark"}, "speculators checkpoint"),
     ({"attention_bias": True}, "attention_bias"),
+    ({"num_attention_heads": 0, "head_dim": None}, "num_attention_heads"),  # issue 26: was a ZeroDivisionError
+    ({"hidden_size": "32", "head_dim": None}, "hidden_size"),  # was an internal TypeError
 ])
 def test_import_refuses_what_it_cannot_serve_faithfully(target, tmp_path, changes, message):
     src = _deepspec(target, tmp_path)

@@ -301,3 +301,57 @@ def test_block_attention_equals_the_dense_mask_oracle(target, family):
     assert torch.allclose(fast.draft_logits, slow.draft_logits, atol=1e-5)
     assert torch.allclose(fast.confidence_logits, slow.confidence_logits, atol=1e-5)
     assert torch.allclose(fast_grad, slow_grad, rtol=1e-4, atol=1e-5)
+
+
+def _edit_config(folder, **changes) -> None:
+    path = folder / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def test_config_json_is_checked_against_the_weights_before_anything_is_built(target, tmp_path, monkeypatch):
+    make_model(target).save_pretrained(tmp_path / "d")
+    _edit_config(tmp_path / "d", num_hidden_layers=1000)
+    built = []
+    real_init = DSparkModel.__init__
+    monkeypatch.setattr(DSparkModel, "__init__", lambda self, config: built.append(config) or real_init(self, config))
+    # The layer count sizes the allocation: refused from the safetensors header, nothing built.
+    with pytest.raises(DsparkError, match=r"says num_hidden_layers 1000, but .*model\.safetensors holds 2 \(layers\.0\.\.layers\.1\)"):
+        DSparkModel.from_pretrained(tmp_path / "d")
+    assert built == []
+    monkeypatch.undo()
+    _edit_config(tmp_path / "d", num_hidden_layers=2, intermediate_size=4096)
+    with pytest.raises(DsparkError, match=r"size mismatch for layers\.0\.mlp\.down_proj\.weight \[32, \d+\] in the file, \[32, 4096\]"):
+        DSparkModel.from_pretrained(tmp_path / "d")
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("num_attention_heads", 0, "num_attention_heads must be > 0, got 0"),
+    ("num_key_value_heads", 0, "num_key_value_heads must be > 0, got 0"),
+    ("hidden_size", "32", "hidden_size must be an integer, got '32'"),
+    ("head_dim", 8.5, "head_dim must be an integer, got 8.5"),
+    ("intermediate_size", -64, "intermediate_size must be > 0, got -64"),
+    ("num_hidden_layers", 0, "num_hidden_layers must be > 0, got 0"),
+    ("rms_norm_eps", "tiny", "rms_norm_eps must be a number"),
+    ("enable_confidence_head", 1, "enable_confidence_head must be true or false"),
+    ("target_layer_ids", [1, "2"], "target_layer_ids must be a list of integers"),
+])
+def test_bad_config_fields_are_one_line_naming_the_field_and_the_file(target, tmp_path, field, value, message):
+    make_model(target).save_pretrained(tmp_path / "d")
+    _edit_config(tmp_path / "d", **{field: value})
+    with pytest.raises(DsparkError, match=rf"{tmp_path / 'd' / 'config.json'} is not a DSpark config: {message}"):
+        DSparkModel.from_pretrained(tmp_path / "d")
+    with pytest.raises(ValueError, match=message):  # the dataclass itself refuses it, whoever builds it
+        DSparkConfig.for_target(target, **{field: tuple(value) if isinstance(value, list) else value})
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_naming_the_tensor_and_the_folder(target, tmp_path, bad):
+    from safetensors.torch import load_file, save_file
+
+    make_model(target).save_pretrained(tmp_path / "d")
+    weights = tmp_path / "d" / "model.safetensors"
+    state = load_file(str(weights))
+    state["layers.1.mlp.up_proj.weight"][3, 5] = bad
+    save_file(state, str(weights))
+    with pytest.raises(DsparkError, match=rf"{weights}: tensor layers\.1\.mlp\.up_proj\.weight holds NaN or inf"):
+        DSparkModel.from_pretrained(tmp_path / "d")

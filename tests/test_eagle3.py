@@ -448,3 +448,28 @@ def test_cross_family_warm_start_keeps_each_norms_scale(gemma):
     assert torch.equal(model.norm.weight, 1 + decoder.norm.weight)
     # Llama's post_attention_layernorm sits where Gemma's pre_feedforward one does: left alone.
     assert torch.equal(model.midlayer.post_attention_layernorm.weight, torch.ones(32))
+
+
+def test_config_and_weights_are_checked_before_anything_is_built(target, tmp_path):
+    random_eagle3(target).save_pretrained(tmp_path / "e3")
+    path = tmp_path / "e3" / "config.json"
+    good = json.loads(path.read_text())
+    for changes, message in (({"num_hidden_layers": 3}, "num_hidden_layers must be 1"),
+                             ({"num_attention_heads": 0}, "num_attention_heads must be > 0"),
+                             ({"hidden_size": "32"}, "hidden_size must be an integer"),
+                             ({"intermediate_size": 4096}, r"size mismatch for midlayer\.mlp\.down_proj\.weight")):
+        path.write_text(json.dumps({**good, **changes}))
+        with pytest.raises(DsparkError, match=message):
+            Eagle3Model.from_pretrained(tmp_path / "e3")
+
+
+def test_non_finite_weights_are_refused_naming_the_tensor(target, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    random_eagle3(target).save_pretrained(tmp_path / "e3")
+    weights = tmp_path / "e3" / "model.safetensors"
+    state = load_file(str(weights))
+    state["fc.weight"][0, 0] = float("inf")
+    save_file(state, str(weights))
+    with pytest.raises(DsparkError, match=rf"{weights}: tensor fc\.weight holds NaN or inf"):
+        Eagle3Model.from_pretrained(tmp_path / "e3")

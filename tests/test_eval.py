@@ -285,6 +285,26 @@ def test_a_killed_eval_resumes_from_its_journal_without_rerunning(run, datasets,
         runner.Journal(path, {**fingerprint, "settings": {"max_new_tokens": 32}})
 
 
+@pytest.mark.parametrize("line, problem", [
+    ('{"dataset": "chat", "index": 0}', "KeyError: 'records'"),
+    ('{"dataset": "chat", "index": 0, "records": [{"drafter": "none"}]}', "TypeError"),
+    ('[1, 2]', "TypeError"),
+])
+def test_a_journal_line_this_journal_did_not_write_is_one_line_naming_it(tmp_path, line, problem):
+    path = tmp_path / "journal.jsonl"
+    fingerprint = {"settings": {"max_new_tokens": 16}}
+    runner.Journal(path, fingerprint)
+    with path.open("a") as f:
+        f.write(line + "\n")
+    with pytest.raises(ValueError, match=rf"{path}:2 is not a journal entry \({problem}"):
+        runner.Journal(path, fingerprint)
+    path.write_text("")  # an empty journal is a new one
+    assert runner.Journal(path, fingerprint).done == {}
+    path.write_text('{"fingerprint": {"sett\n')  # a header cut short (the journal is written atomically now)
+    with pytest.raises(ValueError, match=rf"{path}:1 is not a journal header"):
+        runner.Journal(path, fingerprint)
+
+
 def runner_request(prompt_ids):
     from dspark.engine import GenerationRequest
 

@@ -51,7 +51,8 @@ def test_gemma3_drafter_of_its_family_is_lossless_past_the_sliding_window(gemma)
     text = "The river ran past the mill, the mill stood by the river, and the miller slept. " * 40
     ids = gemma.encode_prompt(text, chat=False)
     assert len(ids) > gemma.model.config.sliding_window
-    config = DSparkConfig.for_target(gemma, num_hidden_layers=2, markov_rank=8, draft_vocab_size=4096, block_size=4)
+    config = DSparkConfig.for_target(gemma, num_hidden_layers=2, markov_rank=8, draft_vocab_size=4096, block_size=4,
+                                     layer_family="gemma3")
     assert config.layer_family == "gemma3" and config.rope_theta == 1e6 and config.hidden_act == "gelu_pytorch_tanh"
     torch.manual_seed(0)
     model = DSparkModel(config).eval()

@@ -420,3 +420,65 @@ def test_cli_pool_mixes_prompt_files(tmp_path):
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["by_domain"] == {"math": 4}
     assert {r.source for r in read_prompts(out)} == {"magpie-math"}
+
+
+# -- integrity ---------------------------------------------------------------------------
+def _two_shards(folder: Path) -> None:
+    with _new_store(folder) as store:
+        store.append(_records(20))
+        store.append(_records(20, seed=1))
+
+
+def test_a_flipped_byte_is_refused_naming_the_shard(tmp_path):
+    _two_shards(tmp_path / "s")
+    npz = tmp_path / "s" / "shard_00001.npz"
+    payload = bytearray(npz.read_bytes())
+    payload[100] ^= 0x01  # inside the compressed token ids: the zip's directory still reads
+    npz.write_bytes(bytes(payload))
+    with pytest.raises(DsparkError, match=rf"{npz} does not match its manifest \(sha1\)"):
+        load_sequences([tmp_path / "s"], max_length=512, min_loss_tokens=0, progress=False)
+    payload[100] ^= 0x01
+    payload[-10] ^= 0xFF  # the zip's central directory: not an npz at all
+    npz.write_bytes(bytes(payload))
+    with pytest.raises(DsparkError, match=rf"{npz} is not a readable shard"):
+        ShardStore.open(tmp_path / "s")
+
+
+def test_a_shard_replaced_by_another_is_refused(tmp_path):
+    _two_shards(tmp_path / "s")
+    folder = tmp_path / "s"
+    for suffix in (".npz", ".json"):
+        (folder / f"shard_00001{suffix}").write_bytes((folder / f"shard_00000{suffix}").read_bytes())
+    with pytest.raises(DsparkError, match=r"shard_00001\.json describes shard_00000\.npz, not shard_00001\.npz"):
+        ShardStore.open(folder)
+    manifest = json.loads((folder / "shard_00001.json").read_text())
+    (folder / "shard_00001.json").write_text(json.dumps({**manifest, "index": 1}))  # renumbered by hand
+    with pytest.raises(DsparkError, match=r"shard_00001\.npz is a copy of shard_00000\.npz"):
+        ShardStore.open(folder)
+
+
+def test_a_manifest_that_lost_an_id_is_refused_before_a_resume_writes_it_twice(tmp_path):
+    _two_shards(tmp_path / "s")
+    path = tmp_path / "s" / "shard_00000.json"
+    manifest = json.loads(path.read_text())
+    path.write_text(json.dumps({**manifest, "ids": manifest["ids"][:-1]}))
+    message = r"shard_00000\.npz holds other records than its manifest lists \(1 id\(s\) of the npz not in the manifest"
+    with pytest.raises(DsparkError, match=message):
+        _new_store(tmp_path / "s")  # the resume would otherwise regenerate that prompt into a new shard
+    manifest["ids"][0], manifest["ids"][1] = manifest["ids"][1], manifest["ids"][0]
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(DsparkError, match="the order differs"):
+        ShardStore.open(tmp_path / "s")
+
+
+def test_the_same_store_twice_is_refused(tmp_path, monkeypatch):
+    import shutil
+
+    _two_shards(tmp_path / "s")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DsparkError, match=r"store \./s/ is given twice \(also as s\)"):
+        load_sequences(["s", "./s/"], max_length=512, progress=False)
+    shutil.copytree(tmp_path / "s", tmp_path / "copy")
+    with pytest.raises(DsparkError, match=r"copy/shard_00000\.npz is the same shard as .*s/shard_00000\.npz"):
+        load_sequences(["s", "copy"], max_length=512, progress=False)
+    assert len(load_sequences(["s"], max_length=512, min_loss_tokens=0, progress=False)) == 40

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from dspark.drafters import SHIPPED_DRAFTER, SHIPPED_DRAFTERS, default_drafter_spec
@@ -56,3 +57,20 @@ def test_the_gemma3_drafter_is_small_with_w1_over_its_draft_vocabulary():
     from dspark.scheduling.calibration import Calibration
 
     assert len(Calibration.load(folder).temperatures) == config.block_size
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["vllm", "sglang", "llama.cpp", "speculators", "deepspec"])
+def test_the_shipped_smollm2_drafter_exports_for_every_engine(engine, tmp_path):
+    """A Qwen3 backbone (issue 24): every engine's exporter takes the shipped drafter as it is."""
+    from typer.testing import CliRunner
+
+    from dspark.cli.main import app
+
+    assert DSparkConfig.load(SHIPPED_DRAFTER).layer_family == "qwen3"
+    result = CliRunner().invoke(app, ["convert", "export", str(SHIPPED_DRAFTER), str(tmp_path / "out"), "--engine", engine, "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["engine"] == engine and summary["keys"] and summary["serve"]
+    if engine == "sglang":  # calibrated, so SGLang gets its STS file
+        assert (tmp_path / "out" / "sts.json").is_file()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -360,3 +361,134 @@ def test_greedy_survival_is_the_prefix_of_argmax_matches():
     p_t = torch.full((2, 3, 3), 1 / 3)
     terms = dspark_loss(logits, p_t, greedy.clamp_min(0), valid, None, LossWeights(), greedy_index=greedy)
     assert terms.greedy_survival.tolist() == pytest.approx([0.5, 0.5, 0.0])
+
+
+class Killed(Exception):
+    """Stands in for a kill at a chosen point of a run."""
+
+
+def test_a_checkpoint_killed_before_its_heldout_score_is_scored_on_resume(tmp_path, monkeypatch):
+    import dspark.training.trainer as trainer
+
+    target = tiny_target(vocab_size=32, hidden=32, layers=6)
+    seqs, heldout = synthetic_sequences(), synthetic_sequences(n=4, seed=5)
+    real = trainer.heldout_tau
+    calls = []
+
+    def killed_at_step_6(model, *args):
+        calls.append(1)
+        if len(calls) == 2:  # step 6 is saved, then the process dies before its score
+            raise Killed
+        return real(model, *args)
+
+    monkeypatch.setattr(trainer, "heldout_tau", killed_at_step_6)
+    with pytest.raises(Killed):
+        train(small_config(tmp_path / "h"), target, seqs, progress=False, heldout=heldout)
+    monkeypatch.undo()
+    assert (tmp_path / "h" / "latest").read_text().strip() == "step_00000006"
+    train(small_config(tmp_path / "h", steps=9), target, seqs, progress=False, heldout=heldout)
+    log = [json.loads(line) for line in (tmp_path / "h" / "heldout_log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log] == [3, 6, 9]  # step 6 scored when the run resumed
+    best = json.loads((tmp_path / "h" / "best" / "best.json").read_text())
+    winner = max(log, key=lambda e: e["tau_estimate"])
+    assert best["step"] == winner["step"] and best["tau_estimate"] == winner["tau_estimate"]
+    from safetensors.torch import load_file
+
+    kept = load_file(str(tmp_path / "h" / "best" / "model.safetensors"))
+    saved = load_file(str(tmp_path / "h" / f"step_{winner['step']:08d}" / "model.safetensors"))
+    assert all(torch.equal(kept[k], saved[k]) for k in saved)
+
+
+def test_the_scores_of_a_resumed_run_equal_an_uninterrupted_one(tmp_path, monkeypatch):
+    import dspark.training.trainer as trainer
+
+    target = tiny_target(vocab_size=32, hidden=32, layers=6)
+    seqs, heldout = synthetic_sequences(), synthetic_sequences(n=4, seed=5)
+    train(small_config(tmp_path / "full"), target, seqs, progress=False, heldout=heldout)
+    real, calls = trainer.heldout_tau, []
+
+    def killed_at_step_3(model, *args):
+        calls.append(1)
+        if len(calls) == 1:
+            raise Killed
+        return real(model, *args)
+
+    monkeypatch.setattr(trainer, "heldout_tau", killed_at_step_3)
+    with pytest.raises(Killed):
+        train(small_config(tmp_path / "cut"), target, seqs, progress=False, heldout=heldout)
+    train(small_config(tmp_path / "cut"), target, seqs, progress=False, heldout=heldout)
+    read = lambda run: (tmp_path / run / "heldout_log.jsonl").read_text()
+    assert read("cut") == read("full")  # the catch-up score is the one the run would have written
+    for a, b in zip(_read_log(tmp_path / "full"), _read_log(tmp_path / "cut")):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-7), a["step"]
+
+
+def test_a_kill_while_best_is_replaced_loses_nothing(tmp_path):
+    from dspark.drafters.dspark import DSparkConfig, DSparkModel
+    from dspark.training.checkpoints import keep_if_best
+    from dspark.training.heldout import HeldoutScore
+
+    target = tiny_target(vocab_size=32, hidden=32, layers=6)
+    model = DSparkModel(DSparkConfig.for_target(target, num_hidden_layers=1, markov_rank=4, block_size=3))
+    score = lambda tau: HeldoutScore(tau, [0.5], tau, [0.5])
+    out = tmp_path / "run"
+    out.mkdir()
+    keep_if_best(out, 3, score(1.5), model)
+    # killed after the old best/ was set aside, before the new one took its place
+    model.save_pretrained(out / ".tmp_best")
+    (out / ".tmp_best" / "best.json").write_text(json.dumps({"step": 6, "tau_estimate": 1.7}))
+    (out / "best").rename(out / ".old_best")
+    keep_if_best(out, 9, score(1.6), model)
+    assert json.loads((out / "best" / "best.json").read_text())["step"] == 6
+    assert not (out / ".tmp_best").exists() and not (out / ".old_best").exists()
+
+
+def test_a_second_run_on_the_same_out_is_refused(tmp_path):
+    from dspark.errors import DsparkError
+    from dspark.training.data.store import lock_folder
+
+    target = tiny_target(vocab_size=32, hidden=32, layers=6)
+    (tmp_path / "run").mkdir()
+    fd = lock_folder(tmp_path / "run", "held by the test")  # another `dspark train`, still running
+    try:
+        with pytest.raises(DsparkError, match=rf"{tmp_path / 'run'} is in use by another `dspark train`"):
+            train(small_config(tmp_path / "run", steps=3), target, synthetic_sequences(), progress=False)
+        assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock"]  # nothing written
+    finally:
+        os.close(fd)
+    train(small_config(tmp_path / "run", steps=3), target, synthetic_sequences(), progress=False)  # free again
+    os.close(lock_folder(tmp_path / "run", "the finished run still holds it"))
+
+
+@pytest.mark.parametrize("name", ["train_config.json", "train_data.json"])
+def test_an_unreadable_run_record_names_its_file(tmp_path, name):
+    from dspark.errors import DsparkError
+
+    target = tiny_target(vocab_size=32, hidden=32, layers=6)
+    train(small_config(tmp_path / "run", steps=6), target, synthetic_sequences(), stop_after=3, progress=False)
+    (tmp_path / "run" / name).write_text("")
+    with pytest.raises(DsparkError, match=rf"{tmp_path / 'run' / name} is not readable json \(Expecting value"):
+        train(small_config(tmp_path / "run", steps=6), target, synthetic_sequences(), progress=False)
+
+
+def test_a_kill_while_the_run_records_are_written_leaves_them_whole(tmp_path, monkeypatch):
+    import io
+
+    target = tiny_target(vocab_size=32, hidden=32, layers=6)
+    train(small_config(tmp_path / "run", steps=6), target, synthetic_sequences(), stop_after=3, progress=False)
+    real_open = io.open
+
+    def killed_mid_write(file, mode="r", *args, **kwargs):
+        if "w" in mode and os.path.basename(str(file)) in ("train_config.json", "train_data.json"):
+            real_open(file, mode, *args, **kwargs).close()  # the file is truncated, then the process dies
+            raise Killed
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(io, "open", killed_mid_write)
+    with contextlib.suppress(Killed):
+        train(small_config(tmp_path / "run", steps=6), target, synthetic_sequences(), stop_after=1, progress=False)
+    monkeypatch.undo()
+    for name in ("train_config.json", "train_data.json"):
+        assert json.loads((tmp_path / "run" / name).read_text())
+    last = train(small_config(tmp_path / "run", steps=6), target, synthetic_sequences(), progress=False)
+    assert last.name == "step_00000006"

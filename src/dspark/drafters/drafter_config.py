@@ -3,18 +3,23 @@
 The fields copied from the target (:func:`target_shapes`) and their checks, the layer fields
 that :func:`~dspark.drafters.families.family_blocks` reads, the draft vocabulary size, and
 the config.json round trip (each subclass writes its own layout; :func:`values_from_json`
-reads what the layouts have in common).
+reads what the layouts have in common), and the checks a checkpoint passes before any model
+is built from it: :func:`checkpoint_shapes` reads the tensor shapes of model.safetensors
+from its header (no tensor is loaded), :func:`check_shapes` compares them with the shapes the
+config implies, and :func:`check_finite` refuses NaN or inf weights.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 from dspark.drafters.families import LAYER_FAMILIES, family_json_fields, family_of
+from dspark.errors import DsparkError
 
 CONFIG_NAME = "config.json"
 COMMON_WRITTEN = {"model_type", "dspark_target_name", "target_hidden_size", "attention_bias", "tie_word_embeddings",
@@ -69,6 +74,45 @@ def target_shapes(target, default_family: str) -> dict[str, Any]:
 
 
 Config = TypeVar("Config", bound="DrafterConfig")
+POSITIVE_FIELDS = ("vocab_size", "hidden_size", "num_target_layers", "block_size", "num_attention_heads",
+                   "num_key_value_heads", "head_dim", "intermediate_size", "max_position_embeddings",
+                   "rms_norm_eps", "rope_theta")
+"""Fields that must be > 0 (sizes, counts, and the two scalars a layer divides by or raises to a power)."""
+_TYPE_NAMES = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
+               "tuple[int, ...]": "a list of integers"}
+
+
+def check_field_types(config) -> None:
+    """Raise ValueError naming the first field of the dataclass ``config`` whose value is not of
+    its annotated type (int, float, str, bool, tuple[int, ...], each optionally ``| None``).
+
+    A config.json is user input: a string, a float or a bool where an int belongs would
+    otherwise fail deep inside torch or transformers, far from the field that caused it.
+    ``bool`` is not an int here, and a float must be finite; an int is a fine float.
+    """
+    for f in dataclasses.fields(config):
+        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))  # "int" either way
+        value = getattr(config, f.name)
+        if kind.endswith(" | None"):
+            if value is None:
+                continue
+            kind = kind.removesuffix(" | None")
+        if kind not in _TYPE_NAMES:
+            continue  # extra: whatever config.json held
+        if kind == "tuple[int, ...]":
+            ok = isinstance(value, tuple) and all(_is_int(v) for v in value)
+        elif kind == "int":
+            ok = _is_int(value)
+        elif kind == "float":
+            ok = _is_int(value) or (isinstance(value, float) and math.isfinite(value))
+        else:
+            ok = isinstance(value, bool if kind == "bool" else str)
+        if not ok:
+            raise ValueError(f"{f.name} must be {_TYPE_NAMES[kind]}, got {value!r}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -115,8 +159,10 @@ class DrafterConfig:
     """Unrecognised config.json fields, kept so a round trip loses nothing."""
 
     def __post_init__(self) -> None:
-        if self.block_size < 1:
-            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        check_field_types(self)
+        for name in POSITIVE_FIELDS:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
         if not self.target_layer_ids:
             raise ValueError("target_layer_ids must name at least one target layer")
         ids = list(self.target_layer_ids)
@@ -237,6 +283,8 @@ def values_from_json(cls, d: dict[str, Any], written: set[str]) -> dict[str, Any
     """
     known = {f.name for f in dataclasses.fields(cls)} - {"extra", "target_name", "layer_family"}
     values = {k: d[k] for k in known if k in d}
+    if not isinstance(d["target_layer_ids"], list):
+        raise ValueError(f"target_layer_ids must be a list of integers, got {d['target_layer_ids']!r}")
     values["target_layer_ids"] = tuple(d["target_layer_ids"])
     values["target_name"] = d.get("dspark_target_name", d.get("_name_or_path", "unknown"))
     values["layer_family"] = d.get("model_type", cls.default_family())
@@ -249,4 +297,64 @@ def values_from_json(cls, d: dict[str, Any], written: set[str]) -> dict[str, Any
 
 
 def load_json(folder: str | Path) -> dict[str, Any]:
-    return json.loads((Path(folder) / CONFIG_NAME).read_text())
+    """``folder/config.json`` as a dict; ValueError when it is not a JSON object."""
+    d = json.loads((Path(folder) / CONFIG_NAME).read_text())
+    if not isinstance(d, dict):
+        raise ValueError(f"config.json holds a {type(d).__name__}, not a JSON object")
+    return d
+
+
+# -- model.safetensors against config.json ------------------------------------------------------------
+def checkpoint_shapes(path: Path) -> dict[str, list[int]]:
+    """Name -> shape of every tensor in the safetensors file ``path``, read from its header only.
+
+    ``safe_open`` checks that the header covers the file (a truncated file raises
+    ``SafetensorError``) and maps nothing into memory until a tensor is asked for.
+    """
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return {name: list(f.get_slice(name).get_shape()) for name in f.keys()}
+
+
+def check_layer_count(path: Path, found: dict[str, list[int]], prefix: str, expected: int) -> None:
+    """Refuse ``path`` unless its tensors under ``prefix`` (``layers.``) number exactly layers 0..expected-1.
+
+    Run before a model is built: the layer count of config.json sizes the allocation, so a
+    wrong one must not cost its memory first.
+    """
+    held = sorted({int(k[len(prefix):].split(".")[0]) for k in found
+                   if k.startswith(prefix) and k[len(prefix):].split(".")[0].isdigit()})
+    if held != list(range(expected)):
+        have = f"{len(held)} ({prefix}{held[0]}..{prefix}{held[-1]})" if held else f"no {prefix}* tensors"
+        raise DsparkError(f"{path.parent}/{CONFIG_NAME} says num_hidden_layers {expected}, but {path} holds "
+                          f"{have}; the config does not belong to these weights")
+
+
+def check_shapes(path: Path, found: dict[str, list[int]], expected: dict[str, list[int]],
+                 optional: dict[str, list[int]] | None = None) -> None:
+    """Refuse ``path`` unless its tensors are ``expected`` (name -> shape) plus any of ``optional``, shape for shape."""
+    optional = optional or {}
+    wanted = {**expected, **optional}
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in wanted]
+    wrong = [f"{k} {found[k]} in the file, {wanted[k]} by {CONFIG_NAME}" for k in found
+             if k in wanted and found[k] != wanted[k]]
+    if missing or unexpected or wrong:
+        more = f" (and {len(wrong) - 3} more)" if len(wrong) > 3 else ""
+        parts = [f"size mismatch for {'; '.join(wrong[:3])}{more}"] if wrong else []
+        parts += [f"missing {missing[:5]}"] if missing else []
+        parts += [f"unexpected {unexpected[:5]}"] if unexpected else []
+        raise DsparkError(f"checkpoint {path.parent} does not match its config: " + "; ".join(parts))
+
+
+def check_finite(path: Path, state: dict[str, Any]) -> None:
+    """Refuse NaN or inf in any floating tensor of ``state`` (loaded from ``path``), naming the tensor.
+
+    A non-finite weight gives NaN logits and NaN confidences: the run would crash at T > 0, or
+    (with the default policy) silently stop speculating. It is the checkpoint that is broken.
+    """
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not bool(tensor.isfinite().all()):  # host sync: once per tensor, at load
+            raise DsparkError(f"{path}: tensor {name} holds NaN or inf values; this drafter is broken "
+                              f"(retrain it, or export it again from a healthy checkpoint)")

@@ -17,6 +17,7 @@ records to a JSONL file, and a rerun with the same settings skips what the journ
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -126,21 +127,35 @@ class Journal:
         self.done: dict[tuple[str, int], list[GenerationRecord]] = {}
         if self.path.exists() and self.path.stat().st_size:
             lines = self.path.read_text().splitlines()
-            if json.loads(lines[0]) != {"fingerprint": self.fingerprint}:
+            try:
+                header = json.loads(lines[0])
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{self.path}:1 is not a journal header ({exc}); delete the journal to start again") from None
+            if header != {"fingerprint": self.fingerprint}:
                 raise ValueError(f"{self.path} belongs to an eval run with other settings; pass another --out, "
                                  "or delete the journal to start again")
             kept = 1
-            for line in lines[1:]:
+            for number, line in enumerate(lines[1:], 2):
                 try:
                     entry = json.loads(line)
                 except json.JSONDecodeError:
                     break  # a line cut short by a kill: that conversation runs again
-                self.done[(entry["dataset"], entry["index"])] = [GenerationRecord(**r) for r in entry["records"]]
+                try:
+                    self.done[(entry["dataset"], entry["index"])] = [GenerationRecord(**r) for r in entry["records"]]
+                except (KeyError, TypeError) as exc:  # a whole line, but not one this journal wrote
+                    raise ValueError(f"{self.path}:{number} is not a journal entry ({type(exc).__name__}: {exc}); "
+                                     "delete the journal to start again") from None
                 kept += 1
-            self.path.write_text("".join(line + "\n" for line in lines[:kept]))
+            self._rewrite(lines[:kept])
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.write_text(json.dumps({"fingerprint": self.fingerprint}) + "\n")
+            self._rewrite([json.dumps({"fingerprint": self.fingerprint})])
+
+    def _rewrite(self, lines: list[str]) -> None:
+        """Replace the journal with ``lines`` atomically: a kill leaves the old journal or the new one."""
+        staging = self.path.with_name(self.path.name + ".tmp")
+        staging.write_text("".join(line + "\n" for line in lines))
+        os.replace(staging, self.path)
 
     def add(self, dataset: str, index: int, records: list[GenerationRecord]) -> None:
         self.done[(dataset, index)] = records

@@ -5,7 +5,11 @@ drafter) and ``training_state.pt`` (optimizer, scheduler, step, RNG: tensors and
 only, read back with ``weights_only=True``); the file ``out/latest`` names the newest complete
 one. A resume is refused when the settings (``train_config.json``) or the data
 (``train_data.json``: counts and a digest of the sequences) differ; how ``out`` is spelled
-does not matter. ``out/best/`` keeps the best drafter by held-out τ (with ``best.json``).
+does not matter. Both files are written atomically, and a file that does not parse is
+refused naming it. ``out/best/`` keeps the best drafter by held-out τ (with ``best.json``);
+every score is in ``heldout_log.jsonl``, and a checkpoint a kill left unscored (saved, not
+yet scored) is scored when the run resumes (:func:`unscored_checkpoints`), so ``best/`` never
+misses one. One process at a time trains in ``out``: :func:`run_lock`.
 """
 
 from __future__ import annotations
@@ -14,8 +18,9 @@ import dataclasses
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -23,7 +28,50 @@ import torch.distributed as dist
 from dspark.drafters.dspark.model import DSparkModel
 from dspark.errors import DsparkError
 from dspark.training.config import TrainConfig
+from dspark.training.data.store import lock_folder, write_atomic
 from dspark.training.heldout import HeldoutScore
+
+HELDOUT_LOG = "heldout_log.jsonl"
+_HELD: set[Path] = set()
+"""Run folders this process holds locked (:func:`run_lock` is re-entrant: the CLI holds the
+lock before it loads the target, and :func:`~dspark.training.trainer.train` takes it again)."""
+
+
+@contextmanager
+def run_lock(out: str | Path, rank: int = 0) -> Iterator[None]:
+    """Hold ``out`` for this training run: a second process training in it is refused at once.
+
+    The lock is the shard stores' (:func:`~dspark.training.data.store.lock_folder`): ``flock``
+    on ``out/.lock``, released when the run ends or its process dies. Only rank 0 of a
+    distributed run takes it (the ranks share one folder). Creates ``out``.
+    """
+    out = Path(out)
+    key = out.expanduser().resolve()
+    if rank != 0 or key in _HELD:
+        yield
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    fd = lock_folder(out, f"{out} is in use by another `dspark train` (it holds {out}/.lock); wait for it to "
+                          "finish or use another --out")
+    _HELD.add(key)
+    try:
+        yield
+    finally:
+        _HELD.discard(key)
+        os.close(fd)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """``obj`` as indented json at ``path``, atomically: a kill leaves the old file or the new one, never a cut one."""
+    write_atomic(path, (json.dumps(obj, indent=2) + "\n").encode("utf-8"))
+
+
+def read_json(path: Path, remedy: str) -> Any:
+    """The json at ``path``; a file that does not parse is one DsparkError naming it, then ``remedy``."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise DsparkError(f"{path} is not readable json ({exc}); {remedy}") from None
 
 
 def data_record(sequences: Sequence, heldout: Sequence) -> dict:
@@ -84,17 +132,18 @@ def check_resume(out: str | Path, config: TrainConfig, data_record: dict | None 
     out = Path(out)
     if not (out / "latest").is_file():
         return
-    try:
-        saved = json.loads((out / "train_config.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise DsparkError(f"{out} has a checkpoint but no readable train_config.json ({exc}); use another --out") from None
+    saved = read_json(out / "train_config.json", f"{out} has a checkpoint, but its settings cannot be compared: "
+                                                 "use another --out")
+    if not isinstance(saved, dict):
+        raise DsparkError(f"{out / 'train_config.json'} holds no settings (a json {type(saved).__name__}); use another --out")
     mine = json.loads(config.to_json())
     differ = [k for k in mine if k not in RESUMABLE_CHANGES and k in saved and saved[k] != mine[k]]
     if differ:
         shown = "; ".join(f"{k} {saved[k]!r} there, {mine[k]!r} now" for k in differ)
         raise DsparkError(f"{out} holds a run with different settings ({shown}); use another --out")
     if data_record is not None and (out / "train_data.json").is_file():
-        if json.loads((out / "train_data.json").read_text()) != data_record:
+        remedy = "delete it to resume without comparing the data, or use another --out"
+        if read_json(out / "train_data.json", remedy) != data_record:
             raise DsparkError(
                 f"{out} was trained on other data (the sequences differ); to train further on more "
                 "data, start a new --out with --init-from that run's best/"
@@ -107,9 +156,7 @@ def resume(out: Path, model, optimizer, scheduler) -> int:
     if not pointer.is_file():
         return 0
     folder = out / pointer.read_text().strip()
-    from safetensors.torch import load_file
-
-    model.load_state_dict(load_file(str(folder / "model.safetensors"), device=str(next(model.parameters()).device)))
+    load_weights(model, folder)
     state = torch.load(folder / "training_state.pt", map_location="cpu", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
@@ -117,35 +164,98 @@ def resume(out: Path, model, optimizer, scheduler) -> int:
     return int(state["step"])
 
 
-def trim_log(path: Path, step: int) -> None:
-    """Drop log lines past the resumed step, so a resumed log has no duplicates."""
+def load_weights(model, folder: Path) -> None:
+    """Load the drafter weights of checkpoint ``folder`` into ``model``, on the model's device."""
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(str(folder / "model.safetensors"), device=str(next(model.parameters()).device)))
+
+
+def read_log(path: Path) -> list[dict]:
+    """The entries of a jsonl log with a ``step`` each; a line cut by a kill (or without a step) is skipped."""
     if not path.is_file():
-        return
-    keep = []
+        return []
+    entries = []
     for line in path.read_text().splitlines():
         try:
-            if json.loads(line)["step"] <= step:
-                keep.append(line)
-        except (json.JSONDecodeError, KeyError):
+            entry = json.loads(line)
+        except json.JSONDecodeError:
             continue  # a line cut by a kill
-    path.write_text("".join(k + "\n" for k in keep))
+        if isinstance(entry, dict) and isinstance(entry.get("step"), int):
+            entries.append(entry)
+    return entries
+
+
+def trim_log(path: Path, step: int) -> None:
+    """Drop log lines past the resumed step, so a resumed log has no duplicates (rewritten atomically)."""
+    if path.is_file():
+        _write_log(path, [e for e in read_log(path) if e["step"] <= step])
+
+
+def _write_log(path: Path, entries: list[dict]) -> None:
+    write_atomic(path, "".join(json.dumps(e) + "\n" for e in entries).encode("utf-8"))
+
+
+def unscored_checkpoints(out: Path, step: int) -> list[tuple[int, Path]]:
+    """(step, folder) of every checkpoint up to ``step`` that heldout_log.jsonl has no score for, oldest first.
+
+    A kill between :func:`save_checkpoint` and the held-out score leaves one; unscored, it could
+    never become ``best/``.
+    """
+    scored = {e["step"] for e in read_log(out / HELDOUT_LOG)}
+    found = []
+    for folder in out.glob("step_[0-9]*"):
+        number = folder.name.removeprefix("step_")
+        complete = (folder / "model.safetensors").is_file()  # save_checkpoint renames whole folders into place
+        if number.isdigit() and int(number) <= step and int(number) not in scored and complete:
+            found.append((int(number), folder))
+    return sorted(found)
 
 
 def keep_if_best(out: Path, step: int, score: HeldoutScore, model: DSparkModel) -> None:
-    """Append the score to heldout_log.jsonl and copy the drafter to best/ when it is the best."""
+    """Copy the drafter to best/ when its score is the best so far, then record the score in
+    heldout_log.jsonl (by step).
+
+    The log is written last: a kill before it leaves the checkpoint unscored, and the resumed
+    run scores it again (:func:`unscored_checkpoints`). ``best/`` is replaced in three renames
+    (old aside, new in, old removed); the next call finishes any a kill interrupted.
+    """
     entry = {"step": step, **dataclasses.asdict(score)}
-    trim_log(out / "heldout_log.jsonl", step - 1)
-    with open(out / "heldout_log.jsonl", "a") as fh:
-        fh.write(json.dumps(entry) + "\n")
+    _settle_best(out)
     best_file = out / "best" / "best.json"
-    if best_file.is_file() and json.loads(best_file.read_text())["tau_estimate"] >= score.tau_estimate:
-        return
-    staging = out / ".tmp_best"
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
-    (staging / "best.json").write_text(json.dumps(entry, indent=2) + "\n")
-    shutil.rmtree(out / "best", ignore_errors=True)
-    staging.rename(out / "best")
+    best = None
+    if best_file.is_file():
+        best = read_json(best_file, f"remove {out / 'best'} and resume to choose it again")
+        if not isinstance(best, dict) or not isinstance(best.get("tau_estimate"), (int, float)):
+            raise DsparkError(f"{best_file} has no tau_estimate; remove {out / 'best'} and resume to choose it again")
+    if best is None or score.tau_estimate > best["tau_estimate"]:
+        staging, old = out / ".tmp_best", out / ".old_best"
+        model.save_pretrained(staging)
+        write_json(staging / "best.json", entry)  # written last: a staging folder with best.json is whole
+        if (out / "best").exists():
+            (out / "best").rename(old)
+        staging.rename(out / "best")
+        shutil.rmtree(old, ignore_errors=True)
+    log = out / HELDOUT_LOG
+    _write_log(log, sorted([e for e in read_log(log) if e["step"] != step] + [entry], key=lambda e: e["step"]))
+
+
+def _settle_best(out: Path) -> None:
+    """Finish a replacement of ``best/`` that a kill interrupted.
+
+    A whole staging copy (best.json is written last) was made only because it beat ``best/``,
+    so it takes ``best/``'s place; without one, a ``best/`` set aside comes back. Leftovers go.
+    """
+    best, staging, old = out / "best", out / ".tmp_best", out / ".old_best"
+    if (staging / "best.json").is_file():
+        if best.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            best.rename(old)
+        staging.rename(best)
+    elif not best.exists() and (old / "best.json").is_file():
+        old.rename(best)
+    for leftover in (staging, old):
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 @torch.no_grad()

@@ -1,7 +1,9 @@
 """``dspark train``: train a DSpark, DFlash or EAGLE-3 drafter on regenerated responses.
 
 Runs on one process, or on N under ``torchrun --nproc_per_node N -m dspark train ...``
-(gloo on CPU, NCCL on CUDA). Only typer is imported at module top.
+(gloo on CPU, NCCL on CUDA). Only typer is imported at module top. Settings, ``--data`` and
+every shard store are checked before the target loads; then the run holds the lock of
+``--out`` (one ``dspark train`` per folder) until its export is written.
 """
 
 from __future__ import annotations
@@ -55,9 +57,14 @@ def train_command(
         raise DsparkError(f"--markov-w1 must be {' or '.join(MARKOV_W1_VOCABS)}, got {markov_w1!r}")
     if markov_w1 == "draft" and (variant != "dspark" or draft_vocab == 0):
         raise DsparkError("--markov-w1 draft needs --variant dspark and a reduced draft vocabulary (--draft-vocab > 0)")
+    named: dict[Path, Path] = {}
     for path in data:
         if not path.exists():
             raise DsparkError(f"training data not found: {path}")
+        first = named.setdefault(path.resolve(), path)
+        if first is not path:  # the same data twice would train on it twice and fool the epoch cap
+            also = "" if str(first) == str(path) else f" (also as --data {first})"
+            raise DsparkError(f"--data {path} is given twice{also}; each is read once")
     if not 0.0 <= heldout_fraction < 1.0 or not 0.0 < data_fraction <= 1.0:
         raise DsparkError("--heldout-fraction must be in [0, 1) and --data-fraction in (0, 1]")
     if init_from is not None and not (init_from / "config.json").is_file():
@@ -66,11 +73,9 @@ def train_command(
     if export is not None:
         check_out_dir(export, "--export")
 
-    import torch
-
-    from dspark.target import TargetModel
-    from dspark.training.checkpoints import check_resume
-    from dspark.training.trainer import TrainConfig, train
+    from dspark.training.checkpoints import check_resume, run_lock
+    from dspark.training.config import TrainConfig
+    from dspark.training.data.sequences import open_stores
 
     config = TrainConfig(
         out_dir=str(out), variant=variant, num_layers=num_layers or (1 if variant == "eagle3" else 2), layer_family=layer_family or "", block_size=block_size,
@@ -80,7 +85,25 @@ def train_command(
         init_from=str(init_from or ""), save_every=save_every, log_every=log_every, seed=seed, max_length=max_length,
     )
     check_resume(out, config)  # other settings are refused before the target loads; the data once it is read
+    stores = [p for p in data if p.is_dir()]
+    if stores:
+        open_stores(stores)  # every shard checked against its manifest before the target loads
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    with run_lock(out, rank=int(os.environ.get("RANK", "0"))):  # held through training and the export
+        _train_and_export(config, data, out, variant, model, max_length, heldout_fraction, data_fraction,
+                          feature_cache, export, world)
+
+
+def _train_and_export(config, data: List[Path], out: Path, variant: str, model: Optional[str], max_length: int,
+                      heldout_fraction: float, data_fraction: float, feature_cache: Optional[Path],
+                      export: Optional[Path], world: int) -> None:
+    """Load the target and the data, train, export: ``dspark train`` once its checks passed."""
+    import torch
+
+    from dspark.target import TargetModel
+    from dspark.training.checkpoints import check_resume, data_record
+    from dspark.training.trainer import train
+
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
     if world > 1:
@@ -90,6 +113,7 @@ def train_command(
     try:
         target = TargetModel.load(model, device=device)
         split = _load_data(data, target, max_length, heldout_fraction, data_fraction)
+        check_resume(out, config, data_record(split.train, split.heldout))  # other data: refused before the report
         tokens = sum(len(s.input_ids) for s in split.train)
         typer.echo(
             f"dspark: {len(split.train)} training sequences ({tokens} tokens), {len(split.heldout)} held out",

@@ -7,7 +7,8 @@ normalised by the *global* weight sum so N ranks reproduce one process exactly.
 Checkpoints, resume and the best drafter so far: :mod:`dspark.training.checkpoints`; since
 data order and anchors are functions of (seed, step), a resumed run loses and repeats
 nothing. The loss of one step: :mod:`dspark.training.step`; held-out scoring, which picks
-``out/best/``: :mod:`dspark.training.heldout`.
+``out/best/``: :mod:`dspark.training.heldout`. A resumed run first scores the checkpoints a
+kill left unscored, and one process at a time trains in ``out`` (its lock).
 
 The three variants share everything but the model and the loss weights: the same data,
 anchors, target features and p_t (:class:`~dspark.training.step.StepContext` calls
@@ -38,6 +39,7 @@ from dspark.drafters.eagle3.model import Eagle3Model
 from dspark.errors import DsparkError
 from dspark.training import checkpoints
 from dspark.training.batches import global_batch_indices, make_batch
+from dspark.training.data.store import write_atomic
 from dspark.training.heldout import heldout_tau
 from dspark.training.step import StepContext
 from dspark.training.config import TrainConfig
@@ -99,8 +101,6 @@ def train(
     ``stop_after`` ends this call after that many steps (tests use it to simulate a kill).
     ``heldout`` sequences (split by prompt, never the eval sets) score every checkpoint.
     """
-    from dspark.training.features import OnlineFeatures
-
     if not sequences:
         raise DsparkError("no training sequences")
     epochs = config.steps * config.batch_size / len(sequences)
@@ -112,6 +112,15 @@ def train(
     rank, world = _world()
     if config.batch_size % world:
         raise DsparkError(f"batch_size {config.batch_size} must be divisible by the {world} processes")
+    with checkpoints.run_lock(config.out_dir, rank):
+        return _train(config, target, sequences, features, stop_after, progress, heldout, rank, world)
+
+
+def _train(config: TrainConfig, target, sequences: Sequence, features, stop_after: int | None, progress: bool,
+           heldout: Sequence, rank: int, world: int) -> Path:
+    """:func:`train` once the run folder is held."""
+    from dspark.training.features import OnlineFeatures
+
     out = Path(config.out_dir)
     device = target.device
     drafter_config = config.drafter_config(target)
@@ -132,13 +141,16 @@ def train(
     start_step = checkpoints.resume(out, model, optimizer, scheduler)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "train_config.json").write_text(config.to_json())
-        (out / "train_data.json").write_text(json.dumps(data_record, indent=2) + "\n")
+        write_atomic(out / "train_config.json", config.to_json().encode("utf-8"))
+        checkpoints.write_json(out / "train_data.json", data_record)
         checkpoints.trim_log(out / "train_log.jsonl", start_step)
+        checkpoints.trim_log(out / checkpoints.HELDOUT_LOG, start_step)
     ddp = model
     if world > 1:
         ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     step_context = StepContext(target, features, drafter_config, config.loss_weights, model.draft_ids, device, world)
+    if heldout and config.heldout_batches:
+        _score_unscored(out, start_step, model, step_context, heldout, config, rank)
     end = config.steps if stop_after is None else min(config.steps, start_step + stop_after)
     bar = tqdm(range(start_step, end), initial=start_step, total=config.steps, disable=not progress or rank != 0, desc=f"train {config.variant}")
     started = time.perf_counter()
@@ -169,6 +181,25 @@ def train(
                     bar.write(f"step {done}: held-out τ estimate {score.tau_estimate:.3f}")
     bar.close()
     return last_saved or out / (out / "latest").read_text().strip()
+
+
+def _score_unscored(out: Path, start_step: int, model, step_context: StepContext, heldout: Sequence,
+                    config: TrainConfig, rank: int) -> None:
+    """Score every checkpoint a kill left unscored (saved, then killed before its held-out score),
+    so ``best/`` considers it, then put the resumed weights back. The RNG is left as it was."""
+    pending = checkpoints.unscored_checkpoints(out, start_step)
+    if not pending:
+        return
+    rng = torch.get_rng_state()
+    for step, folder in pending:
+        if step != start_step:  # the resumed model already holds the latest checkpoint
+            checkpoints.load_weights(model, folder)
+        score = heldout_tau(model, step_context, heldout, config)
+        if rank == 0:
+            checkpoints.keep_if_best(out, step, score, model)
+    if any(step != start_step for step, _ in pending):
+        checkpoints.load_weights(model, out / f"step_{start_step:08d}")
+    torch.set_rng_state(rng)
 
 
 def choose_draft_vocab(sequences: Sequence, target, size: int) -> torch.Tensor:

@@ -51,12 +51,14 @@ class DSparkConfig(DrafterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.num_hidden_layers < 1:
+            raise ValueError(f"num_hidden_layers must be > 0, got {self.num_hidden_layers}")
         if not 0 <= self.mask_token_id < self.vocab_size:
             raise ValueError(f"mask_token_id {self.mask_token_id} is outside the vocabulary")
         if self.markov_head_type not in MARKOV_HEAD_TYPES:
             raise ValueError(f"markov_head_type must be one of {MARKOV_HEAD_TYPES}")
         if self.markov_rank < 0:
-            raise ValueError("markov_rank must be >= 0")
+            raise ValueError(f"markov_rank must be >= 0, got {self.markov_rank}")
         if self.markov_w1_vocab not in MARKOV_W1_VOCABS:
             raise ValueError(f"markov_w1_vocab must be one of {MARKOV_W1_VOCABS}, got {self.markov_w1_vocab!r}")
         if self.markov_w1_vocab == "draft" and not self.reduced_vocab:

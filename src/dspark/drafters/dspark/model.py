@@ -20,7 +20,6 @@ target vocabulary, where q is zero outside the subset.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from dspark.drafters.dspark.attention import register as register_block_attentio
 from dspark.drafters.dspark.config import DSparkConfig
 from dspark.drafters.dspark.heads import ConfidenceHead, MarkovHead, RNNHead
 from dspark.drafters.dspark.vocab import DraftVocabulary
+from dspark.drafters.drafter_config import check_finite, check_layer_count, check_shapes, checkpoint_shapes
 from dspark.drafters.families import (
     QK_NORM_FAMILIES, convert_norm, embed_as_target, family_blocks, soft_cap, unit_offset_norms,
 )
@@ -409,6 +409,9 @@ class DSparkModel(DraftVocabulary, nn.Module):
     def from_pretrained(
         cls, folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
     ) -> "DSparkModel":
+        """Load a drafter folder. config.json is validated and compared with the tensor names and
+        shapes in the header of model.safetensors before anything is built (a wrong layer count
+        or width costs no memory), and NaN or inf weights are refused, naming the tensor."""
         from safetensors.torch import load_file
 
         folder = Path(folder)
@@ -416,10 +419,19 @@ class DSparkModel(DraftVocabulary, nn.Module):
             raise DsparkError(f"{folder} is not a DSpark drafter folder (no config.json)")
         try:
             config = DSparkConfig.load(folder)
-        except (KeyError, TypeError, json.JSONDecodeError) as exc:
+        except (KeyError, TypeError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
             raise DsparkError(f"{folder}/config.json is not a DSpark config: {exc}") from exc
+        weights = folder / WEIGHTS_NAME
+        found = checkpoint_shapes(weights)
+        check_layer_count(weights, found, "layers.", config.num_hidden_layers)
+        with torch.device("meta"):  # shapes only: allocates nothing
+            skeleton = cls(config)
+        d = config.hidden_size
+        carried = {"embed_tokens.weight": [config.vocab_size, d], "lm_head.weight": [config.num_draft_tokens, d]}
+        check_shapes(weights, found, {k: list(v.shape) for k, v in skeleton.state_dict().items()}, carried)
         model = cls(config)
-        state = load_file(str(folder / WEIGHTS_NAME), device=str(device))
+        state = load_file(str(weights), device=str(device))
+        check_finite(weights, state)
         model.carry(*(state.pop(key, None) for key in CARRIED_KEYS))
         missing, unexpected = model.load_state_dict(state, strict=False)
         missing = [k for k in missing if k not in CARRIED_KEYS]  # carried above, as they are

@@ -50,6 +50,9 @@ class Eagle3Config(DrafterConfig):
     def from_json_dict(cls, d: dict[str, Any]) -> "Eagle3Config":
         if d.get("dspark_drafter") != DRAFTER_KIND:
             raise ValueError("config.json does not describe an EAGLE-3 drafter (dspark_drafter != 'eagle3')")
+        if d.get("num_hidden_layers", 1) != 1:
+            raise ValueError(f"num_hidden_layers must be 1 (an EAGLE-3 drafter has one decoder layer), "
+                             f"got {d['num_hidden_layers']!r}")
         return cls(**values_from_json(cls, d, _WRITTEN))
 
 

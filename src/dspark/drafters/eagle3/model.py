@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from dspark.drafters.dspark.vocab import DraftVocabulary
+from dspark.drafters.drafter_config import check_finite, check_shapes, checkpoint_shapes
 from dspark.drafters.eagle3.config import Eagle3Config
 from dspark.drafters.families import convert_norm, embed_as_target, family_blocks, soft_cap, unit_offset_norms
 from dspark.errors import DsparkError
@@ -236,15 +237,25 @@ class Eagle3Model(DraftVocabulary, nn.Module):
     @classmethod
     def from_pretrained(cls, folder: str | Path, device: str | torch.device = "cpu",
                         dtype: torch.dtype = torch.float32) -> "Eagle3Model":
+        """Load a drafter folder, checked as :meth:`DSparkModel.from_pretrained
+        <dspark.drafters.dspark.model.DSparkModel.from_pretrained>` checks one: config.json's
+        fields, then its shapes against the header of model.safetensors before anything is
+        built, then the weights for NaN or inf."""
         from safetensors.torch import load_file
 
         folder = Path(folder)
         try:
             config = Eagle3Config.load(folder)
         except (OSError, KeyError, TypeError, ValueError) as exc:
-            raise DsparkError(f"{folder} is not an EAGLE-3 drafter folder: {exc}") from exc
+            raise DsparkError(f"{folder}/config.json is not an EAGLE-3 drafter config: {exc}") from exc
+        weights = folder / WEIGHTS_NAME
+        found = checkpoint_shapes(weights)
+        with torch.device("meta"):  # shapes only: allocates nothing
+            skeleton = cls(config)
+        check_shapes(weights, found, {k: list(v.shape) for k, v in skeleton.state_dict().items()})
         model = cls(config)
-        state = load_file(str(folder / WEIGHTS_NAME), device=str(device))
+        state = load_file(str(weights), device=str(device))
+        check_finite(weights, state)
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise DsparkError(f"checkpoint {folder} does not match its config: missing {missing}, unexpected {unexpected}")

@@ -32,8 +32,7 @@ def load_sequences(
         raise ValueError(f"max_length must be >= 1 and min_loss_tokens >= 0, got {max_length}, {min_loss_tokens}")
     if not folders:
         raise ValueError("load_sequences needs at least one store folder")
-    stores = [ShardStore.open(f) for f in folders]
-    _check_compatible(stores)
+    stores = open_stores(folders)
     sequences = []
     jobs = [(s, m) for s in stores for m in s.manifests]
     for store, manifest in tqdm(jobs, desc="loading shards", unit="shard", disable=not progress):
@@ -43,6 +42,34 @@ def load_sequences(
             if sum(mask) >= min_loss_tokens:
                 sequences.append(TrainingSequence(ids, mask, r.id, greedy_labels=greedy, domain=r.domain))
     return sequences
+
+
+def open_stores(folders: Sequence[str | Path]) -> list[ShardStore]:
+    """Open stores to read together, refusing what would train on the same data twice.
+
+    A folder named twice (however spelled: paths are resolved) and a shard present in two
+    stores (the same npz sha1: a copied store) are refused, as are stores of different
+    tokenizers or (regenerated) targets. Opening checks every shard against its manifest
+    (:meth:`ShardStore.open <dspark.training.data.store.ShardStore.open>`), so the CLI calls
+    this before loading a model.
+    """
+    named: dict[Path, str | Path] = {}
+    for folder in folders:
+        key = Path(folder).expanduser().resolve()
+        if key in named:
+            raise DsparkError(f"store {folder} is given twice (also as {named[key]}); each store is read once")
+        named[key] = folder
+    stores = [ShardStore.open(f) for f in folders]
+    shards: dict[str, Path] = {}
+    for store in stores:
+        for m in store.manifests:
+            where = store.folder / m.npz_name
+            if m.npz_sha1 in shards:
+                raise DsparkError(f"{where} is the same shard as {shards[m.npz_sha1]} (a copied store?); "
+                                  "each shard is read once")
+            shards[m.npz_sha1] = where
+    _check_compatible(stores)
+    return stores
 
 
 @dataclass(frozen=True)

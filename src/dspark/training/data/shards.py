@@ -6,7 +6,8 @@ every id fits, else ``uint32``), ``offsets`` # [n + 1], the loss mask bit-packed
 ``np.packbits`` and the record ids, sources, domains and finish reasons. Both files are
 written under a temporary name, fsynced and renamed; the json manifest comes last and is
 what marks a shard complete, so a killed write leaves at most an npz without a manifest,
-which readers ignore and the next writer removes.
+which readers ignore and the next writer removes. The manifest records the npz's size, sha1
+and record ids, which every open and read of the store checks.
 
 Sequences are built from token ids only (prompt ids + generated ids + end of turn); nothing is
 ever decoded and re-encoded, so the stored ids are exactly what the target saw and said.
@@ -122,6 +123,7 @@ class ShardManifest:
     npz_bytes: int
     """Size of the npz; a mismatch means the pair does not belong together."""
     npz_sha1: str
+    """sha1 of the npz bytes, checked on every read."""
     kind: str
     settings: dict[str, Any]
     target_fingerprint: str | None
@@ -172,6 +174,12 @@ def encode_shard(records: Sequence[ShardRecord]) -> bytes:
         finish_reasons=np.array([r.finish_reason for r in records], dtype=str),
     )
     return buffer.getvalue()
+
+
+def read_ids(source) -> list[str]:
+    """The record ids of an npz shard (a path or file): its ``ids`` member only, no token is read."""
+    with np.load(source, allow_pickle=False) as z:
+        return z["ids"].tolist()
 
 
 def decode_shard(payload: bytes) -> list[ShardRecord]:

@@ -8,6 +8,10 @@ A store is a folder bound to one way of making its data:
   greedy labels). Reopening a store with other settings or fingerprints is refused, naming the
   keys that differ: a resumed run never mixes two recipes. Adding prompts is always fine.
 - complete shards (:mod:`dspark.training.data.shards`), one per :meth:`ShardStore.append`.
+  Every open checks each manifest against its npz (file name, size, the record ids of the
+  npz's ``ids`` member) and that no shard or prompt id appears twice; every read checks the
+  npz's sha1, so a shard changed, swapped or corrupted after it was written is refused in
+  one line naming it, never trained on.
 
 The stores fill from :mod:`~dspark.training.data.regen` (the target's own answers) and
 :mod:`~dspark.training.data.text` (existing conversations); the trainer reads them through
@@ -21,6 +25,8 @@ import fcntl
 import hashlib
 import json
 import os
+import zlib
+import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -33,6 +39,7 @@ from dspark.training.data.shards import (
     ShardRecord,
     decode_shard,
     encode_shard,
+    read_ids,
 )
 
 KINDS = ("regenerated", "text")
@@ -162,14 +169,14 @@ class ShardStore:
         if folder.exists() and not folder.is_dir():
             raise DsparkError(f"store path is a file, not a folder: {folder}")
         folder.mkdir(parents=True, exist_ok=True)
-        lock_fd = _lock(folder)
+        lock_fd = lock_folder(folder, f"store {folder} is being written by another process")
         try:
             have = _read_info(folder)
             if have is None:
                 strays = [p.name for p in folder.iterdir() if p.name != LOCK_FILE]
                 if strays:
                     raise DsparkError(f"{folder} is not empty and not a shard store (holds {strays[0]}); use a new folder")
-                _write_atomic(folder / STORE_FILE, _json_bytes(asdict(want)))
+                write_atomic(folder / STORE_FILE, _json_bytes(asdict(want)))
                 have = want
             else:
                 _check_binding(folder, have, want)
@@ -221,17 +228,26 @@ class ShardStore:
             ids=[r.id for r in records],
             counts=ShardCounts.of(records),
         )
-        _write_atomic(self.folder / manifest.npz_name, payload)
-        _write_atomic(self.folder / f"shard_{index:05d}.json", _json_bytes(manifest.to_json()))
+        write_atomic(self.folder / manifest.npz_name, payload)
+        write_atomic(self.folder / f"shard_{index:05d}.json", _json_bytes(manifest.to_json()))
         self.manifests.append(manifest)
         return manifest
 
     def read_shard(self, manifest: ShardManifest) -> list[ShardRecord]:
+        """The records of one shard, after its bytes are checked against the manifest's size and sha1."""
         path = self.folder / manifest.npz_name
         payload = path.read_bytes()
         if len(payload) != manifest.npz_bytes:
             raise DsparkError(f"{path} has {len(payload)} bytes, its manifest says {manifest.npz_bytes}")
-        return decode_shard(payload)
+        if hashlib.sha1(payload).hexdigest() != manifest.npz_sha1:
+            raise DsparkError(f"{path} does not match its manifest (sha1): it was changed or corrupted after it "
+                              "was written; restore it, or remove the shard's npz and json")
+        try:
+            records = decode_shard(payload)
+        except UNREADABLE_NPZ as exc:
+            raise DsparkError(f"{path} is not a readable shard ({type(exc).__name__}: {exc})") from None
+        _check_ids(path, [r.id for r in records], manifest)
+        return records
 
     def iter_records(self) -> Iterator[ShardRecord]:
         for manifest in self.manifests:
@@ -257,7 +273,7 @@ def _json_bytes(obj: Any) -> bytes:
     return (json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
 
 
-def _write_atomic(path: Path, payload: bytes) -> None:
+def write_atomic(path: Path, payload: bytes) -> None:
     """Write to a temporary name, fsync, rename, fsync the folder: all or nothing."""
     staging = path.with_name(path.name + ".tmp")
     with staging.open("wb") as f:
@@ -272,13 +288,19 @@ def _write_atomic(path: Path, payload: bytes) -> None:
         os.close(fd)
 
 
-def _lock(folder: Path) -> int:
+def lock_folder(folder: Path, busy: str) -> int:
+    """Take the exclusive lock on ``folder`` (``flock`` on ``folder/.lock``) and return its descriptor;
+    raise DsparkError(``busy``) at once when another process holds it.
+
+    Closing the descriptor releases the lock, and so does the death of the process, so a
+    killed writer never leaves a folder locked. Shard stores and training runs both use it.
+    """
     fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise DsparkError(f"store {folder} is being written by another process") from None
+        raise DsparkError(busy) from None
     return fd
 
 
@@ -301,15 +323,55 @@ def _read_manifests(folder: Path) -> list[ShardManifest]:
             continue  # incomplete: its writer was killed before the manifest
         try:
             manifest = ShardManifest.from_json(json.loads(path.read_text(encoding="utf-8")))
-        except (json.JSONDecodeError, TypeError, KeyError) as exc:
+        except (ValueError, TypeError, KeyError) as exc:  # json.JSONDecodeError is a ValueError
             raise DsparkError(f"{path} is not a valid shard manifest ({exc})") from None
+        if npz.name != manifest.npz_name:
+            raise DsparkError(f"{path} describes {manifest.npz_name}, not {npz.name}: it was copied from another "
+                              "shard; restore it, or remove both files")
         if manifest.npz_bytes != npz.stat().st_size:
             raise DsparkError(f"{npz} does not match its manifest (size); remove both files")
+        try:
+            ids = read_ids(npz)
+        except UNREADABLE_NPZ as exc:
+            raise DsparkError(f"{npz} is not a readable shard ({type(exc).__name__}: {exc}); remove both files") from None
+        _check_ids(npz, ids, manifest)
         manifests.append(manifest)
     orphans = sorted(p.name for p in folder.glob("shard_[0-9]*.json") if not p.with_suffix(".npz").is_file())
     if orphans:
         raise DsparkError(f"{folder}: manifest {orphans[0]} has no npz beside it; remove it")
+    _check_unique(folder, manifests)
     return manifests
+
+
+UNREADABLE_NPZ = (zipfile.BadZipFile, zlib.error, ValueError, KeyError, EOFError, OSError)
+"""What numpy raises on an npz that is not one (a cut or corrupted zip, a missing member)."""
+
+
+def _check_ids(npz: Path, ids: list[str], manifest: ShardManifest) -> None:
+    """Refuse a shard whose npz holds other record ids than its manifest lists (in order)."""
+    if ids == manifest.ids:
+        return
+    listed, held = set(manifest.ids), set(ids)
+    unlisted, absent = [i for i in ids if i not in listed], [i for i in manifest.ids if i not in held]
+    detail = (f"{len(unlisted)} id(s) of the npz not in the manifest (e.g. {unlisted[0]!r})" if unlisted else
+              f"{len(absent)} id(s) of the manifest not in the npz (e.g. {absent[0]!r})" if absent else "the order differs")
+    raise DsparkError(f"{npz} holds other records than its manifest lists ({detail}); the manifest was edited "
+                      "or belongs to another shard: restore it, or remove both files")
+
+
+def _check_unique(folder: Path, manifests: list[ShardManifest]) -> None:
+    """Refuse a store where one npz (by sha1) or one prompt id is in two shards: it would train twice on it."""
+    by_sha1: dict[str, str] = {}
+    by_id: dict[str, str] = {}
+    for m in manifests:
+        if m.npz_sha1 in by_sha1:
+            raise DsparkError(f"{folder}: {m.npz_name} is a copy of {by_sha1[m.npz_sha1]}; remove one of them (npz and json)")
+        by_sha1[m.npz_sha1] = m.npz_name
+        for i in m.ids:
+            if i in by_id:
+                raise DsparkError(f"{folder}: prompt id {i!r} is in both {by_id[i]} and {m.npz_name}; a store holds each "
+                                  "prompt once")
+            by_id[i] = m.npz_name
 
 
 def _remove_incomplete(folder: Path) -> None:

@@ -121,8 +121,11 @@ def deepspec_config(raw: dict[str, Any], src: Path, target=None) -> DSparkConfig
     if "num_target_layers" not in d:
         d["num_target_layers"] = target.model.config.num_hidden_layers
     _check_supported(d, where)
+    sizes = (d["hidden_size"], d["num_attention_heads"])
     if d.get("head_dim") is None:
-        d["head_dim"] = d["hidden_size"] // d["num_attention_heads"]
+        d.pop("head_dim", None)
+        if all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in sizes):  # else DrafterConfig names the bad field
+            d["head_dim"] = d["hidden_size"] // d["num_attention_heads"]
     if d.get("num_key_value_heads") is None:
         d["num_key_value_heads"] = d["num_attention_heads"]
     if "dspark_target_name" not in d and "_name_or_path" not in d and target is not None:
