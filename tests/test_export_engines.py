@@ -27,14 +27,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import tiny_target
 from dspark.drafters.base import DraftInput
 from dspark.drafters.dspark import DSparkDrafter, DSparkModel
 from dspark.drafters.dspark.interop import EXPORTERS, OUTSIDE_LOGIT, export_sglang, full_vocabulary_form
 from dspark.drafters.factory import SHIPPED_DRAFTER
 from dspark.errors import DsparkError
 from dspark.sampling import SamplingParams
-from test_convert import DRAFT_VOCAB, GAMMA, PROMPT, make_model
+from test_convert import DRAFT_VOCAB, GAMMA, PROMPT, make_model, target  # noqa: F401  (target: the module fixture, bf16-exact weights)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -50,14 +49,6 @@ Tree = dict[str, "Shape | dict[Any, Shape]"]
 """An engine's parameters by name: a shape, or for a stacked parameter its shards' shapes by shard id."""
 
 
-@pytest.fixture(scope="module")
-def target():
-    """Tiny target, bf16-exact weights (as test_convert's), so bf16 exports carry its head exactly."""
-    t = tiny_target(vocab_size=32, hidden=32, layers=6, seed=0)
-    with torch.no_grad():
-        for p in t.model.parameters():
-            p.copy_(p.bfloat16().float())
-    return t
 
 
 class Refused(Exception):
