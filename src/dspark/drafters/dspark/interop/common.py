@@ -265,7 +265,13 @@ def engine_config(config: DSparkConfig, target, dtype: torch.dtype) -> dict[str,
 def write_export(out: Path, config_json: dict[str, Any], tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> tuple[str, ...]:
     """Write ``config.json`` and ``model.safetensors`` (floating tensors in ``dtype``) to the new folder ``out``."""
     check_out(out)
-    state = {k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu().contiguous() for k, v in tensors.items()}
+    state, seen = {}, set()
+    for key, value in tensors.items():
+        value = (value.to(dtype) if value.is_floating_point() else value).detach().cpu().contiguous()
+        if value.untyped_storage().data_ptr() in seen:  # a tied target's embedding is its head: safetensors
+            value = value.clone()                        # writes each tensor's own bytes
+        seen.add(value.untyped_storage().data_ptr())
+        state[key] = value
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config_json, indent=2, sort_keys=True) + "\n")
     save(state, out)

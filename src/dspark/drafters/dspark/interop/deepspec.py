@@ -183,4 +183,4 @@ def export_deepspec(src: str | Path | DSparkModel, out: str | Path, target, dtyp
                      f"{model.config.vocab_size} tokens (Markov rank {model.config.markov_rank} + 1 masks the rest)")
     keys = write_export(out, config, tensors, dtype)
     return ExportReport(engine="deepspec", out=out, dtype=dtype_name(dtype), keys=keys, notes=tuple(notes),
-                        serve=(f"DeepSpec: Qwen3DSparkModel.from_pretrained('{out}')",))
+                        serve=(f"Qwen3DSparkModel.from_pretrained('{out}')  # deepspec.modeling.dspark.qwen3",))
