@@ -166,7 +166,7 @@ def load_drafter(src_or_model: str | Path | DSparkModel) -> DSparkModel:
 
 
 def engine_tensors(model: DSparkModel, target, engine: str) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """The tensors of the engines' layout (DeepSpec's key names) and notes on what they hold.
+    """The tensors of the engines' layout (DeepSpec's key names) and notes on the target.
 
     Carried ``embed_tokens``/``lm_head`` are kept as they are; a reduced vocabulary gets the
     target head's rows of its draft tokens as ``lm_head`` (vLLM and llama.cpp require it with
@@ -184,9 +184,7 @@ def engine_tensors(model: DSparkModel, target, engine: str) -> tuple[dict[str, t
     reference = target_weights(config, target, getattr(model, "d2t", None))
     if config.reduced_vocab and "lm_head.weight" not in tensors:
         tensors["lm_head.weight"] = reference["lm_head.weight"]
-    notes = [f"{key} differs from the target's: vLLM keeps the drafter's own, SGLang always uses the target's "
-             "(dspark convert export --engine sglang refuses it)"
-             for key, weight in carried.items() if not same_tensor(weight, reference[key])]
+    notes = []
     family = getattr(target.model.config, "model_type", "?")
     if family not in VERIFIED_TARGETS:
         notes.append(f"the target is {family}: the GPU engines serve DSpark for targets that expose their "
@@ -216,11 +214,9 @@ def full_vocabulary_form(model: DSparkModel, target) -> DSparkModel:
     if not config.reduced_vocab:
         return model
     check_exportable(config, "a full-vocabulary engine")
-    if "lm_head.weight" in model.carried():
-        rows = target_weights(config, target, model.d2t)["lm_head.weight"]
-        if not same_tensor(model.carried()["lm_head.weight"], rows):
-            raise DsparkError("this drafter carries its own LM head rows, which an engine drafting through the "
-                              "target's full head cannot use; it cannot be written over the full vocabulary")
+    if "lm_head.weight" in own_copies(model, target):
+        raise DsparkError("this drafter carries its own LM head rows, which an engine drafting through the "
+                          "target's full head cannot use; it cannot be written over the full vocabulary")
     r, V = config.markov_rank, config.vocab_size
     full = DSparkModel(dataclasses.replace(config, draft_vocab_size=0, markov_rank=r + 1, markov_w1_vocab="target"))
     state = {k: v for k, v in model.state_dict().items() if k not in ("d2t", "t2d", *CARRIED_KEYS)}

@@ -42,7 +42,6 @@ def export_speculators(src: str | Path | DSparkModel, out: str | Path, target, d
     out, model = Path(out), load_drafter(src)
     config = model.config
     tensors, notes = engine_tensors(model, target, ENGINE)
-    notes = [n for n in notes if "differs from the target's" not in n]  # those are vLLM's and SGLang's; speculators' below
     _check_embedding(target)
     # speculators loads these from the verifier whatever the folder holds (dflash/core.py:171-176).
     reloaded = ("embed_tokens.weight",) if config.reduced_vocab else ("embed_tokens.weight", "lm_head.weight")

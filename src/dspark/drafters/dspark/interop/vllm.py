@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from dspark.drafters.dspark.interop.common import (
-    ExportReport, dtype_name, engine_config, engine_tensors, load_drafter, write_export,
+    ExportReport, dtype_name, engine_config, engine_tensors, load_drafter, own_copies, write_export,
 )
 from dspark.drafters.dspark.model import DSparkModel
 
@@ -24,6 +24,8 @@ def export_vllm(src: str | Path | DSparkModel, out: str | Path, target, dtype: t
     """Write the drafter in the layout vLLM's ``method: dspark`` loads; nothing is written on a refusal."""
     out, model = Path(out), load_drafter(src)
     tensors, notes = engine_tensors(model, target, ENGINE)
+    notes += [f"{key} differs from the target's: vLLM keeps the drafter's own, SGLang always uses the target's "
+              "(dspark convert export --engine sglang refuses it)" for key in own_copies(model, target)]
     if not model.config.enable_confidence_head:
         notes.append("no confidence head: vLLM's adaptive verification needs one")
     keys = write_export(out, engine_config(model.config, target, dtype), tensors, dtype)
