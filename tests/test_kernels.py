@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dspark.target.kernels import OneDNNLinear, linear, onednn_works, set_linear_kernel
+from dspark.target import kernels
+from dspark.target.kernels import ALL_ROWS, OneDNNLinear, aten_rows_from, choose_aten_rows, kernel_name, linear, onednn_works, set_linear_kernel
 from conftest import tiny_llama, tiny_target
 
 pytestmark = pytest.mark.skipif(not onednn_works(), reason="this torch build has no oneDNN linear")
@@ -34,7 +35,7 @@ def test_linear_takes_a_non_contiguous_input():
 
 def test_gradients_fall_back_to_aten():
     layer = torch.nn.Linear(12, 5)
-    set_linear_kernel(layer)
+    set_linear_kernel(layer, "onednn")
     assert type(layer) is OneDNNLinear
     x = torch.randn(3, 12, requires_grad=True)
     layer(x).sum().backward()  # oneDNN's inference primitive has no backward: ATen must run
@@ -46,15 +47,16 @@ def test_swap_keeps_parameters_tied_and_restores():
     model.lm_head.weight = model.model.embed_tokens.weight  # tied, as SmolLM2's are
     before = {k: v.clone() for k, v in model.state_dict().items()}
     linears = sum(type(m) is torch.nn.Linear for m in model.modules())
-    assert set_linear_kernel(model, "onednn") == linears
+    assert set_linear_kernel(model, "onednn") == "onednn"
+    assert sum(type(m) is OneDNNLinear for m in model.modules()) == linears
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert model.state_dict().keys() == before.keys()
-    assert set_linear_kernel(model, "aten") == 0
+    assert set_linear_kernel(model, "aten") == "aten"
     assert not any(isinstance(m, OneDNNLinear) for m in model.modules())
 
 
 def test_only_cpu_float32_weights_are_swapped():
-    assert set_linear_kernel(torch.nn.Linear(4, 4).to(torch.bfloat16)) == 0
+    assert set_linear_kernel(torch.nn.Linear(4, 4).to(torch.bfloat16)) == "aten"
     with pytest.raises(ValueError, match="unknown linear kernel"):
         set_linear_kernel(torch.nn.Linear(4, 4), "fast")
 
@@ -62,10 +64,48 @@ def test_only_cpu_float32_weights_are_swapped():
 def test_target_forward_agrees_across_kernels():
     from dspark.target import TargetModel
 
-    fast = tiny_target(vocab_size=32, hidden=32, layers=3)
+    fast = TargetModel(tiny_llama(vocab_size=32, hidden=32, layers=3), None, linear_kernel="onednn")
     slow = TargetModel(tiny_llama(vocab_size=32, hidden=32, layers=3), None, linear_kernel="aten")
     assert (fast.linear_kernel, slow.linear_kernel) == ("onednn", "aten")
     ids = torch.randint(0, 32, (2, 9), generator=torch.Generator().manual_seed(0))
     a, b = fast.forward(ids, fast.new_cache(), layer_ids=(0, 1)), slow.forward(ids, slow.new_cache(), layer_ids=(0, 1))
     torch.testing.assert_close(a.logits, b.logits, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(a.features, b.features, rtol=1e-5, atol=1e-5)
+
+
+def test_mixed_kernel_runs_aten_up_to_its_rows_and_onednn_above(monkeypatch):
+    calls = []
+    real = kernels._onednn_linear
+    monkeypatch.setattr(kernels, "_onednn_linear", lambda x, w, b: calls.append(x.shape) or real(x, w, b))
+    layer = torch.nn.Linear(40, 24)
+    layer.__class__, layer.aten_rows = OneDNNLinear, 3
+    with torch.no_grad():
+        for rows in (1, 3, 4, 9):
+            x = torch.randn(rows, 40)
+            torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+        layer(torch.randn(2, 2, 40))  # [B, n, d]: 4 rows in all
+    assert [tuple(s) for s in calls] == [(4, 40), (9, 40), (2, 2, 40)]
+
+
+def test_the_choice_is_the_last_row_count_where_aten_never_loses():
+    def ms(aten, onednn):
+        return {"aten": dict(zip((1, 2, 4, 8), aten)), "onednn": dict(zip((1, 2, 4, 8), onednn))}
+
+    assert aten_rows_from(ms([10, 11, 20, 30], [12, 16, 18, 20])) == 2
+    assert aten_rows_from(ms([10, 11, 12, 13], [12, 16, 18, 20])) == ALL_ROWS
+    assert aten_rows_from(ms([13, 11, 12, 13], [12, 16, 18, 20])) == 0  # not 2: it lost at 1 row
+    assert [kernel_name(n) for n in (0, 2, ALL_ROWS)] == ["onednn", "aten<=2+onednn", "aten"]
+
+
+def test_auto_probes_once_and_remembers_the_choice_on_disk(monkeypatch, tmp_path):
+    monkeypatch.setattr(kernels, "DISK_CACHE_BYTES", 0)
+    monkeypatch.setattr(kernels, "_CHOSEN", {})
+    answers = iter([{"aten": {1: 1.0, 2: 5.0}, "onednn": {1: 2.0, 2: 3.0}},
+                    {"aten": {1: 9.0, 2: 9.0}, "onednn": {1: 1.0, 2: 1.0}}])
+    monkeypatch.setattr(kernels, "probe", lambda *a, **k: next(answers))
+    model = tiny_llama(vocab_size=32, hidden=32, layers=2)
+    assert set_linear_kernel(model, "auto", cache_dir=tmp_path) == "aten<=1+onednn"
+    assert {m.aten_rows for m in model.modules() if isinstance(m, OneDNNLinear)} == {1}
+    monkeypatch.setattr(kernels, "_CHOSEN", {})  # a new process: the file answers, no second probe
+    assert set_linear_kernel(tiny_llama(vocab_size=32, hidden=32, layers=2), "auto", cache_dir=tmp_path) == "aten<=1+onednn"
+    assert len(list((tmp_path / "kernels").glob("linear-*.json"))) == 1

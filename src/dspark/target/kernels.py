@@ -1,27 +1,51 @@
-"""Float32 linears on the CPU through oneDNN instead of ATen's default GEMM.
+"""Float32 CPU linears on ATen's GEMM or oneDNN's inner product, whichever this host runs
+faster at the number of rows being fed.
 
-Why: speculative decoding lives on the cost of a target forward over 1 and over a few tokens.
-On this project's host (AMD EPYC, 2 cores; ``benchmarks/bench_cpu_linear.py``, results in
-``benchmarks/results/cpu_linear.json``) ATen's float32 ``linear`` is slow exactly there: over
-the 30 MLP projections of SmolLM2-135M it takes as long for M = 1 row as oneDNN takes for 8, and
-M = 2..3 rows cost 1.6-2x M = 1. oneDNN's inner-product primitive, which torch ships for
-inductor as ``mkldnn._linear_pointwise``, streams the same dense weights at every M.
+Why: speculative decoding lives on the cost of a target forward over 1 and over a few tokens,
+and which library streams the weights faster there depends on the CPU and the thread count.
+Measured (SmolLM2-135M verification step, context 256, ms; ``benchmarks/bench_cpu_linear.py``):
+
+- session 6's host (AMD EPYC, 2 threads): ATen took as long for 1 row as oneDNN for 8, and
+  2-3 rows cost 1.6-2x one row; oneDNN streamed the weights at every row count;
+- this session's host (Intel Xeon, 1 thread): ATen 47 / 51 / 56 / 76 ms at 1 / 2 / 3 / 4 tokens,
+  oneDNN 55 / 76 / 78 / 79 ms; at 2 threads ATen was faster at every count up to 8.
+
+So the default (``auto``) probes both on the model's own largest weights once per host, model
+shape and thread count (the choice is cached under the dspark cache folder), and runs ATen up
+to the last row count where it wins, oneDNN above. The choice is part of the kernel's name
+(``aten<=3+onednn``), and so of the scheduler's cost-table key.
 
 Nothing is repacked or copied: a swapped module keeps its parameters (tied weights stay
 tied, ``state_dict`` is unchanged) and only its ``forward`` changes. It is used only where
 no gradient is wanted (the frozen target under ``no_grad``); anything else falls back to ATen.
 Results agree with ATen's to float32 rounding (the tests compare both on every shape the
-engines use); greedy equality with plain decoding holds because plain decoding and
-verification run the same kernels.
+engines use). Neither library gives a row the same bits at every row count, so greedy
+equality with plain decoding rests, as before, on no near-ties at float32 rounding.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
 import torch
 import torch.nn.functional as F
 
-ATEN, ONEDNN = "aten", "onednn"
-LINEAR_KERNELS = (ATEN, ONEDNN)
+AUTO, ATEN, ONEDNN = "auto", "aten", "onednn"
+LINEAR_KERNELS = (AUTO, ATEN, ONEDNN)
+PROBE_ROWS = (1, 2, 3, 4, 6, 8, 12, 16)
+PROBE_BYTES = 256 << 20
+"""The probe streams the model's largest weights up to this many bytes: more than the caches,
+as a real forward does, and a fraction of a second per pass."""
+DISK_CACHE_BYTES = 16 << 20
+"""Models with fewer linear-weight bytes are probed in memory only (tests' tiny models)."""
+ALL_ROWS = sys.maxsize
 
 
 def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -30,18 +54,23 @@ def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear``, on oneDNN when no gradient is wanted and the operands are CPU float32."""
-    if torch.is_grad_enabled() or x.dtype != torch.float32 or x.device.type != "cpu" or not onednn_works():
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, aten_rows: int = 0) -> torch.Tensor:
+    """``F.linear``, on oneDNN when no gradient is wanted, the operands are CPU float32 and
+    ``x`` has more than ``aten_rows`` rows."""
+    if (torch.is_grad_enabled() or x.dtype != torch.float32 or x.device.type != "cpu"
+            or x.numel() <= aten_rows * x.shape[-1] or not onednn_works()):
         return F.linear(x, weight, bias)
     return _onednn_linear(x, weight, bias)
 
 
 class OneDNNLinear(torch.nn.Linear):
-    """An ``nn.Linear`` whose gradient-free CPU float32 forward runs on oneDNN."""
+    """An ``nn.Linear`` whose gradient-free CPU float32 forward runs on oneDNN above
+    ``aten_rows`` rows (set by :func:`set_linear_kernel`)."""
+
+    aten_rows: int = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, self.aten_rows)
 
 
 def onednn_works() -> bool:
@@ -60,21 +89,105 @@ def onednn_works() -> bool:
 _WORKS: bool | None = None
 
 
-def set_linear_kernel(model: torch.nn.Module, kernel: str = ONEDNN) -> int:
-    """Run every plain ``nn.Linear`` of ``model`` on ``kernel``; returns how many now do.
+def kernel_name(aten_rows: int) -> str:
+    """'onednn' (0 rows on ATen), 'aten' (all rows) or 'aten<=N+onednn'."""
+    if aten_rows <= 0:
+        return ONEDNN
+    return ATEN if aten_rows >= ALL_ROWS else f"aten<={aten_rows}+onednn"
 
-    ``onednn`` applies to float32 weights on the CPU and only when the build supports it
-    (else nothing changes and 0 is returned); ``aten`` restores the default everywhere."""
+
+def set_linear_kernel(model: torch.nn.Module, kernel: str = AUTO, cache_dir: Path | None = None) -> str:
+    """Run every plain ``nn.Linear`` of ``model`` on ``kernel``; returns what they now run on
+    (:func:`kernel_name`; 'aten' when nothing fits oneDNN: it needs float32 weights on the CPU
+    and a build that has it). ``auto`` probes (:func:`choose_aten_rows`)."""
     if kernel not in LINEAR_KERNELS:
         raise ValueError(f"unknown linear kernel {kernel!r}; choose one of {LINEAR_KERNELS}")
-    swapped = 0
+    fits = {id(m): m for m in model.modules() if type(m) in (torch.nn.Linear, OneDNNLinear)
+            and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32}
+    aten_rows = {ATEN: ALL_ROWS, ONEDNN: 0}.get(kernel)
+    if not fits or not onednn_works():
+        aten_rows = ALL_ROWS
+    elif aten_rows is None:
+        aten_rows = choose_aten_rows([m.weight for m in fits.values()], cache_dir=cache_dir)
     for module in model.modules():
-        if type(module) not in (torch.nn.Linear, OneDNNLinear):
-            continue
-        fits = module.weight.device.type == "cpu" and module.weight.dtype == torch.float32
-        if kernel == ONEDNN and fits and onednn_works():
-            module.__class__ = OneDNNLinear
-            swapped += 1
-        else:
-            module.__class__ = torch.nn.Linear
-    return swapped
+        if type(module) in (torch.nn.Linear, OneDNNLinear):
+            module.__class__ = OneDNNLinear if id(module) in fits and aten_rows < ALL_ROWS else torch.nn.Linear
+            if module.__class__ is OneDNNLinear:
+                module.aten_rows = aten_rows
+    return kernel_name(aten_rows)
+
+
+_CHOSEN: dict[str, int] = {}
+
+
+def choose_aten_rows(weights: Sequence[torch.Tensor], cache_dir: Path | None = None,
+                     timer: Callable[[], float] = time.perf_counter, repeats: int = 3) -> int:
+    """The most rows for which ATen beats oneDNN at this and every smaller probed count
+    (:data:`ALL_ROWS` when it wins at all of them), over the largest of ``weights``.
+    Remembered per process, and on disk for real models (``cache_dir``/kernels/)."""
+    unique = {w.data_ptr(): w for w in weights}.values()
+    sample, total = [], 0
+    for w in sorted(unique, key=lambda w: -w.numel()):
+        if total >= PROBE_BYTES:
+            break
+        sample.append(w)
+        total += w.numel() * w.element_size()
+    shapes = ",".join("x".join(map(str, w.shape)) for w in sample)
+    key = hashlib.sha1(f"{_cpu_name()}|{torch.get_num_threads()}|{shapes}".encode()).hexdigest()[:16]
+    if key in _CHOSEN:
+        return _CHOSEN[key]
+    path = None
+    if cache_dir is not None and total >= DISK_CACHE_BYTES:
+        path = Path(cache_dir) / "kernels" / f"linear-{key}.json"
+        try:
+            _CHOSEN[key] = int(json.loads(path.read_text())["aten_rows"])
+            return _CHOSEN[key]
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    ms = probe(sample, timer=timer, repeats=repeats)
+    chosen = _CHOSEN[key] = aten_rows_from(ms)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        record = {"aten_rows": chosen, "kernel": kernel_name(chosen), "cpu": _cpu_name(),
+                  "threads": torch.get_num_threads(), "weights": shapes, "ms_per_pass": ms}
+        path.write_text(json.dumps(record, indent=1))
+    return chosen
+
+
+def aten_rows_from(ms: dict[str, dict[int, float]]) -> int:
+    """The last probed row count up to which ATen is never slower (:data:`ALL_ROWS` when
+    that is every count probed, 0 when oneDNN wins at 1 row)."""
+    chosen = 0
+    for rows in sorted(ms[ATEN]):
+        if ms[ATEN][rows] > ms[ONEDNN][rows]:
+            return chosen
+        chosen = rows
+    return ALL_ROWS
+
+
+@torch.no_grad()
+def probe(weights: Sequence[torch.Tensor], rows: Sequence[int] = PROBE_ROWS,
+          timer: Callable[[], float] = time.perf_counter, repeats: int = 3) -> dict[str, dict[int, float]]:
+    """Median ms of one pass of ``linear`` over ``weights`` per kernel and row count; the
+    kernels and counts are interleaved within each repeat so a drifting host bends neither."""
+    inputs = {r: [torch.randn(r, w.shape[1]) for w in weights] for r in rows}
+    times: dict[str, dict[int, list[float]]] = {ATEN: {r: [] for r in rows}, ONEDNN: {r: [] for r in rows}}
+    for sweep in range(repeats + 1):
+        for r in rows:
+            for name, fn in ((ATEN, F.linear), (ONEDNN, lambda x, w: _onednn_linear(x, w, None))):
+                start = timer()
+                for x, w in zip(inputs[r], weights):
+                    fn(x, w)
+                if sweep:  # the first sweep warms caches and oneDNN's primitive cache
+                    times[name][r].append((timer() - start) * 1e3)
+    return {name: {r: statistics.median(ts) for r, ts in by_rows.items()} for name, by_rows in times.items()}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

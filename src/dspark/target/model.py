@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 
 from dspark.errors import DsparkError
-from dspark.target.kernels import ATEN, ONEDNN, set_linear_kernel
+from dspark.target.kernels import AUTO, set_linear_kernel
 
 
 @dataclass(frozen=True)
@@ -35,13 +35,14 @@ class TargetOutput:
 class TargetModel:
     """Wraps a transformers causal LM and its tokenizer."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer, name: str = "custom", linear_kernel: str = ONEDNN) -> None:
-        """``linear_kernel``: ``onednn`` runs the model's float32 CPU linears on oneDNN
-        (:mod:`dspark.target.kernels`: 1.3-1.5x faster decoding steps here), ``aten`` keeps
-        torch's default."""
-        swapped = set_linear_kernel(model, linear_kernel)
-        self.linear_kernel = ONEDNN if swapped else ATEN
-        """The kernel the linears actually run on (oneDNN needs CPU float32 weights)."""
+    def __init__(self, model: torch.nn.Module, tokenizer, name: str = "custom", linear_kernel: str = AUTO) -> None:
+        """``linear_kernel``: ``auto`` runs each float32 CPU linear on ATen or oneDNN, whichever
+        this host runs faster at the rows fed (:mod:`dspark.target.kernels`); ``aten`` or
+        ``onednn`` forces one."""
+        from dspark.target.loading import cache_root
+
+        self.linear_kernel = set_linear_kernel(model, linear_kernel, cache_dir=cache_root())
+        """What the linears actually run on ('aten<=3+onednn', say; oneDNN needs CPU float32)."""
         self.model = model
         self.tokenizer = tokenizer
         self.name = name
@@ -58,7 +59,7 @@ class TargetModel:
         self.eos_token_ids: frozenset[int] = frozenset(_eos_ids(model, tokenizer))
 
     @classmethod
-    def load(cls, spec: str | None = None, device: str = "cpu", dtype=None, linear_kernel: str = ONEDNN) -> "TargetModel":
+    def load(cls, spec: str | None = None, device: str = "cpu", dtype=None, linear_kernel: str = AUTO) -> "TargetModel":
         """Load an HF id, a local folder, a .gguf file, or (None) the embedded default."""
         from dspark.target.loading import DEFAULT_MODEL, load_model_and_tokenizer
 

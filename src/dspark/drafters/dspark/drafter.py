@@ -27,7 +27,8 @@ from dspark.drafters.base import DraftBatch, DraftBlock, DraftGate, DraftInput
 from dspark.drafters.dspark.model import DSparkModel
 from dspark.errors import DsparkError
 from dspark.sampling import sample_from_logits
-from dspark.target.kernels import ONEDNN, set_linear_kernel
+from dspark.target.kernels import AUTO, set_linear_kernel
+from dspark.target.loading import cache_root
 from dspark.target.slot_cache import SlotCache, SlotContextView, SlotWriteView, context_block_mask
 
 
@@ -45,10 +46,10 @@ class DSparkDrafter:
     """
 
     def __init__(self, model: DSparkModel, name: str | None = None, gamma: int | None = None,
-                 linear_kernel: str = ONEDNN) -> None:
+                 linear_kernel: str = AUTO) -> None:
         """``linear_kernel``: as for :class:`~dspark.target.model.TargetModel` (gradient-free
         forwards only, so a model in training is unaffected)."""
-        set_linear_kernel(model, linear_kernel)
+        set_linear_kernel(model, linear_kernel, cache_dir=cache_root())
         self.model = model.eval()
         self.config = model.config
         self.name = name or ("dflash" if self.config.is_dflash else "dspark")

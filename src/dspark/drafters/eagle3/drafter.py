@@ -31,7 +31,8 @@ from dspark.drafters.dspark.drafter import INITIAL_CONTEXT
 from dspark.drafters.eagle3.model import Eagle3Model
 from dspark.errors import DsparkError
 from dspark.sampling import sample_from_logits
-from dspark.target.kernels import ONEDNN, set_linear_kernel
+from dspark.target.kernels import AUTO, set_linear_kernel
+from dspark.target.loading import cache_root
 from dspark.target.slot_cache import SlotCache, SlotWriteView, ragged_causal_mask
 
 
@@ -43,10 +44,10 @@ class Eagle3Drafter:
     """
 
     def __init__(self, model: Eagle3Model, name: str = "eagle3", gamma: int | None = None,
-                 linear_kernel: str = ONEDNN) -> None:
+                 linear_kernel: str = AUTO) -> None:
         """``linear_kernel``: as for :class:`~dspark.target.model.TargetModel` (gradient-free
         forwards only)."""
-        set_linear_kernel(model, linear_kernel)
+        set_linear_kernel(model, linear_kernel, cache_dir=cache_root())
         self.model = model.eval()
         self.config = model.config
         self.name = name
