@@ -29,6 +29,7 @@ from dspark.drafters.draft_model import DraftModelDrafter
 from dspark.drafters.dspark import DSparkConfig, DSparkDrafter, DSparkModel
 from dspark.drafters.factory import as_batch_drafter
 from dspark.drafters.looped import LoopedDrafter
+from dspark.drafters.hybrid import HybridDrafter
 from dspark.drafters.ngram import NgramConfig, NgramDrafter
 from dspark.engine import BatchEngine, GenerationRequest, SpeculativeEngine
 from dspark.engine.build import OneRequest, build_engine, build_single_engine
@@ -95,6 +96,7 @@ DRAFTERS = {  # for the rich target
     "dspark": lambda: dspark_drafter(rich=True),
     # Every third token of the rich vocabulary: the others come only from residuals and bonuses.
     "dspark-reduced-vocab": lambda: dspark_drafter(rich=True, draft_ids=torch.arange(0, RICH_V, 3)),
+    "dspark+ngram": lambda: HybridDrafter(dspark_drafter(rich=True), NgramDrafter(NgramConfig(gamma=4, max_ngram=2))),
 }
 
 # Step time 1 + B/16: every extra verified token costs 1/16 of a plain step, so the schedule
@@ -147,7 +149,8 @@ def check_bookkeeping(batch) -> None:
 
 # Policies that read confidences run with the drafter that has them.
 GREEDY_CASES = [
-    (d, p) for d in DRAFTERS for p in POLICIES if d.startswith("dspark") or not POLICIES[p]().needs_confidences
+    (d, p) for d in DRAFTERS for p in POLICIES
+    if d.startswith("dspark") or d == "ngram" or not POLICIES[p]().needs_confidences
 ]
 
 
@@ -219,7 +222,7 @@ def test_tiny_temperatures_and_top_p_decode_greedily_beside_sampled_requests(ric
 N_RUNS = 2000
 
 
-def batched_lossless_check(target, params: SamplingParams):
+def batched_lossless_check(target, params: SamplingParams, drafter=None, max_batch: int = 8):
     """N_RUNS requests of PROMPT (seeds 0..N-1) interleaved with distractors of other prompts,
     parameters and lengths, 8 at a time under the DSpark scheduler; chi-square of PROMPT's
     first NEW_TOKENS tokens against the exact target distribution."""
@@ -230,7 +233,8 @@ def batched_lossless_check(target, params: SamplingParams):
         if seed % 2 == 0:
             other = PROMPTS[seed % len(PROMPTS)]
             requests.append(GenerationRequest(other, NUCLEUS if seed % 4 else GREEDY, max_new_tokens=2 + seed % 9, seed=10**6 + seed))
-    batch = BatchEngine(target, dspark_drafter(), POLICIES["dspark"](), max_batch=8).generate(requests)
+    drafter = drafter if drafter is not None else dspark_drafter()
+    batch = BatchEngine(target, drafter, POLICIES["dspark"](), max_batch=max_batch).generate(requests)
     results = [batch.results[i] for i in ours]
     counts = Counter(tuple(r.token_ids) for r in results)
     exact = exact_target_distribution(target, PROMPT, params, NEW_TOKENS)
@@ -245,6 +249,17 @@ def test_sampled_output_is_target_distributed_with_batching_and_scheduler(target
     # The scheduler really chose ragged lengths, and drafts were both accepted and rejected.
     assert {0, 1, 2} <= set(proposed), Counter(proposed)
     assert 0 < accepted < sum(proposed)
+    assert not fit.rejected, fit
+
+
+def test_lookup_scheduled_on_its_online_confidences_is_target_distributed(target):
+    # n-gram blocks trimmed by Algorithm 1 on confidences learnt from the committed stream
+    # (2 requests a step: at 8, this cost never pays for a lookup token).
+    fit, results = batched_lossless_check(target, T1, NgramDrafter(NgramConfig(gamma=BLOCK, max_ngram=2)), max_batch=2)
+    assert fit.cells >= 20, fit
+    proposed = [p for r in results for p in r.stats.proposed]
+    assert {0, 1} <= set(proposed) and max(proposed) >= 2, Counter(proposed)
+    assert 0 < sum(a for r in results for a in r.stats.accepted) < sum(proposed)
     assert not fit.rejected, fit
 
 
@@ -363,7 +378,7 @@ def test_backoff_skips_the_drafter_while_nothing_is_verified(rich, batch1_greedy
 
 def test_errors_are_clear(target, rich):
     with pytest.raises(DsparkError, match="needs confidences"):
-        BatchEngine(rich, NgramDrafter(), DSparkScheduler(COST), max_batch=4).generate(mixed_requests())
+        BatchEngine(rich, DRAFTERS["other-model"](), DSparkScheduler(COST), max_batch=4).generate(mixed_requests())
     with pytest.raises(ValueError, match="context window"):
         BatchEngine(target, NoDrafter(), FixedGamma()).generate([GenerationRequest([1], max_new_tokens=1000)])
     with pytest.raises(ValueError, match="max_batch"):
@@ -374,14 +389,15 @@ def test_errors_are_clear(target, rich):
 def test_auto_policy_schedules_drafters_with_confidences_and_verifies_whole_blocks_otherwise(rich, tmp_path):
     engine = build_engine(rich, dspark_drafter(rich=True), "auto", profile_dir=tmp_path, profile_if_missing=True)
     assert engine.policy.name == "dspark"
-    for name in ("ngram", "other-model"):
-        assert build_engine(rich, DRAFTERS[name](), "auto").policy.name == "fixed", name
+    ngram = build_engine(rich, DRAFTERS["ngram"](), "auto", profile_dir=tmp_path, profile_if_missing=True)
+    assert ngram.policy.name == "dspark"  # lookup's online confidences
+    assert build_engine(rich, DRAFTERS["other-model"](), "auto").policy.name == "fixed"
     no_head = dspark_drafter(rich=True)
     no_head.model.confidence_head = None  # DFlash has none: Algorithm 1 could never schedule it
     assert build_engine(rich, no_head, "auto").policy.name == "fixed"
 
 
-@pytest.mark.parametrize("drafter_name", ["none", "ngram", "dspark"])
+@pytest.mark.parametrize("drafter_name", ["none", "ngram", "dspark", "dspark+ngram"])
 def test_one_request_engine_streams_what_it_returns_and_equals_plain_decoding(rich, batch1_greedy, drafter_name, tmp_path):
     """`dspark generate`'s engine: the batched engine at R = 1 behind generate(request)."""
     engine = build_single_engine(rich, DRAFTERS[drafter_name](), policy="auto", profile_dir=tmp_path,

@@ -73,6 +73,7 @@ def _drafters(target):
         "draft-model-random": lambda: DraftModelDrafter(random_small, gamma=3, name="random"),
         "dspark-random": lambda: _random_dspark(target),
         "dspark-shipped": lambda: make_drafter("dspark"),
+        "dspark+ngram-shipped": lambda: make_drafter("dspark+ngram"),
     }
 
 
@@ -125,7 +126,7 @@ class BoundaryDrafter:
 
 DRAFTERS = ["ngram", "draft-model-self"]
 if (SHIPPED_DRAFTER / "config.json").is_file():
-    DRAFTERS.append("dspark-shipped")
+    DRAFTERS += ["dspark-shipped", "dspark+ngram-shipped"]
 
 
 @pytest.mark.parametrize("drafter_name", DRAFTERS)

@@ -86,7 +86,7 @@ def generate(
     stop: Optional[List[str]] = typer.Option(None, help="Stop string (repeatable)."),
     chat: bool = typer.Option(True, help="Apply the chat template to the prompt."),
     compare: bool = typer.Option(False, help="Also run plain decoding and report the speedup."),
-    policy: str = typer.Option("auto", help="auto (dspark for a drafter with a confidence head, else fixed) | plain | fixed[:γ] | gamma1 | threshold:<t> | dspark (Algorithm 1 over this machine's cost table)."),
+    policy: str = typer.Option("auto", help="auto (dspark for a drafter with confidences: DSpark's head, n-gram's online estimate, dspark+ngram; else fixed) | plain | fixed[:γ] | gamma1 | threshold:<t> | dspark (Algorithm 1 over this machine's cost table)."),
     profile: bool = typer.Option(True, "--profile/--no-profile", help="Measure this machine's cost table when the dspark policy has none (seconds at batch 1)."),
     device: str = typer.Option("cpu", help="cpu | cuda[:i] | mps; the target and the drafter go there."),
     dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16 (auto: float32 on the CPU, bfloat16 on CUDA)."),

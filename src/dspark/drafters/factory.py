@@ -8,7 +8,9 @@
 - ``dspark``: the DSpark drafter shipped for the target (:func:`resolve_drafter_spec`; the
   default target's where none is named);
 - ``dspark:<folder>`` / ``dflash:<folder>``: a trained DSpark or DFlash checkpoint;
-- ``eagle3:<folder>``: a trained EAGLE-3 checkpoint (the chain-drafting baseline).
+- ``eagle3:<folder>``: a trained EAGLE-3 checkpoint (the chain-drafting baseline);
+- ``<dspark spec>+ngram``: prompt lookup where it is confident, that DSpark drafter elsewhere
+  (:mod:`dspark.drafters.hybrid`), e.g. ``dspark+ngram``.
 
 ``as_batch_drafter`` gives any drafter the batched engine's interface. Only this module
 imports concrete drafters, so the protocols in :mod:`dspark.drafters.base` depend on none.
@@ -21,7 +23,10 @@ from pathlib import Path
 from dspark.drafters.base import BatchDrafter, Drafter, NoDrafter
 from dspark.errors import DsparkError
 
-DRAFTER_HELP = "none | ngram | model:<HF id|folder|.gguf> | dspark[:<folder>] | dflash:<folder> | eagle3:<folder>"
+DRAFTER_HELP = ("none | ngram | model:<HF id|folder|.gguf> | dspark[:<folder>] | dflash:<folder> | eagle3:<folder> "
+                "| dspark[:<folder>]+ngram")
+HYBRID = "+ngram"
+"""The suffix that adds prompt lookup to a DSpark drafter spec."""
 SHIPPED_DRAFTERS = Path(__file__).resolve().parent.parent / "assets" / "drafters"
 """Drafters shipped inside the package, one folder ``<target name>-dspark`` per target."""
 SHIPPED_DRAFTER = SHIPPED_DRAFTERS / "smollm2-135m-instruct-dspark"
@@ -46,6 +51,8 @@ def resolve_drafter_spec(spec: str | None, model: str | None = None) -> str:
     default target's otherwise); any other spec as given."""
     if spec is None:
         return default_drafter_spec(model)
+    if spec.endswith(HYBRID):
+        return resolve_drafter_spec(spec.removesuffix(HYBRID), model) + HYBRID
     if spec == "dspark":
         shipped = default_drafter_spec(model)
         return shipped if shipped.startswith("dspark") else spec
@@ -57,6 +64,8 @@ def make_drafter(spec: str, gamma: int | None = None, device: str = "cpu", dtype
 
     A DSpark/DFlash drafter runs in ``dtype`` (a ``torch.dtype``: the target's, default float32).
     """
+    if spec.endswith(HYBRID):
+        return _hybrid(spec.removesuffix(HYBRID), gamma, device, dtype)
     kind, _, arg = spec.partition(":")
     if kind == "none" and not arg:
         return NoDrafter()
@@ -96,6 +105,21 @@ def make_drafter(spec: str, gamma: int | None = None, device: str = "cpu", dtype
     raise DsparkError(f"unknown drafter {spec!r}; choose one of: {DRAFTER_HELP}")
 
 
+def _hybrid(base: str, gamma, device, dtype) -> Drafter:
+    """``base`` (a DSpark drafter with a confidence head) + prompt lookup, with base's STS."""
+    from dspark.drafters.hybrid import HybridDrafter
+    from dspark.drafters.ngram import NgramConfig, NgramDrafter
+    from dspark.scheduling.calibration import load_calibration
+
+    if base.partition(":")[0] != "dspark":
+        raise DsparkError(f"+ngram combines lookup with a DSpark drafter (dspark[:<folder>]+ngram), got {base!r}+ngram")
+    drafter = make_drafter(base, gamma, device, dtype)
+    if not has_confidences(drafter):
+        raise DsparkError(f"{base} has no confidence head, which the hybrid needs to choose between its drafters")
+    folder = Path(base.partition(":")[2]).expanduser() if ":" in base else SHIPPED_DRAFTER
+    return HybridDrafter(drafter, NgramDrafter(NgramConfig(gamma=gamma or drafter.gamma)), load_calibration(folder))
+
+
 def _load_checkpoint(cls, folder: Path, gamma, device, dtype):
     """``cls.load(folder, ...)``, with truncated, missing or mismatched weights as one line."""
     from safetensors import SafetensorError
@@ -107,8 +131,11 @@ def _load_checkpoint(cls, folder: Path, gamma, device, dtype):
 
 
 def has_confidences(drafter) -> bool:
-    """Whether ``drafter`` (either form) gives each slot a confidence c_k: a DSpark drafter with
-    its confidence head, the only kind DSpark's scheduler can schedule."""
+    """Whether ``drafter`` (either form) gives each slot a confidence c_k, which DSpark's
+    scheduler needs: a DSpark drafter with its confidence head, or one that says so
+    (``gives_confidences``: n-gram lookup's online estimate, the hybrid)."""
+    if getattr(drafter, "gives_confidences", False):
+        return True
     model = getattr(drafter, "model", None)
     return getattr(model, "confidence_head", None) is not None
 
@@ -118,10 +145,11 @@ def as_batch_drafter(drafter) -> BatchDrafter:
     batched path, else a LoopedDrafter."""
     from dspark.drafters.dspark.drafter import DSparkDrafter
     from dspark.drafters.eagle3.drafter import Eagle3Drafter
+    from dspark.drafters.hybrid import HybridDrafter
     from dspark.drafters.looped import LoopedDrafter
 
     if isinstance(drafter, BatchDrafter):
         return drafter
-    if isinstance(drafter, (DSparkDrafter, Eagle3Drafter)):
+    if isinstance(drafter, (DSparkDrafter, Eagle3Drafter, HybridDrafter)):
         return drafter.batched()
     return LoopedDrafter(drafter)

@@ -21,6 +21,7 @@ class LoopedDrafter:
         self.name = drafter.name
         self.feature_layer_ids = tuple(drafter.feature_layer_ids)
         self.gamma = gamma if gamma is not None else drafter.gamma
+        self.gives_confidences = getattr(drafter, "gives_confidences", False)
         self._slots: list[Drafter | None] = []
 
     def check_target(self, target) -> None:

@@ -1,8 +1,21 @@
-"""Prompt-lookup (n-gram) drafting: copy what followed the latest earlier match of the suffix.
+"""Prompt-lookup (n-gram) drafting: copy what followed the latest earlier match of the suffix,
+with a confidence per slot learnt online, so DSpark's scheduler can trim its blocks.
 
 Training-free and deterministic, so q is a point mass on each proposed token; rejection
 sampling against a point mass accepts x with probability p(x) and otherwise resamples from
 p with x removed, which keeps the output exactly target-distributed.
+
+**Confidences without censoring.** For a point mass, c_k = P(x_k accepted | x_<k accepted) is
+p(x_k | prefix) under the target's warped distribution, and the token the target commits at
+that position is a sample from exactly that distribution, whatever the engine verified. So
+every slot of every past proposal is labelled from the committed stream alone: slot k of a
+proposal survived iff the committed tokens at its positions 1..k equal x_1..x_k. Slots the
+scheduler did not verify are labelled too, so the estimator's labels are not censored by its
+own schedule, from its first round on. :class:`LookupStats` keeps the labels' counts per
+(slot k, suffix length n, the request's recent slot-1 rate) with a Beta prior, shared by every
+request; c_k is their posterior mean. A lookup draft is a function of the committed tokens,
+so any confidence computed from them keeps a schedule non-anticipating (Appendix A): nothing
+in the block is random.
 """
 
 from __future__ import annotations
@@ -32,34 +45,122 @@ class NgramConfig:
             raise ValueError("need 1 <= min_ngram <= max_ngram")
 
 
+RATE_BINS = 4
+"""The request's recent slot-1 survival rate, in equal bins; one more bin before it has any."""
+RATE_DECAY = 0.8
+"""Weight of the past in a request's recent slot-1 rate."""
+PENDING = 32
+"""Most unlabelled proposals kept per request (older ones are dropped unlabelled)."""
+
+
+class LookupStats:
+    """Labelled slot survivals of lookup proposals, shared by every request of a drafter.
+
+    Counts per (slot k, suffix length n, rate bin) with a Beta(``prior_mean``·``prior``,
+    (1 - ``prior_mean``)·``prior``) prior; counts decay by ``decay`` per label in a cell once it
+    holds ``horizon`` labels, so the estimate follows a drifting workload."""
+
+    def __init__(self, gamma: int, max_ngram: int, prior_mean: float = 0.3, prior: float = 2.0, horizon: int = 2000) -> None:
+        shape = (gamma, max_ngram + 1, RATE_BINS + 1)
+        self.survived = torch.zeros(shape, dtype=torch.float64)
+        self.labelled = torch.zeros(shape, dtype=torch.float64)
+        self.prior_mean, self.prior, self.horizon = prior_mean, prior, horizon
+
+    def confidences(self, gamma: int, n: int, rate_bin: int) -> torch.Tensor:
+        """c_1..c_γ # [γ] float32: posterior mean survival of each slot."""
+        s, t = self.survived[:gamma, n, rate_bin], self.labelled[:gamma, n, rate_bin]
+        return ((s + self.prior_mean * self.prior) / (t + self.prior)).float()
+
+    def record(self, k: int, n: int, rate_bin: int, survived: bool) -> None:
+        """One label: slot k (0-based) of a proposal from a suffix of length n survived or not."""
+        if self.labelled[k, n, rate_bin] >= self.horizon:
+            keep = 1.0 - 1.0 / self.horizon
+            self.survived[k, n, rate_bin] *= keep
+            self.labelled[k, n, rate_bin] *= keep
+        self.survived[k, n, rate_bin] += float(survived)
+        self.labelled[k, n, rate_bin] += 1.0
+
+
+@dataclass
+class _Proposal:
+    start: int
+    """Position of x_1 in the committed ids."""
+    tokens: list[int]
+    n: int
+    rate_bin: int
+    labelled: int = 0
+    """Slots labelled so far; the proposal is done at its first failed slot or its end."""
+
+
 class NgramDrafter:
-    """Prompt-lookup decoding as a :class:`~dspark.drafters.base.Drafter`."""
+    """Prompt-lookup decoding as a :class:`~dspark.drafters.base.Drafter`, with confidences."""
 
     name = "ngram"
     feature_layer_ids: tuple[int, ...] = ()
+    gives_confidences = True
 
-    def __init__(self, config: NgramConfig = NgramConfig()) -> None:
+    def __init__(self, config: NgramConfig = NgramConfig(), stats: LookupStats | None = None) -> None:
+        """``stats``: the label counts to share (a new table when None); per-request copies of
+        this drafter (the batched engine's) share it, and learn together."""
         self.config = config
         self.gamma = config.gamma
+        self.stats = stats if stats is not None else LookupStats(config.gamma, config.max_ngram)
+        self.reset()
 
     def check_target(self, target) -> None:
         return None
 
     def reset(self) -> None:
-        return None
-
+        self._pending: list[_Proposal] = []
+        self._rate: float | None = None
 
     def propose(self, draft_input: DraftInput) -> DraftBlock:
         tokens = draft_input.tokens  # [L]
+        self._label(tokens)
         gamma = min(self.config.gamma, draft_input.max_tokens)
         if gamma <= 0:
             return DraftBlock.empty(tokens.device)
         found = lookup(tokens, gamma, self.config.max_ngram, self.config.min_ngram)
-        return DraftBlock(tokens=found if found is not None else tokens[:0])
+        if found is None:
+            return DraftBlock(tokens=tokens[:0], confidences=torch.zeros(0, device=tokens.device))
+        follow, n = found
+        rate_bin = self.rate_bin()
+        self._pending = [*self._pending[-(PENDING - 1):], _Proposal(tokens.shape[0], follow.tolist(), n, rate_bin)]
+        c = self.stats.confidences(follow.shape[0], n, rate_bin).to(tokens.device)
+        return DraftBlock(tokens=follow, confidences=c)
+
+    def rate_bin(self) -> int:
+        """This request's recent slot-1 survival rate, binned (RATE_BINS before any label)."""
+        if self._rate is None:
+            return RATE_BINS
+        return min(RATE_BINS - 1, int(self._rate * RATE_BINS))
+
+    def _label(self, tokens: torch.Tensor) -> None:
+        """Label the pending proposals' slots whose positions are now committed."""
+        length, still = tokens.shape[0], []
+        for p in self._pending:
+            end = min(length, p.start + len(p.tokens))
+            if end <= p.start + p.labelled:
+                still.append(p)
+                continue
+            committed = tokens[p.start + p.labelled : end].tolist()  # host sync: labels are host counts
+            failed = False
+            for x, y in zip(p.tokens[p.labelled:], committed):
+                k, failed = p.labelled, x != y
+                self.stats.record(k, p.n, p.rate_bin, not failed)
+                if k == 0:
+                    self._rate = float(not failed) if self._rate is None else RATE_DECAY * self._rate + (1 - RATE_DECAY) * (not failed)
+                p.labelled += 1
+                if failed:
+                    break
+            if not failed and p.labelled < len(p.tokens):
+                still.append(p)
+        self._pending = still
 
 
-def lookup(tokens: torch.Tensor, gamma: int, max_ngram: int, min_ngram: int) -> torch.Tensor | None:
-    """Tokens that followed the most recent earlier occurrence of the longest matching suffix."""
+def lookup(tokens: torch.Tensor, gamma: int, max_ngram: int, min_ngram: int) -> tuple[torch.Tensor, int] | None:
+    """(Tokens that followed the most recent earlier occurrence of the longest matching suffix,
+    that suffix's length), or None."""
     length = tokens.shape[0]
     for n in range(min(max_ngram, length - 1), min_ngram - 1, -1):
         suffix = tokens[length - n :]
@@ -69,5 +170,5 @@ def lookup(tokens: torch.Tensor, gamma: int, max_ngram: int, min_ngram: int) -> 
             start = int(hits[-1, 0]) + n  # host sync: the match position picks the slice
             follow = tokens[start : start + gamma]
             if follow.numel():
-                return follow
+                return follow, n
     return None

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from dspark.drafters.base import Drafter, NoDrafter
 from dspark.drafters.factory import (
+    HYBRID,
     SHIPPED_DRAFTER,
     as_batch_drafter,
     default_drafter_spec,
@@ -42,7 +43,8 @@ def check_policy(spec: str) -> None:
 
 def resolve_policy(policy: str, drafter) -> str:
     """``auto`` -> ``dspark`` when ``drafter`` gives confidences (Algorithm 1 over this
-    machine's cost table), else ``fixed`` (n-gram, DFlash, EAGLE-3: the whole block)."""
+    machine's cost table: DSpark, n-gram lookup, the hybrid), else ``fixed`` (a draft model,
+    DFlash, EAGLE-3: the whole block)."""
     if policy != AUTO:
         return policy
     return "dspark" if has_confidences(drafter) else "fixed"
@@ -89,7 +91,7 @@ def drafter_calibration(spec: str | None) -> Calibrate | None:
     """The STS calibration saved beside a DSpark / DFlash drafter folder, if there is one
     (``spec`` None: the default target's default drafter; resolve another target's first)."""
     kind, _, folder = (spec or default_drafter_spec()).partition(":")
-    if kind not in ("dspark", "dflash"):
+    if kind not in ("dspark", "dflash") or (spec or "").endswith(HYBRID):  # a hybrid calibrates its own rows
         return None
     return load_calibration(Path(folder).expanduser() if folder else SHIPPED_DRAFTER)
 

@@ -29,7 +29,7 @@ def eval_command(
     temperature: float = typer.Option(0.0, help="0 = greedy (every drafter must match plain decoding); the paper uses 1.0."),
     seed: int = typer.Option(0, help="Seed of every request's random stream."),
     gamma: Optional[int] = typer.Option(None, help="Draft tokens per round (drafter default if unset)."),
-    policy: Optional[str] = typer.Option(None, help="Unset: every round verifies the whole block (τ comparable across drafters). auto | fixed[:γ] | dspark | ...: the batched engine at one request under that policy, as `dspark generate` runs (auto: dspark for drafters with a confidence head, else fixed)."),
+    policy: Optional[str] = typer.Option(None, help="Unset: every round verifies the whole block (τ comparable across drafters). auto | fixed[:γ] | dspark | ...: the batched engine at one request under that policy, as `dspark generate` runs (auto: dspark for drafters with confidences: DSpark's head, n-gram's online estimate, the hybrid; else fixed)."),
     split: str = typer.Option("test", help="test (first 80% of each set) or all; the last 20% belongs to `dspark calibrate`."),
     turns: Optional[int] = typer.Option(None, help="Only the first N turns of each conversation (mt-bench has 2); default all."),
     ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Always generate --max-new-tokens tokens."),

@@ -259,12 +259,14 @@ def eval_markdown(results: dict, plots: bool = True) -> str:
     checks = [a for a in results["aggregates"] if a.get("confidence")]
     if checks:
         lines += ["## Confidence head on the test split", "",
-                  "ECE of a_k = ∏c_i against prefix survival per slot, raw → calibrated (calibration.json).", ""]
+                  "ECE of a_k = ∏c_i against prefix survival per slot, raw → calibrated (calibration.json), "
+                  "and the ROC-AUC of raw a_k (confidences: DSpark's head, n-gram's online estimate; "
+                  "rounds that verified slot k only).", ""]
         header = ["dataset", "drafter"] + [f"k={r['slot']}" for r in checks[0]["confidence"]["raw"]]
         rows = []
         for a in checks:
             raw, cal = a["confidence"]["raw"], a["confidence"]["calibrated"]
-            cells = [_fmt(r["ece"], ".3f") + (f" → {_fmt(c['ece'], '.3f')}" if cal else "")
+            cells = [_fmt(r["ece"], ".3f") + (f" → {_fmt(c['ece'], '.3f')}" if cal else "") + f", AUC {_fmt(r['auc'], '.2f')}"
                      for r, c in zip(raw, cal or raw)]
             rows.append([a["dataset"], _labels(results)[a["drafter"]], *cells])
         lines += [markdown_table(header[: len(rows[0])], rows), ""]

@@ -1,0 +1,157 @@
+"""Hybrid drafting: prompt lookup where it is confident, the DSpark drafter elsewhere, chosen
+per request and per round, under one scheduler.
+
+The two fail in different places: DSpark's slot 1 survives about half the time and its later
+slots rarely, while a lookup that matches quoted or repeated text keeps surviving for many
+slots. Each round, every request first gets a lookup block (free: no forward) with its online
+confidences (:mod:`dspark.drafters.ngram`). Its expected accepted tokens Σ_j ∏_{i≤j} c_i are
+compared with what the DSpark drafter's blocks were expected to give this request on earlier
+rounds (calibrated, as the scheduler sees them); where lookup is at least as good, DSpark does
+not draft for that request this round. DSpark drafts the others in one batched call, and
+still folds every request's new context, so it can take a request back at any round.
+
+Each block keeps its own q (a point mass for lookup) and calibrated c_k, so verification and
+Algorithm 1 are unchanged. Losslessness: the choice reads only the past and the lookup block,
+which is a function of the committed tokens, never a sampled draft token; each block is then
+verified as its drafter's own, and the schedule stays non-anticipating (DSpark's rows through
+the same gate as alone, lookup's rows carry no randomness at all).
+
+Calibration: the policy of an engine over this drafter gets no ``calibrate`` of its own; the
+drafter applies DSpark's STS to DSpark's rows (lookup's are calibrated as learnt).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Sequence
+
+import torch
+
+from dspark.drafters.base import DraftBatch, DraftBlock, DraftGate, DraftInput
+from dspark.drafters.looped import LoopedDrafter
+from dspark.drafters.ngram import NgramDrafter
+
+INITIAL_CONTEXT = 1024
+EXPECT_DECAY = 0.7
+"""Weight of the past in a request's expected DSpark tokens per round."""
+
+
+def expected_accepted(confidences: torch.Tensor | None) -> float:
+    """Σ_j a_j = Σ_j ∏_{i≤j} c_i: expected accepted tokens if the whole block is verified."""
+    if confidences is None or not confidences.numel():
+        return 0.0
+    return float(confidences.float().clamp(0, 1).cumprod(0).sum())  # host sync: one per block
+
+
+class HybridDrafter:
+    """DSpark + prompt lookup as a batch-1 :class:`~dspark.drafters.base.Drafter`;
+    :meth:`batched` gives the batched engine's form."""
+
+    gives_confidences = True
+
+    def __init__(self, model_drafter, lookup: NgramDrafter | None = None, calibrate=None) -> None:
+        """``model_drafter``: a DSparkDrafter with a confidence head; ``calibrate``: its STS."""
+        self.model_drafter, self.calibrate = model_drafter, calibrate
+        self.lookup = lookup if lookup is not None else NgramDrafter()
+        self.name = f"{model_drafter.name}+{self.lookup.name}"
+        self.feature_layer_ids = tuple(model_drafter.feature_layer_ids)
+        self.gamma = max(model_drafter.gamma, self.lookup.gamma)
+        self.model = model_drafter.model
+        self._one: BatchedHybridDrafter | None = None
+
+    def check_target(self, target) -> None:
+        self.model_drafter.check_target(target)
+
+    def batched(self) -> "BatchedHybridDrafter":
+        return BatchedHybridDrafter(self.model_drafter.batched(), LoopedDrafter(self.lookup), self.calibrate, self.name)
+
+    def reset(self) -> None:
+        self._one = self.batched()
+        self._one.allocate(1, INITIAL_CONTEXT)
+        self._one.open(0)
+
+    def propose(self, draft_input: DraftInput) -> DraftBlock:
+        if self._one is None:
+            self.reset()
+        return self._one.propose_batch([0], [draft_input]).blocks[0]
+
+
+class BatchedHybridDrafter:
+    """The hybrid as a :class:`~dspark.drafters.base.BatchDrafter`."""
+
+    gives_confidences = True
+
+    def __init__(self, model_drafter, lookup: LoopedDrafter, calibrate, name: str) -> None:
+        self.model_drafter, self.lookup, self.calibrate, self.name = model_drafter, lookup, calibrate, name
+        self.model = model_drafter.model
+        self.feature_layer_ids = tuple(model_drafter.feature_layer_ids)
+        self.gamma = max(model_drafter.gamma, lookup.gamma)
+        self._expect: list[float | None] = []
+        """Per slot: decayed mean of Σ a_j over DSpark's earlier blocks for its request."""
+        self._expect_all: float | None = None
+        """The same over every request: a new request's prior."""
+        self.rounds = {"lookup": 0, "model": 0}
+        """Blocks drafted by each side (a report, read by no decision)."""
+
+    def check_target(self, target) -> None:
+        self.model_drafter.check_target(target)
+
+    def allocate(self, num_slots: int, capacity: int) -> None:
+        self.model_drafter.allocate(num_slots, capacity)
+        self.lookup.allocate(num_slots, capacity)
+        self._expect = [None] * num_slots
+
+    def open(self, slot: int) -> None:
+        self.model_drafter.open(slot)
+        self.lookup.open(slot)
+        self._expect[slot] = None
+
+    def propose_batch(self, slots: Sequence[int], inputs: Sequence[DraftInput], gate: DraftGate | None = None) -> DraftBatch:
+        t0 = time.perf_counter()
+        looked = self.lookup.propose_batch(slots, inputs).blocks
+        use_lookup = [self._prefer_lookup(s, b) for s, b in zip(slots, looked)]
+        # DSpark sees every request (it folds their context) but drafts only the others.
+        model_inputs = [dataclasses.replace(inp, max_tokens=0) if use else inp for inp, use in zip(inputs, use_lookup)]
+        lookup_rows = [i for i, use in enumerate(use_lookup) if use]
+
+        def model_gate(k: int, rows: Sequence[int], gammas: Sequence[int], confidences: torch.Tensor):
+            c = self.calibrate(confidences) if self.calibrate is not None else confidences
+            extra = torch.full((len(lookup_rows), k + 1), 0.5, dtype=c.dtype, device=c.device)
+            for j, i in enumerate(lookup_rows):
+                known = looked[i].confidences[: k + 1]
+                extra[j, : known.shape[0]] = known.to(c.dtype)
+            return gate(k, [*rows, *lookup_rows], [*gammas, *(looked[i].gamma for i in lookup_rows)], torch.cat([c, extra]))
+
+        lookup_s = time.perf_counter() - t0
+        batch = self.model_drafter.propose_batch(slots, model_inputs, model_gate if gate is not None else None)
+        blocks = []
+        for i, (s, use) in enumerate(zip(slots, use_lookup)):
+            if use:
+                blocks.append(looked[i])
+                self.rounds["lookup"] += 1
+                continue
+            block = batch.blocks[i]
+            if block.gamma and block.confidences is not None and self.calibrate is not None:
+                block = dataclasses.replace(block, confidences=self.calibrate(block.confidences))
+            if block.gamma:
+                self._observe(s, expected_accepted(block.confidences))
+                self.rounds["model"] += 1
+            blocks.append(block)
+        fixed = batch.fixed_s + lookup_s if batch.fixed_s is not None else (lookup_s if any(use_lookup) else None)
+        return DraftBatch(blocks, batch.stop, fixed, batch.slots_s)
+
+    def _prefer_lookup(self, slot: int, block: DraftBlock) -> bool:
+        """Whether this request's lookup block is expected to give at least what DSpark's
+        blocks gave it (any request's, before its own; with no history, DSpark drafts)."""
+        if not block.gamma:
+            return False
+        expect = self._expect[slot] if self._expect[slot] is not None else self._expect_all
+        return expect is not None and expected_accepted(block.confidences) >= expect
+
+    def _observe(self, slot: int, expected: float) -> None:
+        def mix(old: float | None) -> float:
+            return expected if old is None else EXPECT_DECAY * old + (1 - EXPECT_DECAY) * expected
+
+        self._expect[slot] = mix(self._expect[slot])
+        self._expect_all = mix(self._expect_all)
