@@ -98,3 +98,101 @@ def test_specs_build_the_hybrid_and_refuse_what_cannot_be_one(tmp_path):
         make_drafter("eagle3:x+ngram")
     with pytest.raises(DsparkError, match="no DSpark drafter"):
         make_drafter(f"dspark:{tmp_path}+ngram")
+
+
+def test_the_sources_disagree_in_the_checked_runs(target):
+    # The chi-square above covers rounds where lookup and DSpark would draft different tokens.
+    hybrid = HybridDrafter(dspark_drafter(), NgramDrafter(NgramConfig(gamma=BLOCK, max_ngram=2)), calibrate=lambda c: 0.4 * c)
+    engine = BatchEngine(target, hybrid, POLICIES["dspark"](), max_batch=4)
+    seen = {"lookup": [], "model": []}
+    for side, inner in (("lookup", engine.drafter.lookup), ("model", engine.drafter.model_drafter)):
+        real = inner.propose_batch
+        inner.propose_batch = lambda slots, inputs, gate=None, real=real, side=side: seen[side].append(real(slots, inputs, gate)) or seen[side][-1]
+    engine.generate([GenerationRequest(PROMPT, T1, max_new_tokens=NEW_TOKENS, seed=s) for s in range(200)])
+    disagree = sum(
+        int(a.tokens[0]) != int(b.tokens[0])
+        for looked, drafted in zip(seen["lookup"], seen["model"])
+        for a, b in zip(looked.blocks, drafted.blocks) if a.gamma and b.gamma
+    )
+    assert disagree > 50, disagree
+
+
+# -- Appendix A for the choice of source ----------------------------------------------------------
+#
+# One slot over {A, B}: the target's p = (0.7, 0.3); lookup proposes A (a point mass, fixed by
+# the context), DSpark draws x ~ q = (0.5, 0.5). A choice of source that reads only the past
+# (here: the round's parity) leaves the first token p-distributed whatever it picks, since each
+# source alone is verified losslessly. A choice that reads the target's verdict (lookup only when
+# its A would be accepted) gives A with probability 0.7 + 0.3 · 0.7 = 0.91. The real hybrid reads
+# lookup's block and the expectations of earlier DSpark blocks (BatchedHybridDrafter._prefer_lookup),
+# and drafts before the target runs.
+P_AB = torch.tensor([[0.7, 0.3], [0.7, 0.3]])  # [γ+1 = 2, V = 2]
+Q_AB = torch.tensor([[0.5, 0.5]])
+CHOICE_TRIALS = 4000
+
+
+def first_token(choose, round_index: int, generator: torch.Generator) -> int:
+    from dspark.verify import rejection_sample
+
+    verdict = torch.Generator().set_state(generator.get_state())  # what the verifier will draw next
+    lookup_kept = float(torch.rand(1, generator=verdict)) < 0.7
+    if choose(round_index, lookup_kept) == "lookup":
+        return rejection_sample(torch.tensor([0]), None, P_AB, generator).tokens[0]
+    x = torch.multinomial(Q_AB[0], 1, generator=generator)
+    return rejection_sample(x, Q_AB, P_AB, generator).tokens[0]
+
+
+@pytest.mark.parametrize("choose, p_a", [
+    (lambda i, kept: "lookup" if i % 2 else "model", 0.7),  # the past only: lossless
+    (lambda i, kept: "lookup", 0.7),
+    (lambda i, kept: "model", 0.7),
+    (lambda i, kept: "lookup" if kept else "model", 0.91),  # peeks at the verdict: biased
+], ids=["past", "lookup", "model", "peeking"])
+def test_appendix_a_the_choice_of_source_must_not_read_the_verdict(choose, p_a):
+    from scipy.stats import binomtest
+
+    from stats_helpers import STRICT_ALPHA
+
+    generator = torch.Generator().manual_seed(7)
+    count_a = sum(first_token(choose, i, generator) == 0 for i in range(CHOICE_TRIALS))
+    # At 4000 trials 0.7 and 0.91 lie ~29 standard errors apart: each check has power ~1 at 1e-4.
+    assert binomtest(count_a, CHOICE_TRIALS, p_a).pvalue >= STRICT_ALPHA, count_a / CHOICE_TRIALS
+    if p_a != 0.7:
+        assert binomtest(count_a, CHOICE_TRIALS, 0.7).pvalue < STRICT_ALPHA, count_a / CHOICE_TRIALS
+
+
+# -- observability ----------------------------------------------------------------------------------
+
+
+def test_metrics_and_eval_count_rounds_per_source():
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from dspark.engine.stats import RoundRecord, StepRecord
+    from dspark.evaluation.aggregate import _by_source
+    from dspark.serving.metrics import ServeMetrics
+
+    rounds = [RoundRecord(3, 2, 0, 0, torch.tensor([0.9, 0.9, 0.5]), source="ngram"),
+              RoundRecord(2, 0, 0, 0, torch.tensor([0.5, 0.4]), source="dspark"),
+              RoundRecord(1, 1, 0, 0, torch.tensor([0.8]), source="ngram")]
+    served = ServeMetrics("m")
+    served.on_step(StepRecord(3, 9, 6, 6, None, 0, 0, 0), rounds, 6, 0, 0)
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(served.render().decode()) for s in family.samples}
+
+    def value(name, **labels):
+        return samples[(name, tuple(sorted({"model_name": "m", **labels}.items())))]
+
+    assert value("dspark:spec_decode_source_num_drafts_total", source="ngram") == 2
+    assert value("dspark:spec_decode_source_num_draft_tokens_total", source="ngram") == 4
+    assert value("dspark:spec_decode_source_num_accepted_tokens_total", source="ngram") == 3
+    assert value("dspark:spec_decode_source_num_accepted_tokens_total", source="dspark") == 0
+    # dspark's one round: a_1 = 0.5 predicted, not survived: ECE 0.5 at slot 0
+    assert value("dspark:source_acceptance_calibration_error", source="dspark", position="0") == pytest.approx(0.5)
+
+    class Rec:  # the fields of an eval record that _by_source reads
+        def __init__(self, sources, proposed, accepted):
+            self.sources, self.proposed, self.accepted = sources, proposed, accepted
+
+    assert _by_source([Rec(["ngram", "dspark"], [3, 2], [2, 0]), Rec(["ngram"], [1], [1])]) == {
+        "ngram": {"rounds": 2, "verified": 4, "accepted": 3}, "dspark": {"rounds": 1, "verified": 2, "accepted": 0}}
+    assert _by_source([Rec(None, [3], [1])]) is None

@@ -52,6 +52,9 @@ class DraftBlock:
     margins: torch.Tensor | None = None
     """[γ] top-1 minus top-2 logit of each slot's draft distribution, for drafters that have
     logits (an alternative confidence signal, compared with c_k in calibration reports)."""
+    source: str = ""
+    """Which part of a hybrid drafter proposed the block ('ngram', 'dspark'); '' for a drafter
+    with one source. Reports count rounds, drafted and accepted tokens per source."""
 
     def __post_init__(self) -> None:
         if self.tokens.dim() != 1:

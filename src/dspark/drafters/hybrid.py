@@ -33,6 +33,8 @@ from dspark.drafters.looped import LoopedDrafter
 from dspark.drafters.ngram import NgramDrafter
 
 INITIAL_CONTEXT = 1024
+LOOKUP, MODEL = "ngram", "dspark"
+"""The sources a hybrid's blocks name (:attr:`~dspark.drafters.base.DraftBlock.source`)."""
 EXPECT_DECAY = 0.7
 """Weight of the past in a request's expected DSpark tokens per round."""
 
@@ -128,12 +130,13 @@ class BatchedHybridDrafter:
         blocks = []
         for i, (s, use) in enumerate(zip(slots, use_lookup)):
             if use:
-                blocks.append(looked[i])
+                blocks.append(dataclasses.replace(looked[i], source=LOOKUP))
                 self.rounds["lookup"] += 1
                 continue
             block = batch.blocks[i]
             if block.gamma and block.confidences is not None and self.calibrate is not None:
                 block = dataclasses.replace(block, confidences=self.calibrate(block.confidences))
+            block = dataclasses.replace(block, source=MODEL)
             if block.gamma:
                 self._observe(s, expected_accepted(block.confidences))
                 self.rounds["model"] += 1

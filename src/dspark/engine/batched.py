@@ -268,7 +268,7 @@ class BatchEngine:
         for i, n in accepted.items():
             block, ell = blocks[i], lengths[i]
             conf = block.confidences[:ell] if block.confidences is not None else None
-            live[i].state.stats.record_round(ell, n, t1 - t0, t3 - t2, conf)  # step times, shared by the batch
+            live[i].state.stats.record_round(ell, n, t1 - t0, t3 - t2, conf, source=block.source)  # step times, shared
         record = StepRecord(
             requests=len(live), budget=len(live) + sum(lengths), drafted=sum(drafted), committed=committed,
             expected_tokens=schedule.expected_tokens, draft_s=t1 - t0, schedule_s=t2 - t1, verify_s=t3 - t2,

@@ -64,7 +64,7 @@ class SpeculativeEngine:
             n = result.num_accepted
             target.rollback(cache, length + n)  # keep the anchor and the accepted tokens
             t2 = time.perf_counter()
-            stats.record_round(block.gamma, n, t1 - t0, t2 - t1, block.confidences, block.margins)
+            stats.record_round(block.gamma, n, t1 - t0, t2 - t1, block.confidences, block.margins, block.source)
             new_features = out.features[0, : n + 1] if out.features is not None else None
             shown = state.commit(result.tokens)
             if on_tokens is not None:

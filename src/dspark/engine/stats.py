@@ -23,6 +23,8 @@ class RoundRecord:
     accelerator: converting it here would be a host sync per round), or None."""
     margins: Any = None
     """[γ] top-1 minus top-2 draft logit per slot as the drafter returned it, or None."""
+    source: str = ""
+    """The block's :attr:`~dspark.drafters.base.DraftBlock.source` ('' for a one-source drafter)."""
 
 
 @dataclass
@@ -52,13 +54,14 @@ class GenerationStats:
         verify_s: float = 0.0,
         confidences: Any = None,
         margins: Any = None,
+        source: str = "",
     ) -> None:
         self.rounds += 1
         self.proposed.append(proposed)
         self.accepted.append(accepted)
         self.draft_s += draft_s
         self.verify_s += verify_s
-        self.round_records.append(RoundRecord(proposed, accepted, draft_s, verify_s, confidences, margins))
+        self.round_records.append(RoundRecord(proposed, accepted, draft_s, verify_s, confidences, margins, source))
 
     @property
     def tau(self) -> float:

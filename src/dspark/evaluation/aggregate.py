@@ -45,6 +45,8 @@ class Aggregate:
     """Greedy turns whose tokens differ from plain decoding's."""
     confidence: dict | None = None
     """Held-out check of the confidence head: per-slot metrics of raw (and calibrated) a_k."""
+    sources: dict | None = None
+    """A hybrid's rounds per source: {source: {rounds, verified, accepted}} (None otherwise)."""
 
 
 def aggregate(
@@ -91,8 +93,21 @@ def _aggregate_group(name, records, drafters, calibrations) -> list[Aggregate]:
             ideal_speedup=ideal, efficiency=metrics.efficiency(speedup, ideal),
             mismatches=sum(r.identical_to_plain is False for r in rs),
             confidence=_confidence_check(rs, calibrations.get(spec)),
+            sources=_by_source(rs),
         ))
     return rows
+
+
+def _by_source(records) -> dict | None:
+    """Rounds, verified and accepted drafted tokens per source of a hybrid drafter."""
+    out: dict[str, dict[str, int]] = {}
+    for r in records:
+        for source, p, a in zip(r.sources or (), r.proposed, r.accepted):
+            row = out.setdefault(source or "-", {"rounds": 0, "verified": 0, "accepted": 0})
+            row["rounds"] += 1
+            row["verified"] += p
+            row["accepted"] += a
+    return out or None
 
 
 def _rate(records: Sequence[GenerationRecord]) -> float:

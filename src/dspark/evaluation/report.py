@@ -270,6 +270,19 @@ def eval_markdown(results: dict, plots: bool = True) -> str:
                      for r, c in zip(raw, cal or raw)]
             rows.append([a["dataset"], _labels(results)[a["drafter"]], *cells])
         lines += [markdown_table(header[: len(rows[0])], rows), ""]
+    mixed = [a for a in results["aggregates"] if a.get("sources")]
+    if mixed:
+        lines += ["## Sources of a hybrid's rounds", "",
+                  "Per source: rounds it drafted, drafted tokens verified and accepted.", ""]
+        rows = []
+        for a in mixed:
+            total = sum(v["rounds"] for v in a["sources"].values())
+            for source, v in sorted(a["sources"].items()):
+                rows.append([a["dataset"], _labels(results)[a["drafter"]], source, str(v["rounds"]),
+                             _pct(v["rounds"] / total) if total else "–", str(v["verified"]), str(v["accepted"]),
+                             _fmt(v["accepted"] / v["verified"], ".2f") if v["verified"] else "–"])
+        lines += [markdown_table(["dataset", "drafter", "source", "rounds", "share", "verified", "accepted",
+                                  "accepted / verified"], rows), ""]
     return "\n".join(lines)
 
 

@@ -91,6 +91,8 @@ class GenerationRecord:
     identical_to_plain: bool | None
     """Greedy only: same token ids as plain decoding (None above T = 0)."""
     first_mismatch: int | None
+    sources: list[str] | None = None
+    """Per round, the part of a hybrid drafter that proposed it; None for one-source drafters."""
     confidences: list[list[float]] | None = field(default=None, repr=False)
     """Raw c_1..c_γ per round for drafters with a confidence head; not written to results.json."""
 
@@ -234,4 +236,5 @@ def _record(dataset, index, turn, spec, position, result, wall, plain_ids, greed
         proposed=list(stats.proposed), accepted=list(stats.accepted),
         identical_to_plain=(mismatch is None) if greedy else None, first_mismatch=mismatch,
         confidences=confidences,
+        sources=[r.source for r in stats.round_records] if any(r.source for r in stats.round_records) else None,
     )

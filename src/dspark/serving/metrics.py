@@ -14,7 +14,10 @@ slot, 0-based as in vLLM):
   before its online survival scale) against whether x_1..x_k were all accepted, over rounds
   that verified slot k: ``dspark:acceptance_predicted{position}``,
   ``dspark:acceptance_realised{position}`` and ``dspark:acceptance_calibration_error{position}``,
-  the running expected calibration error (ECE, 10 equal-width bins of a_k).
+  the running expected calibration error (ECE, 10 equal-width bins of a_k);
+- per source of a hybrid drafter (``source`` = ``ngram`` or ``dspark``):
+  ``dspark:spec_decode_source_num_drafts``, ``..._source_num_draft_tokens``,
+  ``..._source_num_accepted_tokens`` and ``dspark:source_acceptance_calibration_error{position}``.
 
 Load: ``dspark:num_requests_running``, ``dspark:num_requests_waiting`` (the queue),
 ``dspark:generation_tokens_per_second`` (over the last ``RATE_WINDOW_S``), token and request
@@ -110,6 +113,15 @@ class ServeMetrics:
                                          ["position"])
         self.calibration_error = gauge("acceptance_calibration_error",
                                        "Running ECE (10 bins) of predicted prefix survival at slot k.", ["position"])
+        self.source_drafts = counter("spec_decode_source_num_drafts",
+                                     "Rounds that verified drafted tokens, per source of a hybrid drafter.", ["source"])
+        self.source_draft_tokens = counter("spec_decode_source_num_draft_tokens",
+                                           "Drafted tokens verified, per source of a hybrid drafter.", ["source"])
+        self.source_accepted_tokens = counter("spec_decode_source_num_accepted_tokens",
+                                              "Drafted tokens accepted, per source of a hybrid drafter.", ["source"])
+        self.source_calibration_error = gauge("source_acceptance_calibration_error",
+                                              "Running ECE (10 bins) of predicted prefix survival at slot k, per "
+                                              "source of a hybrid drafter.", ["source", "position"])
         self.running = gauge("num_requests_running", "Requests holding a slot.")
         self.waiting = gauge("num_requests_waiting", "Requests queued for a slot.")
         self.tokens_per_second = gauge("generation_tokens_per_second",
@@ -128,6 +140,7 @@ class ServeMetrics:
         self.e2e = Histogram("dspark:e2e_request_latency_seconds", "Time from arrival to the last token.",
                              label, buckets=E2E_BUCKETS, registry=registry)
         self.slots: list[SlotCalibration] = []
+        self.source_slots: dict[str, list[SlotCalibration]] = {}
         self._rounds = self._accepted = self._verified = 0
         self._recent: deque[tuple[float, int]] = deque()
         self.running.labels(model_name).set(0)
@@ -180,6 +193,10 @@ class ServeMetrics:
             self.draft_tokens_per_pos.labels(m, str(k)).inc()
             if k < r.accepted:
                 self.accepted_per_pos.labels(m, str(k)).inc()
+        if r.source:
+            self.source_drafts.labels(m, r.source).inc()
+            self.source_draft_tokens.labels(m, r.source).inc(r.proposed)
+            self.source_accepted_tokens.labels(m, r.source).inc(r.accepted)
 
     def _calibrate_rounds(self, rounds: list[RoundRecord]) -> None:
         """Add each round's predicted a_k and realised survival to its slots' running ECE."""
@@ -194,9 +211,17 @@ class ServeMetrics:
         while len(self.slots) < width:
             self.slots.append(SlotCalibration())
         for r, a in zip(rounds, survival):
+            by_source = self.source_slots.setdefault(r.source, []) if r.source else None
+            while by_source is not None and len(by_source) < r.proposed:
+                by_source.append(SlotCalibration())
             for k in range(r.proposed):
                 self.slots[k].add(a[k], r.accepted > k)
+                if by_source is not None:
+                    by_source[k].add(a[k], r.accepted > k)
         m = self.model_name
+        for source, slots in self.source_slots.items():
+            for k, slot in enumerate(slots):
+                self.source_calibration_error.labels(m, source, str(k)).set(slot.ece())
         for k in range(width):
             slot = self.slots[k]
             self.acceptance_predicted.labels(m, str(k)).set(slot.mean_predicted())
