@@ -140,6 +140,7 @@ def run(args) -> dict:
     from tqdm import tqdm
 
     from dspark.drafters import as_batch_drafter, default_drafter_spec
+    from dspark.drafters.factory import has_confidences
     from dspark.engine import GenerationRequest
     from dspark.engine.build import build_engine, cost_table_for, drafter_calibration, load_drafter
     from dspark.errors import DsparkError
@@ -163,10 +164,10 @@ def run(args) -> dict:
 
     cost = None
     skip: dict[str, str] = {}
-    if not getattr(getattr(drafter, "config", None), "enable_confidence_head", False):
+    if not has_confidences(drafter):
         for name in args.policies:
             if name == "dspark" or name.startswith("threshold"):
-                skip[name] = f"drafter {spec} has no confidence head"
+                skip[name] = f"drafter {spec} gives no confidences"
                 console.print(f"[yellow]{name}: skipped, {skip[name]}[/yellow]")
     if "dspark" in args.policies and "dspark" not in skip:
         most = max(args.concurrency)
