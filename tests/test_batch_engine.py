@@ -38,6 +38,7 @@ from dspark.sampling import SamplingParams
 from dspark.scheduling import DSparkScheduler, FixedGamma, FlatCost, StaticThreshold, gamma_one
 from dspark.scheduling.calibration import load_calibration
 from dspark.scheduling.profiling import CostKey, CostTable
+import dspark.engine.batched as batched
 from stats_helpers import chisquare_gof
 from test_lossless import NEW_TOKENS, PROMPT, T1, TARGET_SCALE, TARGET_SEED, V, exact_target_distribution
 
@@ -364,7 +365,8 @@ def test_lazy_drafting_drafts_less_and_schedules_the_same(rich, batch1_greedy, c
     assert sum(s.drafted for s in lazy.stats.steps) < sum(s.drafted for s in eager.stats.steps)
 
 
-def test_backoff_skips_the_drafter_while_nothing_is_verified(rich, batch1_greedy):
+def test_backoff_skips_the_drafter_while_nothing_is_verified(rich, batch1_greedy, monkeypatch):
+    monkeypatch.setattr(batched, "CHEAP_DRAFTING", 0.0)  # tiny models: drafting is never cheap next to them
     never = CountingDrafter(dspark_drafter(rich=True))
     batch = BatchEngine(rich, never, DSparkScheduler(COST, calibrate=torch.zeros_like), max_batch=4).generate(mixed_requests())
     assert [r.token_ids for r in batch.results] == batch1_greedy  # skipped rounds fold their features later
@@ -374,6 +376,14 @@ def test_backoff_skips_the_drafter_while_nothing_is_verified(rich, batch1_greedy
     sure_policy.calibrate = torch.ones_like
     batch = BatchEngine(rich, sure, sure_policy, max_batch=4).generate(mixed_requests())
     assert sure.calls == len(batch.stats.steps)  # every step verified drafts: no backoff
+
+
+def test_drafting_that_costs_next_to_nothing_never_backs_off(rich, batch1_greedy, monkeypatch):
+    monkeypatch.setattr(batched, "CHEAP_DRAFTING", 1.0)  # every drafter counts as cheap (lookup on a real target)
+    never = CountingDrafter(dspark_drafter(rich=True))
+    batch = BatchEngine(rich, never, DSparkScheduler(COST, calibrate=torch.zeros_like), max_batch=4).generate(mixed_requests())
+    assert [r.token_ids for r in batch.results] == batch1_greedy
+    assert batch.stats.verify_length == 0.0 and never.calls == len(batch.stats.steps)
 
 
 def test_errors_are_clear(target, rich):

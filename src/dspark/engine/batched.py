@@ -49,6 +49,9 @@ from dspark.target.ragged import verify_forward
 from dspark.target.slot_cache import SlotCache
 from dspark.verify import verify
 
+CHEAP_DRAFTING = 0.02
+"""Drafting that took less than this share of its step does not back off, paid or not: what
+backoff saves is drafting time, and prompt lookup's is nearly none."""
 MAX_BACKOFF = 128
 """Most steps a lazily drafting engine skips the drafter after drafted steps that did not pay:
 while drafting does not pay, looking again costs a drafter pass (and folding the context
@@ -231,8 +234,8 @@ class BatchEngine:
         # A stopped gate already scheduled the step: drafting stopped where verification does.
         schedule = batch.stop if batch.stop is not None else policy.schedule(drafted, self._confidences(blocks, drafted))
         lengths = schedule.lengths
-        if gated and self.backoff and (any(drafted) or batch.stop is not None):  # confidences were seen
-            self._back_off(policy.drafting_pays(schedule, len(live)))
+        backing_off = gated and self.backoff and (any(drafted) or batch.stop is not None)  # confidences were seen
+        paid = backing_off and policy.drafting_pays(schedule, len(live))
         t2 = time.perf_counter()
 
         feed = torch.zeros(len(live), 1 + max(lengths), dtype=torch.long, device=device)  # [R, T]
@@ -261,6 +264,8 @@ class BatchEngine:
             accepted[i] = n
             committed += len(result.tokens)
         t3 = time.perf_counter()
+        if backing_off:  # drafting that costs next to nothing (lookup) is never worth skipping
+            self._back_off(paid or t1 - t0 < CHEAP_DRAFTING * (t3 - t0))
         slots_drafted = max(drafted, default=0)
         per_slot = batch.slots_s / slots_drafted if batch.slots_s is not None and slots_drafted else None
         overhead = (t3 - t1) - forward_s  # scheduling, the rule, commits: not in a cost table
