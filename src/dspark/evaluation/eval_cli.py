@@ -232,9 +232,12 @@ def _drafter_specs(given, model=None) -> list[str]:
 
 
 def drafter_folder(spec: str) -> Path | None:
-    """The checkpoint folder of a dspark/dflash spec (where calibration.json lives), else None."""
+    """The checkpoint folder of a dspark/dflash spec (where calibration.json lives), else None
+    (a hybrid ``...+ngram`` too: it calibrates its DSpark rows itself)."""
+    from dspark.drafters.factory import HYBRID
+
     kind, _, arg = spec.partition(":")
-    if kind not in ("dspark", "dflash"):
+    if kind not in ("dspark", "dflash") or spec.endswith(HYBRID):
         return None
     if arg:
         return Path(arg).expanduser()
