@@ -203,7 +203,7 @@ class BatchEngine:
         first, _ = sample_from_logits(out.logits[0, -1], request.params, state.generator)
         self.drafter.open(slot)
         live = Live(handle, slot, state, unseen=[out.features[0]] if out.features is not None else [])
-        state.commit([int(first)])  # host sync: the first token must be checked for EOS/stop
+        state.commit([int(first)], out.logits[0, -1:])  # host sync: the first token must be checked for EOS/stop
         state.stats.prefill_s = time.perf_counter() - state.start
         return live
 
@@ -252,7 +252,7 @@ class BatchEngine:
             q = block.q[:ell] if block.q is not None else None
             try:
                 result = verify(block.tokens[:ell], q, out.logits[i, : ell + 1], r.state.request.params, r.state.generator)
-                r.state.commit(result.tokens)
+                r.state.commit(result.tokens, out.logits[i, : len(result.tokens)])
             except Exception as exc:  # this request only: no other row reads its logits or its state
                 failed[r.handle] = exc
                 continue

@@ -34,6 +34,10 @@ class GenerationRequest:
     """Seed of this request's torch.Generator (drafting and verification share it)."""
     ignore_eos: bool = False
     """Keep going past EOS (benchmarks that need a fixed length)."""
+    logprobs: int | None = None
+    """None: none. k >= 0: each committed token's log-probability under the target's raw
+    distribution (log-softmax of its logits, before temperature or top-k/p: vLLM's default
+    ``raw_logprobs``) and the k most likely tokens there (at most :data:`MAX_LOGPROBS`)."""
 
     def __post_init__(self) -> None:
         if len(self.prompt_ids) == 0:
@@ -42,6 +46,35 @@ class GenerationRequest:
             raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
+        if self.logprobs is not None and not (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise ValueError(f"logprobs must be an integer in 0..{MAX_LOGPROBS}, got {self.logprobs!r}")
+
+
+MAX_LOGPROBS = 20
+"""Most alternatives per token (OpenAI's top_logprobs limit)."""
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A committed token's log-probability under the target's raw distribution, and the top
+    alternatives there."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+    """(token id, log-probability) of the most likely tokens, most likely first."""
+
+
+def token_logprobs(logits: torch.Tensor, tokens: Sequence[int], top: int) -> list[TokenLogprob]:
+    """Row i of ``logits`` # [n, V] is the distribution token i was committed from."""
+    logp = torch.log_softmax(logits[: len(tokens)].float(), dim=-1)  # [n, V]
+    chosen = logp.gather(-1, torch.as_tensor(list(tokens), device=logp.device).view(-1, 1)).view(-1).tolist()
+    if top:
+        values, ids = logp.topk(top, dim=-1)
+        alternatives = [tuple(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]  # host sync, asked for
+    else:
+        alternatives = [()] * len(tokens)
+    return [TokenLogprob(t, lp, alt) for t, lp, alt in zip(tokens, chosen, alternatives)]
 
 
 @dataclass
@@ -53,6 +86,8 @@ class GenerationResult:
     stats: GenerationStats = field(default_factory=GenerationStats)
     finish_reason: str = "length"
     """"length", "eos" or "stop"."""
+    logprobs: list[TokenLogprob] | None = None
+    """One per token id, when the request asked for them."""
 
 
 class StopChecker:
@@ -128,6 +163,8 @@ class RequestState:
     start: float
     committed: list[int] = field(default_factory=list)
     """New ids committed so far (host copy, for stop checks)."""
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    """One per committed id when the request asks for log-probabilities."""
     finish: str | None = None
 
     @classmethod
@@ -152,8 +189,14 @@ class RequestState:
         """Most tokens worth drafting now: the remaining budget minus the bonus token."""
         return self.request.max_new_tokens - len(self.committed) - 1
 
-    def commit(self, tokens: list[int]) -> list[int]:
-        """Append ``tokens``, check the stops; returns the newly visible ids (up to the cut)."""
+    def commit(self, tokens: list[int], logits: torch.Tensor | None = None) -> list[int]:
+        """Append ``tokens``, check the stops; returns the newly visible ids (up to the cut).
+        ``logits`` # [len(tokens), V]: the target's raw logits each token was committed from
+        (needed when the request asks for log-probabilities)."""
+        if self.request.logprobs is not None:
+            if logits is None:
+                raise ValueError("this request asks for logprobs: commit() needs the target's logits")
+            self.logprobs.extend(token_logprobs(logits, tokens, self.request.logprobs))
         before = len(self.committed)
         self.buf[self.length : self.length + len(tokens)] = torch.as_tensor(tokens, device=self.buf.device)
         self.length += len(tokens)
@@ -165,4 +208,5 @@ class RequestState:
         ids = self.committed[: self.stops.cut]
         self.stats.new_tokens = len(ids)
         self.stats.wall_s = time.perf_counter() - self.start
-        return GenerationResult(ids, self.stops.text(ids), self.stats, self.finish or "length")
+        logprobs = self.logprobs[: len(ids)] if self.request.logprobs is not None else None
+        return GenerationResult(ids, self.stops.text(ids), self.stats, self.finish or "length", logprobs)

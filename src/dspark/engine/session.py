@@ -17,7 +17,7 @@ from typing import Hashable, Protocol
 
 import torch
 
-from dspark.engine.request import GenerationRequest, GenerationResult, RequestState, check_request
+from dspark.engine.request import GenerationRequest, GenerationResult, RequestState, TokenLogprob, check_request
 from dspark.engine.stats import RoundRecord, StepRecord
 from dspark.target.model import TargetModel
 from dspark.target.slot_cache import SlotCache
@@ -51,6 +51,8 @@ class StepEvents:
     tokens: dict[Hashable, list[int]] = field(default_factory=dict)
     """Ids committed and visible (up to a stop cut) since the last step, the prefill's first
     token included."""
+    logprobs: dict[Hashable, list[TokenLogprob]] = field(default_factory=dict)
+    """The log-probabilities of :attr:`tokens`, for requests that ask for them."""
     finished: dict[Hashable, GenerationResult] = field(default_factory=dict)
     """Requests that ended in this step; their slots are free already."""
     failed: dict[Hashable, Exception] = field(default_factory=dict)
@@ -197,6 +199,8 @@ class BatchSession:
             visible = r.state.committed[: r.state.stops.cut]
             if len(visible) > r.shown:
                 events.tokens.setdefault(r.handle, []).extend(visible[r.shown :])
+                if r.state.request.logprobs is not None:
+                    events.logprobs.setdefault(r.handle, []).extend(r.state.logprobs[r.shown : len(visible)])
                 r.shown = len(visible)
             if r.state.finish is None:
                 still.append(r)

@@ -48,7 +48,7 @@ class SpeculativeEngine:
         check_logits(out.logits[0, -1], "the target's logits")  # host sync, once per request
         first, _ = sample_from_logits(out.logits[0, -1], params, generator)
         new_features = out.features[0] if out.features is not None else None
-        shown = state.commit([int(first)])  # host sync: the first token must be checked for EOS/stop
+        shown = state.commit([int(first)], out.logits[0, -1:])  # host sync: the first token must be checked for EOS/stop
         stats.prefill_s = time.perf_counter() - state.start
         if on_tokens is not None:
             on_tokens(shown)
@@ -66,7 +66,7 @@ class SpeculativeEngine:
             t2 = time.perf_counter()
             stats.record_round(block.gamma, n, t1 - t0, t2 - t1, block.confidences, block.margins, block.source)
             new_features = out.features[0, : n + 1] if out.features is not None else None
-            shown = state.commit(result.tokens)
+            shown = state.commit(result.tokens, out.logits[0, : n + 1])
             if on_tokens is not None:
                 on_tokens(shown)
         return state.result()
