@@ -47,6 +47,7 @@ from dspark.serving.protocol import (
     Job,
     error_body,
     final_chunks,
+    logprobs_body,
     prepare_chat,
     prepare_completion,
     response,
@@ -206,11 +207,14 @@ async def _stream(job: Job, handle: int, first: Event, events: asyncio.Queue, lo
     try:
         if job.kind == "chat":
             yield _sse(chunk(job, role=True))
-        event = first
+        event, offset = first, 0  # offset: characters of the answer's tokens so far (text_offset)
         while True:
             if isinstance(event, Delta):
-                if event.text:
-                    yield _sse(chunk(job, event.text))
+                logprobs = logprobs_body(job, event.logprobs, offset) if event.logprobs else None
+                if logprobs is not None and job.kind == "completion":
+                    offset += sum(map(len, logprobs["tokens"]))
+                if event.text or logprobs is not None:
+                    yield _sse(chunk(job, event.text, logprobs=logprobs))
             elif isinstance(event, Done):
                 finished = True
                 if event.text:

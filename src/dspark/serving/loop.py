@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Hashable, Protocol, Union
 
-from dspark.engine.request import GenerationRequest, GenerationResult
+from dspark.engine.request import GenerationRequest, GenerationResult, TokenLogprob
 from dspark.engine.session import StepEvents
 from dspark.serving.metrics import ServeMetrics
 from dspark.serving.text import TextStream
@@ -46,6 +46,8 @@ class Delta:
 
     text: str
     token_ids: list[int]
+    logprobs: list[TokenLogprob] | None = None
+    """The tokens' log-probabilities, when the request asks for them."""
 
 
 @dataclass(frozen=True)
@@ -226,16 +228,18 @@ class EngineLoop:
             # The commit that ends a request may run past a stop string: its text comes whole
             # with Done, from the engine's answer, never through the stream's hold-back.
             ending = handle in events.finished
-            self._guarded(handle, lambda t: self._send_tokens(t, ids, now, stream_text=not ending))
+            self._guarded(handle, lambda t: self._send_tokens(t, ids, now, stream_text=not ending,
+                                                              logprobs=events.logprobs.get(handle)))
         for handle, result in events.finished.items():
             self._guarded(handle, lambda t: self._send_done(handle, t, result, now))
         self.metrics.on_step(events.record, list(events.rounds.values()), sum(map(len, events.tokens.values())),
                              self.session.running, self.queued)
 
-    def _send_tokens(self, ticket: _Ticket, ids: list[int], now: float, stream_text: bool) -> None:
+    def _send_tokens(self, ticket: _Ticket, ids: list[int], now: float, stream_text: bool,
+                     logprobs: list[TokenLogprob] | None = None) -> None:
         if ticket.first_token is None:
             ticket.first_token = now
-        ticket.sink(Delta(ticket.text.push(ids) if stream_text else "", ids))
+        ticket.sink(Delta(ticket.text.push(ids) if stream_text else "", ids, logprobs))
 
     def _send_done(self, handle: int, ticket: _Ticket, result: GenerationResult, now: float) -> None:
         self._forget(handle)

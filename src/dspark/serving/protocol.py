@@ -2,9 +2,10 @@
 
 Request bodies are pydantic models with ``extra="forbid"`` and strict types: a field the
 server does not know, or a value of the wrong type, is a 400 that names it, never ignored or
-coerced. Fields OpenAI defines but this server cannot honour (``n``, ``logprobs``, the
-penalties) are declared only so that their default values pass and any other value is refused
-by name. :func:`prepare_chat` and :func:`prepare_completion` turn a body into a :class:`Job`
+coerced. Fields OpenAI defines but this server cannot honour (``n``, the penalties) are
+declared only so that their default values pass and any other value is refused by name.
+``logprobs`` (and chat's ``top_logprobs``) are the target's raw log-probabilities of the
+committed tokens (vLLM's default ``raw_logprobs``: before temperature and top-k/p). :func:`prepare_chat` and :func:`prepare_completion` turn a body into a :class:`Job`
 (a checked :class:`~dspark.engine.request.GenerationRequest` and how to answer), raising
 :class:`ApiError` for everything a client got wrong, so nothing a client sends reaches the
 engine unchecked.
@@ -18,11 +19,11 @@ import secrets
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, Union
+from typing import Any, Callable, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, StrictStr
 
-from dspark.engine.request import GenerationRequest, GenerationResult
+from dspark.engine.request import GenerationRequest, GenerationResult, TokenLogprob
 from dspark.engine.stats import GenerationStats
 from dspark.sampling import SamplingParams
 from dspark.serving.config import ServeSettings
@@ -31,6 +32,10 @@ from dspark.target.model import TargetModel
 MAX_TEMPERATURE = 2.0
 """OpenAI's range for temperature is [0, 2]."""
 MAX_SEED = (1 << 63) - 1
+MAX_TOP_LOGPROBS = 20
+"""OpenAI's range for chat's top_logprobs."""
+MAX_COMPLETION_LOGPROBS = 5
+"""OpenAI's range for the completions endpoint's logprobs."""
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
 """Engine finish reasons -> OpenAI's (an EOS and a stop string both read "stop")."""
 
@@ -141,7 +146,9 @@ class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage]
     max_completion_tokens: Optional[StrictInt] = None
     logprobs: Optional[StrictBool] = None
-    """Only false (or absent)."""
+    """Return the log-probability of each output token."""
+    top_logprobs: Optional[StrictInt] = None
+    """With logprobs: also the 0..20 most likely tokens at each position."""
 
 
 class CompletionRequest(_Sampling):
@@ -150,7 +157,7 @@ class CompletionRequest(_Sampling):
     echo: Optional[StrictBool] = None
     """Only false (or absent)."""
     logprobs: Optional[StrictInt] = None
-    """Only absent."""
+    """0..5: the log-probability of each output token and this many most likely tokens."""
     best_of: Optional[StrictInt] = None
     """Only 1 (or absent)."""
 
@@ -165,6 +172,8 @@ class Job:
     stream: bool
     include_usage: bool
     model: str
+    decode: Callable[[list[int]], str] | None = field(default=None, repr=False, compare=False)
+    """The target's detokenizer, for the tokens of log-probabilities."""
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -172,7 +181,10 @@ class Job:
 def prepare_chat(body: ChatCompletionRequest, target: TargetModel, settings: ServeSettings) -> Job:
     """Check a chat body against the served model; encode its messages with the chat template."""
     _check_common(body, settings)
-    _refuse(body.logprobs, (None, False), "logprobs", "log probabilities are not supported")
+    if body.top_logprobs is not None and not 0 <= body.top_logprobs <= MAX_TOP_LOGPROBS:
+        raise ApiError(400, f"top_logprobs must lie in 0..{MAX_TOP_LOGPROBS}, got {body.top_logprobs}", "top_logprobs")
+    if body.top_logprobs and not body.logprobs:
+        raise ApiError(400, "top_logprobs needs logprobs = true", "top_logprobs")
     if not body.messages:
         raise ApiError(400, "messages must hold at least one message", "messages")
     if body.max_tokens is not None and body.max_completion_tokens is not None:
@@ -181,14 +193,16 @@ def prepare_chat(body: ChatCompletionRequest, target: TargetModel, settings: Ser
     prompt_ids = _encode(target, messages, "messages")
     limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-    return _job(body, prompt_ids, limit, param, "chat", target, settings)
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    return _job(body, prompt_ids, limit, param, "chat", target, settings, logprobs)
 
 
 def prepare_completion(body: CompletionRequest, target: TargetModel, settings: ServeSettings) -> Job:
     """Check a completion body; its prompt is raw text (no chat template) or token ids."""
     _check_common(body, settings)
     _refuse(body.echo, (None, False), "echo", "echo is not supported")
-    _refuse(body.logprobs, (None,), "logprobs", "log probabilities are not supported")
+    if body.logprobs is not None and not 0 <= body.logprobs <= MAX_COMPLETION_LOGPROBS:
+        raise ApiError(400, f"logprobs must lie in 0..{MAX_COMPLETION_LOGPROBS}, got {body.logprobs}", "logprobs")
     _refuse(body.best_of, (None, 1), "best_of", "only best_of = 1 is supported")
     prompt = body.prompt
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
@@ -205,7 +219,7 @@ def prepare_completion(body: CompletionRequest, target: TargetModel, settings: S
             raise ApiError(400, f"prompt token ids must lie in [0, {target.vocab_size})", "prompt")
     if not prompt_ids:
         raise ApiError(400, "prompt must hold at least one token", "prompt")
-    return _job(body, prompt_ids, body.max_tokens, "max_tokens", "completion", target, settings)
+    return _job(body, prompt_ids, body.max_tokens, "max_tokens", "completion", target, settings, body.logprobs)
 
 
 def _check_common(body: _Sampling, settings: ServeSettings) -> None:
@@ -249,7 +263,8 @@ def _text(content: str | list[TextPart]) -> str:
     return content if isinstance(content, str) else "".join(part.text for part in content)
 
 
-def _job(body: _Sampling, prompt_ids: list[int], limit: int | None, limit_param: str, kind, target, settings) -> Job:
+def _job(body: _Sampling, prompt_ids: list[int], limit: int | None, limit_param: str, kind, target, settings,
+         logprobs: int | None = None) -> Job:
     room = settings.max_model_len - len(prompt_ids)
     if room < 1:
         raise ApiError(400, f"the prompt ({len(prompt_ids)} tokens) leaves no room in the context window of "
@@ -267,11 +282,13 @@ def _job(body: _Sampling, prompt_ids: list[int], limit: int | None, limit_param:
             max_new_tokens=limit if limit is not None else room,
             stop=_stops(body.stop, settings),
             seed=_seed(body.seed),
+            logprobs=logprobs,
         ),
         kind=kind,
         stream=bool(body.stream),
         include_usage=bool(body.stream_options and body.stream_options.include_usage),
         model=settings.model_name,
+        decode=target.decode,
     )
 
 
@@ -328,24 +345,49 @@ def dspark_stats(stats: GenerationStats) -> dict:
     }
 
 
+def logprobs_body(job: Job, logprobs: list[TokenLogprob] | None, offset: int = 0) -> dict | None:
+    """OpenAI's ``logprobs`` of a choice: chat's ``{"content": [...]}`` or the completions
+    endpoint's ``tokens`` / ``token_logprobs`` / ``top_logprobs`` / ``text_offset``
+    (``offset``: characters of the answer before these tokens)."""
+    if logprobs is None or job.request.logprobs is None:
+        return None
+    text = [job.decode([lp.token]) for lp in logprobs]
+    if job.kind == "chat":
+        def entry(token: int, value: float, shown: str | None = None) -> dict:
+            shown = job.decode([token]) if shown is None else shown
+            return {"token": shown, "logprob": value, "bytes": list(shown.encode("utf-8"))}
+
+        return {"content": [{**entry(lp.token, lp.logprob, t), "top_logprobs": [entry(i, v) for i, v in lp.top]}
+                            for lp, t in zip(logprobs, text)]}
+    offsets, at = [], offset
+    for t in text:
+        offsets.append(at)
+        at += len(t)
+    return {"tokens": text, "token_logprobs": [lp.logprob for lp in logprobs],
+            "top_logprobs": [{job.decode([i]): v for i, v in lp.top} for lp in logprobs], "text_offset": offsets}
+
+
 def response(job: Job, result: GenerationResult) -> dict:
     """The whole answer of a non-streamed request."""
     reason = FINISH_REASONS[result.finish_reason]
+    logprobs = logprobs_body(job, result.logprobs)
     if job.kind == "chat":
         choice = {"index": 0, "message": {"role": "assistant", "content": result.text},
-                  "finish_reason": reason, "logprobs": None}
+                  "finish_reason": reason, "logprobs": logprobs}
     else:
-        choice = {"index": 0, "text": result.text, "finish_reason": reason, "logprobs": None}
+        choice = {"index": 0, "text": result.text, "finish_reason": reason, "logprobs": logprobs}
     return {**_head(job, chunk=False), "choices": [choice], "usage": usage(result), "dspark": dspark_stats(result.stats)}
 
 
-def chunk(job: Job, text: str | None = None, finish: str | None = None, role: bool = False) -> dict:
-    """One streamed chunk: a text delta, the assistant role (chat's first chunk) or the finish."""
+def chunk(job: Job, text: str | None = None, finish: str | None = None, role: bool = False,
+          logprobs: dict | None = None) -> dict:
+    """One streamed chunk: a text delta (with its tokens' ``logprobs_body``), the assistant
+    role (chat's first chunk) or the finish."""
     if job.kind == "chat":
-        delta: dict = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
-        choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+        delta: dict = {"role": "assistant", "content": ""} if role else ({"content": text} if text or logprobs else {})
+        choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
     else:
-        choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+        choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": logprobs}
     return {**_head(job, chunk=True), "choices": [choice]}
 
 

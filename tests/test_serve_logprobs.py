@@ -1,0 +1,103 @@
+"""logprobs over HTTP, through the official openai client: chat's logprobs / top_logprobs and
+the completions endpoint's logprobs, whole and streamed, equal to plain decoding's (the target's
+raw log-softmax at each committed token, computed here by a full forward per token)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from serve_helpers import MODEL, build, chat_target, load_tokenizer, serve
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+PROMPT = "Tell me about the number 7 and why why it matters."
+
+
+@pytest.fixture(scope="module")
+def target():
+    return chat_target(load_tokenizer())
+
+
+@pytest.fixture(scope="module")
+def server(target):
+    with serve(target, build(target, "dspark", max_batch=4), max_queue=16) as live:
+        yield live
+
+
+def plain_logprobs(target, prompt_ids, token_ids, top):
+    """(log p(token), [(id, log p)] top) per token, from the whole sequence each time."""
+    ids, out = list(prompt_ids), []
+    with torch.inference_mode():
+        for token in token_ids:
+            logp = torch.log_softmax(target.model(input_ids=torch.tensor([ids])).logits[0, -1].float(), -1)
+            values, idx = logp.topk(top) if top else (torch.zeros(0), torch.zeros(0, dtype=torch.long))
+            out.append((float(logp[token]), list(zip(idx.tolist(), values.tolist()))))
+            ids.append(token)
+    return out
+
+
+def engine_answer(target, prompt_ids, max_tokens, temperature, seed, top):
+    """The same request through the same kind of engine, one at a time: its token ids."""
+    from dspark.engine import GenerationRequest
+    from dspark.sampling import SamplingParams
+
+    request = GenerationRequest(prompt_ids, SamplingParams(temperature=temperature), max_new_tokens=max_tokens,
+                                seed=seed or 0, logprobs=top)
+    return build(target, "dspark", max_batch=1).generate([request]).results[0]
+
+
+@pytest.mark.parametrize("temperature, seed", [(0.0, None), (1.0, 5)], ids=["T0", "T1-seeded"])
+def test_chat_logprobs_whole_and_streamed_equal_plain_decodings(server, target, temperature, seed):
+    client = server.client()
+    messages = [{"role": "user", "content": PROMPT}]
+    kwargs = dict(model=MODEL, messages=messages, max_tokens=12, temperature=temperature, seed=seed,
+                  logprobs=True, top_logprobs=3)
+    whole = client.chat.completions.create(**kwargs)
+    content = whole.choices[0].logprobs.content
+    prompt_ids = target.encode_conversation(messages)
+    answer = engine_answer(target, prompt_ids, 12, temperature, seed, 3)
+    assert [target.decode([i]) for i in answer.token_ids] == [e.token for e in content]
+    plain = plain_logprobs(target, prompt_ids, answer.token_ids, 3)
+    assert "".join(e.token for e in content) == whole.choices[0].message.content
+    for entry, (logprob, top) in zip(content, plain, strict=True):
+        assert entry.logprob == pytest.approx(logprob, abs=1e-4)
+        assert [t.logprob for t in entry.top_logprobs] == pytest.approx([v for _, v in top], abs=1e-4)
+        assert [t.token for t in entry.top_logprobs] == [target.decode([i]) for i, _ in top]
+        assert entry.bytes == list(entry.token.encode("utf-8"))
+    streamed = [e for c in client.chat.completions.create(**kwargs, stream=True)
+                if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in content]
+
+
+def test_completion_logprobs_whole_and_streamed(server, target):
+    client = server.client()
+    whole = client.completions.create(model=MODEL, prompt="The quick brown fox", max_tokens=10, temperature=0, logprobs=2)
+    lp = whole.choices[0].logprobs
+    assert "".join(lp.tokens) == whole.choices[0].text
+    assert lp.text_offset == [sum(map(len, lp.tokens[:i])) for i in range(len(lp.tokens))]
+    prompt_ids = target.encode_conversation("The quick brown fox")
+    ids = engine_answer(target, prompt_ids, 10, 0.0, None, 2).token_ids
+    assert [target.decode([i]) for i in ids] == lp.tokens
+    plain = plain_logprobs(target, prompt_ids, ids, 2)
+    assert lp.token_logprobs == pytest.approx([v for v, _ in plain], abs=1e-4)
+    assert [len(d) for d in lp.top_logprobs] == [2] * len(ids)
+    chunks = list(client.completions.create(model=MODEL, prompt="The quick brown fox", max_tokens=10, temperature=0,
+                                            logprobs=2, stream=True))
+    streamed = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
+    assert streamed == lp.tokens
+
+
+def test_no_logprobs_unless_asked_and_bad_values_refused(server):
+    import openai
+
+    client = server.client()
+    plain = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+    assert plain.choices[0].logprobs is None
+    for kwargs, param in ((dict(logprobs=True, top_logprobs=21), "top_logprobs"), (dict(top_logprobs=2), "top_logprobs")):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3, **kwargs)
+        assert err.value.body["param"] == param
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model=MODEL, prompt="hi", max_tokens=3, logprobs=6)
+    assert err.value.body["param"] == "logprobs"
