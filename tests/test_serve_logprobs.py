@@ -101,3 +101,45 @@ def test_no_logprobs_unless_asked_and_bad_values_refused(server):
     with pytest.raises(openai.BadRequestError) as err:
         client.completions.create(model=MODEL, prompt="hi", max_tokens=3, logprobs=6)
     assert err.value.body["param"] == "logprobs"
+
+
+# -- n > 1 ------------------------------------------------------------------------------------------
+
+
+def test_n_choices_whole_and_streamed(server, target):
+    client = server.client()
+    messages = [{"role": "user", "content": PROMPT}]
+    single = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0)
+    three = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0, n=3)
+    assert [c.index for c in three.choices] == [0, 1, 2]
+    assert {c.message.content for c in three.choices} == {single.choices[0].message.content}  # greedy: all equal
+    assert three.usage.completion_tokens == 3 * single.usage.completion_tokens
+    assert three.usage.prompt_tokens == single.usage.prompt_tokens
+
+    sampled = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=1.0, seed=9, n=3)
+    texts = [c.message.content for c in sampled.choices]
+    # Choice i is seeded seed + i: choice 0 is the n = 1 answer, and each is that seed's own answer.
+    for i, text in enumerate(texts):
+        alone = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=1.0, seed=9 + i)
+        assert alone.choices[0].message.content == text
+    assert len(set(texts)) > 1
+
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=1.0,
+                                                 seed=9, n=3, stream=True, stream_options={"include_usage": True}))
+    streamed = ["".join(c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == i)
+                for i in range(3)]
+    assert streamed == texts
+    assert sorted(c.choices[0].index for c in chunks if c.choices and c.choices[0].finish_reason) == [0, 1, 2]
+    assert chunks[-1].usage.completion_tokens == sampled.usage.completion_tokens
+
+
+def test_completions_take_n_and_refuse_too_many(server):
+    import openai
+
+    client = server.client()
+    two = client.completions.create(model=MODEL, prompt="The quick brown fox", max_tokens=6, temperature=0, n=2)
+    assert [c.index for c in two.choices] == [0, 1] and two.choices[0].text == two.choices[1].text
+    for n in (0, 9):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.completions.create(model=MODEL, prompt="hi", max_tokens=3, n=n)
+        assert err.value.body["param"] == "n"

@@ -46,6 +46,7 @@ from dspark.serving.protocol import (
     chunk,
     Job,
     error_body,
+    FINISH_REASONS,
     final_chunks,
     logprobs_body,
     prepare_chat,
@@ -140,19 +141,27 @@ ERROR_RESPONSES = {
 
 
 async def _answer(job: Job, loop: EngineLoop, request: Request) -> Response:
+    """Submit the job's ``n`` requests (one per choice) and answer once all are done, or
+    stream their chunks as they come; a choice that fails fails the answer, and every other
+    choice is cancelled with it."""
     aio = asyncio.get_running_loop()
-    events: asyncio.Queue[Event] = asyncio.Queue()
-
-    def sink(event: Event) -> None:  # called on the loop thread
-        aio.call_soon_threadsafe(events.put_nowait, event)
-
+    events: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+    handles: list[int] = []
     try:
-        handle = loop.submit(job.request, sink)
+        for index, generation in enumerate(job.requests()):
+            def sink(event: Event, index=index) -> None:  # called on the loop thread
+                aio.call_soon_threadsafe(events.put_nowait, (index, event))
+
+            handles.append(loop.submit(generation, sink))
     except QueueFull as exc:
+        for handle in handles:
+            loop.cancel(handle)
         loop.metrics.on_rejected()
         raise ApiError(429, f"the server is full: {exc}; retry later", None, "queue_full", "server_overloaded",
                        {"Retry-After": str(RETRY_AFTER_S)}) from None
     except ShuttingDown as exc:
+        for handle in handles:
+            loop.cancel(handle)
         raise ApiError(503, str(exc), None, "shutting_down", "server_overloaded",
                        {"Retry-After": str(RETRY_AFTER_S)}) from None
     finished, waiter = False, _Waiter(events, request)
@@ -160,25 +169,30 @@ async def _answer(job: Job, loop: EngineLoop, request: Request) -> Response:
         first = await waiter.next()
         if first is None:
             return Response(status_code=499)  # nobody reads it: the client is gone
-        if not isinstance(first, (Delta, Done)):  # Failed before any token: a plain 500
-            finished = True
-            return JSONResponse(error_body(first.message, "server_error"), status_code=500)
+        if not isinstance(first[1], (Delta, Done)):  # Failed before any token: a plain 500
+            return JSONResponse(error_body(first[1].message, "server_error"), status_code=500)
         if job.stream:
-            finished = True  # the stream owns the request from here
-            return StreamingResponse(_stream(job, handle, first, events, loop), media_type="text/event-stream",
+            finished = True  # the stream owns the requests from here
+            return StreamingResponse(_stream(job, handles, first, events, loop), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        event = first
-        while isinstance(event, Delta):
-            event = await waiter.next()
-        if event is None:
-            return Response(status_code=499)
-        finished = True
-        if isinstance(event, Done):
-            return JSONResponse(response(job, event.result))
-        return JSONResponse(error_body(event.message, "server_error"), status_code=500)
+        results: dict[int, object] = {}
+        item = first
+        while True:
+            index, event = item
+            if isinstance(event, Done):
+                results[index] = event.result
+                if len(results) == job.n:
+                    finished = True
+                    return JSONResponse(response(job, [results[i] for i in range(job.n)]))
+            elif not isinstance(event, Delta):
+                return JSONResponse(error_body(event.message, "server_error"), status_code=500)
+            item = await waiter.next()
+            if item is None:
+                return Response(status_code=499)
     finally:
-        if not finished:  # the client left (or the handler was cancelled) before the answer
-            loop.cancel(handle)
+        if not finished:  # the client left, a choice failed, or the handler was cancelled
+            for handle in handles:
+                loop.cancel(handle)
 
 
 class _Waiter:
@@ -201,37 +215,44 @@ class _Waiter:
                 continue
 
 
-async def _stream(job: Job, handle: int, first: Event, events: asyncio.Queue, loop: EngineLoop):
-    """The chunks of one streamed answer; if the client leaves, its request is cancelled."""
-    finished = False
+async def _stream(job: Job, handles: list[int], first: tuple[int, Event], events: asyncio.Queue, loop: EngineLoop):
+    """The chunks of one streamed answer, every choice's tagged by its index; if the client
+    leaves or a choice fails, every request still running is cancelled."""
+    results: dict[int, object] = {}
     try:
         if job.kind == "chat":
-            yield _sse(chunk(job, role=True))
-        event, offset = first, 0  # offset: characters of the answer's tokens so far (text_offset)
+            for index in range(job.n):
+                yield _sse(chunk(job, role=True, index=index))
+        item, offsets = first, [0] * job.n  # offsets: characters of each answer's tokens so far
         while True:
+            index, event = item
             if isinstance(event, Delta):
-                logprobs = logprobs_body(job, event.logprobs, offset) if event.logprobs else None
+                logprobs = logprobs_body(job, event.logprobs, offsets[index]) if event.logprobs else None
                 if logprobs is not None and job.kind == "completion":
-                    offset += sum(map(len, logprobs["tokens"]))
+                    offsets[index] += sum(map(len, logprobs["tokens"]))
                 if event.text or logprobs is not None:
-                    yield _sse(chunk(job, event.text, logprobs=logprobs))
+                    yield _sse(chunk(job, event.text, logprobs=logprobs, index=index))
             elif isinstance(event, Done):
-                finished = True
                 if event.text:
-                    yield _sse(chunk(job, event.text))
-                for last in final_chunks(job, event.result):
-                    yield _sse(last)
-                yield DONE
-                return
+                    yield _sse(chunk(job, event.text, index=index))
+                finish = chunk(job, finish=FINISH_REASONS[event.result.finish_reason], index=index)
+                results[index] = event.result
+                if len(results) < job.n:
+                    yield _sse(finish)
+                else:
+                    for last in final_chunks(job, finish, [results[i] for i in range(job.n)]):
+                        yield _sse(last)
+                    yield DONE
+                    return
             else:
-                finished = True
                 yield _sse(error_body(event.message, "server_error"))
                 yield DONE
                 return
-            event = await events.get()
+            item = await events.get()
     finally:
-        if not finished:
-            loop.cancel(handle)
+        if len(results) < job.n:  # the client left or a choice failed: the others stop too
+            for handle in handles:
+                loop.cancel(handle)
 
 
 def _sse(body: dict) -> str:

@@ -34,6 +34,8 @@ class ServeSettings:
     """Most stop strings per request (OpenAI's limit)."""
     max_stop_chars: int = 256
     """Longest stop string: streaming holds back this many characters."""
+    max_n: int = 8
+    """Most choices per request (``n``): each takes a slot, or a place in the queue."""
     drafter: str = ""
     """The drafter's name, for ``/v1/models`` and the metrics' info."""
     policy: str = ""
@@ -54,6 +56,8 @@ class ServeSettings:
             raise ValueError(f"max_queue must be >= 1, got {self.max_queue}")
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key must be non-empty when given")
+        if self.max_n < 1:
+            raise ValueError(f"max_n must be >= 1, got {self.max_n}")
         if self.max_stop < 0 or self.max_stop_chars < 1:
             raise ValueError("max_stop must be >= 0 and max_stop_chars >= 1")
         if self.max_body_bytes < 1:

@@ -15,6 +15,7 @@ Errors have OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``.
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 import time
 import uuid
@@ -133,7 +134,7 @@ class _Sampling(_Body):
     stream: Optional[StrictBool] = None
     stream_options: Optional[StreamOptions] = None
     n: Optional[StrictInt] = None
-    """Only 1 (or absent): one choice per request."""
+    """Choices per request: independent samples (1..max_n; default 1)."""
     presence_penalty: Optional[Number] = None
     """Only 0 (or absent)."""
     frequency_penalty: Optional[Number] = None
@@ -172,10 +173,17 @@ class Job:
     stream: bool
     include_usage: bool
     model: str
+    n: int = 1
+    """Choices: independent samples of the prompt, choice i seeded by :meth:`requests`."""
     decode: Callable[[list[int]], str] | None = field(default=None, repr=False, compare=False)
     """The target's detokenizer, for the tokens of log-probabilities."""
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created: int = field(default_factory=lambda: int(time.time()))
+
+    def requests(self) -> list[GenerationRequest]:
+        """One request per choice: choice i samples with seed + i (mod 2^63), so choice 0 is
+        the answer the same request with n = 1 gets, and a seeded request is reproducible."""
+        return [dataclasses.replace(self.request, seed=(self.request.seed + i) % (MAX_SEED + 1)) for i in range(self.n)]
 
 
 def prepare_chat(body: ChatCompletionRequest, target: TargetModel, settings: ServeSettings) -> Job:
@@ -226,7 +234,8 @@ def _check_common(body: _Sampling, settings: ServeSettings) -> None:
     if body.model != settings.model_name:
         raise ApiError(404, f"the model {body.model!r} does not exist; this server serves {settings.model_name!r}",
                        "model", "model_not_found")
-    _refuse(body.n, (None, 1), "n", "only n = 1 is supported")
+    if body.n is not None and not 1 <= body.n <= settings.max_n:
+        raise ApiError(400, f"n must lie in 1..{settings.max_n}, got {body.n}", "n")
     _refuse(body.presence_penalty, (None, 0), "presence_penalty", "penalties are not supported")
     _refuse(body.frequency_penalty, (None, 0), "frequency_penalty", "penalties are not supported")
     if body.stream_options is not None and not body.stream:
@@ -288,6 +297,7 @@ def _job(body: _Sampling, prompt_ids: list[int], limit: int | None, limit_param:
         stream=bool(body.stream),
         include_usage=bool(body.stream_options and body.stream_options.include_usage),
         model=settings.model_name,
+        n=body.n or 1,
         decode=target.decode,
     )
 
@@ -328,17 +338,21 @@ def _seed(seed: int | None) -> int:
 
 
 # -- responses ------------------------------------------------------------------------------
-def usage(result: GenerationResult) -> dict:
-    prompt, completion = result.stats.prompt_tokens, len(result.token_ids)
+def usage(results: list[GenerationResult]) -> dict:
+    """Token counts of an answer: the prompt once, every choice's completion."""
+    prompt, completion = results[0].stats.prompt_tokens, sum(len(r.token_ids) for r in results)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def dspark_stats(stats: GenerationStats) -> dict:
-    """The speculative-decoding side of one answer: τ, rounds, drafted and accepted tokens."""
-    drafted, accepted = sum(stats.proposed), sum(stats.accepted)
+def dspark_stats(results: list[GenerationResult]) -> dict:
+    """The speculative-decoding side of one answer (its choices together): τ, rounds, drafted
+    and accepted tokens."""
+    rounds = sum(r.stats.rounds for r in results)
+    drafted = sum(sum(r.stats.proposed) for r in results)
+    accepted = sum(sum(r.stats.accepted) for r in results)
     return {
-        "tau": stats.tau,
-        "rounds": stats.rounds,
+        "tau": (accepted + rounds) / rounds if rounds else 0.0,
+        "rounds": rounds,
         "drafted_tokens": drafted,
         "accepted_tokens": accepted,
         "acceptance_rate": accepted / drafted if drafted else None,
@@ -367,38 +381,38 @@ def logprobs_body(job: Job, logprobs: list[TokenLogprob] | None, offset: int = 0
             "top_logprobs": [{job.decode([i]): v for i, v in lp.top} for lp in logprobs], "text_offset": offsets}
 
 
-def response(job: Job, result: GenerationResult) -> dict:
-    """The whole answer of a non-streamed request."""
-    reason = FINISH_REASONS[result.finish_reason]
-    logprobs = logprobs_body(job, result.logprobs)
-    if job.kind == "chat":
-        choice = {"index": 0, "message": {"role": "assistant", "content": result.text},
-                  "finish_reason": reason, "logprobs": logprobs}
-    else:
-        choice = {"index": 0, "text": result.text, "finish_reason": reason, "logprobs": logprobs}
-    return {**_head(job, chunk=False), "choices": [choice], "usage": usage(result), "dspark": dspark_stats(result.stats)}
+def response(job: Job, results: list[GenerationResult]) -> dict:
+    """The whole answer of a non-streamed request: one choice per result."""
+    choices = []
+    for index, result in enumerate(results):
+        reason, logprobs = FINISH_REASONS[result.finish_reason], logprobs_body(job, result.logprobs)
+        if job.kind == "chat":
+            choices.append({"index": index, "message": {"role": "assistant", "content": result.text},
+                            "finish_reason": reason, "logprobs": logprobs})
+        else:
+            choices.append({"index": index, "text": result.text, "finish_reason": reason, "logprobs": logprobs})
+    return {**_head(job, chunk=False), "choices": choices, "usage": usage(results), "dspark": dspark_stats(results)}
 
 
 def chunk(job: Job, text: str | None = None, finish: str | None = None, role: bool = False,
-          logprobs: dict | None = None) -> dict:
-    """One streamed chunk: a text delta (with its tokens' ``logprobs_body``), the assistant
-    role (chat's first chunk) or the finish."""
+          logprobs: dict | None = None, index: int = 0) -> dict:
+    """One streamed chunk of choice ``index``: a text delta (with its tokens'
+    ``logprobs_body``), the assistant role (chat's first chunk) or the finish."""
     if job.kind == "chat":
         delta: dict = {"role": "assistant", "content": ""} if role else ({"content": text} if text or logprobs else {})
-        choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
+        choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
     else:
-        choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": logprobs}
+        choice = {"index": index, "text": text or "", "finish_reason": finish, "logprobs": logprobs}
     return {**_head(job, chunk=True), "choices": [choice]}
 
 
-def final_chunks(job: Job, result: GenerationResult) -> list[dict]:
-    """The finish chunk and, with ``include_usage``, the usage chunk (no choices). The last of
-    them carries the ``dspark`` statistics."""
-    finish = chunk(job, finish=FINISH_REASONS[result.finish_reason])
+def final_chunks(job: Job, last: dict, results: list[GenerationResult]) -> list[dict]:
+    """What ends a stream once every choice is done: ``last``, the last choice's finish chunk,
+    and with ``include_usage`` the usage chunk (no choices). The last of them carries the
+    ``dspark`` statistics."""
     if not job.include_usage:
-        return [{**finish, "dspark": dspark_stats(result.stats)}]
-    last = {**_head(job, chunk=True), "choices": [], "usage": usage(result), "dspark": dspark_stats(result.stats)}
-    return [finish, last]
+        return [{**last, "dspark": dspark_stats(results)}]
+    return [last, {**_head(job, chunk=True), "choices": [], "usage": usage(results), "dspark": dspark_stats(results)}]
 
 
 def _head(job: Job, chunk: bool) -> dict:
