@@ -143,3 +143,22 @@ def test_completions_take_n_and_refuse_too_many(server):
         with pytest.raises(openai.BadRequestError) as err:
             client.completions.create(model=MODEL, prompt="hi", max_tokens=3, n=n)
         assert err.value.body["param"] == "n"
+
+
+# -- penalties --------------------------------------------------------------------------------------
+
+
+def test_penalties_reach_the_engine(server, target):
+    from dspark.engine import GenerationRequest
+    from dspark.sampling import SamplingParams
+
+    client = server.client()
+    messages = [{"role": "user", "content": PROMPT}]
+    answer = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0,
+                                            presence_penalty=-2, frequency_penalty=-2,  # repeat: the answer changes
+                                            extra_body={"repetition_penalty": 1.3})
+    params = SamplingParams(presence_penalty=-2, frequency_penalty=-2, repetition_penalty=1.3)
+    want = build(target, "dspark", max_batch=1).generate(
+        [GenerationRequest(target.encode_conversation(messages), params, max_new_tokens=12)]).results[0]
+    plain = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0)
+    assert answer.choices[0].message.content == want.text != plain.choices[0].message.content

@@ -39,6 +39,13 @@ class SamplingParams:
     """Keep only the k most likely tokens; 0 disables the filter."""
     top_p: float = 1.0
     """Keep the smallest set of tokens whose mass reaches top_p; 1.0 disables the filter."""
+    presence_penalty: float = 0.0
+    """OpenAI's: subtracted from the logit of every token the output holds already (-2..2)."""
+    frequency_penalty: float = 0.0
+    """OpenAI's: subtracted once per earlier occurrence in the output (-2..2)."""
+    repetition_penalty: float = 1.0
+    """vLLM's / transformers': the logit of a token in the prompt or the output is divided by
+    it when positive, multiplied when negative (> 0; 1 disables it)."""
 
     def __post_init__(self) -> None:
         if not (self.temperature >= 0.0) or self.temperature != self.temperature:
@@ -49,6 +56,16 @@ class SamplingParams:
             raise ValueError(f"top_k must be a non-negative integer, got {self.top_k!r}")
         if not (0.0 < self.top_p <= 1.0):
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name} must lie in [-2, 2], got {getattr(self, name)}")
+        if not 0.0 < self.repetition_penalty <= 10.0:
+            raise ValueError(f"repetition_penalty must lie in (0, 10], got {self.repetition_penalty}")
+
+    @property
+    def penalized(self) -> bool:
+        """Whether a penalty changes the logits (they then depend on the tokens before)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
 
     @property
     def greedy(self) -> bool:
@@ -83,6 +100,30 @@ def warp_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits.softmax(-1)
+
+
+def apply_penalties(
+    logits: torch.Tensor, params: SamplingParams, output_counts: torch.Tensor, prompt_mask: torch.Tensor,
+    draft_tokens: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The penalised logits # [n, V] of n consecutive positions, as vLLM orders them
+    (repetition, then frequency and presence). Row j continues the output counted in
+    ``output_counts`` # [V] by the draft tokens x_1..x_j (``draft_tokens`` # [>= n - 1]):
+    a penalty reads every token before its position, drafted ones included, so verification
+    applies it per position. ``prompt_mask`` # [V] bool marks the prompt's tokens (repetition
+    only). Penalties are a function of the tokens before a position, so p stays a
+    distribution over the next token given its prefix and rejection sampling stays exact."""
+    n, vocab = logits.shape
+    counts = output_counts.float().expand(n, vocab)
+    if n > 1:
+        drafted = torch.nn.functional.one_hot(draft_tokens[: n - 1], vocab).float().cumsum(0)  # [n-1, V]
+        counts = counts + torch.cat([torch.zeros_like(drafted[:1]), drafted])
+    logits = logits.float()
+    if params.repetition_penalty != 1.0:
+        seen = prompt_mask | (counts > 0)
+        scaled = torch.where(logits > 0, logits / params.repetition_penalty, logits * params.repetition_penalty)
+        logits = torch.where(seen, scaled, logits)
+    return logits - params.frequency_penalty * counts - params.presence_penalty * (counts > 0).float()
 
 
 def check_logits(logits: torch.Tensor, what: str = "the model's logits") -> None:

@@ -200,7 +200,7 @@ class BatchEngine:
         state = RequestState.open(self.target, request)
         out = verify_forward(self.target, cache, [slot], [0], state.prompt.unsqueeze(0), self.drafter.feature_layer_ids)
         check_logits(out.logits[0, -1], "the target's logits")  # host sync, once per request
-        first, _ = sample_from_logits(out.logits[0, -1], request.params, state.generator)
+        first, _ = sample_from_logits(state.penalise(out.logits[0, -1:])[0], request.params, state.generator)
         self.drafter.open(slot)
         live = Live(handle, slot, state, unseen=[out.features[0]] if out.features is not None else [])
         state.commit([int(first)], out.logits[0, -1:])  # host sync: the first token must be checked for EOS/stop
@@ -251,7 +251,8 @@ class BatchEngine:
         for i, (r, block, ell) in enumerate(zip(live, blocks, lengths)):
             q = block.q[:ell] if block.q is not None else None
             try:
-                result = verify(block.tokens[:ell], q, out.logits[i, : ell + 1], r.state.request.params, r.state.generator)
+                logits = r.state.penalise(out.logits[i, : ell + 1], block.tokens[:ell])
+                result = verify(block.tokens[:ell], q, logits, r.state.request.params, r.state.generator)
                 r.state.commit(result.tokens, out.logits[i, : len(result.tokens)])
             except Exception as exc:  # this request only: no other row reads its logits or its state
                 failed[r.handle] = exc

@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 
 from dspark.engine.stats import GenerationStats
-from dspark.sampling import SamplingParams
+from dspark.sampling import SamplingParams, apply_penalties
 from dspark.target.model import TargetModel
 
 
@@ -165,6 +165,10 @@ class RequestState:
     """New ids committed so far (host copy, for stop checks)."""
     logprobs: list[TokenLogprob] = field(default_factory=list)
     """One per committed id when the request asks for log-probabilities."""
+    output_counts: torch.Tensor | None = None
+    """[V] occurrences of each token among the committed ids, for a penalised request."""
+    prompt_mask: torch.Tensor | None = None
+    """[V] bool: the prompt's tokens, for a penalised request."""
     finish: str | None = None
 
     @classmethod
@@ -176,8 +180,21 @@ class RequestState:
         buf = torch.empty(prompt_len + request.max_new_tokens + 1, dtype=torch.long, device=device)
         buf[:prompt_len] = torch.as_tensor(list(request.prompt_ids), device=device)
         generator = torch.Generator(device=device).manual_seed(request.seed)
-        return cls(request, generator, buf, prompt_len, StopChecker(target, request),
-                   GenerationStats(prompt_tokens=prompt_len), start)
+        state = cls(request, generator, buf, prompt_len, StopChecker(target, request),
+                    GenerationStats(prompt_tokens=prompt_len), start)
+        if request.params.penalized:
+            state.output_counts = torch.zeros(target.vocab_size, device=device)
+            state.prompt_mask = torch.zeros(target.vocab_size, dtype=torch.bool, device=device)
+            state.prompt_mask[state.prompt] = True
+        return state
+
+    def penalise(self, logits: torch.Tensor, draft_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """The request's penalties applied to the logits # [n, V] of the next n positions, the
+        draft tokens # [>= n - 1] before them counted (:func:`~dspark.sampling.apply_penalties`);
+        the logits as they are for a request without penalties."""
+        if self.output_counts is None:
+            return logits
+        return apply_penalties(logits, self.request.params, self.output_counts, self.prompt_mask, draft_tokens)
 
     @property
     def prompt(self) -> torch.Tensor:
@@ -198,6 +215,9 @@ class RequestState:
                 raise ValueError("this request asks for logprobs: commit() needs the target's logits")
             self.logprobs.extend(token_logprobs(logits, tokens, self.request.logprobs))
         before = len(self.committed)
+        if self.output_counts is not None:
+            self.output_counts.index_add_(0, torch.as_tensor(tokens, device=self.buf.device),
+                                          torch.ones(len(tokens), device=self.buf.device))
         self.buf[self.length : self.length + len(tokens)] = torch.as_tensor(tokens, device=self.buf.device)
         self.length += len(tokens)
         self.committed.extend(tokens)

@@ -46,7 +46,7 @@ class SpeculativeEngine:
         cache = target.new_cache()
         out = target.forward(state.prompt.unsqueeze(0), cache, layers)
         check_logits(out.logits[0, -1], "the target's logits")  # host sync, once per request
-        first, _ = sample_from_logits(out.logits[0, -1], params, generator)
+        first, _ = sample_from_logits(state.penalise(out.logits[0, -1:])[0], params, generator)
         new_features = out.features[0] if out.features is not None else None
         shown = state.commit([int(first)], out.logits[0, -1:])  # host sync: the first token must be checked for EOS/stop
         stats.prefill_s = time.perf_counter() - state.start
@@ -60,7 +60,7 @@ class SpeculativeEngine:
             t1 = time.perf_counter()
             feed = torch.cat([state.buf[length - 1 : length], block.tokens]).unsqueeze(0)  # [1, 1+γ]
             out = target.forward(feed, cache, layers)
-            result = verify(block.tokens, block.q, out.logits[0], params, generator)
+            result = verify(block.tokens, block.q, state.penalise(out.logits[0], block.tokens), params, generator)
             n = result.num_accepted
             target.rollback(cache, length + n)  # keep the anchor and the accepted tokens
             t2 = time.perf_counter()

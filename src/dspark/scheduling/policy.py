@@ -94,7 +94,7 @@ def check_inputs(drafted: Sequence[int], confidences: torch.Tensor | None, neede
         if needed and any(drafted):
             raise DsparkError(
                 f"the {name} policy needs confidences c_k, but the drafter returned none "
-                "(only DSpark drafters with a confidence head provide them)"
+                "(DSpark drafters with a confidence head, n-gram lookup and the dspark+ngram hybrid provide them)"
             )
         return
     width = max(drafted, default=0)

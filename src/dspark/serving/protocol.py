@@ -2,8 +2,10 @@
 
 Request bodies are pydantic models with ``extra="forbid"`` and strict types: a field the
 server does not know, or a value of the wrong type, is a 400 that names it, never ignored or
-coerced. Fields OpenAI defines but this server cannot honour (``n``, the penalties) are
-declared only so that their default values pass and any other value is refused by name.
+coerced. Fields OpenAI defines but this server cannot honour are declared only so that their
+default values pass and any other value is refused by name (``echo``, ``best_of``).
+``presence_penalty`` and ``frequency_penalty`` (and vLLM's ``repetition_penalty``) are applied
+per verified position, drafted tokens counted, so they stay lossless.
 ``logprobs`` (and chat's ``top_logprobs``) are the target's raw log-probabilities of the
 committed tokens (vLLM's default ``raw_logprobs``: before temperature and top-k/p). :func:`prepare_chat` and :func:`prepare_completion` turn a body into a :class:`Job`
 (a checked :class:`~dspark.engine.request.GenerationRequest` and how to answer), raising
@@ -136,9 +138,12 @@ class _Sampling(_Body):
     n: Optional[StrictInt] = None
     """Choices per request: independent samples (1..max_n; default 1)."""
     presence_penalty: Optional[Number] = None
-    """Only 0 (or absent)."""
+    """-2..2: subtracted from the logit of every token the answer holds already."""
     frequency_penalty: Optional[Number] = None
-    """Only 0 (or absent)."""
+    """-2..2: subtracted once per earlier occurrence in the answer."""
+    repetition_penalty: Optional[Number] = None
+    """vLLM's extension, > 0 (1: off): divides a positive logit (multiplies a negative one) of
+    every token in the prompt or the answer."""
     user: Optional[StrictStr] = None
     """An end-user id: recorded by nothing, changes nothing."""
 
@@ -236,8 +241,6 @@ def _check_common(body: _Sampling, settings: ServeSettings) -> None:
                        "model", "model_not_found")
     if body.n is not None and not 1 <= body.n <= settings.max_n:
         raise ApiError(400, f"n must lie in 1..{settings.max_n}, got {body.n}", "n")
-    _refuse(body.presence_penalty, (None, 0), "presence_penalty", "penalties are not supported")
-    _refuse(body.frequency_penalty, (None, 0), "frequency_penalty", "penalties are not supported")
     if body.stream_options is not None and not body.stream:
         raise ApiError(400, "stream_options is only allowed with stream = true", "stream_options")
 
@@ -312,7 +315,16 @@ def _sampling_params(body: _Sampling, vocab_size: int) -> SamplingParams:
     top_k = 0 if body.top_k in (None, -1) else body.top_k
     if top_k < 0:
         raise ApiError(400, f"top_k must be >= 0 (or -1: off), got {top_k}", "top_k")
-    return SamplingParams(temperature=temperature, top_k=0 if top_k >= vocab_size else top_k, top_p=top_p)
+    penalties = {}
+    for name in ("presence_penalty", "frequency_penalty"):
+        penalties[name] = _number(getattr(body, name), 0.0, name)
+        if not -2.0 <= penalties[name] <= 2.0:
+            raise ApiError(400, f"{name} must lie in [-2, 2], got {penalties[name]:g}", name)
+    penalties["repetition_penalty"] = _number(body.repetition_penalty, 1.0, "repetition_penalty")
+    if not 0.0 < penalties["repetition_penalty"] <= 10.0:
+        raise ApiError(400, f"repetition_penalty must lie in (0, 10], got {penalties['repetition_penalty']:g}",
+                       "repetition_penalty")
+    return SamplingParams(temperature=temperature, top_k=0 if top_k >= vocab_size else top_k, top_p=top_p, **penalties)
 
 
 def _stops(stop: str | list[str] | None, settings: ServeSettings) -> tuple[str, ...]:
