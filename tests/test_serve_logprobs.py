@@ -162,3 +162,36 @@ def test_penalties_reach_the_engine(server, target):
         [GenerationRequest(target.encode_conversation(messages), params, max_new_tokens=12)]).results[0]
     plain = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0)
     assert answer.choices[0].message.content == want.text != plain.choices[0].message.content
+
+
+# -- vLLM's metric names and per-request object -----------------------------------------------------
+
+
+def test_vllm_compat_counters_and_per_request_metrics(target):
+    from serve_helpers import metric
+
+    with serve(target, build(target, "dspark", max_batch=2), metrics_compat="vllm") as live:
+        client = live.client()
+        messages = [{"role": "user", "content": PROMPT}]
+        whole = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, temperature=0)
+        spec = whole.model_extra["metrics"]["speculative_decoding"]
+        stats = whole.model_extra["dspark"]
+        assert spec["num_draft_tokens"] == stats["drafted_tokens"] and spec["num_accepted_draft_tokens"] == stats["accepted_tokens"]
+        assert len(spec["acceptance_histogram"]) == spec["num_spec_tokens"] + 1 and spec["num_spec_tokens"] >= 1
+        assert spec["num_spec_steps"] == sum(spec["acceptance_histogram"])
+        assert spec["mean_acceptance_length"] == pytest.approx(1 + spec["num_accepted_draft_tokens"] / spec["num_spec_steps"])
+        chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, temperature=0,
+                                                     stream=True, stream_options={"include_usage": True}))
+        assert chunks[-1].model_extra["metrics"]["speculative_decoding"] == spec  # on the final usage chunk
+        three = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, temperature=0, n=3)
+        assert "metrics" not in three.model_extra  # as vLLM: not for n > 1
+        url = live.url
+        for name in ("num_drafts", "num_draft_tokens", "num_accepted_tokens"):
+            ours = metric(url, f"dspark:spec_decode_{name}_total")
+            assert metric(url, f"vllm:spec_decode_{name}_total", model_name=MODEL, engine="0") == ours
+        assert metric(url, "vllm:spec_decode_num_accepted_tokens_per_pos_total") == metric(url, "vllm:spec_decode_num_accepted_tokens_total")
+    with serve(target, build(target, "dspark", max_batch=2)) as live:  # off by default
+        answer = live.client().chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+        assert "metrics" not in answer.model_extra
+        from serve_helpers import metric as sample
+        assert sample(live.url, "vllm:spec_decode_num_drafts_total") is None

@@ -39,7 +39,7 @@ KEEP_ALIVE_S = 5
 
 def serve_command(
     model: Optional[str] = typer.Option(None, help="HF id, folder or .gguf; default: SmolLM2-135M-Instruct."),
-    drafter: Optional[str] = typer.Option(None, help="none | ngram | model:<path> | dspark[:<folder>] | dflash:<folder> | eagle3:<folder>; default: the DSpark drafter shipped for the target (SmolLM2-135M), else ngram."),
+    drafter: Optional[str] = typer.Option(None, help="none | ngram | model:<path> | dspark[:<folder>] | dflash:<folder> | eagle3:<folder> | dspark[:<folder>]+ngram; default: the DSpark drafter shipped for the target (SmolLM2-135M), else ngram."),
     policy: str = typer.Option("dspark", help="plain | fixed[:γ] | gamma1 | threshold:<t> | dspark (Algorithm 1 over this machine's cost table)."),
     max_batch: int = typer.Option(8, help="Most requests in flight at once (continuous batching)."),
     max_queue: int = typer.Option(256, help="Most requests waiting while every slot is busy (--max-batch + --max-queue in flight); more get 429."),
@@ -56,6 +56,7 @@ def serve_command(
     dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16 (auto: float32 on CPU, bfloat16 on GPU)."),
     profile_dir: Optional[Path] = typer.Option(None, help="Cost tables (default: $DSPARK_PROFILE_DIR or ~/.cache/dspark/profiles)."),
     profile: bool = typer.Option(True, "--profile/--no-profile", help="Measure this machine's cost table when the dspark policy has none (about a minute)."),
+    metrics_compat: str = typer.Option("", help="vllm: also expose vLLM's vllm:spec_decode_* counters (its names and labels) and its per-request metrics.speculative_decoding object, which benchmark clients read."),
     log_level: str = typer.Option("info", help="uvicorn's log level: critical | error | warning | info | debug."),
 ) -> None:
     """Serve OpenAI's /v1/chat/completions and /v1/completions with speculative decoding."""
@@ -73,6 +74,8 @@ def serve_command(
         raise DsparkError(f"--max-body-bytes must be >= 1, got {max_body_bytes}")
     if not drain_timeout >= 0:
         raise DsparkError(f"--drain-timeout must be >= 0, got {drain_timeout}")
+    if metrics_compat not in ("", "vllm"):
+        raise DsparkError(f"--metrics-compat must be vllm (or empty), got {metrics_compat!r}")
     key = read_api_key(api_key, api_key_file, os.environ)
     from dspark.target.loading import parse_device, parse_dtype, resolve
 
@@ -108,6 +111,7 @@ def serve_command(
         policy=engine.policy.name,
         max_body_bytes=max_body_bytes,
         drain_timeout_s=drain_timeout,
+        metrics_compat=metrics_compat,
     )
     calibrate = None if policy == PLAIN else drafter_calibration(spec)
     app = build_app(engine, target, settings, calibrate)

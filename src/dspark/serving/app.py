@@ -22,6 +22,7 @@ encoded.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import secrets
 import time
@@ -68,7 +69,8 @@ def build_app(engine: BatchEngine, target: TargetModel, settings: ServeSettings,
     """The whole server over ``engine``: a session of ``max_batch`` slots of
     ``settings.max_model_len`` tokens, its loop, its metrics and the app."""
     session = engine.session(engine.max_batch, settings.max_model_len)
-    metrics = ServeMetrics(settings.model_name, calibrate)
+    settings = dataclasses.replace(settings, num_spec_tokens=engine.max_draft)
+    metrics = ServeMetrics(settings.model_name, calibrate, vllm_compat=settings.metrics_compat == "vllm")
     metrics.describe(settings.drafter, settings.policy, engine.max_batch, settings.max_model_len)
     return create_app(EngineLoop(session, target.decode, metrics, settings.max_queue), target, settings)
 

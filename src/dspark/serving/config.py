@@ -17,6 +17,9 @@ DEFAULT_DRAIN_TIMEOUT_S = 30.0
 """On SIGTERM, how long open requests may run before they are cancelled."""
 
 
+METRICS_COMPAT = ("", "vllm")
+
+
 @dataclass(frozen=True)
 class ServeSettings:
     """The served model's name and limits."""
@@ -46,6 +49,11 @@ class ServeSettings:
     """Most seconds between two pieces of a request body; a body that stalls longer is a 408."""
     drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S
     """On shutdown, how long requests in flight may take to finish before they are cancelled."""
+    metrics_compat: str = ""
+    """'vllm': also vLLM's ``vllm:spec_decode_*`` counters under its exact names and labels,
+    and its per-request ``metrics.speculative_decoding`` object on answers ('' : neither)."""
+    num_spec_tokens: int = 0
+    """The drafter's γ (vLLM's ``num_speculative_tokens``), for the per-request object."""
 
     def __post_init__(self) -> None:
         if not self.model_name:
@@ -56,6 +64,8 @@ class ServeSettings:
             raise ValueError(f"max_queue must be >= 1, got {self.max_queue}")
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key must be non-empty when given")
+        if self.metrics_compat not in METRICS_COMPAT:
+            raise ValueError(f"metrics_compat must be one of {METRICS_COMPAT}, got {self.metrics_compat!r}")
         if self.max_n < 1:
             raise ValueError(f"max_n must be >= 1, got {self.max_n}")
         if self.max_stop < 0 or self.max_stop_chars < 1:

@@ -15,6 +15,10 @@ slot, 0-based as in vLLM):
   that verified slot k: ``dspark:acceptance_predicted{position}``,
   ``dspark:acceptance_realised{position}`` and ``dspark:acceptance_calibration_error{position}``,
   the running expected calibration error (ECE, 10 equal-width bins of a_k);
+- with ``dspark serve --metrics-compat vllm``, the same counts under vLLM's own names and
+  labels too (``vllm:spec_decode_num_drafts_total{model_name, engine}``, ``..._num_draft_tokens``,
+  ``..._num_accepted_tokens``, ``..._num_accepted_tokens_per_pos{position}``), which the
+  field's benchmark clients read;
 - per source of a hybrid drafter (``source`` = ``ngram`` or ``dspark``):
   ``dspark:spec_decode_source_num_drafts``, ``..._source_num_draft_tokens``,
   ``..._source_num_accepted_tokens`` and ``dspark:source_acceptance_calibration_error{position}``.
@@ -76,12 +80,17 @@ class SlotCalibration:
         return sum(abs(p - r) for p, r in zip(self.predicted, self.realised)) / self.n if self.n else 0.0
 
 
+VLLM_ENGINE = "0"
+"""The ``engine`` label of the vLLM-named counters: one engine, vLLM's index 0."""
+
+
 class ServeMetrics:
     """Every metric of one server. The running sums behind the gauges are written by the
     engine loop's thread only; prometheus_client's own metrics are thread safe."""
 
-    def __init__(self, model_name: str, calibrate: Calibrate | None = None) -> None:
-        """``calibrate``: the drafter's raw c_k -> calibrated, as the scheduler applies it (None: raw)."""
+    def __init__(self, model_name: str, calibrate: Calibrate | None = None, vllm_compat: bool = False) -> None:
+        """``calibrate``: the drafter's raw c_k -> calibrated, as the scheduler applies it (None: raw).
+        ``vllm_compat``: also count under vLLM's own names and labels (:data:`VLLM_ENGINE`)."""
         disable_created_metrics()  # no ``*_created`` series beside every counter (process-wide, as in vLLM)
         self.registry = registry = CollectorRegistry()
         self.calibrate = calibrate
@@ -139,6 +148,16 @@ class ServeMetrics:
                               label, buckets=TPOT_BUCKETS, registry=registry)
         self.e2e = Histogram("dspark:e2e_request_latency_seconds", "Time from arrival to the last token.",
                              label, buckets=E2E_BUCKETS, registry=registry)
+        self.vllm = None
+        if vllm_compat:  # vllm/v1/spec_decode/metrics.py:229-257 (0.33.0): names, labels [model_name, engine]
+            labels = ["model_name", "engine"]
+            self.vllm = {
+                "drafts": Counter("vllm:spec_decode_num_drafts", "Number of spec decoding drafts.", labels, registry=registry),
+                "draft_tokens": Counter("vllm:spec_decode_num_draft_tokens", "Number of draft tokens.", labels, registry=registry),
+                "accepted": Counter("vllm:spec_decode_num_accepted_tokens", "Number of accepted tokens.", labels, registry=registry),
+                "per_pos": Counter("vllm:spec_decode_num_accepted_tokens_per_pos", "Accepted tokens per draft position.",
+                                   labels + ["position"], registry=registry),
+            }
         self.slots: list[SlotCalibration] = []
         self.source_slots: dict[str, list[SlotCalibration]] = {}
         self._rounds = self._accepted = self._verified = 0
@@ -193,6 +212,12 @@ class ServeMetrics:
             self.draft_tokens_per_pos.labels(m, str(k)).inc()
             if k < r.accepted:
                 self.accepted_per_pos.labels(m, str(k)).inc()
+        if self.vllm is not None:
+            self.vllm["drafts"].labels(m, VLLM_ENGINE).inc()
+            self.vllm["draft_tokens"].labels(m, VLLM_ENGINE).inc(r.proposed)
+            self.vllm["accepted"].labels(m, VLLM_ENGINE).inc(r.accepted)
+            for k in range(r.accepted):
+                self.vllm["per_pos"].labels(m, VLLM_ENGINE, str(k)).inc()
         if r.source:
             self.source_drafts.labels(m, r.source).inc()
             self.source_draft_tokens.labels(m, r.source).inc(r.proposed)

@@ -180,6 +180,8 @@ class Job:
     model: str
     n: int = 1
     """Choices: independent samples of the prompt, choice i seeded by :meth:`requests`."""
+    vllm_metrics: int | None = None
+    """vLLM's ``num_spec_tokens`` when answers carry its ``metrics.speculative_decoding``."""
     decode: Callable[[list[int]], str] | None = field(default=None, repr=False, compare=False)
     """The target's detokenizer, for the tokens of log-probabilities."""
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
@@ -301,6 +303,7 @@ def _job(body: _Sampling, prompt_ids: list[int], limit: int | None, limit_param:
         include_usage=bool(body.stream_options and body.stream_options.include_usage),
         model=settings.model_name,
         n=body.n or 1,
+        vllm_metrics=settings.num_spec_tokens if settings.metrics_compat == "vllm" else None,
         decode=target.decode,
     )
 
@@ -403,7 +406,8 @@ def response(job: Job, results: list[GenerationResult]) -> dict:
                             "finish_reason": reason, "logprobs": logprobs})
         else:
             choices.append({"index": index, "text": result.text, "finish_reason": reason, "logprobs": logprobs})
-    return {**_head(job, chunk=False), "choices": choices, "usage": usage(results), "dspark": dspark_stats(results)}
+    return {**_head(job, chunk=False), "choices": choices, "usage": usage(results), "dspark": dspark_stats(results),
+            **vllm_metrics(job, results)}
 
 
 def chunk(job: Job, text: str | None = None, finish: str | None = None, role: bool = False,
@@ -424,7 +428,29 @@ def final_chunks(job: Job, last: dict, results: list[GenerationResult]) -> list[
     ``dspark`` statistics."""
     if not job.include_usage:
         return [{**last, "dspark": dspark_stats(results)}]
-    return [last, {**_head(job, chunk=True), "choices": [], "usage": usage(results), "dspark": dspark_stats(results)}]
+    return [last, {**_head(job, chunk=True), "choices": [], "usage": usage(results), "dspark": dspark_stats(results),
+                   **vllm_metrics(job, results)}]
+
+
+def vllm_metrics(job: Job, results: list[GenerationResult]) -> dict:
+    """vLLM's per-request ``metrics.speculative_decoding`` (vllm/v1/metrics/stats.py:397-422,
+    0.33.0: ``RequestSpecDecodeMetrics.to_dict``) when the server runs ``--metrics-compat
+    vllm``; like vLLM, only for one choice. A verify step is a round that verified drafted tokens."""
+    if job.vllm_metrics is None or len(results) != 1:
+        return {}
+    stats, gamma = results[0].stats, job.vllm_metrics
+    histogram = [0] * (gamma + 1)
+    for proposed, accepted in zip(stats.proposed, stats.accepted):
+        if proposed:
+            histogram[min(accepted, gamma)] += 1
+    steps, accepted = sum(histogram), sum(j * c for j, c in enumerate(histogram))
+    drafted = sum(stats.proposed)
+    return {"metrics": {"speculative_decoding": {
+        "mean_acceptance_length": 1.0 + accepted / steps if steps else 1.0,
+        "draft_acceptance_rate": accepted / drafted if drafted else 0.0,
+        "acceptance_histogram": histogram, "num_spec_steps": steps, "num_accepted_draft_tokens": accepted,
+        "num_draft_tokens": drafted, "num_spec_tokens": gamma,
+    }}}
 
 
 def _head(job: Job, chunk: bool) -> dict:
