@@ -43,11 +43,15 @@ def test_json_output_has_the_documented_fields():
 
 
 @pytest.mark.slow
-def test_generate_verifies_whole_blocks_for_a_drafter_without_confidences():
+def test_generate_schedules_lookup_on_its_online_confidences():
     result = _run("Count from one to ten.", "--max-new-tokens", "16", "--json", "--compare", "--drafter", "ngram")
     assert result.exit_code == 0, result.stderr
     data = json.loads(result.stdout)
-    assert data["policy"] == "fixed" and data["identical_to_plain"] is True
+    assert data["policy"] == "dspark" and data["identical_to_plain"] is True
+    result = _run("Count from one to ten.", "--max-new-tokens", "16", "--json", "--compare", "--drafter", "dspark+ngram")
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["policy"] == "dspark" and data["identical_to_plain"] is True
 
 
 @pytest.mark.slow
