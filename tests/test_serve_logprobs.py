@@ -195,3 +195,16 @@ def test_vllm_compat_counters_and_per_request_metrics(target):
         assert "metrics" not in answer.model_extra
         from serve_helpers import metric as sample
         assert sample(live.url, "vllm:spec_decode_num_drafts_total") is None
+
+
+# -- vLLM's extensions the load generators send ------------------------------------------------------
+
+
+def test_ignore_eos_and_continuous_usage_stats(server):
+    client = server.client()
+    chunks = list(client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": PROMPT}], max_tokens=9, temperature=0, stream=True,
+        stream_options={"include_usage": True, "continuous_usage_stats": True}, extra_body={"ignore_eos": True}))
+    counts = [c.usage.completion_tokens for c in chunks if c.usage is not None]
+    assert counts == sorted(counts) and counts[-1] == 9  # grows chunk by chunk, to the whole budget
+    assert all(c.usage is not None for c in chunks[1:])  # every chunk after the role chunk carries it

@@ -50,6 +50,7 @@ from dspark.serving.protocol import (
     FINISH_REASONS,
     final_chunks,
     logprobs_body,
+    usage_so_far,
     prepare_chat,
     prepare_completion,
     response,
@@ -225,25 +226,30 @@ async def _stream(job: Job, handles: list[int], first: tuple[int, Event], events
         if job.kind == "chat":
             for index in range(job.n):
                 yield _sse(chunk(job, role=True, index=index))
-        item, offsets = first, [0] * job.n  # offsets: characters of each answer's tokens so far
+        item, offsets, streamed = first, [0] * job.n, 0  # offsets: characters of each answer's tokens so far
+
+        def sent(body: dict) -> str:
+            return _sse({**body, "usage": usage_so_far(job, streamed)} if job.continuous_usage else body)
+
         while True:
             index, event = item
             if isinstance(event, Delta):
+                streamed += len(event.token_ids)
                 logprobs = logprobs_body(job, event.logprobs, offsets[index]) if event.logprobs else None
                 if logprobs is not None and job.kind == "completion":
                     offsets[index] += sum(map(len, logprobs["tokens"]))
                 if event.text or logprobs is not None:
-                    yield _sse(chunk(job, event.text, logprobs=logprobs, index=index))
+                    yield sent(chunk(job, event.text, logprobs=logprobs, index=index))
             elif isinstance(event, Done):
                 if event.text:
-                    yield _sse(chunk(job, event.text, index=index))
+                    yield sent(chunk(job, event.text, index=index))
                 finish = chunk(job, finish=FINISH_REASONS[event.result.finish_reason], index=index)
                 results[index] = event.result
                 if len(results) < job.n:
-                    yield _sse(finish)
+                    yield sent(finish)
                 else:
                     for last in final_chunks(job, finish, [results[i] for i in range(job.n)]):
-                        yield _sse(last)
+                        yield sent(last) if "usage" not in last else _sse(last)
                     yield DONE
                     return
             else:

@@ -110,6 +110,8 @@ class _Body(BaseModel):
 class StreamOptions(_Body):
     include_usage: Optional[StrictBool] = None
     """Send a last chunk with usage (and the ``dspark`` statistics)."""
+    continuous_usage_stats: Optional[StrictBool] = None
+    """vLLM's extension: usage so far on every chunk too (guidellm asks for it)."""
 
 
 class TextPart(_Body):
@@ -146,6 +148,8 @@ class _Sampling(_Body):
     every token in the prompt or the answer."""
     user: Optional[StrictStr] = None
     """An end-user id: recorded by nothing, changes nothing."""
+    ignore_eos: Optional[StrictBool] = None
+    """vLLM's extension: keep generating past EOS, to max_tokens (load generators ask for it)."""
 
 
 class ChatCompletionRequest(_Sampling):
@@ -178,6 +182,8 @@ class Job:
     stream: bool
     include_usage: bool
     model: str
+    continuous_usage: bool = False
+    """Usage so far on every streamed chunk (vLLM's ``continuous_usage_stats``)."""
     n: int = 1
     """Choices: independent samples of the prompt, choice i seeded by :meth:`requests`."""
     vllm_metrics: int | None = None
@@ -296,11 +302,13 @@ def _job(body: _Sampling, prompt_ids: list[int], limit: int | None, limit_param:
             max_new_tokens=limit if limit is not None else room,
             stop=_stops(body.stop, settings),
             seed=_seed(body.seed),
+            ignore_eos=bool(body.ignore_eos),
             logprobs=logprobs,
         ),
         kind=kind,
         stream=bool(body.stream),
         include_usage=bool(body.stream_options and body.stream_options.include_usage),
+        continuous_usage=bool(body.stream_options and body.stream_options.continuous_usage_stats),
         model=settings.model_name,
         n=body.n or 1,
         vllm_metrics=settings.num_spec_tokens if settings.metrics_compat == "vllm" else None,
@@ -353,6 +361,12 @@ def _seed(seed: int | None) -> int:
 
 
 # -- responses ------------------------------------------------------------------------------
+def usage_so_far(job: Job, completion_tokens: int) -> dict:
+    """vLLM's continuous usage: the prompt once, every choice's tokens streamed so far."""
+    prompt = len(job.request.prompt_ids)
+    return {"prompt_tokens": prompt, "completion_tokens": completion_tokens, "total_tokens": prompt + completion_tokens}
+
+
 def usage(results: list[GenerationResult]) -> dict:
     """Token counts of an answer: the prompt once, every choice's completion."""
     prompt, completion = results[0].stats.prompt_tokens, sum(len(r.token_ids) for r in results)
