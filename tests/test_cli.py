@@ -60,7 +60,7 @@ def test_generate_in_bfloat16_matches_plain_decoding():
     result = _run("Count from one to ten.", "--max-new-tokens", "8", "--dtype", "bfloat16", "--json", "--compare")
     assert result.exit_code == 0, result.stderr
     data = json.loads(result.stdout)
-    assert data["drafter"] == "dspark" and data["identical_to_plain"] is True
+    assert data["drafter"] == "dspark+ngram" and data["identical_to_plain"] is True
 
 
 def test_make_drafter_puts_the_dspark_drafter_in_the_given_dtype():
@@ -76,17 +76,19 @@ def test_make_drafter_puts_the_dspark_drafter_in_the_given_dtype():
 def test_each_target_gets_its_own_shipped_drafter_else_ngram(tmp_path, monkeypatch):
     import dspark.drafters.factory as factory
 
-    assert factory.default_drafter_spec() == factory.default_drafter_spec("smollm2-135m-instruct") == "dspark"
+    assert factory.default_drafter_spec() == factory.default_drafter_spec("smollm2-135m-instruct") == "dspark+ngram"
+    assert factory.shipped_dspark_spec() == "dspark"
     assert factory.default_drafter_spec("gpt2") == "ngram"  # the SmolLM2 drafter does not fit another target
     shipped = tmp_path / "drafters"
     (shipped / "gemma3-270m-dspark").mkdir(parents=True)
     (shipped / "gemma3-270m-dspark" / "config.json").write_text("{}")
     monkeypatch.setattr(factory, "SHIPPED_DRAFTERS", shipped)
-    assert factory.default_drafter_spec("gemma3-270m") == f"dspark:{shipped / 'gemma3-270m-dspark'}"
+    assert factory.default_drafter_spec("gemma3-270m") == f"dspark:{shipped / 'gemma3-270m-dspark'}+ngram"
     assert factory.default_drafter_spec() == "ngram"  # no folder for the default target in this fake package
     # A bare `dspark` means the drafter shipped for the target; other specs are kept as given.
     assert factory.resolve_drafter_spec("dspark", "gemma3-270m") == f"dspark:{shipped / 'gemma3-270m-dspark'}"
-    assert factory.resolve_drafter_spec(None, "gemma3-270m") == f"dspark:{shipped / 'gemma3-270m-dspark'}"
+    assert factory.resolve_drafter_spec(None, "gemma3-270m") == f"dspark:{shipped / 'gemma3-270m-dspark'}+ngram"
+    assert factory.resolve_drafter_spec("dspark+ngram", "gemma3-270m") == f"dspark:{shipped / 'gemma3-270m-dspark'}+ngram"
     assert factory.resolve_drafter_spec("dspark", "gpt2") == "dspark"  # none shipped: the default target's (refused later)
     assert factory.resolve_drafter_spec("ngram", "gemma3-270m") == "ngram"
     assert factory.resolve_drafter_spec("dspark:/x", "gemma3-270m") == "dspark:/x"

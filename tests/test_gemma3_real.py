@@ -80,7 +80,7 @@ def test_gemma3_shipped_drafter_greedy_equals_plain_generate(gemma):
     ids = gemma.encode_prompt("def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n", chat=False)
     want = gemma.model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)[0, len(ids):].tolist()
     spec = resolve_drafter_spec(None, "gemma3-270m")
-    assert spec.startswith("dspark:") and spec.endswith("gemma3-270m-dspark")
+    assert spec.startswith("dspark:") and spec.endswith("gemma3-270m-dspark+ngram")
     # A fixed cost curve (confident drafts are verified): the test must not depend on a
     # profile in this machine's cache.
     cost = flat_cost()

@@ -23,7 +23,7 @@ def test_shipped_drafter_is_small_fp16_and_fits_the_default_target():
     config = DSparkConfig.load(SHIPPED_DRAFTER)
     assert (config.vocab_size, config.hidden_size, config.num_target_layers) == (49152, 576, 30)
     assert config.markov_rank > 0 and config.enable_confidence_head
-    assert default_drafter_spec() == "dspark"
+    assert default_drafter_spec() == "dspark+ngram"  # the hybrid with prompt lookup
     if config.reduced_vocab:  # the speculators layout: d2t offsets and the t2d mask
         assert state["d2t"].dtype == torch.int64 and state["d2t"].shape == (config.num_draft_tokens,)
         assert state["t2d"].dtype == torch.bool and int(state["t2d"].sum()) == config.num_draft_tokens
@@ -53,7 +53,7 @@ def test_the_gemma3_drafter_is_small_with_w1_over_its_draft_vocabulary():
     assert config.vocab_size == 262144 and config.layer_family == "gemma3" and config.reduced_vocab
     assert config.markov_w1_vocab == "draft"
     assert state["markov_head.markov_w1.weight"].shape == (config.num_draft_tokens + 1, config.markov_rank)
-    assert default_drafter_spec("gemma3-270m") == f"dspark:{folder}"
+    assert default_drafter_spec("gemma3-270m") == f"dspark:{folder}+ngram"
     from dspark.scheduling.calibration import Calibration
 
     assert len(Calibration.load(folder).temperatures) == config.block_size

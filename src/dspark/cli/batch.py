@@ -26,7 +26,7 @@ def batch_command(
     prompts: Path = typer.Argument(..., help="A jsonl file: one {\"prompt\": ...} (or messages / turns) per line."),
     out: Path = typer.Option(Path("dspark-batch.jsonl"), help="Results, one JSON line per prompt; the summary goes beside it (.summary.json)."),
     model: Optional[str] = typer.Option(None, help="HF id, folder, .gguf or gemma3-270m; default: SmolLM2-135M-Instruct."),
-    drafter: Optional[str] = typer.Option(None, help="none | ngram | model:<path> | dspark[:<folder>] | dflash:<folder> | eagle3:<folder>; default: the DSpark drafter shipped for the target (SmolLM2-135M), else ngram."),
+    drafter: Optional[str] = typer.Option(None, help="none | ngram | model:<path> | dspark[:<folder>] | dflash:<folder> | eagle3:<folder> | dspark[:<folder>]+ngram; default: the DSpark drafter shipped for the target with prompt lookup (dspark+ngram), else ngram."),
     policy: str = typer.Option("dspark", help="plain | fixed[:γ] | gamma1 | threshold:<t> | dspark (Algorithm 1 over this machine's cost table)."),
     max_batch: int = typer.Option(8, help="Most requests in flight at once (continuous batching)."),
     gamma: Optional[int] = typer.Option(None, help="Draft tokens per round (drafter default if unset)."),

@@ -39,7 +39,7 @@ KEEP_ALIVE_S = 5
 
 def serve_command(
     model: Optional[str] = typer.Option(None, help="HF id, folder or .gguf; default: SmolLM2-135M-Instruct."),
-    drafter: Optional[str] = typer.Option(None, help="none | ngram | model:<path> | dspark[:<folder>] | dflash:<folder> | eagle3:<folder> | dspark[:<folder>]+ngram; default: the DSpark drafter shipped for the target (SmolLM2-135M), else ngram."),
+    drafter: Optional[str] = typer.Option(None, help="none | ngram | model:<path> | dspark[:<folder>] | dflash:<folder> | eagle3:<folder> | dspark[:<folder>]+ngram; default: the DSpark drafter shipped for the target with prompt lookup (dspark+ngram), else ngram."),
     policy: str = typer.Option("dspark", help="plain | fixed[:γ] | gamma1 | threshold:<t> | dspark (Algorithm 1 over this machine's cost table)."),
     max_batch: int = typer.Option(8, help="Most requests in flight at once (continuous batching)."),
     max_queue: int = typer.Option(256, help="Most requests waiting while every slot is busy (--max-batch + --max-queue in flight); more get 429."),

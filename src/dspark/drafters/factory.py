@@ -33,16 +33,24 @@ SHIPPED_DRAFTER = SHIPPED_DRAFTERS / "smollm2-135m-instruct-dspark"
 """The DSpark drafter trained for the embedded default target (fp16, no embedding/LM head)."""
 
 
-def default_drafter_spec(model: str | None = None) -> str:
-    """The drafter a target gets when none is named: ``dspark`` (the shipped drafter) for the
-    default target, ``dspark:<folder>`` where the package ships one for ``model`` (a target
-    spec such as ``gemma3-270m``), else ``ngram``, which fits every target."""
+def shipped_dspark_spec(model: str | None = None) -> str | None:
+    """The DSpark drafter the package ships for target ``model`` (a spec such as
+    ``gemma3-270m``; None: the default target): ``dspark`` for the default target,
+    ``dspark:<folder>`` for another, None where none ships."""
     from dspark.target.loading import DEFAULT_MODEL
 
     folder = SHIPPED_DRAFTERS / f"{model or DEFAULT_MODEL}-dspark"
     if not (folder / "config.json").is_file():
-        return "ngram"
+        return None
     return "dspark" if folder == SHIPPED_DRAFTER else f"dspark:{folder}"
+
+
+def default_drafter_spec(model: str | None = None) -> str:
+    """The drafter a target gets when none is named: the hybrid of the DSpark drafter shipped
+    for it and prompt lookup (``dspark+ngram``, ``dspark:<folder>+ngram``), else ``ngram``,
+    which fits every target."""
+    shipped = shipped_dspark_spec(model)
+    return shipped + HYBRID if shipped is not None else "ngram"
 
 
 def resolve_drafter_spec(spec: str | None, model: str | None = None) -> str:
@@ -54,8 +62,7 @@ def resolve_drafter_spec(spec: str | None, model: str | None = None) -> str:
     if spec.endswith(HYBRID):
         return resolve_drafter_spec(spec.removesuffix(HYBRID), model) + HYBRID
     if spec == "dspark":
-        shipped = default_drafter_spec(model)
-        return shipped if shipped.startswith("dspark") else spec
+        return shipped_dspark_spec(model) or spec
     return spec
 
 

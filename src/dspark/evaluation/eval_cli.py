@@ -22,7 +22,7 @@ def eval_command(
         None, "--dataset", help=f"Built-in set ({BUILTIN_HELP}) or a .jsonl of {{\"turns\": [...]}} (repeatable); default: all built-ins."),
     drafter: Optional[List[str]] = typer.Option(
         None, "--drafter", help="Drafter to compare (repeatable): none | ngram | model:<path> | dspark[:<folder>] | dflash:<folder> | eagle3:<folder>; "
-        "default: the DSpark drafter shipped for the target (SmolLM2-135M), else ngram. Plain decoding (none) always runs as the reference."),
+        "default: the DSpark drafter shipped for the target with prompt lookup (dspark+ngram), else ngram. Plain decoding (none) always runs as the reference."),
     model: Optional[str] = typer.Option(None, help="Target: HF id, folder, .gguf or gemma3-270m; default SmolLM2-135M-Instruct."),
     limit: int = typer.Option(10, help="Conversations per dataset: the first N of the split."),
     max_new_tokens: int = typer.Option(256, help="Most new tokens per turn."),
