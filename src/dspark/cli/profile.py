@@ -15,7 +15,7 @@ from dspark.errors import DsparkError
 def profile_command(
     model: Optional[str] = typer.Option(None, help="HF id, folder, .gguf or gemma3-270m; default: SmolLM2-135M-Instruct."),
     device: str = typer.Option("cpu", help="cpu | cuda[:i] | mps: the device the engine will run on."),
-    dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16 (auto: float32 on the CPU, bfloat16 on CUDA)."),
+    dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16 (auto: float32 on the CPU; on CUDA bfloat16, or float16 where the GPU lacks bf16)."),
     threads: Optional[int] = typer.Option(None, help="torch threads (default: torch's choice); part of the table's key."),
     max_requests: int = typer.Option(16, help="Most concurrent requests the engine will serve."),
     max_draft: int = typer.Option(7, help="Most draft tokens per request and step (the drafter's γ)."),

@@ -53,7 +53,7 @@ def serve_command(
     served_model_name: Optional[str] = typer.Option(None, help="The model id clients send (default: --model, or the default model's name)."),
     gamma: Optional[int] = typer.Option(None, help="Draft tokens per round (drafter default if unset)."),
     device: str = typer.Option("cpu", help="cpu | cuda[:i] | mps."),
-    dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16 (auto: float32 on CPU, bfloat16 on GPU)."),
+    dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16 (auto: float32 on the CPU; on CUDA bfloat16, or float16 where the GPU lacks bf16)."),
     profile_dir: Optional[Path] = typer.Option(None, help="Cost tables (default: $DSPARK_PROFILE_DIR or ~/.cache/dspark/profiles)."),
     profile: bool = typer.Option(True, "--profile/--no-profile", help="Measure this machine's cost table when the dspark policy has none (about a minute)."),
     metrics_compat: str = typer.Option("", help="vllm: also expose vLLM's vllm:spec_decode_* counters (its names and labels) and its per-request metrics.speculative_decoding object, which benchmark clients read."),

@@ -34,7 +34,7 @@ def eval_command(
     turns: Optional[int] = typer.Option(None, help="Only the first N turns of each conversation (mt-bench has 2); default all."),
     ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Always generate --max-new-tokens tokens."),
     device: str = typer.Option("cpu", help="cpu | cuda[:i] | mps; the target and every drafter go there."),
-    dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16 (auto: float32 on the CPU, bfloat16 on CUDA)."),
+    dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16 (auto: float32 on the CPU; on CUDA bfloat16, or float16 where the GPU lacks bf16)."),
     out: Path = typer.Option(Path("dspark-eval"), help="Folder for results.json, the PNG plots and report.md; "
                              "its journal.jsonl keeps finished conversations, and a rerun with the same settings resumes."),
     plots: bool = typer.Option(True, "--plots/--no-plots", help="Write the PNG plots."),
@@ -121,7 +121,7 @@ def calibrate_command(
     bins: int = typer.Option(15, help="Equal-width bins of the ECE and the reliability diagram."),
     min_events: int = typer.Option(10, help="Fit a slot only with at least this many survivals and rejections; else T = 1."),
     device: str = typer.Option("cpu", help="cpu | cuda[:i] | mps."),
-    dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16 (auto: float32 on the CPU, bfloat16 on CUDA)."),
+    dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16 (auto: float32 on the CPU; on CUDA bfloat16, or float16 where the GPU lacks bf16)."),
     save: bool = typer.Option(True, "--save/--no-save", help="Write calibration.json beside the drafter's weights."),
     overwrite_shipped: bool = typer.Option(
         False, "--overwrite-shipped", help="Allow --save to replace the calibration.json of the drafter shipped in the package."),

@@ -72,8 +72,17 @@ def parse_dtype(name: str, device: str = "cpu"):
     import torch
 
     if name == "auto":
-        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+        return cuda_half_dtype(device) if torch.device(device).type == "cuda" else torch.float32
     return getattr(torch, name)
+
+
+def cuda_half_dtype(device) -> "torch.dtype":
+    """bfloat16 where the CUDA device computes in it, else float16 (pre-Ampere GPUs): the
+    half-precision dtype of ``--dtype auto`` and of training's autocast on CUDA."""
+    import torch
+
+    with torch.cuda.device(torch.device(device)):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
 def downloads_allowed() -> bool:

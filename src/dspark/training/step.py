@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 from dspark.drafters.dspark.config import DSparkConfig
 from dspark.drafters.dspark.vocab import target_to_draft_index
+from dspark.target.loading import cuda_half_dtype
 from dspark.training.batches import Batch, block_targets, target_positions
 from dspark.training.loss import LossTerms, LossWeights, dspark_loss, position_weights, slot_targets
 
@@ -24,7 +25,8 @@ class StepContext:
         self.target, self.features, self.config = target, features, drafter_config
         self.weights, self.device, self.world = weights, device, world
         self.draft_ids = None if draft_ids is None else draft_ids.to(device)
-        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+        self.autocast = (torch.autocast("cuda", dtype=cuda_half_dtype(device)) if device.type == "cuda"
+                         else contextlib.nullcontext())
 
     def loss(self, model, batch: Batch, all_reduce: bool = True) -> LossTerms:
         gamma = self.config.block_size
