@@ -492,3 +492,24 @@ def test_a_kill_while_the_run_records_are_written_leaves_them_whole(tmp_path, mo
         assert json.loads((tmp_path / "run" / name).read_text())
     last = train(small_config(tmp_path / "run", steps=6), target, synthetic_sequences(), progress=False)
     assert last.name == "step_00000006"
+
+
+def test_each_torchrun_rank_takes_its_own_gpu_before_nccl_starts(monkeypatch):
+    """Issue 29 item 1, on a faked two-rank CUDA launch: rank 1 runs on cuda:1, made current
+    before the process group starts, and NCCL is given that device."""
+    import torch
+    import torch.distributed as dist
+
+    from dspark.training.train_cli import start_distributed
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: calls.append(("set_device", index)))
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: calls.append((backend, kw.get("device_id"))))
+    assert start_distributed(2, {"LOCAL_RANK": "1", "RANK": "1", "WORLD_SIZE": "2"}) == "cuda:1"
+    assert calls == [("set_device", 1), ("nccl", torch.device("cuda:1"))]
+    calls.clear()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert start_distributed(2, {"LOCAL_RANK": "1"}) == "cpu" and calls == [("gloo", None)]
+    calls.clear()
+    assert start_distributed(1, {}) == "cpu" and calls == []  # one process: no group

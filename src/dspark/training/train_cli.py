@@ -104,12 +104,7 @@ def _train_and_export(config, data: List[Path], out: Path, variant: str, model: 
     from dspark.training.checkpoints import check_resume, data_record
     from dspark.training.trainer import train
 
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    device = start_distributed(world, os.environ)
     try:
         target = TargetModel.load(model, device=device)
         split = _load_data(data, target, max_length, heldout_fraction, data_fraction)
@@ -136,6 +131,27 @@ def _train_and_export(config, data: List[Path], out: Path, variant: str, model: 
     finally:
         if world > 1:
             torch.distributed.destroy_process_group()
+
+
+def start_distributed(world: int, environ) -> str:
+    """This rank's device, and (world > 1) the process group: under torchrun rank r runs on
+    cuda:LOCAL_RANK, set as its current device *before* NCCL starts and passed as its
+    ``device_id``, so no rank opens a context on GPU 0 and barriers know their device;
+    gloo on the CPU."""
+    import torch
+
+    local_rank = int(environ.get("LOCAL_RANK", "0"))
+    device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        torch.cuda.set_device(local_rank)
+    if world > 1:
+        import torch.distributed as dist
+
+        if device.startswith("cuda"):
+            dist.init_process_group("nccl", device_id=torch.device(device))
+        else:
+            dist.init_process_group("gloo")
+    return device
 
 
 def _load_data(paths: List[Path], target, max_length: int, heldout_fraction: float, data_fraction: float):
