@@ -513,3 +513,32 @@ def test_each_torchrun_rank_takes_its_own_gpu_before_nccl_starts(monkeypatch):
     assert start_distributed(2, {"LOCAL_RANK": "1"}) == "cpu" and calls == [("gloo", None)]
     calls.clear()
     assert start_distributed(1, {}) == "cpu" and calls == []  # one process: no group
+
+
+def test_under_torchrun_only_rank_0_writes_the_feature_cache(tmp_path):
+    """Issue 29 item 3: rank 0 writes the cache before the barrier, the others only open it
+    after; a rank that finds nothing there (rank 0 wrote nothing) says so instead of writing."""
+    import numpy as np
+
+    from conftest import tiny_target
+    from dspark.errors import DsparkError
+    from dspark.training.data.tokenize import TrainingSequence
+    from dspark.training.features import CachedFeatures
+
+    target = tiny_target(vocab_size=40, hidden=16)
+    sequences = [TrainingSequence([1, 2, 3, 4, 5], [0, 0, 1, 1, 1], "a"), TrainingSequence([6, 7, 8], [0, 1, 1], "b")]
+    folder, seen = tmp_path / "cache", []
+    with pytest.raises(DsparkError, match="rank 0 wrote no feature cache"):
+        CachedFeatures.shared(folder, sequences, target, (0, 1), rank=1, barrier=lambda: None)
+    assert not folder.exists()  # rank 1 wrote nothing
+
+    def barrier():  # what every rank sees at the barrier: rank 0's finished cache
+        seen.append((folder / "meta.json").is_file())
+
+    first = CachedFeatures.shared(folder, sequences, target, (0, 1), rank=0, barrier=barrier)
+    written = (folder / "features.f16").stat().st_mtime_ns
+    other = CachedFeatures.shared(folder, sequences, target, (0, 1), rank=1, barrier=barrier)
+    assert seen == [True, True] and (folder / "features.f16").stat().st_mtime_ns == written
+    assert np.array_equal(np.asarray(first.data), np.asarray(other.data)) and first.key == other.key
+    with pytest.raises(DsparkError, match="other data"):
+        CachedFeatures.shared(folder, sequences[:1], target, (0, 1), rank=1, barrier=lambda: None)

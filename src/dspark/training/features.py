@@ -13,12 +13,13 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from dspark.errors import DsparkError
 from dspark.training.batches import Batch, make_batch
 
 
@@ -150,6 +151,21 @@ class CachedFeatures:
         }
         (folder / "meta.json").write_text(json.dumps(meta))  # written last: marks the cache complete
         return cls(folder)
+
+    @classmethod
+    def shared(cls, folder: str | Path, sequences: Sequence, target, layer_ids: Sequence[int], rank: int,
+               barrier: Callable[[], None]) -> "CachedFeatures":
+        """The cache under torchrun: rank 0 writes it (or finds it written), every rank waits at
+        ``barrier``, then the others open it; no two ranks ever write the memmap or meta.json."""
+        if rank == 0:
+            cls.build(folder, sequences, target, layer_ids)
+        barrier()
+        if not (Path(folder) / "meta.json").is_file():
+            raise DsparkError(f"rank {rank}: rank 0 wrote no feature cache at {folder}")
+        cache = cls(folder)
+        if cache.key != cls.cache_key(sequences, target, layer_ids):
+            raise DsparkError(f"rank {rank}: the feature cache at {folder} holds other data than this rank's")
+        return cache
 
     def __call__(self, batch: Batch) -> BatchFeatures:
         rows, width = batch.input_ids.shape

@@ -119,7 +119,11 @@ def _train_and_export(config, data: List[Path], out: Path, variant: str, model: 
             from dspark.training.features import CachedFeatures
 
             layer_ids_used = config.drafter_config(target).target_layer_ids
-            features = CachedFeatures.build(feature_cache, split.train, target, layer_ids_used)
+            if world > 1:  # rank 0 writes it; the others open it after the barrier
+                features = CachedFeatures.shared(feature_cache, split.train, target, layer_ids_used,
+                                                 torch.distributed.get_rank(), torch.distributed.barrier)
+            else:
+                features = CachedFeatures.build(feature_cache, split.train, target, layer_ids_used)
         last = train(config, target, split.train, features=features, heldout=split.heldout)
         if export is not None and (world == 1 or torch.distributed.get_rank() == 0):
             from dspark.training.trainer import model_class
