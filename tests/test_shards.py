@@ -8,11 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from conftest import tiny_llama
 from dspark.errors import DsparkError
-from dspark.training.data.fingerprints import target_fingerprint, tokenizer_fingerprint
+from dspark.training.data.fingerprints import fingerprint_for, legacy_target_fingerprint, target_fingerprint, tokenizer_fingerprint
 from dspark.training.data.generate import sample_batch, stop_ids
 from dspark.training.data.mix import EvalOverlapFilter
 from dspark.training.data.prompts import (
@@ -157,6 +158,14 @@ def test_fingerprints_change_with_the_weights_and_the_template(tokenizer):
     a, b = tiny_llama(vocab_size=64, seed=0), tiny_llama(vocab_size=64, seed=1)
     assert target_fingerprint(a) == target_fingerprint(tiny_llama(vocab_size=64, seed=0))
     assert target_fingerprint(a) != target_fingerprint(b)
+    # Issue 29 item 9: the model, not its dtype: a bfloat16 copy (a GPU's) binds to the same target.
+    half = tiny_llama(vocab_size=64, seed=0).to(torch.bfloat16)
+    half.config.dtype = torch.bfloat16
+    assert target_fingerprint(half) == target_fingerprint(a)
+    assert legacy_target_fingerprint(half) != legacy_target_fingerprint(a)  # what the old fingerprint did
+    # A store bound to the legacy fingerprint reopens with the same target in float32, not with another.
+    assert fingerprint_for(a, legacy_target_fingerprint(a)) == legacy_target_fingerprint(a)
+    assert fingerprint_for(a, None) == fingerprint_for(a, legacy_target_fingerprint(b)) == target_fingerprint(a)
     fp = tokenizer_fingerprint(tokenizer)
     template = tokenizer.chat_template
     try:
@@ -482,3 +491,15 @@ def test_the_same_store_twice_is_refused(tmp_path, monkeypatch):
     with pytest.raises(DsparkError, match=r"copy/shard_00000\.npz is the same shard as .*s/shard_00000\.npz"):
         load_sequences(["s", "copy"], max_length=512, progress=False)
     assert len(load_sequences(["s"], max_length=512, min_loss_tokens=0, progress=False)) == 40
+
+
+def test_the_committed_stores_still_open_with_the_default_target(default_target):
+    """Stores written before the dtype-free fingerprint keep theirs: the same target in float32
+    still matches it, so `dspark data regen` resumes them."""
+    from pathlib import Path
+
+    from dspark.training.data.store import recorded_target_fingerprint
+
+    for store in sorted(Path(__file__).resolve().parent.parent.glob("data/smollm2-135m-instruct/*/store.json")):
+        recorded = recorded_target_fingerprint(store.parent)
+        assert fingerprint_for(default_target, recorded) == recorded, store

@@ -257,7 +257,8 @@ def regen(
     """The target answers every prompt not yet in the store; token ids straight into shards."""
     if limit is not None and limit < 1:
         _fail(f"--limit must be >= 1, got {limit}")
-    from dspark.training.data.fingerprints import target_fingerprint, tokenizer_fingerprint
+    from dspark.training.data.fingerprints import fingerprint_for, tokenizer_fingerprint
+    from dspark.training.data.store import recorded_target_fingerprint
     from dspark.training.data.prompts import read_prompts
     from dspark.training.data.regen import RegenConfig, regenerate
     from dspark.training.data.store import ShardStore, check_settings
@@ -276,7 +277,7 @@ def regen(
     target = TargetModel.load(model, device=_device(device))
     with ShardStore.open_or_create(
         store, "regenerated", config.store_settings(),
-        target_fingerprint(target), tokenizer_fingerprint(target.tokenizer),
+        fingerprint_for(target, recorded_target_fingerprint(store)), tokenizer_fingerprint(target.tokenizer),
     ) as opened:
         summary = regenerate(target, records, opened, config)
         total = opened.summary()

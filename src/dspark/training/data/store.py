@@ -254,6 +254,12 @@ class ShardStore:
             yield from self.read_shard(manifest)
 
 
+def recorded_target_fingerprint(folder: str | Path) -> str | None:
+    """The target fingerprint an existing store is bound to (None: no store yet)."""
+    have = _read_info(Path(folder))
+    return have.target_fingerprint if have is not None else None
+
+
 def check_settings(folder: str | Path, kind: str, settings: Mapping[str, Any]) -> None:
     """Refuse at once (before loading a model) when an existing store has another kind or settings."""
     folder = Path(folder)
