@@ -71,6 +71,20 @@ def test_make_drafter_puts_the_dspark_drafter_in_the_given_dtype():
     drafter = make_drafter("dspark", dtype=torch.bfloat16)
     assert {p.dtype for p in drafter.model.parameters()} == {torch.bfloat16}
     assert {p.dtype for p in make_drafter("dspark").model.parameters()} == {torch.float32}
+    assert {p.dtype for p in make_drafter("dspark+ngram", dtype=torch.bfloat16).model.parameters()} == {torch.bfloat16}
+
+
+def test_make_drafter_puts_a_draft_model_in_the_given_dtype(tmp_path):
+    """Issue 29 item 10: the model: drafter honours --dtype (the target's) too."""
+    import torch
+
+    from conftest import tiny_llama
+    from dspark.drafters import make_drafter
+
+    tiny_llama(vocab_size=32, hidden=16).save_pretrained(tmp_path / "draft")
+    drafter = make_drafter(f"model:{tmp_path / 'draft'}", dtype=torch.bfloat16)
+    assert {p.dtype for p in drafter.model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in make_drafter(f"model:{tmp_path / 'draft'}").model.parameters()} == {torch.float32}
 
 
 def test_each_target_gets_its_own_shipped_drafter_else_ngram(tmp_path, monkeypatch):

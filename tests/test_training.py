@@ -542,3 +542,19 @@ def test_under_torchrun_only_rank_0_writes_the_feature_cache(tmp_path):
     assert np.array_equal(np.asarray(first.data), np.asarray(other.data)) and first.key == other.key
     with pytest.raises(DsparkError, match="other data"):
         CachedFeatures.shared(folder, sequences[:1], target, (0, 1), rank=1, barrier=lambda: None)
+
+
+def test_train_takes_device_and_dtype(monkeypatch):
+    """Issue 29 item 10: `dspark train --device/--dtype`; cpu wins over a visible GPU, cuda
+    without one is one line."""
+    import torch
+
+    from dspark.errors import DsparkError
+    from dspark.training.train_cli import start_distributed
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: None)
+    assert start_distributed(1, {"LOCAL_RANK": "0"}, "cpu") == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(DsparkError, match="--device cuda"):
+        start_distributed(1, {}, "cuda")

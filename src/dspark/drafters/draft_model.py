@@ -31,10 +31,12 @@ class DraftModelDrafter:
         self._cached: list[int] = []  # token ids whose K/V the cache holds, in order
 
     @classmethod
-    def load(cls, spec: str, gamma: int = 5, device: str = "cpu") -> "DraftModelDrafter":
+    def load(cls, spec: str, gamma: int = 5, device: str = "cpu", dtype=None) -> "DraftModelDrafter":
+        """``dtype``: a ``torch.dtype`` (the target's, from the composition root); None is
+        ``--dtype auto`` for ``device``."""
         from dspark.target.loading import load_model_and_tokenizer
 
-        model, _ = load_model_and_tokenizer(spec, device=device, with_tokenizer=False)
+        model, _ = load_model_and_tokenizer(spec, dtype=dtype, device=device, with_tokenizer=False)
         return cls(model, gamma=gamma, name=f"model:{spec}")
 
     def check_target(self, target) -> None:

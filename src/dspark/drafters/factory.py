@@ -69,7 +69,8 @@ def resolve_drafter_spec(spec: str | None, model: str | None = None) -> str:
 def make_drafter(spec: str, gamma: int | None = None, device: str = "cpu", dtype=None) -> Drafter:
     """Build the drafter named by ``spec`` (see the module docstring).
 
-    A DSpark/DFlash drafter runs in ``dtype`` (a ``torch.dtype``: the target's, default float32).
+    A draft model, DSpark, DFlash or EAGLE-3 drafter runs in ``dtype`` (a ``torch.dtype``: the
+    target's, default float32).
     """
     if spec.endswith(HYBRID):
         return _hybrid(spec.removesuffix(HYBRID), gamma, device, dtype)
@@ -83,7 +84,7 @@ def make_drafter(spec: str, gamma: int | None = None, device: str = "cpu", dtype
     if kind == "model" and arg:
         from dspark.drafters.draft_model import DraftModelDrafter
 
-        return DraftModelDrafter.load(arg, gamma=gamma or 5, device=device)
+        return DraftModelDrafter.load(arg, gamma=gamma or 5, device=device, dtype=dtype)
     if kind == "eagle3":
         from dspark.drafters.eagle3 import Eagle3Drafter
         from dspark.drafters.eagle3.config import is_eagle3_folder

@@ -44,6 +44,8 @@ def train_command(
     log_every: int = typer.Option(10, help="Log every N steps."),
     seed: int = typer.Option(0, help="Seeds init, data order and anchors."),
     export: Optional[Path] = typer.Option(None, help="Also write the best (else the last) drafter here as fp16 safetensors."),
+    device: str = typer.Option("auto", help="auto (cuda:LOCAL_RANK where CUDA is, else cpu) | cpu | cuda: where the target and the drafter train."),
+    dtype: str = typer.Option("auto", help="The frozen target's dtype: auto (float32 on the CPU; bfloat16 on CUDA, or float16 without bf16) | float32 | bfloat16 | float16. The drafter trains in float32 (under autocast on CUDA)."),
 ) -> None:
     """Train a drafter; rerun the same command to resume from the last checkpoint."""
     from dspark.drafters.dspark.config import MARKOV_W1_VOCABS
@@ -69,6 +71,12 @@ def train_command(
         raise DsparkError("--heldout-fraction must be in [0, 1) and --data-fraction in (0, 1]")
     if init_from is not None and not (init_from / "config.json").is_file():
         raise DsparkError(f"--init-from {init_from} is not a drafter folder (no config.json)")
+    if device not in ("auto", "cpu", "cuda"):
+        raise DsparkError(f"--device must be auto, cpu or cuda (each rank takes cuda:LOCAL_RANK), got {device!r}")
+    from dspark.target.loading import DTYPE_NAMES
+
+    if dtype not in DTYPE_NAMES:
+        raise DsparkError(f"--dtype must be one of {', '.join(DTYPE_NAMES)}, got {dtype!r}")
     check_out_dir(out)
     if export is not None:
         check_out_dir(export, "--export")
@@ -91,12 +99,13 @@ def train_command(
     world = int(os.environ.get("WORLD_SIZE", "1"))
     with run_lock(out, rank=int(os.environ.get("RANK", "0"))):  # held through training and the export
         _train_and_export(config, data, out, variant, model, max_length, heldout_fraction, data_fraction,
-                          feature_cache, export, world)
+                          feature_cache, export, world, device, dtype)
 
 
 def _train_and_export(config, data: List[Path], out: Path, variant: str, model: Optional[str], max_length: int,
                       heldout_fraction: float, data_fraction: float, feature_cache: Optional[Path],
-                      export: Optional[Path], world: int) -> None:
+                      export: Optional[Path], world: int, device_choice: str = "auto",
+                      dtype_name: str = "auto") -> None:
     """Load the target and the data, train, export: ``dspark train`` once its checks passed."""
     import torch
 
@@ -104,9 +113,11 @@ def _train_and_export(config, data: List[Path], out: Path, variant: str, model: 
     from dspark.training.checkpoints import check_resume, data_record
     from dspark.training.trainer import train
 
-    device = start_distributed(world, os.environ)
+    from dspark.target.loading import parse_dtype
+
+    device = start_distributed(world, os.environ, device_choice)
     try:
-        target = TargetModel.load(model, device=device)
+        target = TargetModel.load(model, device=device, dtype=parse_dtype(dtype_name, device))
         split = _load_data(data, target, max_length, heldout_fraction, data_fraction)
         check_resume(out, config, data_record(split.train, split.heldout))  # other data: refused before the report
         tokens = sum(len(s.input_ids) for s in split.train)
@@ -137,15 +148,19 @@ def _train_and_export(config, data: List[Path], out: Path, variant: str, model: 
             torch.distributed.destroy_process_group()
 
 
-def start_distributed(world: int, environ) -> str:
+def start_distributed(world: int, environ, choice: str = "auto") -> str:
     """This rank's device, and (world > 1) the process group: under torchrun rank r runs on
     cuda:LOCAL_RANK, set as its current device *before* NCCL starts and passed as its
     ``device_id``, so no rank opens a context on GPU 0 and barriers know their device;
-    gloo on the CPU."""
+    gloo on the CPU. ``choice``: auto (CUDA where it is), cpu, or cuda (refused without it)."""
     import torch
 
+    from dspark.errors import DsparkError
+
     local_rank = int(environ.get("LOCAL_RANK", "0"))
-    device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise DsparkError("--device cuda: CUDA is not available here; use --device cpu")
+    device = f"cuda:{local_rank}" if choice != "cpu" and torch.cuda.is_available() else "cpu"
     if device.startswith("cuda"):
         torch.cuda.set_device(local_rank)
     if world > 1:
