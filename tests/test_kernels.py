@@ -109,3 +109,26 @@ def test_auto_probes_once_and_remembers_the_choice_on_disk(monkeypatch, tmp_path
     monkeypatch.setattr(kernels, "_CHOSEN", {})  # a new process: the file answers, no second probe
     assert set_linear_kernel(tiny_llama(vocab_size=32, hidden=32, layers=2), "auto", cache_dir=tmp_path) == "aten<=1+onednn"
     assert len(list((tmp_path / "kernels").glob("linear-*.json"))) == 1
+
+
+def test_forward_keeps_only_the_feature_layers_and_the_last_logits(monkeypatch):
+    """Issue 29 item 6: a prefill keeps the last position's logits and the requested layers'
+    hidden states only (hooks), equal to what output_hidden_states gives; the model is never
+    asked for every layer's states."""
+    from dspark.target import TargetModel
+
+    target = TargetModel(tiny_llama(vocab_size=32, hidden=32, layers=4), None, linear_kernel="aten")
+    ids = torch.randint(0, 32, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        oracle = target.model(input_ids=ids, output_hidden_states=True)
+    hooks_before = len(target.model.model.layers[0]._forward_hooks)
+    asked = []
+    real = target.model.forward
+    monkeypatch.setattr(target.model, "forward", lambda *a, **kw: asked.append(kw["output_hidden_states"]) or real(*a, **kw))
+    out = target.forward(ids, None, layer_ids=(0, 2), return_last_hidden=True, logits_to_keep=1)
+    assert asked == [False]
+    torch.testing.assert_close(out.features, torch.cat([oracle.hidden_states[1], oracle.hidden_states[3]], -1))
+    torch.testing.assert_close(out.last_hidden, oracle.hidden_states[-1])
+    assert out.logits.shape == (2, 1, 32)
+    torch.testing.assert_close(out.logits[:, 0], oracle.logits[:, -1])
+    assert len(target.model.model.layers[0]._forward_hooks) == hooks_before  # ours are gone after the call

@@ -198,7 +198,8 @@ class BatchEngine:
     def prefill_slot(self, handle: Hashable, request: GenerationRequest, slot: int, cache: SlotCache) -> Live:
         """Run the prompt into ``slot`` and sample the first anchor."""
         state = RequestState.open(self.target, request)
-        out = verify_forward(self.target, cache, [slot], [0], state.prompt.unsqueeze(0), self.drafter.feature_layer_ids)
+        out = verify_forward(self.target, cache, [slot], [0], state.prompt.unsqueeze(0), self.drafter.feature_layer_ids,
+                             logits_to_keep=1)  # the prompt's last position only: it samples the first token
         check_logits(out.logits[0, -1], "the target's logits")  # host sync, once per request
         first, _ = sample_from_logits(state.penalise(out.logits[0, -1:])[0], request.params, state.generator)
         self.drafter.open(slot)

@@ -44,7 +44,7 @@ class SpeculativeEngine:
 
         # Prefill: the whole prompt in one forward; its last logits give the first anchor.
         cache = target.new_cache()
-        out = target.forward(state.prompt.unsqueeze(0), cache, layers)
+        out = target.forward(state.prompt.unsqueeze(0), cache, layers, logits_to_keep=1)
         check_logits(out.logits[0, -1], "the target's logits")  # host sync, once per request
         first, _ = sample_from_logits(state.penalise(out.logits[0, -1:])[0], params, generator)
         new_features = out.features[0] if out.features is not None else None

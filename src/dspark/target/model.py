@@ -102,22 +102,49 @@ class TargetModel:
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         return_last_hidden: bool = False,
+        logits_to_keep: int = 0,
     ) -> TargetOutput:
-        """Run ``input_ids`` # [B, n] after what ``cache`` holds; extend the cache in place."""
-        want_hidden = bool(layer_ids) or return_last_hidden
-        out = self.model(
-            input_ids=input_ids,
-            cache=cache,
-            use_cache=cache is not None,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            output_hidden_states=want_hidden,
-        )
-        features = None
-        if layer_ids:
-            features = torch.cat([out.hidden_states[k + 1] for k in layer_ids], dim=-1)
-        last = out.hidden_states[-1] if return_last_hidden else None
+        """Run ``input_ids`` # [B, n] after what ``cache`` holds; extend the cache in place.
+        ``logits_to_keep``: only the last k positions' logits (0: all); a prefill needs one.
+
+        Only the requested layers' hidden states are kept (forward hooks on those layers and on
+        the final norm), not every layer's: a long prompt's prefill holds n × d per feature
+        layer, not per model layer."""
+        layers, norm = self._decoder_layers(), getattr(getattr(self.model, "model", None), "norm", None)
+        hooked = layers is not None and (norm is not None or not return_last_hidden)
+        kept: dict[object, torch.Tensor] = {}
+        handles = []
+        if hooked:
+            def keep(key):
+                return lambda module, args, output: kept.__setitem__(key, output[0] if isinstance(output, tuple) else output)
+
+            handles = [layers[k].register_forward_hook(keep(k)) for k in dict.fromkeys(layer_ids)]
+            if return_last_hidden:
+                handles.append(norm.register_forward_hook(keep("norm")))
+        try:
+            out = self.model(
+                input_ids=input_ids,
+                cache=cache,
+                use_cache=cache is not None,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                output_hidden_states=not hooked and (bool(layer_ids) or return_last_hidden),
+                logits_to_keep=logits_to_keep,
+            )
+        finally:
+            for handle in handles:
+                handle.remove()
+        hidden = (lambda k: kept[k]) if hooked else (lambda k: out.hidden_states[k + 1])
+        features = torch.cat([hidden(k) for k in layer_ids], dim=-1) if layer_ids else None
+        last = None
+        if return_last_hidden:
+            last = kept["norm"] if hooked else out.hidden_states[-1]
         return TargetOutput(logits=out.logits, features=features, last_hidden=last)
+
+    def _decoder_layers(self):
+        """The model's decoder layers (``model.layers`` of an HF causal LM), or None."""
+        layers = getattr(getattr(self.model, "model", None), "layers", None)
+        return layers if isinstance(layers, torch.nn.ModuleList) and len(layers) == self.num_layers else None
 
     # -- text -------------------------------------------------------------------------
     def encode_prompt(self, prompt: str, chat: bool = True) -> list[int]:

@@ -24,6 +24,7 @@ def verify_forward(
     starts: Sequence[int],
     feed: torch.Tensor,
     layer_ids: Sequence[int] = (),
+    logits_to_keep: int = 0,
 ) -> TargetOutput:
     """One ragged target forward: row r of ``feed`` # [R, T] continues slot slots[r] at
     position starts[r]; returns logits # [R, T, V] (padded rows' tails are garbage)."""
@@ -36,4 +37,4 @@ def verify_forward(
     mask = ragged_causal_mask(starts_t, num_new, kv_len)
     if target.sliding_window is not None:  # one mask per layer type, as transformers builds them
         mask = {"full_attention": mask, "sliding_attention": ragged_causal_mask(starts_t, num_new, kv_len, target.sliding_window)}
-    return target.forward(feed, view, layer_ids, attention_mask=mask, position_ids=positions)
+    return target.forward(feed, view, layer_ids, attention_mask=mask, position_ids=positions, logits_to_keep=logits_to_keep)
