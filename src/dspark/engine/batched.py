@@ -47,6 +47,7 @@ from dspark.scheduling.policy import Policy, StepOutcome
 from dspark.target.model import TargetModel
 from dspark.target.ragged import verify_forward
 from dspark.target.slot_cache import SlotCache
+from dspark.timing import device_clock
 from dspark.verify import verify
 
 CHEAP_DRAFTING = 0.02
@@ -138,6 +139,8 @@ class BatchEngine:
         self.lazy_drafting = lazy_drafting and policy.needs_confidences
         self.backoff = backoff and self.lazy_drafting
         self._skip, self._backoff = 0, 0  # steps left to skip the drafter; the current backoff
+        self.clock = device_clock(target.device)
+        """Seconds on the target device's clock: the step times the policy learns costs from."""
         self.max_draft = min(self.drafter.gamma, policy.max_draft if policy.max_draft is not None else self.drafter.gamma)
         policy.check_shape(max_batch, 1 + self.max_draft)  # fail now, not in the middle of a run
 
@@ -213,7 +216,7 @@ class BatchEngine:
         whose own verification or commit raises is reported in ``failed`` (it committed
         nothing of this step); the others commit as if it were not there."""
         target, device, policy = self.target, self.target.device, self.policy
-        t0 = time.perf_counter()
+        t0 = self.clock()
         slots = [r.slot for r in live]
         gated = self.lazy_drafting and not self._skip
         if self._skip:  # backing off: a plain step; the drafter sees these tokens' features later
@@ -230,21 +233,21 @@ class BatchEngine:
             for r in live:
                 r.unseen.clear()  # folded into the drafter's context
         blocks = batch.blocks
-        t1 = time.perf_counter()
+        t1 = self.clock()
         drafted = [b.gamma for b in blocks]
         # A stopped gate already scheduled the step: drafting stopped where verification does.
         schedule = batch.stop if batch.stop is not None else policy.schedule(drafted, self._confidences(blocks, drafted))
         lengths = schedule.lengths
         backing_off = gated and self.backoff and (any(drafted) or batch.stop is not None)  # confidences were seen
         paid = backing_off and policy.drafting_pays(schedule, len(live))
-        t2 = time.perf_counter()
+        t2 = self.clock()
 
         feed = torch.zeros(len(live), 1 + max(lengths), dtype=torch.long, device=device)  # [R, T]
         for i, (r, block, ell) in enumerate(zip(live, blocks, lengths)):
             feed[i, 0] = r.state.buf[r.state.length - 1]
             feed[i, 1 : 1 + ell] = block.tokens[:ell]
         out = verify_forward(target, cache, slots, [r.state.length - 1 for r in live], feed, self.drafter.feature_layer_ids)
-        forward_s = time.perf_counter() - t2
+        forward_s = self.clock() - t2
         accepted: dict[int, int] = {}  # row -> n, for the rows that committed
         failed: dict[Hashable, Exception] = {}
         committed = 0
@@ -265,7 +268,7 @@ class BatchEngine:
                 r.unseen.append(out.features[i, : n + 1].clone())  # not a view of the whole step
             accepted[i] = n
             committed += len(result.tokens)
-        t3 = time.perf_counter()
+        t3 = self.clock()
         if backing_off:  # drafting that costs next to nothing (lookup) is never worth skipping
             self._back_off(paid or t1 - t0 < CHEAP_DRAFTING * (t3 - t0))
         slots_drafted = max(drafted, default=0)

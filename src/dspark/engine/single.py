@@ -19,6 +19,7 @@ from dspark.drafters.base import DraftInput, Drafter
 from dspark.engine.request import GenerationRequest, GenerationResult, RequestState
 from dspark.sampling import check_logits, sample_from_logits
 from dspark.target.model import TargetModel
+from dspark.timing import device_clock
 from dspark.verify import verify
 
 
@@ -30,6 +31,7 @@ class SpeculativeEngine:
         target.check_layer_ids(drafter.feature_layer_ids)
         self.target = target
         self.drafter = drafter
+        self.clock = device_clock(target.device)
 
     def generate(
         self,
@@ -55,15 +57,15 @@ class SpeculativeEngine:
 
         while state.finish is None:
             length = state.length
-            t0 = time.perf_counter()
+            t0 = self.clock()
             block = drafter.propose(DraftInput(state.buf[:length], new_features, params, generator, state.max_draft))
-            t1 = time.perf_counter()
+            t1 = self.clock()
             feed = torch.cat([state.buf[length - 1 : length], block.tokens]).unsqueeze(0)  # [1, 1+γ]
             out = target.forward(feed, cache, layers)
             result = verify(block.tokens, block.q, state.penalise(out.logits[0], block.tokens), params, generator)
             n = result.num_accepted
             target.rollback(cache, length + n)  # keep the anchor and the accepted tokens
-            t2 = time.perf_counter()
+            t2 = self.clock()
             stats.record_round(block.gamma, n, t1 - t0, t2 - t1, block.confidences, block.margins, block.source)
             new_features = out.features[0, : n + 1] if out.features is not None else None
             shown = state.commit(result.tokens, out.logits[0, : n + 1])

@@ -18,7 +18,6 @@ vocabulary its rows are cheap and one call serves every slot.
 
 from __future__ import annotations
 
-import time
 from typing import Sequence
 
 import torch
@@ -29,6 +28,7 @@ from dspark.errors import DsparkError
 from dspark.sampling import sample_from_logits
 from dspark.target.kernels import AUTO, set_linear_kernel
 from dspark.target.loading import cache_root
+from dspark.timing import device_clock
 from dspark.target.slot_cache import SlotCache, SlotContextView, SlotWriteView, context_block_mask
 
 
@@ -115,7 +115,8 @@ class BatchedDSparkDrafter:
     def propose_batch(
         self, slots: Sequence[int], inputs: Sequence[DraftInput], gate: DraftGate | None = None
     ) -> DraftBatch:
-        t0 = time.perf_counter()
+        clock = device_clock(self.model.fc.weight.device)
+        t0 = clock()
         if self._cache is None:
             raise DsparkError("allocate() must be called before propose_batch()")
         self._fold(slots, [inp.new_features for inp in inputs])
@@ -147,14 +148,14 @@ class BatchedDSparkDrafter:
 
         def ask_gate(k, conf):
             if not asked:
-                asked.append(time.perf_counter())
+                asked.append(clock())
             return gate(k, rows, row_gammas, conf)
 
         row_gate = ask_gate if gate is not None and model.confidence_head is not None else None
         drafted, stop = self._sequential(out.hidden, anchors, [inputs[i] for i in rows], row_gammas, row_gate)
         for i, block in zip(rows, drafted):
             blocks[i] = block
-        done = time.perf_counter()
+        done = clock()
         if not asked:  # ungated, the slot loop is spent whatever the schedule: fixed work
             return DraftBatch(blocks, fixed_s=done - t0)
         return DraftBatch(blocks, stop, fixed_s=asked[0] - t0, slots_s=done - asked[0])

@@ -21,7 +21,6 @@ compared with drafting each alone.
 
 from __future__ import annotations
 
-import time
 from typing import Sequence
 
 import torch
@@ -33,6 +32,7 @@ from dspark.errors import DsparkError
 from dspark.sampling import sample_from_logits
 from dspark.target.kernels import AUTO, set_linear_kernel
 from dspark.target.loading import cache_root
+from dspark.timing import device_clock
 from dspark.target.slot_cache import SlotCache, SlotWriteView, ragged_causal_mask
 
 
@@ -118,7 +118,8 @@ class BatchedEagle3Drafter:
     @torch.inference_mode()
     def propose_batch(self, slots: Sequence[int], inputs: Sequence[DraftInput], gate: DraftGate | None = None) -> DraftBatch:
         """Whole blocks (EAGLE-3 has no confidences, so the gate is never asked)."""
-        t0 = time.perf_counter()
+        clock = device_clock(next(self.model.parameters()).device)
+        t0 = clock()
         if self._cache is None:
             raise DsparkError("allocate() must be called before propose_batch()")
         device = inputs[0].tokens.device
@@ -152,7 +153,7 @@ class BatchedEagle3Drafter:
         tokens = torch.stack(drafted, dim=1)  # [R', γ_max]
         for j, i in enumerate(rows):
             blocks[i] = DraftBlock(tokens=tokens[j, : gammas[i]], q=torch.stack(probs[j]) if probs[j] else None)
-        return DraftBatch(blocks, fixed_s=time.perf_counter() - t0)
+        return DraftBatch(blocks, fixed_s=clock() - t0)
 
     def _fold(self, slots: Sequence[int], inputs: Sequence[DraftInput]) -> torch.Tensor:
         """Write every row's new pairs into its slot # -> [R, d], each row's last output (its anchor's h)."""
