@@ -461,3 +461,18 @@ def test_bad_input_is_a_clear_error(args, message):
     result = cli.invoke(app, args)
     assert result.exit_code == 2, result.output
     assert message in result.stderr and "Traceback" not in result.output + result.stderr
+
+
+def test_a_greedy_mismatch_reports_how_near_a_tie_it_was():
+    """Issue 29 item 11: a mismatch is not claimed identical, and says its top-2 gap."""
+    from dspark.evaluation import aggregate as agg
+    from dspark.evaluation.runner import GenerationRecord
+
+    def record(drafter, identical, gap=None):
+        return GenerationRecord("d", 0, 1, drafter, 0, 5, 8, "length", 1.0, 0.1, 0.1, 0.5, [1, 1], [1, 0],
+                                identical, None if identical else 3, gap)
+
+    rows = agg.aggregate([record("none", True), record("x", False, 2e-4), record("x", False, 0.5), record("x", True)],
+                         ["none", "x"])
+    x = next(r for r in rows if r.drafter == "x")
+    assert (x.mismatches, x.near_tie_mismatches) == (2, 1)

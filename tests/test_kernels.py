@@ -132,3 +132,12 @@ def test_forward_keeps_only_the_feature_layers_and_the_last_logits(monkeypatch):
     assert out.logits.shape == (2, 1, 32)
     torch.testing.assert_close(out.logits[:, 0], oracle.logits[:, -1])
     assert len(target.model.model.layers[0]._forward_hooks) == hooks_before  # ours are gone after the call
+
+
+def test_top2_gap_is_the_next_tokens_top1_minus_top2_logit():
+    from dspark.target import TargetModel
+
+    target = TargetModel(tiny_llama(vocab_size=32, hidden=32, layers=2), None, linear_kernel="aten")
+    with torch.no_grad():
+        top = target.model(input_ids=torch.tensor([[3, 1, 4, 1, 5]])).logits[0, -1].topk(2).values
+    assert target.top2_gap([3, 1, 4, 1, 5]) == pytest.approx(float(top[0] - top[1]), abs=1e-6)

@@ -170,6 +170,11 @@ def _generate(prompt, model, drafter_spec, gamma, params, max_new_tokens, seed, 
         summary["plain_tokens_per_second"] = plain.stats.tokens_per_second
         summary["speedup"] = stats.tokens_per_second / plain.stats.tokens_per_second
         summary["identical_to_plain"] = plain.token_ids == result.token_ids
+        if not summary["identical_to_plain"]:  # say where, and how near a tie it was there
+            at = next((i for i, (a, b) in enumerate(zip(result.token_ids, plain.token_ids)) if a != b),
+                      min(len(result.token_ids), len(plain.token_ids)))
+            summary["first_difference"] = at
+            summary["top2_logit_gap"] = target.top2_gap(list(request.prompt_ids) + plain.token_ids[:at])
     if as_json:
         typer.echo(json.dumps(summary))
         return
@@ -183,7 +188,14 @@ def _generate(prompt, model, drafter_spec, gamma, params, max_new_tokens, seed, 
             f" · plain {plain.stats.tokens_per_second:.1f} tok/s · speedup {summary['speedup']:.2f}x"
             f" · identical to plain: {'yes' if summary['identical_to_plain'] else 'no'}"
         )
+        if not summary["identical_to_plain"]:
+            line += (f" (differs at token {summary['first_difference']}, where the target's top-2 logits are "
+                     f"{summary['top2_logit_gap']:.2g} apart: {NEAR_TIE_NOTE})")
     typer.echo(line, err=True)
+
+
+NEAR_TIE_NOTE = ("a gap within float rounding is a near-tie that 1-token and k-token forwards round apart, "
+                 "not an error; a larger one is a bug to report")
 
 
 class _Streamer:

@@ -11,6 +11,10 @@ from dspark.evaluation.runner import REFERENCE, GenerationRecord
 from dspark.scheduling.calibration import Calibration, CalibrationData, slot_metrics
 
 
+NEAR_TIE = 1e-3
+"""Top-2 logit gap within which a greedy mismatch counts as a near-tie (float rounding)."""
+
+
 @dataclass(frozen=True)
 class Aggregate:
     """One dataset (or "all") and one drafter, pooled over its generations and rounds."""
@@ -42,6 +46,8 @@ class Aggregate:
     ideal_speedup: float
     efficiency: float
     mismatches: int
+    near_tie_mismatches: int = 0
+    """Of them, those at a near-tie: top-2 logits within :data:`NEAR_TIE` where they part."""
     """Greedy turns whose tokens differ from plain decoding's."""
     confidence: dict | None = None
     """Held-out check of the confidence head: per-slot metrics of raw (and calibrated) a_k."""
@@ -92,6 +98,8 @@ def _aggregate_group(name, records, drafters, calibrations) -> list[Aggregate]:
             t_target_1_s=t_target_1, t_draft_s=t_draft, t_verify_s=t_verify,
             ideal_speedup=ideal, efficiency=metrics.efficiency(speedup, ideal),
             mismatches=sum(r.identical_to_plain is False for r in rs),
+            near_tie_mismatches=sum(r.identical_to_plain is False and r.mismatch_top2_gap is not None
+                                    and r.mismatch_top2_gap <= NEAR_TIE for r in rs),
             confidence=_confidence_check(rs, calibrations.get(spec)),
             sources=_by_source(rs),
         ))

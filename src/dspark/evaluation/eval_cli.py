@@ -90,7 +90,7 @@ def _eval(dataset_specs, drafter_specs, model, limit, max_new_tokens, temperatur
     total = sum(d.num_turns for d in datasets) * len(engines)
     # tqdm rather than rich's bar: it also shows progress (rate, ETA) when stderr is a log file.
     with tqdm(total=total, unit="gen", dynamic_ncols=True) as progress:
-        records = runner.run_generations(datasets, engines, settings, encode, progress, journal)
+        records = runner.run_generations(datasets, engines, settings, encode, progress, journal, gap=target.top2_gap)
     aggregates = aggregate.aggregate(records, list(engines), calibrations)
     results = provenance.results_dict(
         model=target.name, datasets=datasets, drafters={s: e.drafter.name for s, e in engines.items()},

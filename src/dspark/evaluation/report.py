@@ -76,7 +76,8 @@ def eval_rows(results: dict) -> list[list[str]]:
             a["dataset"], labels[a["drafter"]], _fmt(a["tokens_per_s"], ".1f"), _fmt(a["speedup"], ".2f", "x"),
             _fmt(a["tau"]), _fmt(a["verify_rate"], ".2f"), _curve(a["conditional_acceptance"]) or "–", split,
             _fmt(a["ideal_speedup"], ".2f", "x"), _fmt(a["efficiency"], ".2f"),
-            f"{same}/{a['generations']}" if greedy else "n/a",
+            (f"{same}/{a['generations']}" + (f" ({a['near_tie_mismatches']} near-tie)" if a.get("near_tie_mismatches") else "")
+             if greedy else "n/a"),
         ])
     return rows
 
@@ -249,7 +250,9 @@ def eval_markdown(results: dict, plots: bool = True) -> str:
         "speedup = tokens/s over plain decoding's on the same turns, run back to back in rotating order, "
         "wall time around the whole generate() call; ideal = τ·T_target(1)/(T_draft + T_verify) with "
         "per-round costs from this run; efficiency = speedup / ideal (what prefill and Python overhead cost; "
-        "prefill is shared by both runs, so it pulls a speedup below 1 up and can push efficiency above 1).",
+        "prefill is shared by both runs, so it pulls a speedup below 1 up and can push efficiency above 1); "
+        "== plain counts greedy outputs identical to plain decoding's, and how many of the others part at a near-tie "
+        "(the target's top-2 logits within 1e-3 there: 1-token and k-token forwards round apart; a larger gap is a bug).",
         "",
     ]
     if plots:

@@ -91,6 +91,9 @@ class GenerationRecord:
     identical_to_plain: bool | None
     """Greedy only: same token ids as plain decoding (None above T = 0)."""
     first_mismatch: int | None
+    mismatch_top2_gap: float | None = None
+    """At the first mismatch: the target's top-1 minus top-2 logit after plain decoding's
+    prefix there (near 0: a near-tie that 1-token and k-token forwards round apart)."""
     sources: list[str] | None = None
     """Per round, the part of a hybrid drafter that proposed it; None for one-source drafters."""
     confidences: list[list[float]] | None = field(default=None, repr=False)
@@ -172,9 +175,11 @@ def run_generations(
     encode: Encoder,
     progress=None,
     journal: Journal | None = None,
+    gap: Callable[[list[int]], float] | None = None,
 ) -> list[GenerationRecord]:
     """Run every turn with every engine (``engines`` maps spec -> SpeculativeEngine, incl. ``none``).
 
+    ``gap`` (the target's ``top2_gap``) measures how near a tie each greedy mismatch is.
     ``progress``, when given, is a tqdm-like bar advanced once per generation. Conversations
     ``journal`` already holds are not run again (their records are returned as stored); each new
     one is added to it when it finishes.
@@ -214,8 +219,11 @@ def run_generations(
                 plain = results[REFERENCE][1]
                 for spec in specs:
                     position, result, wall = results[spec]
-                    records.append(_record(dataset.name, conversation.index, t, spec, position, result, wall,
-                                           plain.token_ids, request.params.greedy))
+                    record = _record(dataset.name, conversation.index, t, spec, position, result, wall,
+                                     plain.token_ids, request.params.greedy)
+                    if record.first_mismatch is not None and gap is not None:  # after the timed runs
+                        record.mismatch_top2_gap = gap(list(request.prompt_ids) + plain.token_ids[: record.first_mismatch])
+                    records.append(record)
                 history = messages + [{"role": "assistant", "content": plain.text}]
             if journal is not None:
                 journal.add(dataset.name, conversation.index, records[first:])

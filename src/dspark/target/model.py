@@ -141,6 +141,16 @@ class TargetModel:
             last = kept["norm"] if hooked else out.hidden_states[-1]
         return TargetOutput(logits=out.logits, features=features, last_hidden=last)
 
+    @torch.no_grad()
+    def top2_gap(self, token_ids: Sequence[int]) -> float:
+        """Top-1 minus top-2 logit of the next token after ``token_ids`` (the whole sequence in
+        one forward, no cache): how near a tie a greedy choice there was. Speculative and
+        plain decoding round 1-token and k-token forwards differently, so where this is within
+        float rounding their greedy outputs may part without either being wrong."""
+        logits = self.forward(torch.tensor([list(token_ids)], device=self.device), logits_to_keep=1).logits[0, -1]
+        top = logits.float().topk(2).values
+        return float(top[0] - top[1])
+
     def _decoder_layers(self):
         """The model's decoder layers (``model.layers`` of an HF causal LM), or None."""
         layers = getattr(getattr(self.model, "model", None), "layers", None)
