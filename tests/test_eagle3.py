@@ -229,7 +229,10 @@ def test_batched_drafter_equals_batch1_under_sampling(target):
     from dspark.drafters.factory import as_batch_drafter
     from dspark.scheduling import FixedGamma
 
-    assert isinstance(as_batch_drafter(Eagle3Drafter(random_eagle3(target))), BatchedEagle3Drafter)
+    from dspark.drafters.online_confidence import MarginConfidence
+
+    batched = as_batch_drafter(Eagle3Drafter(random_eagle3(target)))  # its own batched path, with margin confidences
+    assert isinstance(batched, MarginConfidence) and isinstance(batched.inner, BatchedEagle3Drafter)
     nucleus = SamplingParams(temperature=0.7, top_k=8, top_p=0.9)
     prompts = [[3], [0, 1, 2, 3, 4, 5], [7, 7, 7, 7], [20, 2, 11, 5, 9], [1, 2], [6, 5, 4, 3, 2, 1, 0, 9, 8]]
     requests = [GenerationRequest(p, params, max_new_tokens=6 + 3 * i, seed=i)

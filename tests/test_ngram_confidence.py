@@ -47,7 +47,7 @@ def test_confidences_follow_the_labels_and_copies_share_them():
     looped.allocate(2, 16)
     looped.open(0), looped.open(1)
     assert looped._slots[0].stats is looped._slots[1].stats is stats  # one table, per-request state apart
-    assert looped._slots[0]._pending is not looped._slots[1]._pending
+    assert looped._slots[0]._labeller is not looped._slots[1]._labeller
 
 
 def test_the_table_forgets_slowly_once_a_cell_is_full():
@@ -57,3 +57,30 @@ def test_the_table_forgets_slowly_once_a_cell_is_full():
     for _ in range(200):
         stats.record(0, 1, 0, False)
     assert stats.labelled[0, 1, 0] <= 10 + 1e-9 and stats.confidences(1, 1, 0)[0] < 0.06  # the prior alone: 0.6 / 12
+
+
+def test_margin_confidences_are_counted_per_slot_and_margin_bin_from_the_committed_stream():
+    """A drafter without a head (a draft model, DFlash, EAGLE-3) gets c_k per (slot, margin
+    bin), labelled from what the target committed, up to each block's first miss."""
+    from dspark.drafters.base import DraftBatch, DraftBlock
+    from dspark.drafters.online_confidence import MarginConfidence, margin_bin
+
+    class Fixed:  # proposes [7, 8, 9] with margins 0.1, 3, 10 after any context
+        name, gamma, feature_layer_ids = "fixed", 3, ()
+
+        def check_target(self, target): ...
+        def allocate(self, num_slots, capacity): ...
+        def open(self, slot): ...
+
+        def propose_batch(self, slots, inputs, gate=None):
+            return DraftBatch([DraftBlock(torch.tensor([7, 8, 9]), margins=torch.tensor([0.1, 3.0, 10.0])) for _ in inputs])
+
+    drafter = MarginConfidence(Fixed())
+    drafter.allocate(1, 32)
+    drafter.open(0)
+    first = drafter.propose_batch([0], [DraftInput(torch.tensor([1, 2]), None, SamplingParams(), None, 3)]).blocks[0]
+    assert torch.allclose(first.confidences, torch.full((3,), 0.3))  # the prior
+    # The target committed 7, then 5: slot 1 survived in bin 0, slot 2 (margin 3) failed, slot 3 unlabelled.
+    drafter.propose_batch([0], [DraftInput(torch.tensor([1, 2, 7, 5]), None, SamplingParams(), None, 3)])
+    assert drafter.counts.counts == {(0, margin_bin(0.1)): [1.0, 1.0], (1, margin_bin(3.0)): [0.0, 1.0]}
+    assert [margin_bin(m) for m in (0.0, 0.5, 3.0, 100.0)] == [0, 1, 3, 5]

@@ -65,9 +65,11 @@ class DraftModelDrafter:
             self._cache = new_dynamic_cache(self.model.config)
         crop_cache(self._cache, keep)
         feed = tokens[keep:].unsqueeze(0)  # [1, n] the unseen committed tokens, anchor last
-        drafted, probs = [], []
+        drafted, probs, margins = [], [], []
         for _ in range(gamma):
             logits = self.model(input_ids=feed, cache=self._cache, use_cache=True).logits[0, -1]
+            top2 = logits.topk(2).values
+            margins.append(top2[0] - top2[1])
             x, q = sample_from_logits(logits, draft_input.params, draft_input.generator)
             drafted.append(x)
             probs.append(q)
@@ -76,7 +78,7 @@ class DraftModelDrafter:
         # The cache now holds every committed id and all drafts but the last (never fed).
         self._cached = committed + draft[:-1].tolist()
         q = None if probs[0] is None else torch.stack(probs)
-        return DraftBlock(tokens=draft, q=q)
+        return DraftBlock(tokens=draft, q=q, margins=torch.stack(margins))
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

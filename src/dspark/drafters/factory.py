@@ -141,7 +141,8 @@ def _load_checkpoint(cls, folder: Path, gamma, device, dtype):
 def has_confidences(drafter) -> bool:
     """Whether ``drafter`` (either form) gives each slot a confidence c_k, which DSpark's
     scheduler needs: a DSpark drafter with its confidence head, or one that says so
-    (``gives_confidences``: n-gram lookup's online estimate, the hybrid)."""
+    (``gives_confidences``: n-gram lookup's online estimate, the hybrid, and the batched form
+    of any drafter with margins, :class:`~dspark.drafters.online_confidence.MarginConfidence`)."""
     if getattr(drafter, "gives_confidences", False):
         return True
     model = getattr(drafter, "model", None)
@@ -149,15 +150,20 @@ def has_confidences(drafter) -> bool:
 
 
 def as_batch_drafter(drafter) -> BatchDrafter:
-    """The batched form of ``drafter``: itself if it already is one, DSpark's or EAGLE-3's own
-    batched path, else a LoopedDrafter."""
+    """The batched form of ``drafter``: itself if it already is one, DSpark's, EAGLE-3's or the
+    hybrid's own batched path, else a LoopedDrafter. A drafter without confidences whose blocks
+    carry their top-2 margins (a draft model, DFlash, EAGLE-3) gets them learnt online
+    (:class:`~dspark.drafters.online_confidence.MarginConfidence`), so the scheduler can trim it."""
     from dspark.drafters.dspark.drafter import DSparkDrafter
+    from dspark.drafters.draft_model import DraftModelDrafter
     from dspark.drafters.eagle3.drafter import Eagle3Drafter
     from dspark.drafters.hybrid import HybridDrafter
     from dspark.drafters.looped import LoopedDrafter
+    from dspark.drafters.online_confidence import MarginConfidence
 
     if isinstance(drafter, BatchDrafter):
         return drafter
-    if isinstance(drafter, (DSparkDrafter, Eagle3Drafter, HybridDrafter)):
-        return drafter.batched()
-    return LoopedDrafter(drafter)
+    batched = drafter.batched() if isinstance(drafter, (DSparkDrafter, Eagle3Drafter, HybridDrafter)) else LoopedDrafter(drafter)
+    if isinstance(drafter, (DSparkDrafter, Eagle3Drafter, DraftModelDrafter)) and not has_confidences(batched):
+        return MarginConfidence(batched)
+    return batched

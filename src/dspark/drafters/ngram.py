@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from dspark.drafters.base import DraftBlock, DraftInput
+from dspark.drafters.online_confidence import Labeller, Pending
 
 
 @dataclass(frozen=True)
@@ -49,8 +50,6 @@ RATE_BINS = 4
 """The request's recent slot-1 survival rate, in equal bins; one more bin before it has any."""
 RATE_DECAY = 0.8
 """Weight of the past in a request's recent slot-1 rate."""
-PENDING = 32
-"""Most unlabelled proposals kept per request (older ones are dropped unlabelled)."""
 
 
 class LookupStats:
@@ -81,17 +80,6 @@ class LookupStats:
         self.labelled[k, n, rate_bin] += 1.0
 
 
-@dataclass
-class _Proposal:
-    start: int
-    """Position of x_1 in the committed ids."""
-    tokens: list[int]
-    n: int
-    rate_bin: int
-    labelled: int = 0
-    """Slots labelled so far; the proposal is done at its first failed slot or its end."""
-
-
 class NgramDrafter:
     """Prompt-lookup decoding as a :class:`~dspark.drafters.base.Drafter`, with confidences."""
 
@@ -111,7 +99,7 @@ class NgramDrafter:
         return None
 
     def reset(self) -> None:
-        self._pending: list[_Proposal] = []
+        self._labeller = Labeller()
         self._rate: float | None = None
 
     def propose(self, draft_input: DraftInput) -> DraftBlock:
@@ -125,7 +113,7 @@ class NgramDrafter:
             return DraftBlock(tokens=tokens[:0], confidences=torch.zeros(0, device=tokens.device))
         follow, n = found
         rate_bin = self.rate_bin()
-        self._pending = [*self._pending[-(PENDING - 1):], _Proposal(tokens.shape[0], follow.tolist(), n, rate_bin)]
+        self._labeller.add(Pending(tokens.shape[0], follow.tolist(), [(n, rate_bin)] * follow.shape[0]))
         c = self.stats.confidences(follow.shape[0], n, rate_bin).to(tokens.device)
         return DraftBlock(tokens=follow, confidences=c)
 
@@ -137,25 +125,13 @@ class NgramDrafter:
 
     def _label(self, tokens: torch.Tensor) -> None:
         """Label the pending proposals' slots whose positions are now committed."""
-        length, still = tokens.shape[0], []
-        for p in self._pending:
-            end = min(length, p.start + len(p.tokens))
-            if end <= p.start + p.labelled:
-                still.append(p)
-                continue
-            committed = tokens[p.start + p.labelled : end].tolist()  # host sync: labels are host counts
-            failed = False
-            for x, y in zip(p.tokens[p.labelled:], committed):
-                k, failed = p.labelled, x != y
-                self.stats.record(k, p.n, p.rate_bin, not failed)
-                if k == 0:
-                    self._rate = float(not failed) if self._rate is None else RATE_DECAY * self._rate + (1 - RATE_DECAY) * (not failed)
-                p.labelled += 1
-                if failed:
-                    break
-            if not failed and p.labelled < len(p.tokens):
-                still.append(p)
-        self._pending = still
+
+        def record(k: int, cell: tuple[int, int], survived: bool) -> None:
+            self.stats.record(k, *cell, survived)
+            if k == 0:
+                self._rate = float(survived) if self._rate is None else RATE_DECAY * self._rate + (1 - RATE_DECAY) * survived
+
+        self._labeller.label(tokens, record)
 
 
 def lookup(tokens: torch.Tensor, gamma: int, max_ngram: int, min_ngram: int) -> tuple[torch.Tensor, int] | None:

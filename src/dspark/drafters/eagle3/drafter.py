@@ -134,7 +134,7 @@ class BatchedEagle3Drafter:
         h = h.index_select(0, index)  # [R', d]
         anchors = torch.tensor([self._pairs[slots[i]] - 1 for i in rows], device=device)  # [R'] anchor positions
         row_slots = torch.tensor([slots[i] for i in rows], device=device)
-        drafted, probs = [], [[] for _ in rows]
+        drafted, probs, margins = [], [[] for _ in rows], []
         for k in range(max(gammas[i] for i in rows)):
             if k > 0:  # every row steps; rows past their γ draft tokens nobody reads
                 starts = anchors + k
@@ -143,6 +143,8 @@ class BatchedEagle3Drafter:
                 mask = ragged_causal_mask(starts, 1, kv_len)  # pairs <= a_r and this chain
                 h = model.step(model.embed(drafted[-1].unsqueeze(1)), h.unsqueeze(1), starts.unsqueeze(1), view, mask)[:, 0]
             logits = model.logits(h)  # [R', N]
+            top2 = logits.topk(2, dim=-1).values  # [R', 2]
+            margins.append(top2[:, 0] - top2[:, 1])
             choice = logits.argmax(-1)
             for j, i in enumerate(rows):
                 if k < gammas[i] and not inputs[i].params.greedy:
@@ -151,8 +153,10 @@ class BatchedEagle3Drafter:
                     probs[j].append(model.expand_q(q))  # [V]
             drafted.append(model.to_target_ids(choice))
         tokens = torch.stack(drafted, dim=1)  # [R', γ_max]
+        margin = torch.stack(margins, dim=1)  # [R', γ_max]
         for j, i in enumerate(rows):
-            blocks[i] = DraftBlock(tokens=tokens[j, : gammas[i]], q=torch.stack(probs[j]) if probs[j] else None)
+            blocks[i] = DraftBlock(tokens=tokens[j, : gammas[i]], q=torch.stack(probs[j]) if probs[j] else None,
+                                   margins=margin[j, : gammas[i]])
         return DraftBatch(blocks, fixed_s=clock() - t0)
 
     def _fold(self, slots: Sequence[int], inputs: Sequence[DraftInput]) -> torch.Tensor:
