@@ -93,7 +93,14 @@ def test_lookup_takes_a_request_only_where_it_expects_at_least_what_dspark_gave(
 
 
 def test_specs_build_the_hybrid_and_refuse_what_cannot_be_one(tmp_path):
+    from dspark.engine.build import drafter_calibration, hybrid_calibration
+
     assert resolve_drafter_spec("dspark+ngram").endswith("+ngram")
+    # The composition root hands the hybrid its DSpark drafter's STS (drafters import no scheduling).
+    assert hybrid_calibration("dspark+ngram") is not None and drafter_calibration("dspark+ngram") is None
+    calibrate = hybrid_calibration("dspark+ngram")
+    assert make_drafter("dspark+ngram", calibrate=calibrate).calibrate is calibrate
+    assert hybrid_calibration("dspark") is None
     with pytest.raises(DsparkError, match="DSpark drafter"):
         make_drafter("eagle3:x+ngram")
     with pytest.raises(DsparkError, match="no DSpark drafter"):

@@ -24,6 +24,7 @@ LAYERS = {
     "dspark.errors": 0,
     "dspark.sampling": 0,
     "dspark.verify": 0,
+    "dspark.timing": 0,
     "dspark.target": 1,
     "dspark.drafters": 2,
     "dspark.scheduling": 2,

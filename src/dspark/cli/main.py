@@ -127,12 +127,12 @@ def _generate(prompt, model, drafter_spec, gamma, params, max_new_tokens, seed, 
               profile, device, dtype, as_json):
     from dspark.drafters import make_drafter, resolve_drafter_spec
     from dspark.engine import GenerationRequest
-    from dspark.engine.build import PLAIN, build_engine, drafter_calibration
+    from dspark.engine.build import PLAIN, build_engine, drafter_calibration, hybrid_calibration
     from dspark.target import TargetModel
 
     # The drafter before the target: a bad spec or broken drafter files fail in a second.
     spec = resolve_drafter_spec(drafter_spec, model)
-    drafter = make_drafter(spec, gamma=gamma, device=device, dtype=dtype)
+    drafter = make_drafter(spec, gamma=gamma, device=device, dtype=dtype, calibrate=hybrid_calibration(spec))
     target = TargetModel.load(model, device=device, dtype=dtype)
     # One request is the batched engine at R = 1: the same scheduler as `dspark batch` and `serve`.
     engine = build_engine(target, drafter, policy, 1, calibrate=drafter_calibration(spec), profile_if_missing=profile)

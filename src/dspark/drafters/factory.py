@@ -66,14 +66,16 @@ def resolve_drafter_spec(spec: str | None, model: str | None = None) -> str:
     return spec
 
 
-def make_drafter(spec: str, gamma: int | None = None, device: str = "cpu", dtype=None) -> Drafter:
-    """Build the drafter named by ``spec`` (see the module docstring).
+def make_drafter(spec: str, gamma: int | None = None, device: str = "cpu", dtype=None, calibrate=None) -> Drafter:
+    """Build the drafter named by ``spec`` (see the module docstring). ``calibrate``: for a
+    hybrid, its DSpark drafter's STS map (the composition root loads it: drafters do not
+    import the scheduling layer, :func:`dspark.engine.build.hybrid_calibration`).
 
     A draft model, DSpark, DFlash or EAGLE-3 drafter runs in ``dtype`` (a ``torch.dtype``: the
     target's, default float32).
     """
     if spec.endswith(HYBRID):
-        return _hybrid(spec.removesuffix(HYBRID), gamma, device, dtype)
+        return _hybrid(spec.removesuffix(HYBRID), gamma, device, dtype, calibrate)
     kind, _, arg = spec.partition(":")
     if kind == "none" and not arg:
         return NoDrafter()
@@ -113,19 +115,17 @@ def make_drafter(spec: str, gamma: int | None = None, device: str = "cpu", dtype
     raise DsparkError(f"unknown drafter {spec!r}; choose one of: {DRAFTER_HELP}")
 
 
-def _hybrid(base: str, gamma, device, dtype) -> Drafter:
-    """``base`` (a DSpark drafter with a confidence head) + prompt lookup, with base's STS."""
+def _hybrid(base: str, gamma, device, dtype, calibrate) -> Drafter:
+    """``base`` (a DSpark drafter with a confidence head) + prompt lookup; ``calibrate``: base's STS."""
     from dspark.drafters.hybrid import HybridDrafter
     from dspark.drafters.ngram import NgramConfig, NgramDrafter
-    from dspark.scheduling.calibration import load_calibration
 
     if base.partition(":")[0] != "dspark":
         raise DsparkError(f"+ngram combines lookup with a DSpark drafter (dspark[:<folder>]+ngram), got {base!r}+ngram")
     drafter = make_drafter(base, gamma, device, dtype)
     if not has_confidences(drafter):
         raise DsparkError(f"{base} has no confidence head, which the hybrid needs to choose between its drafters")
-    folder = Path(base.partition(":")[2]).expanduser() if ":" in base else SHIPPED_DRAFTER
-    return HybridDrafter(drafter, NgramDrafter(NgramConfig(gamma=gamma or drafter.gamma)), load_calibration(folder))
+    return HybridDrafter(drafter, NgramDrafter(NgramConfig(gamma=gamma or drafter.gamma)), calibrate)
 
 
 def _load_checkpoint(cls, folder: Path, gamma, device, dtype):

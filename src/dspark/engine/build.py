@@ -50,11 +50,17 @@ def resolve_policy(policy: str, drafter) -> str:
     return "dspark" if has_confidences(drafter) else "fixed"
 
 
+def hybrid_calibration(spec: str) -> Calibrate | None:
+    """The STS map a hybrid ``<dspark spec>+ngram`` applies to its DSpark rows (None otherwise)."""
+    return drafter_calibration(spec.removesuffix(HYBRID)) if spec.endswith(HYBRID) else None
+
+
 def load_drafter(spec: str | None, target: TargetModel, gamma: int | None = None) -> Drafter:
     """The drafter named by ``spec`` (None: the one shipped for this target, else n-gram), on
     the target's device and in its dtype, checked against the target."""
     dtype = next(target.model.parameters()).dtype
-    drafter = make_drafter(resolve_drafter_spec(spec, target.name), gamma=gamma, device=str(target.device), dtype=dtype)
+    spec = resolve_drafter_spec(spec, target.name)
+    drafter = make_drafter(spec, gamma=gamma, device=str(target.device), dtype=dtype, calibrate=hybrid_calibration(spec))
     drafter.check_target(target)
     return drafter
 

@@ -254,7 +254,10 @@ def _load(model, specs, gamma, device, dtype=None, policy=None):
     from dspark.scheduling.calibration import Calibration
     from dspark.target import TargetModel
 
-    drafters = {s: make_drafter(s, gamma=gamma, device=device, dtype=dtype) for s in specs}  # fail fast, before the target loads
+    from dspark.engine.build import hybrid_calibration
+
+    drafters = {s: make_drafter(s, gamma=gamma, device=device, dtype=dtype, calibrate=hybrid_calibration(s))
+                for s in specs}  # fail fast, before the target loads
     target = TargetModel.load(model, device=device, dtype=dtype)
     calibrations = {}
     for s in specs:
