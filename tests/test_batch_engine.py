@@ -361,6 +361,9 @@ class CountingDrafter:
         self.calls += 1
         return self.inner.propose_batch(slots, inputs, gate)
 
+    def propose_free(self, slots, inputs):
+        return self.inner.propose_free(slots, inputs)
+
 
 @pytest.mark.parametrize("cost", [COST, PADDED], ids=["flat", "padded"])
 def test_lazy_drafting_drafts_less_and_schedules_the_same(rich, batch1_greedy, cost):

@@ -203,3 +203,25 @@ def test_metrics_and_eval_count_rounds_per_source():
     assert _by_source([Rec(["ngram", "dspark"], [3, 2], [2, 0]), Rec(["ngram"], [1], [1])]) == {
         "ngram": {"rounds": 2, "verified": 4, "accepted": 3}, "dspark": {"rounds": 1, "verified": 2, "accepted": 0}}
     assert _by_source([Rec(None, [3], [1])]) is None
+
+
+def test_lookup_still_drafts_while_the_engine_backs_off_from_dspark(target, monkeypatch):
+    """Backoff keeps DSpark (costly) out of a step; the hybrid's free path still proposes
+    lookup blocks there, and the output stays target-distributed (greedy here: plain's)."""
+    import dspark.engine.batched as batched
+    from dspark.engine.single import SpeculativeEngine
+    from dspark.drafters.base import NoDrafter
+
+    monkeypatch.setattr(batched, "CHEAP_DRAFTING", 0.0)
+    # DSpark's confidences calibrated to 0: it never pays, so the engine backs off from it.
+    hybrid = HybridDrafter(dspark_drafter(), NgramDrafter(NgramConfig(gamma=BLOCK, max_ngram=2)), calibrate=torch.zeros_like)
+    engine = BatchEngine(target, hybrid, POLICIES["dspark"](), max_batch=2)
+    requests = [GenerationRequest(PROMPT * 3, GREEDY, max_new_tokens=24, seed=s) for s in range(2)]
+    free = []
+    real = engine.drafter.propose_free
+    engine.drafter.propose_free = lambda slots, inputs: free.append(real(slots, inputs)) or free[-1]
+    results = engine.generate(requests).results
+    plain = SpeculativeEngine(target, NoDrafter())
+    assert [r.token_ids for r in results] == [plain.generate(r).token_ids for r in requests]
+    assert free and any(b.gamma and b.source == "ngram" for batch in free for b in batch.blocks)
+    assert sum(sum(r.stats.proposed) for r in results) > 0

@@ -176,3 +176,8 @@ class BatchDrafter(Protocol):
     ) -> DraftBatch[Stop]:
         """One block per request; ``inputs[i]`` belongs to the request in ``slots[i]``. A
         drafter may ignore ``gate`` (and then drafts whole blocks)."""
+
+    def propose_free(self, slots: Sequence[int], inputs: Sequence[DraftInput]) -> DraftBatch:
+        """Blocks that cost next to nothing to draft (a hybrid's prompt lookup), for a step in
+        which the engine's backoff keeps the costly drafting out; empty blocks where there are
+        none. ``inputs`` carry no features (they stay unseen: the next ``propose_batch`` folds them)."""

@@ -144,6 +144,15 @@ class BatchedHybridDrafter:
         fixed = batch.fixed_s + lookup_s if batch.fixed_s is not None else (lookup_s if any(use_lookup) else None)
         return DraftBatch(blocks, batch.stop, fixed, batch.slots_s)
 
+    def propose_free(self, slots: Sequence[int], inputs: Sequence[DraftInput]) -> DraftBatch:
+        """Lookup's blocks alone, for the steps the engine's backoff keeps DSpark out of: the
+        lookup costs no forward, and the scheduler trims its blocks like any other."""
+        t0 = time.perf_counter()
+        blocks = [dataclasses.replace(b, source=LOOKUP) if b.gamma else b
+                  for b in self.lookup.propose_batch(slots, inputs).blocks]
+        self.rounds["lookup"] += sum(1 for b in blocks if b.gamma)
+        return DraftBatch(blocks, fixed_s=time.perf_counter() - t0 if any(b.gamma for b in blocks) else None)
+
     def _prefer_lookup(self, slot: int, block: DraftBlock) -> bool:
         """Whether this request's lookup block is expected to give at least what DSpark's
         blocks gave it (any request's, before its own; with no history, DSpark drafts)."""

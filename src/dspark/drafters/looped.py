@@ -37,6 +37,10 @@ class LoopedDrafter:
         drafter.reset()
         self._slots[slot] = drafter
 
+    def propose_free(self, slots: Sequence[int], inputs: Sequence[DraftInput]) -> DraftBatch:
+        """Nothing (a looped drafter may be a draft model; n-gram lookup never backs off)."""
+        return DraftBatch.empty(len(inputs), inputs[0].tokens.device if inputs else "cpu")
+
     def propose_batch(
         self, slots: Sequence[int], inputs: Sequence[DraftInput], gate: DraftGate | None = None
     ) -> DraftBatch:

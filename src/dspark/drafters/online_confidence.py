@@ -129,6 +129,9 @@ class MarginConfidence:
         self.inner.open(slot)
         self._labellers[slot] = Labeller()
 
+    def propose_free(self, slots: Sequence[int], inputs: Sequence[DraftInput]) -> DraftBatch:
+        return self.inner.propose_free(slots, inputs)
+
     def propose_batch(self, slots: Sequence[int], inputs: Sequence[DraftInput], gate: DraftGate | None = None) -> DraftBatch:
         """The inner drafter's whole blocks (it has no confidences to gate on), with c_k."""
         batch = self.inner.propose_batch(slots, inputs)

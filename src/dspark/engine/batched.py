@@ -36,7 +36,7 @@ from typing import Callable, Hashable, Sequence
 
 import torch
 
-from dspark.drafters.base import BatchDrafter, DraftBatch, DraftInput
+from dspark.drafters.base import BatchDrafter, DraftInput
 from dspark.drafters.factory import as_batch_drafter
 from dspark.engine.request import GenerationRequest, GenerationResult, RequestState, check_request
 from dspark.engine.session import BatchSession, Live, VerifiedStep
@@ -218,16 +218,16 @@ class BatchEngine:
         target, device, policy = self.target, self.target.device, self.policy
         t0 = self.clock()
         slots = [r.slot for r in live]
-        gated = self.lazy_drafting and not self._skip
-        if self._skip:  # backing off: a plain step; the drafter sees these tokens' features later
+        skipped, gated = bool(self._skip), self.lazy_drafting and not self._skip
+        inputs = [
+            DraftInput(r.state.buf[: r.state.length], None if self._skip else r.new_features(), r.state.request.params,
+                       r.state.generator, max_tokens=min(self.max_draft, r.state.max_draft))
+            for r in live
+        ]
+        if self._skip:  # backing off: only free drafting (lookup); the drafter folds these features later
             self._skip -= 1
-            batch = DraftBatch.empty(len(live), device)
+            batch = self.drafter.propose_free(slots, inputs)
         else:
-            inputs = [
-                DraftInput(r.state.buf[: r.state.length], r.new_features(), r.state.request.params,
-                           r.state.generator, max_tokens=min(self.max_draft, r.state.max_draft))
-                for r in live
-            ]
             gate = slot_gate(policy, len(live), device) if gated else None
             batch = self.drafter.propose_batch(slots, inputs, gate)
             for r in live:
@@ -274,7 +274,8 @@ class BatchEngine:
         slots_drafted = max(drafted, default=0)
         per_slot = batch.slots_s / slots_drafted if batch.slots_s is not None and slots_drafted else None
         overhead = (t3 - t1) - forward_s  # scheduling, the rule, commits: not in a cost table
-        policy.observe(StepOutcome(len(live), schedule, sum(accepted.values()), batch.fixed_s, per_slot, overhead))
+        fixed = None if skipped else batch.fixed_s  # backoff's free drafting is not the drafter's cost
+        policy.observe(StepOutcome(len(live), schedule, sum(accepted.values()), fixed, per_slot, overhead))
         for i, n in accepted.items():
             block, ell = blocks[i], lengths[i]
             conf = block.confidences[:ell] if block.confidences is not None else None

@@ -160,6 +160,10 @@ class BatchedDSparkDrafter:
             return DraftBatch(blocks, fixed_s=done - t0)
         return DraftBatch(blocks, stop, fixed_s=asked[0] - t0, slots_s=done - asked[0])
 
+    def propose_free(self, slots: Sequence[int], inputs: Sequence[DraftInput]) -> DraftBatch:
+        """Nothing: every block of this drafter costs a forward."""
+        return DraftBatch.empty(len(inputs), inputs[0].tokens.device if inputs else "cpu")
+
     def _fold(self, slots: Sequence[int], features: Sequence[torch.Tensor | None]) -> None:
         """Append the new committed tokens' H_ctx to each slot's context K/V.
 

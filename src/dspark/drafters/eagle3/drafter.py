@@ -159,6 +159,10 @@ class BatchedEagle3Drafter:
                                    margins=margin[j, : gammas[i]])
         return DraftBatch(blocks, fixed_s=clock() - t0)
 
+    def propose_free(self, slots: Sequence[int], inputs: Sequence[DraftInput]) -> DraftBatch:
+        """Nothing: every block of this drafter costs a forward."""
+        return DraftBatch.empty(len(inputs), inputs[0].tokens.device if inputs else "cpu")
+
     def _fold(self, slots: Sequence[int], inputs: Sequence[DraftInput]) -> torch.Tensor:
         """Write every row's new pairs into its slot # -> [R, d], each row's last output (its anchor's h)."""
         model = self.model
