@@ -29,6 +29,7 @@ import shlex
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -157,7 +158,7 @@ def main(argv=None) -> None:
         try:
             for streams in args.streams:
                 report_path = args.out / f"{policy}-c{streams}.guidellm.json"
-                spec = args.out / f"{policy}-c{streams}.scenario.json"
+                spec = Path(tempfile.mkdtemp()) / "scenario.json"  # it names this machine's paths: not kept
                 spec.write_text(json.dumps(scenario(args, port, streams, report_path), indent=1))
                 before = scrape(url)
                 (args.out / f"{policy}-c{streams}.before.prom").write_text(
@@ -167,7 +168,10 @@ def main(argv=None) -> None:
                 after = scrape(url)
                 (args.out / f"{policy}-c{streams}.after.prom").write_text(
                     urllib.request.urlopen(url + "/metrics").read().decode())
-                report = report_path.read_bytes()
+                from dspark.target.loading import resolve
+
+                # guidellm's report names this machine's tokenizer folder: keep the name, not the path
+                report = report_path.read_bytes().replace(str(resolve(None)[0]).encode(), b"<the default target's tokenizer>")
                 row = {"policy": policy, "streams": streams, **guidellm_metrics(json.loads(report)),
                        **acceptance(before, after)}
                 report_path.with_suffix(".json.gz").write_bytes(gzip.compress(report))  # guidellm's own report, kept small
@@ -179,7 +183,10 @@ def main(argv=None) -> None:
             server.wait(timeout=60)
     summary = {"benchmark": "guidellm", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                "command": shlex.join([".venv/bin/python", "benchmarks/bench_guidellm.py", *sys.argv[1:]]),
-               "client": GUIDELLM, "rows": rows}
+               "client": GUIDELLM, "rows": rows,
+               "scenario": "guidellm's concurrent profile, openai_http backend on /v1/chat/completions, synthetic_text "
+                           f"data of {args.prompt_tokens} prompt and {args.output_tokens} output tokens (ignore_eos), "
+                           f"max_requests = {args.requests_per_stream} x streams, the default target's tokenizer"}
     from dspark.evaluation.provenance import git_state
 
     summary["git"] = git_state()
