@@ -30,9 +30,9 @@ import torch
 
 from dspark.drafters.base import DraftBatch, DraftBlock, DraftGate, DraftInput
 from dspark.drafters.looped import LoopedDrafter
+from dspark.drafters.one_slot import OneSlot
 from dspark.drafters.ngram import NgramDrafter
 
-INITIAL_CONTEXT = 1024
 LOOKUP, MODEL = "ngram", "dspark"
 """The sources a hybrid's blocks name (:attr:`~dspark.drafters.base.DraftBlock.source`)."""
 EXPECT_DECAY = 0.7
@@ -46,7 +46,7 @@ def expected_accepted(confidences: torch.Tensor | None) -> float:
     return float(confidences.float().clamp(0, 1).cumprod(0).sum())  # host sync: one per block
 
 
-class HybridDrafter:
+class HybridDrafter(OneSlot):
     """DSpark + prompt lookup as a batch-1 :class:`~dspark.drafters.base.Drafter`;
     :meth:`batched` gives the batched engine's form."""
 
@@ -67,16 +67,6 @@ class HybridDrafter:
 
     def batched(self) -> "BatchedHybridDrafter":
         return BatchedHybridDrafter(self.model_drafter.batched(), LoopedDrafter(self.lookup), self.calibrate, self.name)
-
-    def reset(self) -> None:
-        self._one = self.batched()
-        self._one.allocate(1, INITIAL_CONTEXT)
-        self._one.open(0)
-
-    def propose(self, draft_input: DraftInput) -> DraftBlock:
-        if self._one is None:
-            self.reset()
-        return self._one.propose_batch([0], [draft_input]).blocks[0]
 
 
 class BatchedHybridDrafter:

@@ -22,6 +22,7 @@ from typing import Sequence
 
 import torch
 
+from dspark.drafters.one_slot import OneSlot
 from dspark.drafters.base import DraftBatch, DraftBlock, DraftGate, DraftInput
 from dspark.drafters.dspark.model import DSparkModel
 from dspark.errors import DsparkError
@@ -32,12 +33,7 @@ from dspark.timing import device_clock
 from dspark.target.slot_cache import SlotCache, SlotContextView, SlotWriteView, context_block_mask
 
 
-INITIAL_CONTEXT = 512
-"""Context positions the batch-1 drafter reserves at first; its slot doubles when a longer
-request needs more (the batched engine allocates what its requests need up front)."""
-
-
-class DSparkDrafter:
+class DSparkDrafter(OneSlot):
     """The batch-1 :class:`~dspark.drafters.base.Drafter`: the batched drafter at R = 1.
 
     There is one drafting path: every round of the batch-1 engine is a
@@ -70,15 +66,6 @@ class DSparkDrafter:
         """A new batched drafter over the same model (weights shared, slots its own)."""
         return BatchedDSparkDrafter(self.model, self.name, self.gamma)
 
-    def reset(self) -> None:
-        self._one = self.batched()
-        self._one.allocate(1, INITIAL_CONTEXT)
-        self._one.open(0)
-
-    def propose(self, draft_input: DraftInput) -> DraftBlock:
-        if self._one is None:
-            self.reset()
-        return self._one.propose_batch([0], [draft_input]).blocks[0]
 
 
 class BatchedDSparkDrafter:

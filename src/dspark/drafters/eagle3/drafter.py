@@ -26,7 +26,7 @@ from typing import Sequence
 import torch
 
 from dspark.drafters.base import DraftBatch, DraftBlock, DraftGate, DraftInput
-from dspark.drafters.dspark.drafter import INITIAL_CONTEXT
+from dspark.drafters.one_slot import OneSlot
 from dspark.drafters.eagle3.model import Eagle3Model
 from dspark.errors import DsparkError
 from dspark.sampling import sample_from_logits
@@ -36,7 +36,7 @@ from dspark.timing import device_clock
 from dspark.target.slot_cache import SlotCache, SlotWriteView, ragged_causal_mask
 
 
-class Eagle3Drafter:
+class Eagle3Drafter(OneSlot):
     """The batch-1 :class:`~dspark.drafters.base.Drafter`: the batched drafter at R = 1.
 
     There is one drafting path, as for DSpark: every round of the batch-1 engine is a
@@ -70,15 +70,6 @@ class Eagle3Drafter:
         """The batched drafter over the same model (weights shared, slots its own)."""
         return BatchedEagle3Drafter(self.model, self.name, self.gamma)
 
-    def reset(self) -> None:
-        self._one = self.batched()
-        self._one.allocate(1, INITIAL_CONTEXT)
-        self._one.open(0)
-
-    def propose(self, draft_input: DraftInput) -> DraftBlock:
-        if self._one is None:
-            self.reset()
-        return self._one.propose_batch([0], [draft_input]).blocks[0]
 
 
 class BatchedEagle3Drafter:
