@@ -225,10 +225,9 @@ def test_tiny_temperatures_and_top_p_decode_greedily_beside_sampled_requests(ric
 N_RUNS = 2000
 
 
-def batched_lossless_check(target, params: SamplingParams, drafter=None, max_batch: int = 8):
-    """N_RUNS requests of PROMPT (seeds 0..N-1) interleaved with distractors of other prompts,
-    parameters and lengths, 8 at a time under the DSpark scheduler; chi-square of PROMPT's
-    first NEW_TOKENS tokens against the exact target distribution."""
+def lossless_requests(params: SamplingParams) -> tuple[list[GenerationRequest], list[int]]:
+    """N_RUNS requests of PROMPT (seeds 0..N-1) with distractors of other prompts, parameters and
+    lengths between them, and the positions of PROMPT's requests."""
     requests, ours = [], []
     for seed in range(N_RUNS):
         ours.append(len(requests))
@@ -236,6 +235,14 @@ def batched_lossless_check(target, params: SamplingParams, drafter=None, max_bat
         if seed % 2 == 0:
             other = PROMPTS[seed % len(PROMPTS)]
             requests.append(GenerationRequest(other, NUCLEUS if seed % 4 else GREEDY, max_new_tokens=2 + seed % 9, seed=10**6 + seed))
+    return requests, ours
+
+
+def batched_lossless_check(target, params: SamplingParams, drafter=None, max_batch: int = 8):
+    """N_RUNS requests of PROMPT (seeds 0..N-1) interleaved with distractors of other prompts,
+    parameters and lengths, 8 at a time under the DSpark scheduler; chi-square of PROMPT's
+    first NEW_TOKENS tokens against the exact target distribution."""
+    requests, ours = lossless_requests(params)
     drafter = drafter if drafter is not None else dspark_drafter()
     batch = BatchEngine(target, drafter, POLICIES["dspark"](), max_batch=max_batch).generate(requests)
     results = [batch.results[i] for i in ours]

@@ -20,14 +20,11 @@ from dspark.engine.request import GenerationRequest
 from dspark.errors import DsparkError
 from dspark.sampling import SamplingParams
 from stats_helpers import chisquare_gof
-from test_batch_engine import BLOCK, GREEDY, NUCLEUS, POLICIES, PROMPTS, dspark_drafter
+from test_batch_engine import BLOCK, GREEDY, POLICIES, dspark_drafter, lossless_requests
 from test_lossless import NEW_TOKENS, PROMPT, T1, TARGET_SCALE, TARGET_SEED, V, exact_target_distribution
 from conftest import tiny_target
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-N_RUNS = 2000
-
 
 @pytest.fixture(scope="module")
 def target():
@@ -37,13 +34,7 @@ def target():
 def hybrid_lossless_check(target, params):
     """As test_batch_engine's batched check: N_RUNS requests of PROMPT among distractors, 4 at a
     time under the DSpark scheduler, with the hybrid drafting."""
-    requests, ours = [], []
-    for seed in range(N_RUNS):
-        ours.append(len(requests))
-        requests.append(GenerationRequest(PROMPT, params, max_new_tokens=NEW_TOKENS, seed=seed))
-        if seed % 2 == 0:
-            other = PROMPTS[seed % len(PROMPTS)]
-            requests.append(GenerationRequest(other, NUCLEUS if seed % 4 else GREEDY, max_new_tokens=2 + seed % 9, seed=10**6 + seed))
+    requests, ours = lossless_requests(params)
     # DSpark's confidences scaled down to lookup's level, so that each side wins some rounds.
     hybrid = HybridDrafter(dspark_drafter(), NgramDrafter(NgramConfig(gamma=BLOCK, max_ngram=2)), calibrate=lambda c: 0.4 * c)
     engine = BatchEngine(target, hybrid, POLICIES["dspark"](), max_batch=4)
