@@ -2,7 +2,7 @@
 
 llama.cpp's own ``convert_hf_to_gguf.py`` writes the GGUF; dspark writes what it reads and runs
 it. Here a stand-in converter records its arguments (the real one, with a built llama.cpp,
-runs in ``benchmarks/llamacpp_parity.py``; its JSON is committed). The stand-in checks what the
+runs in ``benchmarks/speed/llamacpp_parity.py``; its JSON is committed). The stand-in checks what the
 real converter's ``DSparkModel`` (llama.cpp ``conversion/qwen.py``, ``@ModelBase.register(
 "Qwen3DSparkModel", ...)`` and its ``prepare_tensors``) needs: ``architectures``, a
 ``d2t`` of ``draft_vocab_size`` offsets whose absolute ids are unique and in range, and

@@ -3,7 +3,7 @@ faster at the number of rows being fed.
 
 Why: speculative decoding lives on the cost of a target forward over 1 and over a few tokens,
 and which library streams the weights faster there depends on the CPU and the thread count.
-Measured (SmolLM2-135M verification step, context 256, ms; ``benchmarks/bench_cpu_linear.py``):
+Measured (SmolLM2-135M verification step, context 256, ms; ``benchmarks/speed/bench_cpu_linear.py``):
 
 - session 6's host (AMD EPYC, 2 threads): ATen took as long for 1 row as oneDNN for 8, and
   2-3 rows cost 1.6-2x one row; oneDNN streamed the weights at every row count;

@@ -4,9 +4,9 @@ Prompts the drafter was trained on are where it is accurate (τ well above what 
 the math and code eval sets), so they show what the scheduler does when speculation pays.
 They measure nothing about generalisation; use them only for that demonstration.
 
-    .venv/bin/python benchmarks/training_prompts.py runs/data/prompts.jsonl runs/data/responses.jsonl \
+    .venv/bin/python benchmarks/studies/training_prompts.py runs/data/prompts.jsonl runs/data/responses.jsonl \
         --out runs/data/train_prompts.jsonl
-    .venv/bin/python benchmarks/bench_concurrency.py --datasets runs/data/train_prompts.jsonl \
+    .venv/bin/python benchmarks/speed/bench_concurrency.py --datasets runs/data/train_prompts.jsonl \
         --out benchmarks/results/concurrency_train_prompts.json
 
 Only single-turn prompts with an answer in ``responses`` are kept, round-robin over their

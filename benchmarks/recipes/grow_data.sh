@@ -5,11 +5,11 @@
 # rerunning this script continues where it stopped; a second copy is refused by the store's
 # lock. One thread, niced: the machine is shared. Start, check, stop:
 #
-#   nohup scripts/grow_data.sh >> runs/logs/regen.log 2>&1 & echo $! > runs/logs/regen.pid
+#   nohup benchmarks/recipes/grow_data.sh >> runs/logs/regen.log 2>&1 & echo $! > runs/logs/regen.pid
 #   tail -c 2000 runs/logs/regen.log; .venv/bin/dspark data summary data/smollm2-135m-instruct/*
 #   kill -- -"$(ps -o pgid= "$(cat runs/logs/regen.pid)" | tr -d ' ')"   # the script and its child
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 export TQDM_MININTERVAL="${TQDM_MININTERVAL:-30}"  # one progress line per 30 s in the log
 renice -n 10 $$ > /dev/null

@@ -8,7 +8,7 @@ estimate (1 + Σ_k Π_{i≤k} a_i). Training tokens per checkpoint come from rep
 deterministic batches over its own data. A log-linear fit τ_0(tokens) = a + b·ln(tokens) over
 each run's points says what more data of the same kind would buy.
 
-    .venv/bin/python benchmarks/scaling_study.py --runs runs/v3_dspark \\
+    .venv/bin/python benchmarks/studies/scaling_study.py --runs runs/v3_dspark \\
         --run-data runs/data/sharegpt-text-20 --heldout runs/data/sharegpt-text-20 \\
         --out benchmarks/results/scaling
 """
@@ -126,7 +126,7 @@ def main() -> None:
     if not heldout:
         raise SystemExit("error: no held-out sequences")
     result = {
-        "command": "python benchmarks/scaling_study.py --runs " + " ".join(map(str, args.runs))
+        "command": "python benchmarks/studies/scaling_study.py --runs " + " ".join(map(str, args.runs))
         + " --run-data " + " ".join(map(str, args.run_data)) + " --heldout " + " ".join(map(str, args.heldout))
         + (" --heldout-all" if args.heldout_all else "")
         + (" --heldout-source " + " ".join(args.heldout_source) if args.heldout_source else "")

@@ -13,7 +13,7 @@ Prompts are the first ``--num-prompts`` of the pool, first user turn, sorted by 
 ``--repeats`` rounds in rotating order; a row reports its fastest round and records all.
 Throughput counts every generated token up to and including the stop token.
 
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_generation_backends.py
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/speed/bench_generation_backends.py
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "generation_backends.json"
 DEFAULT_PROMPTS = REPO_ROOT / "data" / "prompts" / "pool.jsonl"
 

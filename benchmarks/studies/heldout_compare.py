@@ -5,7 +5,7 @@ sets); this scores any other DSpark drafter on exactly those batches, so a new d
 one it replaces compare on equal ground. The data must be the run's: the held-out digest of
 ``train_data.json`` is checked.
 
-    .venv/bin/python benchmarks/heldout_compare.py --run runs/v6_qwen3 \\
+    .venv/bin/python benchmarks/studies/heldout_compare.py --run runs/v6_qwen3 \\
         --data data/smollm2-135m-instruct/regen-greedy --data data/smollm2-135m-instruct/regen-t0.8 \\
         --drafter src/dspark/assets/drafters/smollm2-135m-instruct-dspark --drafter runs/v6_qwen3/best \\
         --out benchmarks/results/heldout_v5_vs_v6.json
@@ -64,7 +64,7 @@ def main() -> None:
                                "seconds": round(time.perf_counter() - started, 1)}
         print(f"{folder}: held-out τ estimate {score.tau_estimate:.4f}, T = 0 τ {score.tau_greedy:.4f}", flush=True)
     result = {
-        "command": shlex.join([".venv/bin/python", "benchmarks/heldout_compare.py", *sys.argv[1:]]),
+        "command": shlex.join([".venv/bin/python", "benchmarks/studies/heldout_compare.py", *sys.argv[1:]]),
         "what": "held-out τ estimates (T = 1 soft acceptance, T = 0 greedy survival) on one run's fixed held-out batches",
         "run": str(args.run), "heldout_sequences": len(split.heldout), "heldout_batches": config.heldout_batches,
         "batch_size": config.batch_size, "anchors_per_sequence": config.anchors_per_sequence, "scores": scores,

@@ -10,7 +10,7 @@ Three measurements, each taken back to back in one process with the kernels alte
 3. ``decode``: greedy plain and speculative decoding (batch-1 engine, the shipped drafter,
    whole blocks) on a few eval prompts, with the outputs compared token for token.
 
-    .venv/bin/python benchmarks/bench_cpu_linear.py --threads 2
+    .venv/bin/python benchmarks/speed/bench_cpu_linear.py --threads 2
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import statistics
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 SHAPES = {"mlp_up": (576, 1536), "mlp_down": (1536, 576), "attn_q": (576, 576), "lm_head": (576, 49152)}
 
 
@@ -137,7 +137,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     console = Console(stderr=True)
     targets = {k: TargetModel.load(None, linear_kernel=k) for k in LINEAR_KERNELS}
-    result = {"command": "python benchmarks/bench_cpu_linear.py " + " ".join(
+    result = {"command": "python benchmarks/speed/bench_cpu_linear.py " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("out", "skip")),
         "machine": machine_info(targets["aten"]), "git": git_state()}
     if "gemm" not in args.skip:

@@ -1,6 +1,6 @@
 """Print a markdown table of a bench_concurrency.py JSON, for quoting in the README.
 
-    .venv/bin/python benchmarks/render_concurrency.py benchmarks/results/concurrency.json
+    .venv/bin/python benchmarks/render/render_concurrency.py benchmarks/results/concurrency.json
 
 One row per concurrency level: aggregate / per-user tokens/s of every policy (the fastest
 repeat), the DSpark policy's mean verification length ℓ and τ, and the spread of plain
@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-REPO_ROOT = str(Path(__file__).resolve().parent.parent) + "/"
+REPO_ROOT = str(Path(__file__).resolve().parents[2]) + "/"
 
 
 def render(path: str) -> str:

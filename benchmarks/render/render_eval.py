@@ -1,6 +1,6 @@
 """Markdown tables for the README from `dspark eval` results.json files.
 
-    .venv/bin/python benchmarks/render_eval.py benchmarks/results/eval_t0/results.json
+    .venv/bin/python benchmarks/render/render_eval.py benchmarks/results/eval_t0/results.json
 
 Prints, per file, τ per dataset and drafter, the speedup per dataset with drafting time as a
 share of a plain step (plain decoding's mean round), then the overall row of every drafter

@@ -2,9 +2,9 @@
 # Issue 25's benchmarks of n-gram lookup scheduled on its online confidences and the hybrid
 # dspark+ngram, on the default target at one thread (each step resumes from its journal):
 #
-#   STEPS="eval_t0 eval_t1 concurrency gemma_t0 demo" bash scripts/hybrid_benchmarks.sh
+#   STEPS="eval_t0 eval_t1 concurrency gemma_t0 demo" bash benchmarks/recipes/hybrid_benchmarks.sh
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 DS=.venv/bin/dspark
 PY=.venv/bin/python
@@ -19,7 +19,7 @@ for step in $STEPS; do
       $DS eval --limit "$LIMIT" --max-new-tokens 128 --turns 1 --policy auto "${DRAFTERS[@]}" \
         --temperature "$t" --out "benchmarks/results/eval_t${t}_hybrid" ;;
     concurrency)  # every policy over the hybrid's blocks, c = 1..16
-      $PY benchmarks/bench_concurrency.py --drafter dspark+ngram --policies plain gamma1 fixed:7 dspark \
+      $PY benchmarks/speed/bench_concurrency.py --drafter dspark+ngram --policies plain gamma1 fixed:7 dspark \
         --concurrency 1 2 4 8 16 --repeats 2 --out benchmarks/results/concurrency_hybrid.json ;;
     gemma_t0)  # Gemma 3 270M: the hybrid against lookup alone
       $DS eval --model gemma3-270m --limit "${GEMMA_LIMIT:-10}" --max-new-tokens 128 --turns 1 --policy auto \

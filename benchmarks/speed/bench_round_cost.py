@@ -7,7 +7,7 @@ for every n in ``--widths``, in rotating order, ``--repeats`` times, and is roll
 time; the shipped drafter's ``propose`` is timed at each γ the same way. Medians are
 reported, with every forward's time relative to the 1-token step measured in the same loop.
 
-    .venv/bin/python benchmarks/bench_round_cost.py --out benchmarks/results/round_cost.json
+    .venv/bin/python benchmarks/speed/bench_round_cost.py --out benchmarks/results/round_cost.json
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import statistics
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def main() -> None:

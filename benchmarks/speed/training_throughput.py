@@ -7,7 +7,7 @@ and target tokens per second come from the run's own log (its elapsed time betwe
 and the last logged step, so start-up and the first step are excluded) and from replaying the
 deterministic batches, which are functions of (seed, step).
 
-    .venv/bin/python benchmarks/training_throughput.py --data runs/data/throughput.jsonl \
+    .venv/bin/python benchmarks/speed/training_throughput.py --data runs/data/throughput.jsonl \
         --before 3e23ed5 --threads 2 --out benchmarks/results/training_throughput.json
 """
 
@@ -22,7 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 CONFIGS = {
     # What the shipped drafter was trained with (minus its feature cache): 16 anchors, full vocabulary.

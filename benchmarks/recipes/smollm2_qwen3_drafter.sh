@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # The shipped SmolLM2 drafter (v6, Qwen3 backbone), from the committed data, and every measurement
 # the README quotes for it, in order. Each step resumes (train and eval keep their progress) and
-# can be run alone: STEPS="eval_t0 parity" bash scripts/smollm2_qwen3_drafter.sh
+# can be run alone: STEPS="eval_t0 parity" bash benchmarks/recipes/smollm2_qwen3_drafter.sh
 #
 # v6 is v5 (the previous shipped drafter, Llama backbone; git show 985a9b6:src/dspark/assets/...)
 # warm-started into a Qwen3 backbone (q/k norms start at 1) and trained on the target's own
 # answers in the committed stores. Runs at one thread; RUNS holds the run and exports.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 DS=.venv/bin/dspark
 PY=.venv/bin/python
@@ -28,7 +28,7 @@ DSparkModel.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2], dtype=torc
     calibrate)  # STS on the calibration split; writes calibration.json beside the weights
       $DS calibrate --overwrite-shipped --limit 5 --max-new-tokens 128 --temperature 0 --out benchmarks/results/calibration_v6 ;;
     heldout)  # v5 and v6 on the run's held-out batches
-      $PY benchmarks/heldout_compare.py --run $RUNS/v6_qwen3 "${DATA[@]}" --drafter "$V5" --drafter $SHIPPED \
+      $PY benchmarks/studies/heldout_compare.py --run $RUNS/v6_qwen3 "${DATA[@]}" --drafter "$V5" --drafter $SHIPPED \
         --out benchmarks/results/heldout_v5_v6.json ;;
     eval_t0)  # the product path, interleaved with plain decoding
       $DS eval --limit 30 --max-new-tokens 128 --turns 1 --policy auto --drafter dspark \
@@ -37,7 +37,7 @@ DSparkModel.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2], dtype=torc
       $DS eval --limit 30 --max-new-tokens 128 --turns 1 --policy auto --drafter dspark \
         --temperature 1 --out benchmarks/results/eval_t1_v6 ;;
     parity)  # llama.cpp built once into ~/.cache/dspark/llama.cpp (about 7 minutes)
-      $PY benchmarks/llamacpp_parity.py --limit 10 --out benchmarks/results/llamacpp_parity.json ;;
+      $PY benchmarks/speed/llamacpp_parity.py --limit 10 --out benchmarks/results/llamacpp_parity.json ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
 done

@@ -2,12 +2,12 @@
 # The measurements the README quotes for the shipped drafter, in the order they depend on
 # each other. Run on an otherwise idle machine from the repository root:
 #
-#     DFLASH=runs/export/dflash bash benchmarks/run_release.sh
+#     DFLASH=runs/export/dflash bash benchmarks/recipes/release.sh
 #
 # DFLASH is the same-budget DFlash baseline (not shipped; `dspark train --variant dflash`,
 # see the README). Steps can be run one by one with STEPS="calibrate eval profile concurrency".
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 DS=.venv/bin/dspark
 PY=.venv/bin/python
 DFLASH=${DFLASH:-runs/export/dflash}
@@ -25,7 +25,7 @@ for step in $STEPS; do
     profile)
       $DS profile --repeats 7 ;;
     concurrency)
-      $PY benchmarks/bench_concurrency.py --waves 2 --repeats 2 --out $RESULTS/concurrency.json ;;
+      $PY benchmarks/speed/bench_concurrency.py --waves 2 --repeats 2 --out $RESULTS/concurrency.json ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
 done

@@ -9,7 +9,7 @@ decoding's (what the lower precision changes by itself). bf16 kernels for a 1-to
 for a k-token verification round differently, so greedy speculative output in bf16 need not
 equal bf16 plain output token for token even though the rejection rule is exact.
 
-    .venv/bin/python benchmarks/bench_dtype.py --per-set 2 --max-new-tokens 128 --threads 1
+    .venv/bin/python benchmarks/speed/bench_dtype.py --per-set 2 --max-new-tokens 128 --threads 1
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import argparse
 import json
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def main() -> None:
@@ -84,7 +84,7 @@ def main() -> None:
         for s in summary.values():
             s["spec_vs_float32_plain"] = s["spec_tokens_per_s"] / base
     result = {
-        "command": f"python benchmarks/bench_dtype.py --per-set {args.per_set} --max-new-tokens {args.max_new_tokens} "
+        "command": f"python benchmarks/speed/bench_dtype.py --per-set {args.per_set} --max-new-tokens {args.max_new_tokens} "
                    f"--threads {args.threads} --dtypes {' '.join(args.dtypes)}",
         "machine": machine_info(next(iter(engines.values()))[0]), "git": git_state(),
         "summary": summary, "rows": [{k: v for k, v in r.items() if k != "plain_ids"} for r in rows],

@@ -18,7 +18,7 @@ Decode tok/s excludes the prompt on both sides: llama.cpp's own ``decoded N toke
 ``eval time``, dspark's new tokens over wall minus prefill. Greedy equality compares token ids
 (llama.cpp's text re-encoded by the target's tokenizer) over the tokens both produced.
 
-    .venv/bin/python benchmarks/llamacpp_parity.py --limit 10 --out benchmarks/results/llamacpp_parity.json
+    .venv/bin/python benchmarks/speed/llamacpp_parity.py --limit 10 --out benchmarks/results/llamacpp_parity.json
 """
 
 from __future__ import annotations
@@ -126,7 +126,7 @@ def dspark_run(engine, prompt_ids: list[int], tokens: int) -> dict:
 def shown_path(path: str) -> str:
     """``path`` as results record it: relative to the repository or the package, never this machine's."""
     resolved = Path(path).resolve()
-    for root in (Path.cwd(), Path(__file__).resolve().parent.parent):
+    for root in (Path.cwd(), Path(__file__).resolve().parents[2]):
         if resolved.is_relative_to(root):
             return str(resolved.relative_to(root))
     return Path(path).name
@@ -204,7 +204,7 @@ def main() -> None:
             sets = list(dict.fromkeys(r["set"] for r in result["records"]))
             result["per_set"] = {name: summarise([r for r in result["records"] if r["set"] == name]) for name in sets}
             result["overall"] = summarise(result["records"])
-            result["resummarised_by"] = shlex.join([".venv/bin/python", "benchmarks/llamacpp_parity.py", *sys.argv[1:]])
+            result["resummarised_by"] = shlex.join([".venv/bin/python", "benchmarks/speed/llamacpp_parity.py", *sys.argv[1:]])
             args.render.write_text(json.dumps(result, indent=1) + "\n")
         plot(result, args.render.with_suffix(".png"))
         print(markdown(result))
@@ -267,7 +267,7 @@ def main() -> None:
     records = [done[(n, i)] for n, i, _ in prompts]
     per_set = {name: summarise([r for r in records if r["set"] == name]) for name in args.sets}
     result = {
-        "command": shlex.join([".venv/bin/python", "benchmarks/llamacpp_parity.py", *sys.argv[1:]]),
+        "command": shlex.join([".venv/bin/python", "benchmarks/speed/llamacpp_parity.py", *sys.argv[1:]]),
         "what": "the same drafter and target (F32) in llama.cpp and dspark at T = 0, whole blocks of γ in both",
         "drafter": shown_path(drafter), "gamma": gamma, "llama_cpp": f"vendored by llama-cpp-python {LLAMA_CPP_PYTHON}",
         "machine": machine_info(target), "git": git_state(), "date": time.strftime("%Y-%m-%d"),

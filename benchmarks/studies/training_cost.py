@@ -4,7 +4,7 @@ Reads each run's train_config.json and train_log.jsonl, replays the deterministi
 (they are functions of seed and step) over the same data to count what was seen, and writes
 one JSON. Wall time is the sum of the logged elapsed time of every (re)started segment.
 
-    .venv/bin/python benchmarks/training_cost.py --data runs/data/responses.jsonl \
+    .venv/bin/python benchmarks/studies/training_cost.py --data runs/data/responses.jsonl \
         --runs runs/v2_dspark runs/v2_dflash --out benchmarks/results/training_cost.json
 """
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A small DSpark drafter for Gemma 3 270M on data that target generated (issue 13).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 export OMP_NUM_THREADS=1 TQDM_MININTERVAL=30
 .venv/bin/dspark train --model gemma3-270m \
   --data data/gemma3-270m/regen-greedy --data data/gemma3-270m/regen-t0.8 \

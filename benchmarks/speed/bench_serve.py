@@ -12,8 +12,8 @@ chunk), aggregate tokens/s (completion tokens over the level's wall time), mean 
 tokens/s, mean τ from each answer's ``dspark`` object, and at T = 0 how many answers equal
 plain decoding's. Writes JSON (machine, git commit, settings) and a PNG.
 
-    .venv/bin/python benchmarks/bench_serve.py                                   # c = 1 4 16, 64 requests
-    .venv/bin/python benchmarks/bench_serve.py --requests 8 --max-tokens 16      # a smoke run
+    .venv/bin/python benchmarks/speed/bench_serve.py                                   # c = 1 4 16, 64 requests
+    .venv/bin/python benchmarks/speed/bench_serve.py --requests 8 --max-tokens 16      # a smoke run
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from pathlib import Path
 from dspark.evaluation.datasets import load_dataset
 from dspark.evaluation.provenance import git_state, machine_info, write_report
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "serve" / "serve.json"
 DEFAULT_DATASETS = ["gsm8k", "humaneval", "mbpp", "mt-bench"]
 REFERENCE = "plain"

@@ -14,8 +14,8 @@ the Prometheus text before and after each level, and ``summary.json`` + ``summar
 per (policy, c) the output tokens/s, TTFT and TPOT medians from guidellm's report and the
 acceptance from the counters.
 
-    .venv/bin/python benchmarks/bench_guidellm.py                                  # dspark and plain, c = 1 4 16
-    .venv/bin/python benchmarks/bench_guidellm.py --policies plain --streams 1 --requests-per-stream 1  # smoke
+    .venv/bin/python benchmarks/speed/bench_guidellm.py                                  # dspark and plain, c = 1 4 16
+    .venv/bin/python benchmarks/speed/bench_guidellm.py --policies plain --streams 1 --requests-per-stream 1  # smoke
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 GUIDELLM = "guidellm==0.8.1"
 TORCH = "torch==2.13.0"
 VLLM_COUNTERS = ("vllm:spec_decode_num_drafts_total", "vllm:spec_decode_num_draft_tokens_total",
@@ -182,7 +182,7 @@ def main(argv=None) -> None:
             server.terminate()
             server.wait(timeout=60)
     summary = {"benchmark": "guidellm", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-               "command": shlex.join([".venv/bin/python", "benchmarks/bench_guidellm.py", *sys.argv[1:]]),
+               "command": shlex.join([".venv/bin/python", "benchmarks/speed/bench_guidellm.py", *sys.argv[1:]]),
                "client": GUIDELLM, "rows": rows,
                "scenario": "guidellm's concurrent profile, openai_http backend on /v1/chat/completions, synthetic_text "
                            f"data of {args.prompt_tokens} prompt and {args.output_tokens} output tokens (ignore_eos), "

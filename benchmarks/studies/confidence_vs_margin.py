@@ -6,7 +6,7 @@ signal for "slot k survives given slots < k survived" (the event c_k predicts), 
 AUC of the cumulative forms for prefix survival (∏ c_i against the running minimum margin).
 vLLM measured 0.884 for the margin against 0.839 for a trained DSpark head.
 
-    .venv/bin/python benchmarks/confidence_vs_margin.py --drafter dspark --limit 10 \
+    .venv/bin/python benchmarks/studies/confidence_vs_margin.py --drafter dspark --limit 10 \
         --out benchmarks/results/confidence_vs_margin.json
 """
 
@@ -75,7 +75,7 @@ def main() -> None:
             "auc_prefix_margin": roc_auc(m[:, : k + 1].min(1).values, survived),
         })
     result = {
-        "command": f"python benchmarks/confidence_vs_margin.py --drafter {args.drafter} --limit {args.limit} "
+        "command": f"python benchmarks/studies/confidence_vs_margin.py --drafter {args.drafter} --limit {args.limit} "
         f"--max-new-tokens {args.max_new_tokens} --threads {args.threads}",
         "machine": machine_info(target),
         "git": git_state(),

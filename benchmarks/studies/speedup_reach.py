@@ -11,7 +11,7 @@ than the whole block, τ_γ ≥ τ_ℓ, and τ_γ ≥ min_ℓ S·cost_ℓ is nec
 τ (hence on the training) a speedup needs, ignoring prefill, the engine's own overhead and
 the scheduler's choices. The fit turns that τ into tokens and hours at the measured rate.
 
-    .venv/bin/python benchmarks/speedup_reach.py \\
+    .venv/bin/python benchmarks/studies/speedup_reach.py \\
         --round-cost benchmarks/results/round_cost.json \\
         --scaling benchmarks/results/scaling_from_scratch/scaling.json --run scale_dspark \\
         --out benchmarks/results/speedup_reach.json

@@ -8,7 +8,7 @@ the target forward of one token in plain decoding. A reduced draft vocabulary th
 trained yet can be measured with ``random:<N>``: a random-init drafter of the shipped
 drafter's shapes over the N most frequent tokens, which costs exactly what a trained one does.
 
-    .venv/bin/python benchmarks/bench_drafting_cost.py \
+    .venv/bin/python benchmarks/speed/bench_drafting_cost.py \
         --drafter dspark --drafter random:8192 --out benchmarks/results/drafting_cost.json
 """
 
@@ -81,7 +81,7 @@ def main() -> None:
                     verify[name].append(record.verify_s)
     plain_step = statistics.median(verify["plain"])
     result = {
-        "command": "python benchmarks/bench_drafting_cost.py " + " ".join(f"--drafter {d}" for d in args.drafter)
+        "command": "python benchmarks/speed/bench_drafting_cost.py " + " ".join(f"--drafter {d}" for d in args.drafter)
         + f" --gamma {args.gamma} --max-new-tokens {args.max_new_tokens} --repeats {args.repeats} --threads {args.threads}",
         "machine": machine_info(target),
         "git": git_state(),

@@ -22,8 +22,8 @@ per request and step), and at T = 0 whether every output equals plain decoding's
 Writes JSON and a PNG: aggregate throughput against per-user speed (Fig. 7) and throughput
 and verification budget against concurrency (Fig. 8).
 
-    .venv/bin/python benchmarks/bench_concurrency.py                       # 1 2 4 8 16, 128 tokens
-    .venv/bin/python benchmarks/bench_concurrency.py --concurrency 1 2 --max-new-tokens 16
+    .venv/bin/python benchmarks/speed/bench_concurrency.py                       # 1 2 4 8 16, 128 tokens
+    .venv/bin/python benchmarks/speed/bench_concurrency.py --concurrency 1 2 --max-new-tokens 16
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from pathlib import Path
 from dspark.evaluation.datasets import load_dataset
 from dspark.evaluation.provenance import git_state, machine_info, write_report
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "concurrency.json"
 DEFAULT_POLICIES = ["plain", "gamma1", "fixed:7", "dspark"]
