@@ -627,6 +627,61 @@ def test_measure_profiles_the_engine_step_and_saves_on_first_use(tmp_path):
     assert again.max_width == 1
 
 
+
+def test_cost_table_reads_step_time_at_a_context_between_and_beyond_the_measured_ones(tmp_path):
+    # R = 1, W = 1..2: 0.1 / 0.2 s at context 256, 0.3 / 0.6 s at context 1024 (linear in between).
+    long = CostTable(KEY, (1,), ((1 / 0.3, 1 / 0.6),), context=1024)
+    cost = CostTable(KEY, (1,), ((10.0, 5.0),), context=256, longer=(long,))
+    widths = torch.tensor([1, 2])
+    seconds = lambda c: (1 / cost.at(c).steps_per_second(1, widths)).tolist()  # noqa: E731
+    assert seconds(None) == pytest.approx([0.1, 0.2]) and seconds(100) == pytest.approx([0.1, 0.2])
+    assert seconds(640) == pytest.approx([0.2, 0.4])  # halfway
+    assert seconds(1792) == pytest.approx([0.5, 1.0])  # the last slope goes on
+    assert cost.contexts == (256, 1024) and cost.at(640).longer == ()
+    assert CostTable.load(cost.save(tmp_path)) == cost
+    with pytest.raises(ValueError, match="same key"):
+        CostTable(KEY, (1,), ((10.0, 5.0),), longer=(CostTable(KEY, (1,), ((1.0,),), context=512),))
+    with pytest.raises(ValueError, match="contexts must increase"):
+        CostTable(KEY, (1,), ((10.0, 5.0),), context=256, longer=(CostTable(KEY, (1,), ((1.0, 1.0),), context=128),))
+    # A table saved before contexts (format 2) still loads, as one context.
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps({"format": 2, "key": KEY.__dict__, "requests": [1], "steps_per_s": [[10.0, 5.0]],
+                                "context": 256, "created": ""}))
+    assert CostTable.load(path) == CostTable(KEY, (1,), ((10.0, 5.0),))
+
+
+def test_scheduler_costs_a_step_at_the_context_of_the_step_before():
+    # Verifying a second token costs little at context 256 and a lot at 4096: with slot 1's
+    # survival at 0.6, DSpark verifies it at the short context and not at the long one.
+    long = CostTable(KEY, (1,), ((1.0, 0.2),), context=4096)
+    cost = CostTable(KEY, (1,), ((1.0, 0.95),), context=256, longer=(long,))
+    scheduler = DSparkScheduler(cost, feedback=False)
+    c = torch.tensor([[0.6]])
+    assert scheduler.schedule([1], c).lengths == [1]
+    scheduler.observe(StepOutcome(1, Schedule([0]), 0, context=4000))
+    assert scheduler.schedule([1], c).lengths == [0]
+    scheduler.observe(StepOutcome(1, Schedule([0]), 0, context=200))
+    assert scheduler.schedule([1], c).lengths == [1]
+
+
+def test_measuring_times_steps_on_the_device_clock(monkeypatch):
+    # A GPU's queued work is counted only by a clock that waits for the device: the profile
+    # must read dspark.timing.device_clock, here a fake that advances 0.25 s per reading.
+    readings = iter(range(10**6))
+    monkeypatch.setattr("dspark.timing.device_clock", lambda device: lambda: 0.25 * next(readings))
+    cost = measure_cost_table(tiny_target(vocab_size=8), max_requests=1, max_draft=1, context=[4, 8], repeats=1)
+    assert cost.contexts == (4, 8)
+    for at in (cost, *cost.longer):
+        assert at.steps_per_s == ((4.0, 4.0),)
+
+
+def test_a_gpu_table_is_keyed_by_the_device_name_and_not_by_host_threads():
+    target = tiny_target(vocab_size=8)
+    assert cost_key(target, threads=3).threads == 3
+    target.device = torch.device("meta")  # no GPU here: any device but the CPU goes the same way
+    key = cost_key(target, threads=3)
+    assert key.device == "meta" and key.threads == 0 and "threads" not in key.describe()
+
 # -- the drafting gate ------------------------------------------------------------------------------
 
 

@@ -275,7 +275,8 @@ class BatchEngine:
         per_slot = batch.slots_s / slots_drafted if batch.slots_s is not None and slots_drafted else None
         overhead = (t3 - t1) - forward_s  # scheduling, the rule, commits: not in a cost table
         fixed = None if skipped else batch.fixed_s  # backoff's free drafting is not the drafter's cost
-        policy.observe(StepOutcome(len(live), schedule, sum(accepted.values()), fixed, per_slot, overhead))
+        policy.observe(StepOutcome(len(live), schedule, sum(accepted.values()), fixed, per_slot, overhead,
+                                   context=max(r.state.length for r in live)))
         for i, n in accepted.items():
             block, ell = blocks[i], lengths[i]
             conf = block.confidences[:ell] if block.confidences is not None else None

@@ -20,6 +20,9 @@ from dspark.errors import DsparkError
 from dspark.scheduling.cost import CostModel
 from dspark.scheduling.policy import Calibrate, Schedule, StepOutcome, check_inputs
 
+CONTEXT_STEP = 32
+"""Granularity (positions) at which the scheduler moves along the cost table's context axis."""
+
 
 class DSparkScheduler:
     """The hardware-aware prefix scheduler (Algorithm 1) over a profiled cost table.
@@ -60,6 +63,10 @@ class DSparkScheduler:
         """Seconds per drafted slot (LM head, transition bias, sampling), likewise."""
         self._accepted, self._predicted = 0.0, 0.0
         """Decayed sums over earlier steps of drafted tokens accepted and of Σ a predicted."""
+        self._context: int | None = None
+        """Committed positions of the longest request of the step before, rounded up to
+        ``CONTEXT_STEP``: where the cost table is read (a step adds at most 1 + γ positions)."""
+        self._cost_now = cost.at(None)
 
     def _average(self, table: dict[int, float], key: int, value: float) -> None:
         old = table.get(key)
@@ -69,6 +76,7 @@ class DSparkScheduler:
         """Learn from a finished step: its accepted tokens against the prediction, and what
         it cost beyond the forward (drafting, when the drafter ran, and the engine's rest)."""
         self.observe_outcome(outcome.schedule, outcome.requests, outcome.accepted)
+        self.observe_context(outcome.context)
         self.observe_costs(outcome.requests, outcome.drafting_fixed_s, outcome.drafting_per_slot_s, outcome.overhead_s)
 
     def observe_costs(
@@ -90,6 +98,14 @@ class DSparkScheduler:
             self._average(self._fixed, requests, fixed_s)
         if per_slot_s is not None:
             self._average(self._per_slot, requests, per_slot_s)
+
+    def observe_context(self, context: int | None) -> None:
+        """Read the cost table at ``context`` committed positions from now on (None: keep)."""
+        if context is None:
+            return
+        bucket = -(-context // CONTEXT_STEP) * CONTEXT_STEP
+        if bucket != self._context:
+            self._context, self._cost_now = bucket, self.cost.at(bucket)
 
     def observe_outcome(self, schedule: Schedule, requests: int, accepted: int) -> None:
         """Record how many drafted tokens a finished step accepted under ``schedule``."""
@@ -120,7 +136,7 @@ class DSparkScheduler:
         overhead = self._overhead.get(requests, 0.0)
 
         def rate(widths: torch.Tensor, budgets: torch.Tensor) -> torch.Tensor:
-            sps = self.cost.steps_per_second(requests, widths, budgets)
+            sps = self._cost_now.steps_per_second(requests, widths, budgets)
             return 1.0 / (fixed + per_slot * (widths - 1) + overhead + 1.0 / sps)
 
         return rate
@@ -134,7 +150,7 @@ class DSparkScheduler:
         budget = torch.tensor([requests + sum(schedule.lengths)])
         one = torch.ones(1, dtype=torch.long)
         drafted = schedule.expected_tokens * float(self.step_rate(requests)(width, budget)[0])
-        plain_step = self._overhead.get(requests, 0.0) + 1.0 / float(self.cost.steps_per_second(requests, one, one * requests)[0])
+        plain_step = self._overhead.get(requests, 0.0) + 1.0 / float(self._cost_now.steps_per_second(requests, one, one * requests)[0])
         return drafted > requests / plain_step
 
     def check_shape(self, requests: int, width: int) -> None:

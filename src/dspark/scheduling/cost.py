@@ -30,6 +30,10 @@ class CostModel(Protocol):
     def steps_per_second(self, requests: int, widths: torch.Tensor, budgets: torch.Tensor) -> torch.Tensor:
         """SPS of steps of ``requests`` rows, padded widths # [N] and budgets # [N] -> # [N] float."""
 
+    def at(self, context: int | None) -> "CostModel":
+        """The costs of steps whose requests hold about ``context`` committed positions
+        (None: as measured first)."""
+
 
 class FlatCost:
     """SPS as a function of the total tokens B only: the paper's model, exact for an engine
@@ -51,3 +55,6 @@ class FlatCost:
     def steps_per_second(self, requests: int, widths: torch.Tensor, budgets: torch.Tensor) -> torch.Tensor:
         table = torch.tensor(self.sps, dtype=torch.float32, device=budgets.device)
         return table[budgets.long() - 1]
+
+    def at(self, context: int | None) -> "FlatCost":
+        return self  # the paper's model has no context axis

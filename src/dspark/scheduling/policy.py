@@ -59,6 +59,8 @@ class StepOutcome:
     overhead_s: float | None = None
     """Seconds of the step outside drafting and the target forward (scheduling, the
     per-request rule, commits): what a cost table of forwards does not see."""
+    context: int | None = None
+    """Committed positions of the step's longest request: where the next step's costs are read."""
 
 
 class Policy(Protocol):

@@ -11,25 +11,28 @@ every candidate step by its (R, W).
 ``measure_cost_table`` times the batched engine's own verification step
 (:func:`~dspark.target.ragged.verify_forward` plus the per-request verify rule) for every W
 from 1 to 1 + ``max_draft`` and R on a grid up to ``max_requests``, with each request's slot
-holding ``context`` committed positions. Between measured R the step *time* is interpolated
-linearly. Step time never decreases with R or W in truth, so measurement noise that says
-otherwise is removed with a running maximum along both axes. Tables are JSON files keyed by
-model, device, dtype and thread count, under ``~/.cache/dspark/profiles/`` (or
-``$DSPARK_PROFILE_DIR``). A table is never invented: a missing one is an error that names
-``dspark profile``.
+holding ``context`` committed positions, for each of several contexts. Between measured R,
+and between measured contexts, the step *time* is interpolated linearly (attention's cost
+grows linearly with the KV length; above the longest context the last segment's slope goes
+on). The scheduler reads the table at the context of the step before
+(:meth:`CostTable.at`). Step time never decreases with R or W in truth, so measurement noise
+that says otherwise is removed with a running maximum along both axes. Steps are timed on the
+device's clock (:func:`~dspark.timing.device_clock`), so a GPU's queued work is counted.
+Tables are JSON files keyed by model, device (a GPU by its name), dtype, linear kernel and,
+on the CPU, thread count, under ``~/.cache/dspark/profiles/`` (or ``$DSPARK_PROFILE_DIR``). A
+table is never invented: a missing one is an error that names ``dspark profile``.
 
-Not measured: drafting (the scheduler adds the drafting time it observes on earlier steps)
-and the dependence on context length beyond the one profiled.
+Not measured: drafting (the scheduler adds the drafting time it observes on earlier steps).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import os
 import re
 import statistics
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -39,7 +42,11 @@ import torch
 from dspark.errors import DsparkError
 
 PROFILE_DIR_ENV = "DSPARK_PROFILE_DIR"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+READABLE_FORMATS = (2, 3)
+"""Format 2 tables (one context, no ``longer``) still load."""
+DEFAULT_CONTEXTS = (256, 1024)
+"""Contexts ``dspark profile`` measures by default."""
 
 
 @dataclass(frozen=True)
@@ -51,7 +58,7 @@ class CostKey:
     """'cpu', or the accelerator's type and name (e.g. 'cuda:NVIDIA H200')."""
     dtype: str
     threads: int
-    """torch intra-op threads while measuring."""
+    """torch intra-op threads while measuring; 0 off the CPU, where they do not set the cost."""
     kernel: str = "aten"
     """The target's linear kernel (:mod:`dspark.target.kernels`): it changes SPS(R, W)."""
 
@@ -60,7 +67,8 @@ class CostKey:
         return re.sub(r"[^A-Za-z0-9._-]+", "-", raw).strip("-") + ".json"
 
     def describe(self) -> str:
-        return f"{self.model} on {self.device} ({self.dtype}, {self.kernel} linears, {self.threads} threads)"
+        threads = f", {self.threads} threads" if self.threads else ""
+        return f"{self.model} on {self.device} ({self.dtype}, {self.kernel} linears{threads})"
 
 
 @dataclass(frozen=True)
@@ -75,6 +83,8 @@ class CostTable:
     context: int = 256
     """Committed positions per request while measuring."""
     created: str = ""
+    longer: tuple["CostTable", ...] = ()
+    """The same key and grid measured at longer contexts, increasing (empty: one context)."""
 
     padded = True
     """Costs depend on the padded shape (R, W), not on B: see :class:`~dspark.scheduling.algorithm1.DSparkScheduler`."""
@@ -88,6 +98,37 @@ class CostTable:
             raise ValueError("every batch size needs SPS at the same widths W = 1..max_width")
         if any(not (v > 0.0) for row in self.steps_per_s for v in row):
             raise ValueError("steps per second must be positive")
+        contexts = self.contexts
+        if any(b <= a for a, b in zip(contexts, contexts[1:])):
+            raise ValueError(f"contexts must increase, got {contexts}")
+        for other in self.longer:
+            if other.key != self.key or other.requests != self.requests or other.max_width != self.max_width:
+                raise ValueError("every context of a cost table needs the same key, batch sizes and widths")
+            if other.longer:
+                raise ValueError("a longer context's table holds no further contexts")
+
+    @property
+    def contexts(self) -> tuple[int, ...]:
+        return (self.context, *(t.context for t in self.longer))
+
+    def at(self, context: int | None) -> "CostTable":
+        """The one-context table at ``context`` committed positions (None: the first measured):
+        step times interpolated linearly between measured contexts, the last slope extended
+        above them, the first context's times below it."""
+        if not self.longer or context is None or context <= self.context:
+            return self if not self.longer else self._single()
+        tables = (self, *self.longer)
+        hi = next((i for i, t in enumerate(tables) if t.context >= context), len(tables) - 1)
+        lo, up = tables[hi - 1], tables[hi]
+        f = (context - lo.context) / (up.context - lo.context)
+        rows = []
+        for lo_row, up_row in zip(lo.steps_per_s, up.steps_per_s):
+            seconds = [max(1.0 / a, 1.0 / a + f * (1.0 / b - 1.0 / a)) for a, b in zip(lo_row, up_row)]
+            rows.append(tuple(1.0 / t for t in seconds))
+        return CostTable(self.key, self.requests, tuple(rows), context, self.created)
+
+    def _single(self) -> "CostTable":
+        return CostTable(self.key, self.requests, self.steps_per_s, self.context, self.created)
 
     @property
     def max_requests(self) -> int:
@@ -126,15 +167,16 @@ class CostTable:
 
     @classmethod
     def from_json(cls, data: dict) -> "CostTable":
-        if data.get("format") != FORMAT_VERSION:
+        if data.get("format") not in READABLE_FORMATS:
             raise ValueError(
-                f"cost table format {data.get('format')!r} is not {FORMAT_VERSION} (SPS over R × W); "
+                f"cost table format {data.get('format')!r} is not one of {READABLE_FORMATS} (SPS over R × W); "
                 "measure it again with `dspark profile`"
             )
         fields = {k: v for k, v in data.items() if k != "format"}
         fields["key"] = CostKey(**fields["key"])
         fields["requests"] = tuple(int(r) for r in fields["requests"])
         fields["steps_per_s"] = tuple(tuple(float(v) for v in row) for row in fields["steps_per_s"])
+        fields["longer"] = tuple(cls.from_json({**t, "format": FORMAT_VERSION}) for t in fields.get("longer", ()))
         return cls(**fields)
 
     def save(self, directory: str | Path | None = None) -> Path:
@@ -171,13 +213,14 @@ def describe_device(device: torch.device) -> str:
 
 
 def cost_key(target, threads: int | None = None) -> CostKey:
-    """The key of ``target`` as it runs now (threads: torch.get_num_threads())."""
+    """The key of ``target`` as it runs now (threads: torch.get_num_threads(); 0 off the CPU)."""
     dtype = str(next(target.model.parameters()).dtype).removeprefix("torch.")
+    on_cpu = torch.device(target.device).type == "cpu"
     return CostKey(
         model=target.name,
         device=describe_device(target.device),
         dtype=dtype,
-        threads=threads if threads is not None else torch.get_num_threads(),
+        threads=(threads if threads is not None else torch.get_num_threads()) if on_cpu else 0,
         kernel=target.linear_kernel,
     )
 
@@ -255,17 +298,28 @@ def measure_cost_table(
     target,
     max_requests: int = 16,
     max_draft: int = 7,
-    context: int = 256,
+    context: int | Sequence[int] = 256,
     repeats: int = 5,
     requests: Sequence[int] | None = None,
     seed: int = 0,
     progress: Callable[[int, int, float], None] | None = None,
 ) -> CostTable:
-    """Time the engine's verification step for every (R, W); the median of ``repeats`` sweeps
-    over all shapes (after one warm-up sweep) gives its step time. ``progress(R, W, sps)`` is
-    called after every timed step: (repeats + 1) · |grid| · (1 + max_draft) calls."""
+    """Time the engine's verification step for every (R, W) at each ``context``; the median of
+    ``repeats`` sweeps over all shapes (after one warm-up sweep) gives its step time.
+    ``progress(R, W, sps)`` is called after every timed step: |contexts| · (repeats + 1) ·
+    |grid| · (1 + max_draft) calls."""
+    contexts = sorted({context} if isinstance(context, int) else set(context))
+    if not contexts or contexts[0] < 1:
+        raise ValueError("contexts must be >= 1")
+    tables = [_measure_at(target, max_requests, max_draft, c, repeats, requests, seed, progress) for c in contexts]
+    return dataclasses.replace(tables[0], longer=tuple(tables[1:]))
+
+
+def _measure_at(target, max_requests, max_draft, context, repeats, requests, seed, progress) -> CostTable:
+    """One context's table (see :func:`measure_cost_table`)."""
     from dspark.target.ragged import verify_forward
     from dspark.target.slot_cache import SlotCache
+    from dspark.timing import device_clock
     from dspark.verify import greedy_verify
 
     if max_requests < 1 or max_draft < 0 or context < 1 or repeats < 1:
@@ -280,6 +334,7 @@ def measure_cost_table(
     width = 1 + max_draft
     cache = SlotCache.for_hf_config(target.model.config, max_requests, context + width, dtype, device)
     generator = torch.Generator().manual_seed(seed)
+    clock = device_clock(device)
 
     def tokens(*shape: int) -> torch.Tensor:
         return torch.randint(0, target.vocab_size, shape, generator=generator).to(device)
@@ -294,11 +349,11 @@ def measure_cost_table(
     for sweep in range(repeats + 1):
         for rows, w in shapes:
             feed = feeds[rows, w]
-            start = time.perf_counter()
+            start = clock()
             out = verify_forward(target, cache, list(range(rows)), [context] * rows, feed)
             for r in range(rows):  # the engine's per-request rule, host syncs included
                 greedy_verify(feed[r, 1:], out.logits[r])
-            took = time.perf_counter() - start
+            took = clock() - start
             if sweep:  # the first sweep warms up allocators and kernels
                 times[rows, w].append(took)
             if progress is not None:
