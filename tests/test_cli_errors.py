@@ -634,7 +634,7 @@ def test_downloads_need_an_explicit_opt_in(monkeypatch):
 
 
 def test_output_checks_create_nothing(tmp_path):
-    from dspark.edge import check_out_dir, check_out_file
+    from dspark.cli.edge import check_out_dir, check_out_file
     from dspark.errors import DsparkError
 
     assert check_out_dir(tmp_path / "a" / "b") == tmp_path / "a" / "b"
@@ -652,7 +652,7 @@ def test_output_checks_create_nothing(tmp_path):
 
 
 def test_one_line_collapses_and_cuts():
-    from dspark.edge import MAX_MESSAGE, one_line
+    from dspark.cli.edge import MAX_MESSAGE, one_line
 
     assert one_line(RuntimeError("Error(s) in loading:\n\tsize mismatch\n")) == "Error(s) in loading: size mismatch"
     assert one_line(ValueError()) == "ValueError"

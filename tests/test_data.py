@@ -50,7 +50,7 @@ from dspark.training.data.tokenize import (
     load_training_sequences,
     tokenize_conversation,
 )
-from dspark.training.data_cli import data_app
+from dspark.cli.data import data_app
 
 GSM8K_PROMPT = (
     "Janet\u2019s ducks lay 16 eggs per day. She eats three for breakfast every morning and bakes "
@@ -459,7 +459,7 @@ def test_cli_module_imports_no_heavy_packages():
     import subprocess
     import sys
 
-    code = "import sys, dspark.training.data_cli; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    code = "import sys, dspark.cli.data; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
 
 

@@ -31,9 +31,8 @@ LAYERS = {
     "dspark.engine": 3,
     "dspark.evaluation": 4,
     "dspark.training": 4,
-    "dspark.edge": 4,  # the CLI's error boundary and output checks, used by every *_cli module
     "dspark.serving": 4,  # the HTTP server over the batched engine; `dspark serve` starts it
-    "dspark.cli": 5,
+    "dspark.cli": 5,  # every command, and the error boundary (dspark.cli.edge); the only importer of typer
     "dspark.__main__": 6,
 }
 """Rank of each layer: a module may import its own layer and lower ranks only."""
@@ -160,6 +159,24 @@ def layer_of(module: str) -> str | None:
     return None
 
 
+def importers_of(root: Path, package: str, name: str) -> list[str]:
+    """``module (file:line)`` for every import of the top-level package ``name`` (``import
+    name``, ``import name.x``, ``from name[.x] import ...``) in any module of ``package``,
+    imports inside functions included."""
+    found = []
+    for module, path in module_files(root, package).items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module or ""]
+            else:
+                continue
+            if any(n == name or n.startswith(name + ".") for n in names):
+                found.append(f"{module} ({path.name}:{node.lineno})")
+    return found
+
+
 @pytest.fixture(scope="module")
 def graph():
     return import_edges(SRC, PACKAGE)
@@ -244,3 +261,21 @@ def test_the_eagle3_baseline_builds_on_dspark_never_the_reverse(graph, source, f
            if (e.source == source or e.source.startswith(source + "."))
            and any(e.target == f or e.target.startswith(f + ".") for f in forbidden)]
     assert not bad, "\n".join(bad)
+
+
+def test_only_the_cli_imports_typer():
+    # Every command lives in dspark.cli; the library below it can be used without typer.
+    importers = importers_of(SRC, PACKAGE, "typer")
+    assert any(m.startswith("dspark.cli.") for m in importers)  # the walk really saw the commands
+    outside = [m for m in importers if layer_of(m.split(" ")[0]) != "dspark.cli"]
+    assert not outside, "typer imported outside dspark.cli:\n" + "\n".join(outside)
+
+
+def test_the_typer_check_catches_every_form_of_import(tmp_path):
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("import typer\n")
+    (pkg / "b.py").write_text("def f():\n    from typer.core import TyperGroup\n    return TyperGroup\n")
+    (pkg / "c.py").write_text("import typing\nimport typer_extra\nfrom . import typer\n")  # none of these is typer
+    assert importers_of(tmp_path, "pkg", "typer") == ["pkg.a (a.py:1)", "pkg.b (b.py:2)"]

@@ -30,7 +30,7 @@ from dspark.training.data.shards import ShardRecord, decode_shard, encode_shard
 from dspark.training.data.store import ShardStore
 from dspark.training.data.text import TextConfig, parse_sharegpt_conversations, tokenize_texts
 from dspark.training.data.tokenize import TrainingSequence, end_of_turn_id, tokenize_conversation
-from dspark.training.data_cli import data_app
+from dspark.cli.data import data_app
 
 SETTINGS = {"temperature": 0.0, "max_new_tokens": 8}
 

@@ -500,7 +500,7 @@ def test_each_torchrun_rank_takes_its_own_gpu_before_nccl_starts(monkeypatch):
     import torch
     import torch.distributed as dist
 
-    from dspark.training.train_cli import start_distributed
+    from dspark.training.run import start_distributed
 
     calls = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -550,7 +550,7 @@ def test_train_takes_device_and_dtype(monkeypatch):
     import torch
 
     from dspark.errors import DsparkError
-    from dspark.training.train_cli import start_distributed
+    from dspark.training.run import start_distributed
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "set_device", lambda index: None)

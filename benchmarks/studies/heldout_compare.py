@@ -37,10 +37,10 @@ def main() -> None:
     from dspark.target import TargetModel
     from dspark.training.checkpoints import data_record
     from dspark.training.config import TrainConfig
+    from dspark.training.data.sequences import load_training_data
     from dspark.training.features import OnlineFeatures
     from dspark.training.heldout import heldout_tau
     from dspark.training.step import StepContext
-    from dspark.training.train_cli import _load_data
 
     torch.set_num_threads(args.threads)
     config = TrainConfig(**json.loads((args.run / "train_config.json").read_text()))
@@ -48,7 +48,7 @@ def main() -> None:
         config = dataclasses.replace(config, heldout_batches=args.heldout_batches)
     recorded = json.loads((args.run / "train_data.json").read_text())
     target = TargetModel.load(None)
-    split = _load_data(args.data, target, config.max_length, 0.02, 1.0)
+    split = load_training_data(args.data, target.tokenizer, config.max_length, 0.02, 1.0)
     digest = data_record(split.train, split.heldout)["heldout_digest"]
     if digest != recorded["heldout_digest"]:
         raise SystemExit(f"error: these --data give another held-out split than {args.run}'s (digest {digest})")

@@ -1,9 +1,9 @@
-"""The ``dspark`` command: ``main`` builds the typer app from each subcommand's module.
+"""The ``dspark`` command: one module per subcommand, each a typed function over the library.
 
 - ``main``: the app, ``generate`` and the entry point ``main()``;
-- ``profile``: ``dspark profile`` (cost tables).
+- ``edge``: the one error boundary (``BoundaryGroup``) and the checks on outputs;
+- ``eval``: ``dspark eval`` and ``dspark calibrate``; ``train``: ``dspark train``;
+  ``data``: ``dspark data ...``; ``batch``, ``serve``, ``convert``, ``profile``.
 
-``dspark eval|calibrate``, ``dspark train`` and ``dspark data`` live beside what they run, in
-:mod:`dspark.evaluation.eval_cli`, :mod:`dspark.training.train_cli` and
-:mod:`dspark.training.data_cli`.
+Only this package imports typer: everything below it can be used as a library.
 """

@@ -2,7 +2,7 @@
 
 The work is in :mod:`dspark.drafters.dspark.interop`; these commands check their arguments,
 load the target where one is needed and print the result. Refusals are one line
-(:class:`~dspark.errors.DsparkError` through the boundary of :mod:`dspark.edge`) and write nothing.
+(:class:`~dspark.errors.DsparkError` through the boundary of :mod:`dspark.cli.edge`) and write nothing.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Optional
 
 import typer
 
-from dspark.edge import BoundaryGroup, check_out_dir
+from dspark.cli.edge import BoundaryGroup, check_out_dir
 from dspark.errors import DsparkError
 
 convert_app = typer.Typer(

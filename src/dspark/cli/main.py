@@ -1,7 +1,7 @@
 """The ``dspark`` command line. Each subcommand is a typed function; help comes from it.
 
 Heavy imports (torch, transformers) happen inside the commands so ``dspark --help`` is fast.
-Every command runs inside the one error boundary of :mod:`dspark.edge`: a failure is one
+Every command runs inside the one error boundary of :mod:`dspark.cli.edge`: a failure is one
 line ``error: ...`` on stderr and exit code 2, never a traceback.
 """
 
@@ -15,13 +15,13 @@ import typer
 
 from dspark.cli.batch import batch_command
 from dspark.cli.convert import convert_app
+from dspark.cli.data import data_app
+from dspark.cli.edge import EXIT_ERROR, EXIT_INTERRUPTED, BoundaryGroup, error_line, traceback_wanted
+from dspark.cli.eval import calibrate_command, eval_command
 from dspark.cli.profile import profile_command
 from dspark.cli.serve import serve_command
-from dspark.edge import EXIT_ERROR, EXIT_INTERRUPTED, BoundaryGroup, error_line, traceback_wanted
+from dspark.cli.train import train_command
 from dspark.errors import DsparkError
-from dspark.evaluation.eval_cli import calibrate_command, eval_command
-from dspark.training.data_cli import data_app
-from dspark.training.train_cli import train_command
 
 app = typer.Typer(
     cls=BoundaryGroup,
@@ -224,7 +224,7 @@ class _Streamer:
 
 
 def main() -> None:
-    """Entry point. Commands fail inside the boundary (:class:`~dspark.edge.BoundaryGroup`); this
+    """Entry point. Commands fail inside the boundary (:class:`~dspark.cli.edge.BoundaryGroup`); this
     catches what escapes outside any command (an interrupt while importing, a failing callback)."""
     try:
         app()

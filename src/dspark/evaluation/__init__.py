@@ -1,5 +1,5 @@
 """Evaluation harness: built-in prompt sets, eval metrics, the interleaved runner, reports.
 
-``dspark eval`` (eval_cli.eval_command) and ``dspark calibrate`` (eval_cli.calibrate_command).
-Nothing heavy is imported here, so ``dspark --help`` stays fast.
+``dspark eval`` and ``dspark calibrate`` (:mod:`dspark.cli.eval`) run it. Nothing heavy is
+imported here, so ``dspark --help`` stays fast.
 """

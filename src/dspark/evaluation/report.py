@@ -1,7 +1,7 @@
 """Rendering: rich tables on the terminal, results.json, PNG plots (Agg) and report.md.
 
 Everything here reads the plain dicts that ``provenance.results_dict`` and
-``eval_cli.calibrate_command`` build, so a stored results.json can be rendered again.
+``rollouts.calibration_report`` build, so a stored results.json can be rendered again.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ from typing import Mapping, Sequence
 from dspark.evaluation.datasets import EvalDataset
 from dspark.evaluation.runner import Encoder, EvalSettings
 from dspark.scheduling.calibration import (
+    DEFAULT_GRID,
     DEFAULT_MIN_EVENTS,
     Calibration,
     CalibrationData,
@@ -143,6 +144,43 @@ def fit_calibration(
         sweep_rounds={name: int(part.confidences.shape[0]) for name, part in parts.items()},
         unfitted=unfitted,
     )
+
+
+def calibration_report(fit: CalibrationFit, drafter: str, model: str, settings: EvalSettings, gamma: int | None,
+                       min_events: int, datasets: Sequence[EvalDataset]) -> dict:
+    """The body of ``calibration_report.json``: what was fitted on which rollouts, and the fit."""
+    import datetime as dt
+
+    return {
+        "drafter": drafter,
+        "model": model,
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "temperature": settings.temperature,
+        "max_new_tokens": settings.max_new_tokens,
+        "seed": settings.seed,
+        "gamma": gamma,
+        "min_events": min_events,
+        "datasets": {d.name: {"path": d.path, "split": d.split, "conversations": [c.index for c in d.conversations]}
+                     for d in datasets},
+        **fit.to_json(),
+    }
+
+
+def saved_summary(report: dict) -> dict:
+    """What ``calibration.json`` keeps of a :func:`calibration_report` beside the temperatures."""
+    summary = {k: report[k] for k in ("drafter", "model", "date", "temperature", "bins", "rounds", "unfitted_slots",
+                                      "mean_ece_before", "mean_ece_after", "datasets")}
+    summary["per_slot"] = [{"slot": b["slot"], "ece_before": b["ece"], "ece_after": a["ece"], "auc": a["auc"],
+                            "brier_before": b["brier"], "brier_after": a["brier"]}
+                           for b, a in zip(report["before"], report["after"])]
+    return summary
+
+
+def grid_edge_slots(temperatures: Sequence[float], grid: Sequence[float] = DEFAULT_GRID) -> list[int]:
+    """Slots (1-based) whose fitted T_k sits on an edge of the search grid: no interior optimum
+    (temperature scaling cannot move c_k across 0.5)."""
+    edges = (min(grid), max(grid))
+    return [k + 1 for k, t in enumerate(temperatures) if any(abs(t - e) < 1e-9 * e for e in edges)]
 
 
 def _mean(values: Sequence[float]) -> float:

@@ -1,4 +1,4 @@
-"""Training sequences out of shard stores, and the held-out split by prompt id."""
+"""Training sequences out of shard stores (and responses jsonl), and the held-out split by prompt id."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Iterable, Sequence
 
 from dspark.errors import DsparkError
 from dspark.training.data.store import ShardStore
-from dspark.training.data.tokenize import TrainingSequence
+from dspark.training.data.tokenize import TokenizeConfig, TrainingSequence, load_training_sequences
 
 MIN_LOSS_TOKENS = 16
 """Sequences with fewer loss tokens (after truncation) are not worth a training slot."""
@@ -98,6 +98,23 @@ def split_heldout(sequences: Iterable[TrainingSequence], fraction: float = 0.02,
     for s in sequences:
         (heldout if is_heldout(s.id, fraction, salt) else train).append(s)
     return HeldoutSplit(train, heldout)
+
+
+def load_training_data(paths: Sequence[Path], tokenizer, max_length: int, heldout_fraction: float,
+                       data_fraction: float = 1.0) -> HeldoutSplit:
+    """Sequences of every store folder and responses jsonl in ``paths``, split into train /
+    held-out by prompt id; ``data_fraction`` < 1 keeps that share of the training prompts (by
+    id hash: scaling studies). A jsonl is tokenized with ``tokenizer``'s chat template."""
+    stores = [p for p in paths if p.is_dir()]
+    sequences = load_sequences(stores, max_length=max_length) if stores else []
+    for path in paths:
+        if path.is_file():
+            sequences += load_training_sequences(path, tokenizer, TokenizeConfig(max_length=max_length))
+    split = split_heldout(sequences, fraction=heldout_fraction)
+    if data_fraction < 1.0:
+        kept = [s for s in split.train if is_heldout(s.id, data_fraction, salt="data-fraction")]
+        split = HeldoutSplit(kept, split.heldout)
+    return split
 
 
 def _check_compatible(stores: Sequence[ShardStore]) -> None:

@@ -2,13 +2,13 @@
 
 Runs on one process, or on N under ``torchrun --nproc_per_node N -m dspark train ...``
 (gloo on CPU, NCCL on CUDA). Only typer is imported at module top. Settings, ``--data`` and
-every shard store are checked before the target loads; then the run holds the lock of
-``--out`` (one ``dspark train`` per folder) until its export is written.
+every shard store are checked here before the target loads; then
+:func:`dspark.training.run.train_and_export` holds the lock of ``--out`` (one ``dspark train``
+per folder) until its export is written.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import List, Optional
 
@@ -50,7 +50,7 @@ def train_command(
     """Train a drafter; rerun the same command to resume from the last checkpoint."""
     from dspark.drafters.dspark.config import MARKOV_W1_VOCABS
     from dspark.drafters.families import LAYER_FAMILIES
-    from dspark.edge import check_out_dir
+    from dspark.cli.edge import check_out_dir
     from dspark.errors import DsparkError
 
     if layer_family is not None and layer_family not in LAYER_FAMILIES:
@@ -81,9 +81,10 @@ def train_command(
     if export is not None:
         check_out_dir(export, "--export")
 
-    from dspark.training.checkpoints import check_resume, run_lock
+    from dspark.training.checkpoints import check_resume
     from dspark.training.config import TrainConfig
     from dspark.training.data.sequences import open_stores
+    from dspark.training.run import train_and_export
 
     config = TrainConfig(
         out_dir=str(out), variant=variant, num_layers=num_layers or (1 if variant == "eagle3" else 2), layer_family=layer_family or "", block_size=block_size,
@@ -96,95 +97,5 @@ def train_command(
     stores = [p for p in data if p.is_dir()]
     if stores:
         open_stores(stores)  # every shard checked against its manifest before the target loads
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    with run_lock(out, rank=int(os.environ.get("RANK", "0"))):  # held through training and the export
-        _train_and_export(config, data, out, variant, model, max_length, heldout_fraction, data_fraction,
-                          feature_cache, export, world, device, dtype)
-
-
-def _train_and_export(config, data: List[Path], out: Path, variant: str, model: Optional[str], max_length: int,
-                      heldout_fraction: float, data_fraction: float, feature_cache: Optional[Path],
-                      export: Optional[Path], world: int, device_choice: str = "auto",
-                      dtype_name: str = "auto") -> None:
-    """Load the target and the data, train, export: ``dspark train`` once its checks passed."""
-    import torch
-
-    from dspark.target import TargetModel
-    from dspark.training.checkpoints import check_resume, data_record
-    from dspark.training.trainer import train
-
-    from dspark.target.loading import parse_dtype
-
-    device = start_distributed(world, os.environ, device_choice)
-    try:
-        target = TargetModel.load(model, device=device, dtype=parse_dtype(dtype_name, device))
-        split = _load_data(data, target, max_length, heldout_fraction, data_fraction)
-        check_resume(out, config, data_record(split.train, split.heldout))  # other data: refused before the report
-        tokens = sum(len(s.input_ids) for s in split.train)
-        typer.echo(
-            f"dspark: {len(split.train)} training sequences ({tokens} tokens), {len(split.heldout)} held out",
-            err=True,
-        )
-        features = None
-        if feature_cache is not None:
-            from dspark.training.features import CachedFeatures
-
-            layer_ids_used = config.drafter_config(target).target_layer_ids
-            if world > 1:  # rank 0 writes it; the others open it after the barrier
-                features = CachedFeatures.shared(feature_cache, split.train, target, layer_ids_used,
-                                                 torch.distributed.get_rank(), torch.distributed.barrier)
-            else:
-                features = CachedFeatures.build(feature_cache, split.train, target, layer_ids_used)
-        last = train(config, target, split.train, features=features, heldout=split.heldout)
-        if export is not None and (world == 1 or torch.distributed.get_rank() == 0):
-            from dspark.training.trainer import model_class
-
-            chosen = out / "best" if (out / "best" / "model.safetensors").is_file() else last
-            model_class(variant).from_pretrained(chosen).save_pretrained(export, dtype=torch.float16)
-            typer.echo(f"dspark: exported {chosen} to {export} (fp16)", err=True)
-        typer.echo(str(last))
-    finally:
-        if world > 1:
-            torch.distributed.destroy_process_group()
-
-
-def start_distributed(world: int, environ, choice: str = "auto") -> str:
-    """This rank's device, and (world > 1) the process group: under torchrun rank r runs on
-    cuda:LOCAL_RANK, set as its current device *before* NCCL starts and passed as its
-    ``device_id``, so no rank opens a context on GPU 0 and barriers know their device;
-    gloo on the CPU. ``choice``: auto (CUDA where it is), cpu, or cuda (refused without it)."""
-    import torch
-
-    from dspark.errors import DsparkError
-
-    local_rank = int(environ.get("LOCAL_RANK", "0"))
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise DsparkError("--device cuda: CUDA is not available here; use --device cpu")
-    device = f"cuda:{local_rank}" if choice != "cpu" and torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        torch.cuda.set_device(local_rank)
-    if world > 1:
-        import torch.distributed as dist
-
-        if device.startswith("cuda"):
-            dist.init_process_group("nccl", device_id=torch.device(device))
-        else:
-            dist.init_process_group("gloo")
-    return device
-
-
-def _load_data(paths: List[Path], target, max_length: int, heldout_fraction: float, data_fraction: float):
-    """Sequences of every store and jsonl, split into train / held-out by prompt id."""
-    from dspark.training.data.sequences import is_heldout, load_sequences, split_heldout
-    from dspark.training.data.tokenize import TokenizeConfig, load_training_sequences
-
-    stores = [p for p in paths if p.is_dir()]
-    sequences = load_sequences(stores, max_length=max_length) if stores else []
-    for path in paths:
-        if path.is_file():
-            sequences += load_training_sequences(path, target.tokenizer, TokenizeConfig(max_length=max_length))
-    split = split_heldout(sequences, fraction=heldout_fraction)
-    if data_fraction < 1.0:
-        kept = [s for s in split.train if is_heldout(s.id, data_fraction, salt="data-fraction")]
-        split = type(split)(kept, split.heldout)
-    return split
+    last = train_and_export(config, data, model, heldout_fraction, data_fraction, feature_cache, export, device, dtype)
+    typer.echo(str(last))

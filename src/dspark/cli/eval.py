@@ -1,7 +1,10 @@
 """``dspark eval`` and ``dspark calibrate``. Only typer is imported at module top.
 
-Failures raise :class:`~dspark.errors.DsparkError`; the CLI's boundary (:mod:`dspark.edge`)
-prints them as one line. Outputs are checked before any model loads.
+The work is in :mod:`dspark.evaluation` (the engines: :mod:`~dspark.evaluation.engines`; the
+eval loop: :mod:`~dspark.evaluation.runner`; the calibration rollouts and fit:
+:mod:`~dspark.evaluation.rollouts`). Failures raise :class:`~dspark.errors.DsparkError`; the
+CLI's boundary (:mod:`dspark.cli.edge`) prints them as one line. Outputs are checked before
+any model loads.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from typing import List, Optional
 
 import typer
 
-from dspark.edge import check_out_dir
+from dspark.cli.edge import check_out_dir
 from dspark.errors import DsparkError
 
 BUILTIN_HELP = "gsm8k, humaneval, mbpp, mt-bench"
@@ -68,15 +71,18 @@ def _eval(dataset_specs, drafter_specs, model, limit, max_new_tokens, temperatur
 
     from dspark.evaluation import aggregate, provenance, report, runner
     from dspark.evaluation.datasets import builtin_names, load_dataset
+    from dspark.evaluation.engines import drafter_specs as resolve_specs
+    from dspark.evaluation.engines import load_engines
 
     settings = runner.EvalSettings(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, ignore_eos=ignore_eos)
     datasets = [load_dataset(s, split=split, limit=limit, max_turns=turns) for s in (dataset_specs or builtin_names())]
     device, dtype = _device_dtype(device, dtype)
-    specs = _drafter_specs(drafter_specs, model)
+    specs = resolve_specs(drafter_specs, model)
     if split == "all":
         typer.echo("warning: --split all includes the calibration prompts; the confidence check is not held out",
                    err=True)
-    target, engines, calibrations = _load(model, specs, gamma, device, dtype, policy)
+    loaded = load_engines(model, specs, gamma, device, dtype, policy)
+    target, engines, calibrations = loaded.target, loaded.engines, loaded.calibrations
     encode = target.encode_conversation
     machine = provenance.machine_info(target)
     runner.warm_up_engines(engines, encode([{"role": "user", "content": datasets[0].conversations[0].turns[0]}]))
@@ -140,6 +146,7 @@ def calibrate_command(
     if max_new_tokens < 1:
         raise DsparkError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     from dspark.drafters import SHIPPED_DRAFTERS, resolve_drafter_spec
+    from dspark.evaluation.engines import drafter_folder
 
     spec = resolve_drafter_spec(drafter or "dspark", model)  # bare dspark: the one shipped for --model
     folder = drafter_folder(spec)
@@ -159,37 +166,24 @@ def calibrate_command(
 
 def _calibrate(spec, folder, dataset_specs, model, limit, max_new_tokens, temperature, seed, gamma, bins, min_events,
                device, dtype, save, out, plots):
-    import datetime as dt
-
     from tqdm import tqdm
 
     from dspark.evaluation import report, rollouts, runner
     from dspark.evaluation.datasets import builtin_names, load_dataset
+    from dspark.evaluation.engines import load_engines
     from dspark.scheduling.calibration import DEFAULT_GRID
 
     settings = runner.EvalSettings(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
     datasets = [load_dataset(s, split="calibration", limit=limit) for s in (dataset_specs or builtin_names())]
     device, dtype = _device_dtype(device, dtype)
-    target, engines, _ = _load(model, [spec], gamma, device, dtype)
-    engine = engines[spec]
+    loaded = load_engines(model, [spec], gamma, device, dtype)
+    target, engine = loaded.target, loaded.engines[spec]
     with tqdm(total=sum(d.num_turns for d in datasets), unit="turn", dynamic_ncols=True) as progress:
         rounds = rollouts.collect_rounds(datasets, engine, settings, target.encode_conversation, progress)
     if not any(rounds.values()):
         raise DsparkError("the rollouts produced no drafting rounds; raise --max-new-tokens or --limit")
     fit = rollouts.fit_calibration(rounds, bins, min_events)
-    body = report.json_safe({
-        "drafter": spec,
-        "model": target.name,
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "temperature": temperature,
-        "max_new_tokens": max_new_tokens,
-        "seed": seed,
-        "gamma": gamma,
-        "min_events": min_events,
-        "datasets": {d.name: {"path": d.path, "split": d.split, "conversations": [c.index for c in d.conversations]}
-                     for d in datasets},
-        **fit.to_json(),
-    })
+    body = report.json_safe(rollouts.calibration_report(fit, spec, target.name, settings, gamma, min_events, datasets))
     out.mkdir(parents=True, exist_ok=True)
     written = [report.write_json(out / "calibration_report.json", body)]
     if plots:
@@ -199,18 +193,13 @@ def _calibrate(spec, folder, dataset_specs, model, limit, max_new_tokens, temper
     if body["unfitted_slots"]:
         typer.echo(f"warning: slot(s) {body['unfitted_slots']} saw fewer than {min_events} survivals or "
                    "rejections and keep T = 1; raise --limit or --max-new-tokens to fit them", err=True)
-    edges = (min(DEFAULT_GRID), max(DEFAULT_GRID))
-    stuck = [k + 1 for k, t in enumerate(body["temperatures"]) if any(abs(t - e) < 1e-9 * e for e in edges)]
+    stuck = rollouts.grid_edge_slots(body["temperatures"])
     if stuck:
+        edges = (min(DEFAULT_GRID), max(DEFAULT_GRID))
         typer.echo(f"warning: T_k hit the edge of the grid [{edges[0]:.3g}, {edges[1]:.3g}] at slot(s) {stuck}: "
                    "no interior optimum (temperature scaling cannot move c_k across 0.5)", err=True)
     if save:
-        summary = {k: body[k] for k in ("drafter", "model", "date", "temperature", "bins", "rounds", "unfitted_slots",
-                                        "mean_ece_before", "mean_ece_after", "datasets")}
-        summary["per_slot"] = [{"slot": b["slot"], "ece_before": b["ece"], "ece_after": a["ece"], "auc": a["auc"],
-                                "brier_before": b["brier"], "brier_after": a["brier"]}
-                               for b, a in zip(body["before"], body["after"])]
-        written.append(fit.calibration.save(folder, **summary))
+        written.append(fit.calibration.save(folder, **rollouts.saved_summary(body)))
     typer.echo(f"wrote {', '.join(str(p) for p in written)}", err=True)
 
 
@@ -221,51 +210,3 @@ def _device_dtype(device: str, dtype: str):
 
     device = parse_device(device)
     return device, parse_dtype(dtype, device)
-
-
-def _drafter_specs(given, model=None) -> list[str]:
-    from dspark.drafters import resolve_drafter_spec
-    from dspark.evaluation.runner import REFERENCE
-
-    specs = list(dict.fromkeys(resolve_drafter_spec(s, model) for s in (given or [None])))
-    return [REFERENCE] + [s for s in specs if s != REFERENCE]
-
-
-def drafter_folder(spec: str) -> Path | None:
-    """The checkpoint folder of a dspark/dflash spec (where calibration.json lives), else None
-    (a hybrid ``...+ngram`` too: it calibrates its DSpark rows itself)."""
-    from dspark.drafters.factory import HYBRID
-
-    kind, _, arg = spec.partition(":")
-    if kind not in ("dspark", "dflash") or spec.endswith(HYBRID):
-        return None
-    if arg:
-        return Path(arg).expanduser()
-    from dspark.drafters import SHIPPED_DRAFTER
-
-    return SHIPPED_DRAFTER
-
-
-def _load(model, specs, gamma, device, dtype=None, policy=None):
-    """The target, one engine per drafter spec (under ``policy``: see ``build_single_engine``),
-    and each drafter's stored calibration (or None); DSpark drafters run in the target's dtype."""
-    from dspark.drafters import make_drafter
-    from dspark.engine.build import build_single_engine
-    from dspark.scheduling.calibration import Calibration
-    from dspark.target import TargetModel
-
-    from dspark.engine.build import hybrid_calibration
-
-    drafters = {s: make_drafter(s, gamma=gamma, device=device, dtype=dtype, calibrate=hybrid_calibration(s))
-                for s in specs}  # fail fast, before the target loads
-    target = TargetModel.load(model, device=device, dtype=dtype)
-    calibrations = {}
-    for s in specs:
-        folder = drafter_folder(s)
-        calibrations[s] = Calibration.load(folder) if folder is not None else None
-    engines = {
-        s: build_single_engine(target, d, policy=policy, **({} if policy is None else {
-            "calibrate": calibrations[s].apply if calibrations[s] is not None else None, "profile_if_missing": True}))
-        for s, d in drafters.items()
-    }
-    return target, engines, calibrations

@@ -1,9 +1,9 @@
 """``dspark data``: build drafter training data (a prompt mix, then the target's responses).
 
-Only typer and the standard library are imported here; the commands import the rest, so
-``dspark --help`` stays fast. Failures raise :class:`~dspark.errors.DsparkError` (or
-``ValueError`` from a config); the boundary of :mod:`dspark.edge` prints them as one line.
-Every output is checked before a model loads.
+The work is in :mod:`dspark.training.data`. Only typer and the standard library are imported
+here; the commands import the rest, so ``dspark --help`` stays fast. Failures raise
+:class:`~dspark.errors.DsparkError` (or ``ValueError`` from a config); the boundary of
+:mod:`dspark.cli.edge` prints them as one line. Every output is checked before a model loads.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import List, Optional
 
 import typer
 
-from dspark.edge import BoundaryGroup, check_out_dir, check_out_file
+from dspark.cli.edge import BoundaryGroup, check_out_dir, check_out_file
 from dspark.errors import DsparkError
 
 data_app = typer.Typer(
@@ -75,8 +75,17 @@ def prompts(
     if not (sharegpt or jsonl or any(magpie.values())):
         _fail("no prompt source chosen: pass --sharegpt N, --jsonl PATH or --magpie-{code,math,chat} N")
     check_out_file(out)
-    result = _mix(out, sharegpt, jsonl or [], jsonl_domain, jsonl_limit, magpie, magpie_batch_size,
-                  max_turns, seed, model, device, eval_dir)
+    from dspark.training.data.prompts import write_prompts
+    from dspark.training.data.sources import mix_sources
+
+    def load_target():
+        from dspark.target import TargetModel
+
+        return TargetModel.load(model, device=_device(device))
+
+    result = mix_sources(jsonl or [], jsonl_domain, jsonl_limit, sharegpt, magpie, magpie_batch_size, max_turns, seed,
+                         eval_dir, load_target)
+    write_prompts(out, result.records)
     report = result.to_dict()
     report["out"] = str(out)
     if as_json:
@@ -92,38 +101,6 @@ def prompts(
         f"wrote {report['total']} prompts to {out} ({domains}); dropped {report['dropped_eval']} "
         f"as evaluation overlaps and {report['dropped_duplicate']} as duplicates"
     )
-
-
-def _mix(out, sharegpt, jsonl, jsonl_domain, jsonl_limit, magpie, magpie_batch_size, max_turns, seed,
-         model, device, eval_dir):
-    from dspark.training.data.magpie import MagpieConfig, synthesize_magpie
-    from dspark.training.data.mix import EvalOverlapFilter, PromptPool, default_eval_dir, mix_prompts
-    from dspark.training.data.prompts import read_prompt_jsonl, read_sharegpt, write_prompts
-
-    missing = [str(p) for p in jsonl if not p.is_file()]
-    if missing:  # cheap checks first: nothing may fail after minutes of synthesis
-        raise DsparkError(f"prompt file not found: {', '.join(missing)}")
-    # The filter next: a missing eval dir must fail before minutes of synthesis.
-    eval_filter = EvalOverlapFilter.from_dir(eval_dir or default_eval_dir())
-    magpie_config = MagpieConfig(batch_size=magpie_batch_size, seed=seed)
-    pools = []
-    for path in jsonl:
-        records = read_prompt_jsonl(path, domain=jsonl_domain, max_turns=max_turns)
-        pools.append(PromptPool(f"jsonl:{path.name}", records, jsonl_limit or None))
-    if sharegpt:
-        typer.echo("note: ShareGPT conversations have unclear provenance and licence terms", err=True)
-        pools.append(PromptPool("sharegpt", read_sharegpt(max_turns=max_turns), sharegpt))
-    if any(magpie.values()):
-        from dspark.target import TargetModel
-
-        target = TargetModel.load(model, device=_device(device))
-        for domain, n in magpie.items():
-            if n:
-                records = synthesize_magpie(target, domain, n, magpie_config)
-                pools.append(PromptPool(f"magpie-{domain}", records, n))
-    result = mix_prompts(pools, eval_filter, seed=seed)
-    write_prompts(out, result.records)
-    return result
 
 
 @data_app.command()
@@ -199,32 +176,11 @@ def pool(
     if not (any(counts.values()) or prompts):
         _fail("no prompt source chosen: pass --sharegpt-{code,math,chat} N or --prompts PATH")
     check_out_file(out)
-    from dspark.training.data.mix import EvalOverlapFilter, PromptPool, default_eval_dir, mix_prompts
-    from dspark.training.data.prompts import (
-        DOMAINS,
-        PromptRecord,
-        classify_domain,
-        read_prompts,
-        read_sharegpt,
-        write_prompts,
-    )
+    from dspark.training.data.prompts import write_prompts
+    from dspark.training.data.sources import pool_by_domain
 
-    missing = [str(p) for p in prompts or [] if not p.is_file()]
-    if missing:
-        raise DsparkError(f"prompt file not found: {', '.join(missing)}")
-    eval_filter = EvalOverlapFilter.from_dir(eval_dir or default_eval_dir())
-    pools = [PromptPool(f"prompts:{p.name}", read_prompts(p), None) for p in prompts or []]
-    if any(counts.values()):
-        typer.echo("note: ShareGPT conversations have unclear provenance and licence terms", err=True)
-        by_domain: dict[str, list] = {d: [] for d in DOMAINS}
-        for r in read_sharegpt(max_turns=1):
-            if len(r.turns[0]) <= max_chars:
-                domain = classify_domain(r.turns[0])
-                by_domain[domain].append(PromptRecord(r.id, r.source, domain, r.turns))
-        for domain, n in zip(("code", "math", "chat"), counts.values()):
-            if n:
-                pools.append(PromptPool(f"sharegpt-{domain}", by_domain[domain], n))
-    result = mix_prompts(pools, eval_filter, seed=seed)
+    result = pool_by_domain({"code": sharegpt_code, "math": sharegpt_math, "chat": sharegpt_chat}, prompts or [],
+                            max_chars, seed, eval_dir)
     write_prompts(out, result.records)
     report = {**result.to_dict(), "out": str(out)}
     if as_json:
