@@ -158,15 +158,52 @@ def load_model_and_tokenizer(
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    import torch
+
     dtype = dtype or parse_dtype("auto", device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, **kwargs) if with_tokenizer else None
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
+        # Straight onto ``device``: under torchrun, eight ranks of an 8B target would otherwise
+        # each hold a 16 GB copy in host memory before moving it.
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, device_map=torch.device(device), **kwargs)
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:  # missing, truncated or mismatched files
         raise ModelLoadError(f"could not load model {spec!r} from {where}: {exc}") from exc
-    model.to(device).eval()
+    model.eval()
     model.requires_grad_(False)
+    if dtype == torch.float16:
+        check_half_range(model, tokenizer, spec)
     return model, tokenizer
+
+
+HALF_PROBE = "The history of Europe, told in one long essay: its wars, its treaties and its trade. " * 4
+"""A probe for :func:`check_half_range`: ordinary text, long enough to reach every layer's
+large activations (Gemma 3's overflow float16 from the first sentence on)."""
+
+
+def check_half_range(model, tokenizer, spec: str | None) -> None:
+    """Refuse a float16 model whose activations overflow on ordinary text.
+
+    float16 tops out at 65504. Some models (Gemma 3) carry residual activations far above
+    that, so their float16 forward turns to inf and NaN within a few layers; sampling from
+    such logits would fail every request. One forward over :data:`HALF_PROBE` at load time
+    says so at once, with the way out, instead of at the first request.
+    """
+    import torch
+
+    device = next(model.parameters()).device
+    ids = (tokenizer(HALF_PROBE, return_tensors="pt").input_ids if tokenizer is not None
+           else torch.arange(1, 65).unsqueeze(0) % model.config.vocab_size)
+    with torch.no_grad():
+        out = model(ids.to(device), output_hidden_states=True)
+    states = [*out.hidden_states, out.logits]
+    finite = [bool(h.isfinite().all()) for h in states]  # host syncs, once per load
+    if not all(finite):
+        layer = finite.index(False)
+        where = f"layer {layer} of {len(states) - 2}" if layer < len(states) - 1 else "the logits"
+        raise ModelLoadError(
+            f"{spec or DEFAULT_MODEL} overflows float16 (inf or NaN at {where} on ordinary text; float16 "
+            "holds at most 65504): use --dtype bfloat16 or --dtype float32"
+        )
 
 
 def _hub_id(spec: str) -> tuple[str, dict[str, Any]]:
