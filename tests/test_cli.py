@@ -100,12 +100,44 @@ def test_each_target_gets_its_own_shipped_drafter_else_ngram(tmp_path, monkeypat
     assert factory.default_drafter_spec("gemma3-270m") == f"dspark:{shipped / 'gemma3-270m-dspark'}+ngram"
     assert factory.default_drafter_spec() == "ngram"  # no folder for the default target in this fake package
     # A bare `dspark` means the drafter shipped for the target; other specs are kept as given.
-    assert factory.resolve_drafter_spec("dspark", "gemma3-270m") == f"dspark:{shipped / 'gemma3-270m-dspark'}"
-    assert factory.resolve_drafter_spec(None, "gemma3-270m") == f"dspark:{shipped / 'gemma3-270m-dspark'}+ngram"
-    assert factory.resolve_drafter_spec("dspark+ngram", "gemma3-270m") == f"dspark:{shipped / 'gemma3-270m-dspark'}+ngram"
-    assert factory.resolve_drafter_spec("dspark", "gpt2") == "dspark"  # none shipped: the default target's (refused later)
-    assert factory.resolve_drafter_spec("ngram", "gemma3-270m") == "ngram"
-    assert factory.resolve_drafter_spec("dspark:/x", "gemma3-270m") == "dspark:/x"
+    assert factory.resolve_drafter("dspark", "gemma3-270m").text == f"dspark:{shipped / 'gemma3-270m-dspark'}"
+    assert factory.resolve_drafter(None, "gemma3-270m").text == f"dspark:{shipped / 'gemma3-270m-dspark'}+ngram"
+    assert factory.resolve_drafter("dspark+ngram", "gemma3-270m").text == f"dspark:{shipped / 'gemma3-270m-dspark'}+ngram"
+    assert factory.resolve_drafter("dspark", "gpt2").text == "dspark"  # none shipped: the default target's (refused later)
+    assert factory.resolve_drafter("ngram", "gemma3-270m").text == "ngram"
+    assert factory.resolve_drafter("dspark:/x", "gemma3-270m").text == "dspark:/x"
+    hybrid = factory.resolve_drafter(None, "gemma3-270m")
+    assert (hybrid.kind, hybrid.arg, hybrid.hybrid) == ("dspark", str(shipped / "gemma3-270m-dspark"), True)
+    assert hybrid.folder == shipped / "gemma3-270m-dspark" and hybrid.calibration_folder is None  # calibrates its own rows
+    assert hybrid.base.calibration_folder == shipped / "gemma3-270m-dspark" and not hybrid.base.hybrid
+    assert factory.resolve_drafter(hybrid) is hybrid  # read once: a parsed spec passes through
+
+
+@pytest.mark.parametrize(
+    "spec, kind, arg, hybrid, folder, calibration_folder",
+    [
+        ("none", "none", "", False, None, None),
+        ("ngram", "ngram", "", False, None, None),
+        ("model:org/draft", "model", "org/draft", False, None, None),
+        ("dspark", "dspark", "", False, "shipped", "shipped"),
+        ("dspark+ngram", "dspark", "", True, "shipped", None),
+        ("dspark:/d/x:y", "dspark", "/d/x:y", False, "/d/x:y", "/d/x:y"),  # the first colon splits
+        ("dflash:/d/f", "dflash", "/d/f", False, "/d/f", "/d/f"),
+        ("eagle3:/d/e", "eagle3", "/d/e", False, "/d/e", None),
+        ("eagle3", "eagle3", "", False, ".", None),
+        ("dspark+ngram+ngram", "dspark+ngram", "", True, None, None),  # refused by make_drafter
+        ("bogus:x", "bogus", "x", False, None, None),
+    ],
+)
+def test_resolve_drafter_reads_every_kind_of_spec(spec, kind, arg, hybrid, folder, calibration_folder):
+    from pathlib import Path
+
+    from dspark.drafters import SHIPPED_DRAFTER, resolve_drafter
+
+    as_path = lambda p: SHIPPED_DRAFTER if p == "shipped" else (None if p is None else Path(p))  # noqa: E731
+    d = resolve_drafter(spec)
+    assert (d.text, d.kind, d.arg, d.hybrid) == (spec, kind, arg, hybrid)
+    assert d.folder == as_path(folder) and d.calibration_folder == as_path(calibration_folder)
 
 
 @pytest.mark.slow  # three subprocesses that import torch and transformers: ~30 s on a busy 2-core machine

@@ -73,14 +73,14 @@ def test_gemma3_drafter_of_its_family_is_lossless_past_the_sliding_window(gemma)
 def test_gemma3_shipped_drafter_greedy_equals_plain_generate(gemma):
     """`dspark generate --model gemma3-270m` with its shipped DSpark drafter (the default), under
     the scheduler and verifying whole blocks: greedy output equals transformers' ``generate``."""
-    from dspark.drafters import resolve_drafter_spec
+    from dspark.drafters import resolve_drafter
     from dspark.engine.build import build_engine
     from serve_helpers import flat_cost
 
     ids = gemma.encode_prompt("def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n", chat=False)
     want = gemma.model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)[0, len(ids):].tolist()
-    spec = resolve_drafter_spec(None, "gemma3-270m")
-    assert spec.startswith("dspark:") and spec.endswith("gemma3-270m-dspark+ngram")
+    spec = resolve_drafter(None, "gemma3-270m")
+    assert spec.text.startswith("dspark:") and spec.text.endswith("gemma3-270m-dspark+ngram")
     # A fixed cost curve (confident drafts are verified): the test must not depend on a
     # profile in this machine's cache.
     cost = flat_cost()

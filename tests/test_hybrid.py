@@ -12,7 +12,7 @@ import torch
 
 import dspark.verify
 from dspark.drafters.base import DraftInput
-from dspark.drafters.factory import has_confidences, make_drafter, resolve_drafter_spec
+from dspark.drafters.factory import has_confidences, make_drafter, resolve_drafter
 from dspark.drafters.hybrid import HybridDrafter, expected_accepted
 from dspark.drafters.ngram import NgramConfig, NgramDrafter
 from dspark.engine.batched import BatchEngine
@@ -86,7 +86,7 @@ def test_lookup_takes_a_request_only_where_it_expects_at_least_what_dspark_gave(
 def test_specs_build_the_hybrid_and_refuse_what_cannot_be_one(tmp_path):
     from dspark.engine.build import drafter_calibration, hybrid_calibration
 
-    assert resolve_drafter_spec("dspark+ngram").endswith("+ngram")
+    assert resolve_drafter("dspark+ngram").text.endswith("+ngram")
     # The composition root hands the hybrid its DSpark drafter's STS (drafters import no scheduling).
     assert hybrid_calibration("dspark+ngram") is not None and drafter_calibration("dspark+ngram") is None
     calibrate = hybrid_calibration("dspark+ngram")

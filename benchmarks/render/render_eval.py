@@ -15,8 +15,11 @@ from pathlib import Path
 
 
 def short(spec: str) -> str:
-    kind, _, path = spec.partition(":")
-    return f"{kind} ({Path(path).name})" if path else kind
+    from dspark.drafters.factory import HYBRID, resolve_drafter
+
+    d = resolve_drafter(spec)
+    lookup = HYBRID if d.hybrid else ""
+    return f"{d.kind} ({Path(d.arg).name}{lookup})" if d.arg else d.kind + lookup
 
 
 def fmt(value, digits=2) -> str:

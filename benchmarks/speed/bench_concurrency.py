@@ -139,7 +139,7 @@ def run(args) -> dict:
     from rich.console import Console
     from tqdm import tqdm
 
-    from dspark.drafters import as_batch_drafter, default_drafter_spec
+    from dspark.drafters import as_batch_drafter, resolve_drafter
     from dspark.drafters.factory import has_confidences
     from dspark.engine import GenerationRequest
     from dspark.engine.build import build_engine, cost_table_for, drafter_calibration, load_drafter
@@ -151,11 +151,11 @@ def run(args) -> dict:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     prompts = interleaved_prompts(args)
-    spec = args.drafter or default_drafter_spec()
     load_avg_start = os.getloadavg()
     try:
         with console.status("loading the target model"):
             target = TargetModel.load(args.model, device=args.device)
+        spec = resolve_drafter(args.drafter, target.name)  # read once: the drafter, its calibration and the record agree
         drafter = as_batch_drafter(load_drafter(spec, target, gamma=args.gamma))
     except DsparkError as exc:
         raise SystemExit(f"error: {exc}") from None
@@ -167,7 +167,7 @@ def run(args) -> dict:
     if not has_confidences(drafter):
         for name in args.policies:
             if name == "dspark" or name.startswith("threshold"):
-                skip[name] = f"drafter {spec} gives no confidences"
+                skip[name] = f"drafter {spec.text} gives no confidences"
                 console.print(f"[yellow]{name}: skipped, {skip[name]}[/yellow]")
     if "dspark" in args.policies and "dspark" not in skip:
         most = max(args.concurrency)
@@ -233,7 +233,7 @@ def run(args) -> dict:
         "settings": {
             "concurrency": args.concurrency,
             "policies": args.policies,
-            "drafter": spec,
+            "drafter": spec.text,
             "drafter_name": drafter.name,
             "drafter_gamma": drafter.gamma,
             "calibrated": calibrate is not None,

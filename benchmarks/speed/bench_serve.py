@@ -223,6 +223,7 @@ def percentile(sorted_values: list[float], q: float) -> float:
 def run(args) -> dict:
     import torch
 
+    from dspark.drafters import resolve_drafter
     from dspark.engine.build import PLAIN, build_engine, drafter_calibration
     from dspark.serving.app import build_app
     from dspark.serving.config import ServeSettings
@@ -235,13 +236,14 @@ def run(args) -> dict:
     target = TargetModel.load(args.model, device=args.device)
     target.warm_up()
     most = max(args.concurrency)
+    spec = resolve_drafter(args.drafter, target.name)  # as `dspark serve` reads it
     rows: list[Row] = []
     for policy in args.policies:
-        engine = build_engine(target, args.drafter, policy, most, profile_dir=args.profile_dir,
+        engine = build_engine(target, spec, policy, most, profile_dir=args.profile_dir,
                               profile_if_missing=not args.no_profile)
         settings = ServeSettings(MODEL_NAME, args.max_model_len, max_queue=max(64, 2 * most),
                                  drafter=engine.drafter.name, policy=engine.policy.name)
-        calibrate = None if policy == PLAIN else drafter_calibration(args.drafter)
+        calibrate = None if policy == PLAIN else drafter_calibration(spec)
         with Server(build_app(engine, target, settings, calibrate)) as server:
             for c in args.concurrency:
                 print(f"{policy}: c = {c} ...", file=sys.stderr, flush=True)

@@ -145,11 +145,10 @@ def calibrate_command(
         raise DsparkError(f"--min-events must be >= 0, got {min_events}")
     if max_new_tokens < 1:
         raise DsparkError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
-    from dspark.drafters import SHIPPED_DRAFTERS, resolve_drafter_spec
-    from dspark.evaluation.engines import drafter_folder
+    from dspark.drafters import SHIPPED_DRAFTERS, resolve_drafter
 
-    spec = resolve_drafter_spec(drafter or "dspark", model)  # bare dspark: the one shipped for --model
-    folder = drafter_folder(spec)
+    resolved = resolve_drafter(drafter or "dspark", model)  # bare dspark: the one shipped for --model
+    spec, folder = resolved.text, resolved.calibration_folder
     if folder is None:
         raise DsparkError(f"calibrate needs a DSpark drafter (dspark[:<folder>]), got {spec!r}")
     check_out_dir(out)

@@ -125,13 +125,13 @@ def _check_utf8(what: str, text: str) -> None:
 
 def _generate(prompt, model, drafter_spec, gamma, params, max_new_tokens, seed, stop, chat, compare, policy,
               profile, device, dtype, as_json):
-    from dspark.drafters import make_drafter, resolve_drafter_spec
+    from dspark.drafters import make_drafter, resolve_drafter
     from dspark.engine import GenerationRequest
     from dspark.engine.build import PLAIN, build_engine, drafter_calibration, hybrid_calibration
     from dspark.target import TargetModel
 
     # The drafter before the target: a bad spec or broken drafter files fail in a second.
-    spec = resolve_drafter_spec(drafter_spec, model)
+    spec = resolve_drafter(drafter_spec, model)
     drafter = make_drafter(spec, gamma=gamma, device=device, dtype=dtype, calibrate=hybrid_calibration(spec))
     target = TargetModel.load(model, device=device, dtype=dtype)
     # One request is the batched engine at R = 1: the same scheduler as `dspark batch` and `serve`.

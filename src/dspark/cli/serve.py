@@ -89,7 +89,7 @@ def serve_command(
 
     import uvicorn
 
-    from dspark.drafters import resolve_drafter_spec
+    from dspark.drafters import resolve_drafter
     from dspark.engine.build import PLAIN, build_engine, drafter_calibration
     from dspark.serving.app import build_app
     from dspark.serving.config import DEFAULT_MAX_MODEL_LEN, ServeSettings
@@ -99,7 +99,7 @@ def serve_command(
     context = int(getattr(target.model.config, "max_position_embeddings", DEFAULT_MAX_MODEL_LEN))
     if max_model_len is not None and max_model_len > context:
         raise DsparkError(f"--max-model-len {max_model_len} exceeds the model's context window of {context} tokens")
-    spec = resolve_drafter_spec(drafter, target.name)
+    spec = resolve_drafter(drafter, target.name)
     engine = build_engine(target, spec, policy, max_batch, gamma=gamma, profile_dir=profile_dir,
                           profile_if_missing=profile)
     settings = ServeSettings(

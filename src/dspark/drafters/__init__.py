@@ -2,7 +2,8 @@
 
 - ``base``: the protocols and data types (:class:`Drafter`, :class:`BatchDrafter`,
   :class:`DraftInput`, :class:`DraftBlock`, ``DraftGate``) and :class:`NoDrafter`;
-- ``factory``: :func:`make_drafter` (command-line names to drafters), :func:`as_batch_drafter`;
+- ``factory``: :func:`resolve_drafter` (a command-line spec, read once), :func:`make_drafter`
+  (specs to drafters), :func:`as_batch_drafter`;
 - ``looped``: any batch-1 drafter as a batch drafter;
 - ``ngram``, ``draft_model``, ``dspark/``: the drafters themselves.
 """
@@ -12,10 +13,11 @@ from dspark.drafters.factory import (
     DRAFTER_HELP,
     SHIPPED_DRAFTER,
     SHIPPED_DRAFTERS,
+    DrafterSpec,
     as_batch_drafter,
     default_drafter_spec,
     make_drafter,
-    resolve_drafter_spec,
+    resolve_drafter,
 )
 
 __all__ = [
@@ -28,8 +30,9 @@ __all__ = [
     "DRAFTER_HELP",
     "SHIPPED_DRAFTER",
     "SHIPPED_DRAFTERS",
+    "DrafterSpec",
     "as_batch_drafter",
     "default_drafter_spec",
     "make_drafter",
-    "resolve_drafter_spec",
+    "resolve_drafter",
 ]

@@ -1,11 +1,14 @@
 """Building drafters: the one place that maps command-line names to drafter classes.
 
-``make_drafter`` turns a command-line spec into a drafter:
+:func:`resolve_drafter` reads a command-line spec once, for one target, into a
+:class:`DrafterSpec` (kind, argument, folder, hybrid or not); every entry point, the
+composition root and the benchmarks read specs through it. ``make_drafter`` turns a spec into
+a drafter:
 
 - ``none``: plain decoding (the reference);
 - ``ngram``: prompt lookup;
 - ``model:<id|folder|file.gguf>``: an independent draft model sharing the tokenizer;
-- ``dspark``: the DSpark drafter shipped for the target (:func:`resolve_drafter_spec`; the
+- ``dspark``: the DSpark drafter shipped for the target (:func:`resolve_drafter`; the
   default target's where none is named);
 - ``dspark:<folder>`` / ``dflash:<folder>``: a trained DSpark or DFlash checkpoint;
 - ``eagle3:<folder>``: a trained EAGLE-3 checkpoint (the chain-drafting baseline);
@@ -18,6 +21,7 @@ imports concrete drafters, so the protocols in :mod:`dspark.drafters.base` depen
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from dspark.drafters.base import BatchDrafter, Drafter, NoDrafter
@@ -53,20 +57,68 @@ def default_drafter_spec(model: str | None = None) -> str:
     return shipped + HYBRID if shipped is not None else "ngram"
 
 
-def resolve_drafter_spec(spec: str | None, model: str | None = None) -> str:
-    """The spec to build for target ``model``: :func:`default_drafter_spec` for None, and a bare
-    ``dspark`` as the DSpark drafter shipped for ``model`` where the package has one (the
-    default target's otherwise); any other spec as given."""
+@dataclass(frozen=True)
+class DrafterSpec:
+    """A drafter spec as :func:`resolve_drafter` reads it: resolved for one target, parsed once."""
+
+    text: str
+    """The resolved spec, e.g. ``dspark:<folder>+ngram``: what engines build and results record."""
+    kind: str
+    """The name before the first colon (of the part before ``+ngram``): none, ngram, model,
+    dspark, dflash or eagle3; :func:`make_drafter` refuses anything else."""
+    arg: str
+    """What follows that colon: a model id or a checkpoint folder; "" where none is given."""
+    hybrid: bool
+    """``+ngram``: prompt lookup beside the DSpark drafter that ``kind`` and ``arg`` name."""
+
+    @property
+    def base(self) -> "DrafterSpec":
+        """The drafter without prompt lookup: itself unless it is a hybrid."""
+        return DrafterSpec(self.text.removesuffix(HYBRID), self.kind, self.arg, False) if self.hybrid else self
+
+    @property
+    def folder(self) -> Path | None:
+        """The checkpoint folder of a dspark / dflash spec (a bare one: the shipped DSpark
+        drafter) or of an eagle3 spec; None for the rest."""
+        if self.kind in ("dspark", "dflash"):
+            return Path(self.arg).expanduser() if self.arg else SHIPPED_DRAFTER
+        if self.kind == "eagle3":
+            return Path(self.arg).expanduser()
+        return None
+
+    @property
+    def calibration_folder(self) -> Path | None:
+        """Where the STS calibration of this drafter's confidences is saved: the folder of a
+        dspark / dflash spec; None for a hybrid (it calibrates its DSpark rows itself, from
+        ``base``) and for every other drafter."""
+        return self.folder if self.kind in ("dspark", "dflash") and not self.hybrid else None
+
+
+def resolve_drafter(spec: "str | DrafterSpec | None", model: str | None = None) -> DrafterSpec:
+    """The drafter ``spec`` names for target ``model`` (None: the default target), parsed:
+    None is :func:`default_drafter_spec`, a bare ``dspark`` is the DSpark drafter shipped for
+    ``model`` where the package has one (the default target's otherwise), any other spec is
+    taken as given. Nothing is checked here: :func:`make_drafter` refuses what it cannot build."""
+    if isinstance(spec, DrafterSpec):
+        return spec
+    text = _resolve_text(spec, model)
+    hybrid = text.endswith(HYBRID)
+    kind, _, arg = text.removesuffix(HYBRID).partition(":") if hybrid else text.partition(":")
+    return DrafterSpec(text, kind, arg, hybrid)
+
+
+def _resolve_text(spec: str | None, model: str | None) -> str:
     if spec is None:
         return default_drafter_spec(model)
     if spec.endswith(HYBRID):
-        return resolve_drafter_spec(spec.removesuffix(HYBRID), model) + HYBRID
+        return _resolve_text(spec.removesuffix(HYBRID), model) + HYBRID
     if spec == "dspark":
         return shipped_dspark_spec(model) or spec
     return spec
 
 
-def make_drafter(spec: str, gamma: int | None = None, device: str = "cpu", dtype=None, calibrate=None) -> Drafter:
+def make_drafter(spec: "str | DrafterSpec", gamma: int | None = None, device: str = "cpu", dtype=None,
+                 calibrate=None) -> Drafter:
     """Build the drafter named by ``spec`` (see the module docstring). ``calibrate``: for a
     hybrid, its DSpark drafter's STS map (the composition root loads it: drafters do not
     import the scheduling layer, :func:`dspark.engine.build.hybrid_calibration`).
@@ -74,9 +126,10 @@ def make_drafter(spec: str, gamma: int | None = None, device: str = "cpu", dtype
     A draft model, DSpark, DFlash or EAGLE-3 drafter runs in ``dtype`` (a ``torch.dtype``: the
     target's, default float32).
     """
-    if spec.endswith(HYBRID):
-        return _hybrid(spec.removesuffix(HYBRID), gamma, device, dtype, calibrate)
-    kind, _, arg = spec.partition(":")
+    spec = resolve_drafter(spec)
+    if spec.hybrid:
+        return _hybrid(spec.base, gamma, device, dtype, calibrate)
+    kind, arg, folder = spec.kind, spec.arg, spec.folder
     if kind == "none" and not arg:
         return NoDrafter()
     if kind == "ngram" and not arg:
@@ -91,7 +144,6 @@ def make_drafter(spec: str, gamma: int | None = None, device: str = "cpu", dtype
         from dspark.drafters.eagle3 import Eagle3Drafter
         from dspark.drafters.eagle3.config import is_eagle3_folder
 
-        folder = Path(arg).expanduser()
         if not arg or not (folder / "config.json").is_file():
             raise DsparkError(f"eagle3 needs a checkpoint folder: eagle3:<folder> (no config.json at {folder})")
         if not is_eagle3_folder(folder):
@@ -101,7 +153,6 @@ def make_drafter(spec: str, gamma: int | None = None, device: str = "cpu", dtype
         from dspark.drafters.dspark import DSparkDrafter
         from dspark.drafters.eagle3.config import is_eagle3_folder
 
-        folder = Path(arg).expanduser() if arg else SHIPPED_DRAFTER
         if not arg and kind == "dflash":
             raise DsparkError("dflash needs a checkpoint folder: dflash:<folder>")
         if not (folder / "config.json").is_file():
@@ -112,19 +163,19 @@ def make_drafter(spec: str, gamma: int | None = None, device: str = "cpu", dtype
         if kind == "dflash" and not drafter.config.is_dflash:
             raise DsparkError(f"{folder} holds a DSpark drafter, not DFlash; use dspark:{folder}")
         return drafter
-    raise DsparkError(f"unknown drafter {spec!r}; choose one of: {DRAFTER_HELP}")
+    raise DsparkError(f"unknown drafter {spec.text!r}; choose one of: {DRAFTER_HELP}")
 
 
-def _hybrid(base: str, gamma, device, dtype, calibrate) -> Drafter:
+def _hybrid(base: DrafterSpec, gamma, device, dtype, calibrate) -> Drafter:
     """``base`` (a DSpark drafter with a confidence head) + prompt lookup; ``calibrate``: base's STS."""
     from dspark.drafters.hybrid import HybridDrafter
     from dspark.drafters.ngram import NgramConfig, NgramDrafter
 
-    if base.partition(":")[0] != "dspark":
-        raise DsparkError(f"+ngram combines lookup with a DSpark drafter (dspark[:<folder>]+ngram), got {base!r}+ngram")
+    if base.kind != "dspark":
+        raise DsparkError(f"+ngram combines lookup with a DSpark drafter (dspark[:<folder>]+ngram), got {base.text!r}+ngram")
     drafter = make_drafter(base, gamma, device, dtype)
     if not has_confidences(drafter):
-        raise DsparkError(f"{base} has no confidence head, which the hybrid needs to choose between its drafters")
+        raise DsparkError(f"{base.text} has no confidence head, which the hybrid needs to choose between its drafters")
     return HybridDrafter(drafter, NgramDrafter(NgramConfig(gamma=gamma or drafter.gamma)), calibrate)
 
 

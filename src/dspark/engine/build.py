@@ -12,15 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from dspark.drafters.base import Drafter, NoDrafter
-from dspark.drafters.factory import (
-    HYBRID,
-    SHIPPED_DRAFTER,
-    as_batch_drafter,
-    default_drafter_spec,
-    has_confidences,
-    make_drafter,
-    resolve_drafter_spec,
-)
+from dspark.drafters.factory import DrafterSpec, as_batch_drafter, has_confidences, make_drafter, resolve_drafter
 from dspark.engine.batched import BatchEngine
 from dspark.engine.single import SpeculativeEngine
 from dspark.scheduling.calibration import load_calibration
@@ -50,23 +42,24 @@ def resolve_policy(policy: str, drafter) -> str:
     return "dspark" if has_confidences(drafter) else "fixed"
 
 
-def hybrid_calibration(spec: str) -> Calibrate | None:
+def hybrid_calibration(spec: str | DrafterSpec) -> Calibrate | None:
     """The STS map a hybrid ``<dspark spec>+ngram`` applies to its DSpark rows (None otherwise)."""
-    return drafter_calibration(spec.removesuffix(HYBRID)) if spec.endswith(HYBRID) else None
+    spec = resolve_drafter(spec)
+    return drafter_calibration(spec.base) if spec.hybrid else None
 
 
-def load_drafter(spec: str | None, target: TargetModel, gamma: int | None = None) -> Drafter:
+def load_drafter(spec: str | DrafterSpec | None, target: TargetModel, gamma: int | None = None) -> Drafter:
     """The drafter named by ``spec`` (None: the one shipped for this target, else n-gram), on
     the target's device and in its dtype, checked against the target."""
     dtype = next(target.model.parameters()).dtype
-    spec = resolve_drafter_spec(spec, target.name)
+    spec = resolve_drafter(spec, target.name)
     drafter = make_drafter(spec, gamma=gamma, device=str(target.device), dtype=dtype, calibrate=hybrid_calibration(spec))
     drafter.check_target(target)
     return drafter
 
 
 def build_single_engine(
-    target: TargetModel, drafter: Drafter | str | None = None, gamma: int | None = None, policy: str | None = None,
+    target: TargetModel, drafter: Drafter | str | DrafterSpec | None = None, gamma: int | None = None, policy: str | None = None,
     **engine_kwargs,
 ) -> "SpeculativeEngine | OneRequest":
     """A one-request engine over ``target`` with ``drafter`` or its spec (None: the shipped
@@ -77,7 +70,7 @@ def build_single_engine(
         if isinstance(drafter, NoDrafter):
             policy = PLAIN
         return OneRequest(build_engine(target, drafter, policy, 1, gamma=gamma, **engine_kwargs))
-    if drafter is None or isinstance(drafter, str):
+    if drafter is None or isinstance(drafter, (str, DrafterSpec)):
         drafter = load_drafter(drafter, target, gamma)
     return SpeculativeEngine(target, drafter)
 
@@ -93,13 +86,12 @@ class OneRequest:
         return self.engine.generate([request], on_tokens=stream).results[0]
 
 
-def drafter_calibration(spec: str | None) -> Calibrate | None:
+def drafter_calibration(spec: str | DrafterSpec | None) -> Calibrate | None:
     """The STS calibration saved beside a DSpark / DFlash drafter folder, if there is one
-    (``spec`` None: the default target's default drafter; resolve another target's first)."""
-    kind, _, folder = (spec or default_drafter_spec()).partition(":")
-    if kind not in ("dspark", "dflash") or (spec or "").endswith(HYBRID):  # a hybrid calibrates its own rows
-        return None
-    return load_calibration(Path(folder).expanduser() if folder else SHIPPED_DRAFTER)
+    (``spec`` None: the default target's default drafter; resolve another target's first).
+    A hybrid has none here: it calibrates its own DSpark rows (:func:`hybrid_calibration`)."""
+    folder = resolve_drafter(spec).calibration_folder
+    return load_calibration(folder) if folder is not None else None
 
 
 def needs_cost_table(policy: str) -> bool:
@@ -126,7 +118,7 @@ def cost_table_for(
 
 def build_engine(
     target: TargetModel,
-    drafter: Drafter | str | None = None,
+    drafter: Drafter | str | DrafterSpec | None = None,
     policy: Policy | str = AUTO,
     max_batch: int = 1,
     *,
@@ -148,8 +140,8 @@ def build_engine(
     """
     if isinstance(policy, str) and policy == PLAIN:
         drafter = NoDrafter()
-    if drafter is None or isinstance(drafter, str):
-        spec = resolve_drafter_spec(drafter, target.name)
+    if drafter is None or isinstance(drafter, (str, DrafterSpec)):
+        spec = resolve_drafter(drafter, target.name)
         if calibrate is None:
             calibrate = drafter_calibration(spec)
         drafter = load_drafter(spec, target, gamma)

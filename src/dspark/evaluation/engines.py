@@ -9,7 +9,6 @@ check reads it).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
 from dspark.evaluation.runner import REFERENCE
@@ -30,31 +29,16 @@ class EvalEngines:
 def drafter_specs(given: Sequence[str | None] | None, model: str | None = None) -> list[str]:
     """The specs to compare on target ``model``, each resolved once (None: the default
     drafter), duplicates dropped, plain decoding (the reference) first."""
-    from dspark.drafters import resolve_drafter_spec
+    from dspark.drafters import resolve_drafter
 
-    specs = list(dict.fromkeys(resolve_drafter_spec(s, model) for s in (given or [None])))
+    specs = list(dict.fromkeys(resolve_drafter(s, model).text for s in (given or [None])))
     return [REFERENCE] + [s for s in specs if s != REFERENCE]
-
-
-def drafter_folder(spec: str) -> Path | None:
-    """The checkpoint folder of a dspark/dflash spec (where calibration.json lives), else None
-    (a hybrid ``...+ngram`` too: it calibrates its DSpark rows itself)."""
-    from dspark.drafters.factory import HYBRID
-
-    kind, _, arg = spec.partition(":")
-    if kind not in ("dspark", "dflash") or spec.endswith(HYBRID):
-        return None
-    if arg:
-        return Path(arg).expanduser()
-    from dspark.drafters import SHIPPED_DRAFTER
-
-    return SHIPPED_DRAFTER
 
 
 def load_engines(model, specs, gamma, device, dtype=None, policy=None) -> EvalEngines:
     """The target, one engine per drafter spec (under ``policy``: see ``build_single_engine``),
     and each drafter's stored calibration (or None); DSpark drafters run in the target's dtype."""
-    from dspark.drafters import make_drafter
+    from dspark.drafters import make_drafter, resolve_drafter
     from dspark.engine.build import build_single_engine, hybrid_calibration
     from dspark.scheduling.calibration import Calibration
     from dspark.target import TargetModel
@@ -64,7 +48,7 @@ def load_engines(model, specs, gamma, device, dtype=None, policy=None) -> EvalEn
     target = TargetModel.load(model, device=device, dtype=dtype)
     calibrations = {}
     for s in specs:
-        folder = drafter_folder(s)
+        folder = resolve_drafter(s).calibration_folder  # a hybrid: None, it calibrates its own rows
         calibrations[s] = Calibration.load(folder) if folder is not None else None
     engines = {
         s: build_single_engine(target, d, policy=policy, **({} if policy is None else {

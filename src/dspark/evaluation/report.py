@@ -38,10 +38,13 @@ def _fmt(x: float | None, spec: str = ".2f", suffix: str = "") -> str:
 
 def short_labels(specs: Sequence[str]) -> dict[str, str]:
     """``dspark:/long/path/smollm2-dspark`` -> ``dspark:smollm2-dspark`` where that stays unique."""
+    from dspark.drafters.factory import HYBRID, resolve_drafter
+
     labels = {}
     for spec in specs:
-        kind, _, arg = spec.partition(":")
-        labels[spec] = f"{kind}:{Path(arg).name}" if arg and ("/" in arg or "\\" in arg) else spec
+        d = resolve_drafter(spec)
+        long = d.arg and ("/" in d.arg or "\\" in d.arg)
+        labels[spec] = f"{d.kind}:{Path(d.arg).name}{HYBRID if d.hybrid else ''}" if long else spec
     if len(set(labels.values())) < len(labels):
         return {spec: spec for spec in specs}
     return labels
