@@ -279,3 +279,28 @@ def test_the_typer_check_catches_every_form_of_import(tmp_path):
     (pkg / "b.py").write_text("def f():\n    from typer.core import TyperGroup\n    return TyperGroup\n")
     (pkg / "c.py").write_text("import typing\nimport typer_extra\nfrom . import typer\n")  # none of these is typer
     assert importers_of(tmp_path, "pkg", "typer") == ["pkg.a (a.py:1)", "pkg.b (b.py:2)"]
+
+
+ENGINES = ("BatchEngine", "SpeculativeEngine")
+"""The engine classes; only the composition root (src/dspark/engine/build.py) constructs them."""
+
+
+def engine_constructions(paths) -> list[str]:
+    """``file:line`` of every call ``BatchEngine(...)`` / ``SpeculativeEngine(...)`` (bare or as
+    an attribute) in ``paths``."""
+    found = []
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+            if isinstance(node, ast.Call):
+                name = getattr(node.func, "id", None) or getattr(node.func, "attr", None)
+                if name in ENGINES:
+                    found.append(f"{path.relative_to(SRC.parent)}:{node.lineno}")
+    return found
+
+
+def test_engines_are_built_only_by_the_composition_root():
+    root = SRC.parent
+    built = engine_constructions(sorted((root / "src" / PACKAGE).rglob("*.py")) + sorted((root / "benchmarks").rglob("*.py")))
+    assert any(b.startswith(str(Path("src", PACKAGE, "engine", "build.py"))) for b in built)  # the walk saw it
+    outside = [b for b in built if not b.startswith(str(Path("src", PACKAGE, "engine", "build.py")) + ":")]
+    assert not outside, "engines built outside dspark.engine.build:\n" + "\n".join(outside)

@@ -28,13 +28,13 @@ PROMPTS = [
 ]
 
 
-def build(spec: str, target, gamma: int):
-    from dspark.drafters import SHIPPED_DRAFTER, make_drafter
-
+def build(spec: str, gamma: int):
+    """``spec`` itself (the composition root loads it), or for ``random:<N>`` the random-init drafter."""
     if not spec.startswith("random:"):
-        return make_drafter(spec, gamma=gamma)
+        return spec
     import torch
 
+    from dspark.drafters import SHIPPED_DRAFTER
     from dspark.drafters.dspark import DSparkConfig, DSparkDrafter, DSparkModel
 
     size = int(spec.partition(":")[2])
@@ -59,15 +59,16 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     from dspark.drafters.base import NoDrafter
-    from dspark.engine import GenerationRequest, SpeculativeEngine
+    from dspark.engine import GenerationRequest
+    from dspark.engine.build import build_single_engine
     from dspark.evaluation.provenance import git_state, machine_info
     from dspark.sampling import SamplingParams
     from dspark.target import TargetModel
 
     target = TargetModel.load(None)
-    engines = {"plain": SpeculativeEngine(target, NoDrafter())}
+    engines = {"plain": build_single_engine(target, NoDrafter())}
     for spec in args.drafter:
-        engines[spec] = SpeculativeEngine(target, build(spec, target, args.gamma))
+        engines[spec] = build_single_engine(target, build(spec, args.gamma), gamma=args.gamma)
     rounds: dict[str, list[float]] = {name: [] for name in engines}  # per-round seconds
     verify: dict[str, list[float]] = {name: [] for name in engines}
     started = time.perf_counter()

@@ -73,11 +73,10 @@ def run(args) -> dict:
     import torch
     from tqdm import tqdm
 
-    from dspark.drafters import NoDrafter
-    from dspark.engine import BatchEngine, GenerationRequest
+    from dspark.engine import GenerationRequest
+    from dspark.engine.build import PLAIN, build_engine
     from dspark.evaluation.provenance import git_state, machine_info
     from dspark.sampling import SamplingParams
-    from dspark.scheduling import make_policy
     from dspark.target import TargetModel
     from dspark.training.data.generate import sample_batch, stop_ids
     from dspark.training.data.prompts import read_prompts
@@ -100,7 +99,7 @@ def run(args) -> dict:
         return outputs, time.perf_counter() - start
 
     def with_engine(batch: int, max_new: int, prompts=prompts) -> tuple[list[list[int]], float]:
-        engine = BatchEngine(target, NoDrafter(), make_policy("plain"), max_batch=batch)
+        engine = build_engine(target, None, PLAIN, batch)
         requests = [GenerationRequest(p, SamplingParams(), max_new_tokens=max_new, seed=i) for i, p in enumerate(prompts)]
         start = time.perf_counter()
         result = engine.generate(requests)

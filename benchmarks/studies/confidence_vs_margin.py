@@ -32,8 +32,8 @@ def main() -> None:
     from tqdm.auto import tqdm
 
     torch.set_num_threads(args.threads)
-    from dspark.drafters import make_drafter
-    from dspark.engine import GenerationRequest, SpeculativeEngine
+    from dspark.engine import GenerationRequest
+    from dspark.engine.build import build_single_engine
     from dspark.evaluation.datasets import load_dataset
     from dspark.evaluation.provenance import git_state, machine_info
     from dspark.sampling import SamplingParams
@@ -41,7 +41,7 @@ def main() -> None:
     from dspark.target import TargetModel
 
     target = TargetModel.load(None)
-    engine = SpeculativeEngine(target, make_drafter(args.drafter))
+    engine = build_single_engine(target, args.drafter)
     conf, margin, accepted = [], [], []  # per round: [γ], [γ], n
     prompts = [c.turns[0] for name in DATASETS for c in load_dataset(name, "calibration", args.limit).conversations]
     for prompt in tqdm(prompts, desc="rollouts", unit="prompt"):

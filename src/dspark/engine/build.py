@@ -3,8 +3,9 @@
 A model spec, a drafter spec and a policy name become a target, a drafter (with the STS
 calibration saved beside it), a policy (with the cost table DSpark's scheduler needs) and a
 :class:`~dspark.engine.batched.BatchEngine` over them. The command line (`generate`, `batch`),
-`dspark eval`, the benchmarks and the server build their engines here and nowhere else, so a drafter, its
-calibration and the cost table always travel together.
+`dspark eval`, `dspark data regen`, the benchmarks and the server build their engines here and
+nowhere else (``tests/test_imports.py`` checks it), so a drafter, its calibration and the cost
+table always travel together.
 """
 
 from __future__ import annotations

@@ -107,10 +107,9 @@ def answer_batch(
     if config.generator == "generate":
         seed = derived_seed(config.seed, *ids)
         return sample_batch(target, prompts, config.max_new_tokens, config.temperature, config.top_p, seed, stops)
-    from dspark.drafters import NoDrafter
-    from dspark.engine import BatchEngine, GenerationRequest
+    from dspark.engine import GenerationRequest
+    from dspark.engine.build import PLAIN, build_engine
     from dspark.sampling import SamplingParams
-    from dspark.scheduling.factory import make_policy
 
     if stops != target.eos_token_ids:
         raise DsparkError(
@@ -122,7 +121,7 @@ def answer_batch(
         GenerationRequest(list(p), params, max_new_tokens=config.max_new_tokens, seed=derived_seed(config.seed, i))
         for p, i in zip(prompts, ids)
     ]
-    engine = BatchEngine(target, NoDrafter(), make_policy("plain"), max_batch=config.batch_size)
+    engine = build_engine(target, None, PLAIN, config.batch_size)
     tokens, reasons = [], []
     for r in engine.generate(requests).results:
         stopped = r.finish_reason == "eos"  # the engine keeps the eos id; sample_batch cuts it
