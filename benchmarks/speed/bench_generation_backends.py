@@ -134,7 +134,8 @@ def run(args) -> dict:
     return {
         "benchmark": "generation_backends",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": shlex.join(["OMP_NUM_THREADS=" + os.environ.get("OMP_NUM_THREADS", "?"), sys.executable, *sys.argv]),
+        "command": shlex.join(["OMP_NUM_THREADS=" + os.environ.get("OMP_NUM_THREADS", "?"), ".venv/bin/python",
+                               "benchmarks/speed/bench_generation_backends.py", *sys.argv[1:]]),
         "machine": {**machine_info(target), "load_avg_start": list(load_start), "load_avg_end": list(os.getloadavg())},
         "git": git_state(),
         "model": target.name,

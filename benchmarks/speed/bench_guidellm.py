@@ -172,6 +172,7 @@ def main(argv=None) -> None:
 
                 # guidellm's report names this machine's tokenizer folder: keep the name, not the path
                 report = report_path.read_bytes().replace(str(resolve(None)[0]).encode(), b"<the default target's tokenizer>")
+                report = report.replace(str(REPO_ROOT).encode() + b"/", b"")  # its own output path: repository-relative
                 row = {"policy": policy, "streams": streams, **guidellm_metrics(json.loads(report)),
                        **acceptance(before, after)}
                 report_path.with_suffix(".json.gz").write_bytes(gzip.compress(report))  # guidellm's own report, kept small

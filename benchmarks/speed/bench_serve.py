@@ -259,7 +259,7 @@ def run(args) -> dict:
     return {
         "benchmark": "serve",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": shlex.join([sys.executable, *sys.argv]),
+        "command": shlex.join([".venv/bin/python", "benchmarks/speed/bench_serve.py", *sys.argv[1:]]),
         "machine": {**machine_info(target), "load_avg_start": load_avg_start, "load_avg_end": os.getloadavg()},
         "git": git_state(),
         "model": target.name,
