@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The shipped SmolLM2 drafter (v6, Qwen3 backbone), from the committed data, and every measurement
-# the README quotes for it, in order. Each step resumes (train and eval keep their progress) and
-# can be run alone: STEPS="eval_t0 parity" bash benchmarks/recipes/smollm2_qwen3_drafter.sh
+# The shipped SmolLM2 drafter (v6, Qwen3 backbone), from the committed data, and the measurements
+# made for it, in order (docs/drafters/smollm2-135m-instruct-dspark.md). Each step resumes (train
+# and eval keep their progress) and can be run alone: STEPS="eval_t0 parity" bash <this script>.
+# eval_t0 / eval_t1 measure v6 alone (eval_t{0,1}_v6, not kept: the current v6 rows are the
+# `dspark` rows of the hybrid evals, benchmarks/recipes/hybrid_benchmarks.sh).
 #
 # v6 is v5 (the previous shipped drafter, Llama backbone; git show 985a9b6:src/dspark/assets/...)
 # warm-started into a Qwen3 backbone (q/k norms start at 1) and trained on the target's own
