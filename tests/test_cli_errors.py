@@ -3,7 +3,7 @@
 Every case runs ``python -m dspark ...`` in a subprocess, so what is checked is what a user
 sees: the exit code, stderr, and that no traceback reaches either stream (typer's CliRunner
 catches exceptions itself, so a traceback check there cannot fail). ``CASES`` is data: the
-README's "Bad inputs" table is printed from it by ``scripts/bad_inputs_table.py``.
+table of docs/errors.md is written from it by ``scripts/bad_inputs_table.py``.
 
 These checks are deterministic (no sampling, no timing): a failure is a real defect, never a
 false positive. Cases marked ``slow`` load the real default model; the rest fail before any
@@ -39,7 +39,7 @@ class Case:
     """One bad invocation and the one line it must print."""
 
     command: str
-    """The subcommand, as the README table names it."""
+    """The subcommand, as the table in docs/errors.md names it."""
     problem: str
     """What is wrong, in words."""
     args: tuple
