@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from dspark.drafters.dspark.config import DSparkConfig
-from dspark.drafters.dspark.vocab import target_to_draft_index
+from dspark.drafters.vocab import target_to_draft_index
 from dspark.target.loading import cuda_half_dtype
 from dspark.training.batches import Batch, block_targets, target_positions
 from dspark.training.loss import LossTerms, LossWeights, dspark_loss, position_weights, slot_targets

@@ -34,8 +34,8 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from dspark.drafters.dspark.model import DSparkModel
-from dspark.drafters.dspark.vocab import top_tokens
 from dspark.drafters.eagle3.model import Eagle3Model
+from dspark.drafters.vocab import top_tokens
 from dspark.errors import DsparkError
 from dspark.training import checkpoints
 from dspark.training.batches import global_batch_indices, make_batch

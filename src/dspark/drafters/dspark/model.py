@@ -12,7 +12,7 @@ that carries its own copies (the authors' DeepSpec checkpoints store ``embed_tok
 ``lm_head``, frozen copies of the target's) keeps them: at :meth:`attach_target` a copy equal
 to the target's is aliased to it (the copy is freed, as vLLM's ``_should_share`` does), one
 that differs is used, frozen, so drafts follow the checkpoint's own weights. With a reduced
-draft vocabulary (``draft_vocab_size`` N < V, see :mod:`dspark.drafters.dspark.vocab`) the
+draft vocabulary (``draft_vocab_size`` N < V, see :mod:`dspark.drafters.vocab`) the
 LM head is the target head's rows of the N draft tokens and logits are over draft indices;
 :meth:`DSparkModel.to_target_ids` and :meth:`DSparkModel.expand_q` map drafts back to the
 target vocabulary, where q is zero outside the subset.
@@ -30,11 +30,11 @@ from dspark.drafters.dspark.attention import BlockLayout
 from dspark.drafters.dspark.attention import register as register_block_attention
 from dspark.drafters.dspark.config import DSparkConfig
 from dspark.drafters.dspark.heads import ConfidenceHead, MarkovHead, RNNHead
-from dspark.drafters.dspark.vocab import DraftVocabulary
 from dspark.drafters.drafter_config import check_finite, check_layer_count, check_shapes, checkpoint_shapes
 from dspark.drafters.families import (
     QK_NORM_FAMILIES, convert_norm, embed_as_target, family_blocks, soft_cap, unit_offset_norms,
 )
+from dspark.drafters.vocab import DraftVocabulary
 from dspark.errors import DsparkError
 from dspark.target.kernels import linear
 

@@ -24,7 +24,7 @@ So the drafter trains on the inputs it sees when drafting, its own hidden states
 
 The embedding and LM head are the frozen target's, borrowed at :meth:`attach_target` and
 never saved. With a reduced draft vocabulary (N < V, the ``d2t``/``t2d`` convention of
-:mod:`dspark.drafters.dspark.vocab`) the head is the target head's rows of the draft tokens
+:mod:`dspark.drafters.vocab`) the head is the target head's rows of the draft tokens
 and q is expanded to the target vocabulary with zeros outside, so verification stays exact.
 """
 
@@ -36,10 +36,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dspark.drafters.dspark.vocab import DraftVocabulary
 from dspark.drafters.drafter_config import check_finite, check_shapes, checkpoint_shapes
 from dspark.drafters.eagle3.config import Eagle3Config
 from dspark.drafters.families import convert_norm, embed_as_target, family_blocks, soft_cap, unit_offset_norms
+from dspark.drafters.vocab import DraftVocabulary
 from dspark.errors import DsparkError
 from dspark.target.kernels import linear
 

@@ -17,7 +17,7 @@ import torch
 
 from dspark.drafters.dspark.config import DSparkConfig
 from dspark.drafters.dspark.model import CARRIED_KEYS, WEIGHTS_NAME, DSparkModel, same_tensor
-from dspark.drafters.dspark.vocab import check_draft_ids, d2t_t2d, draft_ids_from_d2t
+from dspark.drafters.vocab import check_draft_ids, d2t_t2d, draft_ids_from_d2t
 from dspark.errors import DsparkError
 
 INDEX_NAME = "model.safetensors.index.json"
