@@ -123,7 +123,7 @@ def test_the_checker_catches_each_kind_of_bad_link(tmp_path):
         "```\n[fenced](missing.md)\n```\n"
         "[gone](docs/missing.md)\n"
         "[shared](../shared/reference/paper.pdf)\n"
-        "[abs](/work/main/README.md)\n"
+        "[abs](/srv/checkout/README.md)\n"
         "[home](~/notes.md)\n"
         "[bad anchor](docs/real.md#no-such-heading)\n"
         "[up and out](../outside.md)\n"
