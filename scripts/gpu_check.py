@@ -233,7 +233,7 @@ def main() -> int:
         smol = random_target(smollm2_config(tiny), work / "smollm2-shaped", assets)
         gemma = random_target(gemma3_config(tiny), work / "gemma3-shaped", assets, seed=1)
         drafter = random_drafter(smol, work / "dspark-random")
-        return {"summary": f"random targets and drafter in {work}"}
+        return {"summary": "random-init SmolLM2- and Gemma-3-shaped targets, a random DSpark drafter"}
 
     check.step("build", build)
     spec = f"dspark:{drafter}+ngram"
