@@ -21,6 +21,9 @@ for step in $STEPS; do
     concurrency)  # every policy over the hybrid's blocks, c = 1..16
       $PY benchmarks/speed/bench_concurrency.py --drafter dspark+ngram --policies plain gamma1 fixed:7 dspark \
         --concurrency 1 2 4 8 16 --repeats 2 --out benchmarks/results/concurrency_hybrid.json ;;
+    concurrency_long)  # c = 8 and 16 with three times the requests: the tail where the last requests run alone weighs less
+      $PY benchmarks/speed/bench_concurrency.py --drafter dspark+ngram --policies plain gamma1 dspark \
+        --concurrency 8 16 --waves 6 --repeats 2 --out benchmarks/results/concurrency_hybrid_waves6.json ;;
     gemma_t0)  # Gemma 3 270M: the hybrid against lookup alone
       $DS eval --model gemma3-270m --limit "${GEMMA_LIMIT:-10}" --max-new-tokens 128 --turns 1 --policy auto \
         --drafter ngram --drafter dspark+ngram --temperature 0 --out benchmarks/results/eval_gemma3_t0_hybrid ;;

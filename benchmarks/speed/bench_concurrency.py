@@ -81,6 +81,13 @@ class Row:
     """Why the policy could not run (e.g. a drafter without confidences), else None."""
     runs_tokens_per_s: list[float] | None = None
     """Aggregate tokens/s of every repeat; the row's other numbers are the fastest repeat's."""
+    full_tokens_per_s: float = 0.0
+    """Tokens committed per second of step time (drafting, scheduling, verification; prefills
+    excluded) over the steps that ran all c requests: the engine at concurrency c, without the
+    tail where the last requests run alone (speculative decoding finishes requests unevenly, so
+    its tail is longer than plain decoding's and its aggregate is pulled down more)."""
+    full_share: float = 0.0
+    """Share of the run's steps that ran all c requests."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -257,6 +264,8 @@ def summarize(c: int, name: str, position: int, batch, plain, greedy: bool) -> R
         return Row(concurrency=c, policy=name, run_order=position, skipped=batch)
     stats = batch.stats.to_dict()
     per_user = [r.stats.new_tokens / r.stats.wall_s for r in batch.results if r.stats.wall_s > 0]
+    full = [st for st in batch.stats.steps if st.requests == c]
+    full_s = sum(st.draft_s + st.schedule_s + st.verify_s for st in full)
     same = None
     if greedy and not isinstance(plain, str):
         same = sum(a.token_ids == b.token_ids for a, b in zip(batch.results, plain.results))
@@ -269,6 +278,8 @@ def summarize(c: int, name: str, position: int, batch, plain, greedy: bool) -> R
         mean_batch_budget=stats["mean_budget"], mean_requests=stats["mean_requests"], tau=stats["tau"],
         steps=stats["steps"], prefill_s=stats["prefill_s"], draft_s=stats["draft_s"],
         schedule_s=stats["schedule_s"], verify_s=stats["verify_s"], identical_to_plain=same,
+        full_tokens_per_s=sum(st.committed for st in full) / full_s if full_s > 0 else 0.0,
+        full_share=len(full) / len(batch.stats.steps) if batch.stats.steps else 0.0,
     )
 
 
@@ -317,7 +328,7 @@ def print_table(report: dict) -> None:
 
     s = report["settings"]
     table = Table(title=f"{report['model']} · drafter {s['drafter_name']} · T={s['temperature']:g} · {s['max_new_tokens']} new tokens")
-    for name in ["c", "policy", "agg tok/s", "user tok/s", "ℓ/req/step", "τ", "steps", "== plain"]:
+    for name in ["c", "policy", "agg tok/s", "runs", "all-c tok/s", "user tok/s", "ℓ/req/step", "τ", "steps", "== plain"]:
         table.add_column(name, justify="left" if name == "policy" else "right")
     previous = None
     for r in report["rows"]:
@@ -325,13 +336,15 @@ def print_table(report: dict) -> None:
             table.add_section()
         previous = r["concurrency"]
         if r["skipped"]:
-            table.add_row(str(r["concurrency"]), r["policy"], "[yellow]skipped[/yellow]", "", "", "", "", "")
+            table.add_row(str(r["concurrency"]), r["policy"], "[yellow]skipped[/yellow]", *[""] * 7)
             continue
         same = "" if r["identical_to_plain"] is None else f"{r['identical_to_plain']}/{r['requests']}"
         if r["identical_to_plain"] is not None and r["identical_to_plain"] != r["requests"]:
             same = f"[red]{same}[/red]"
         table.add_row(
-            str(r["concurrency"]), r["policy"], f"{r['aggregate_tokens_per_s']:.1f}", f"{r['per_user_tokens_per_s']:.1f}",
+            str(r["concurrency"]), r["policy"], f"{r['aggregate_tokens_per_s']:.1f}",
+            " ".join(f"{v:.0f}" for v in r.get("runs_tokens_per_s") or []),
+            f"{r.get('full_tokens_per_s', 0.0):.1f} ({r.get('full_share', 0.0):.0%})", f"{r['per_user_tokens_per_s']:.1f}",
             f"{r['verify_length']:.2f}", f"{r['tau']:.2f}", str(r["steps"]), same,
         )
     console = Console()
