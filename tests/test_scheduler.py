@@ -236,6 +236,23 @@ def test_feedback_scales_survival_by_what_earlier_steps_accepted():
     assert DSparkScheduler(table(sps), feedback=False).survival_scale == 1.0
 
 
+def test_a_scale_that_stopped_verification_recovers_as_its_evidence_ages():
+    # Over-predicted steps drive the scale near 0 and the scheduler stops verifying; the steps
+    # that follow verify nothing, so they bring no outcome. The old evidence must age, or the
+    # scheduler never verifies again.
+    sps = [1.0 / (1.0 + 0.25 * (b - 1)) for b in range(1, 9)]
+    c = torch.tensor([[0.8, 0.8]])
+    scheduler = DSparkScheduler(table(sps))
+    first = scheduler.schedule([2], c)
+    for _ in range(20):
+        scheduler.observe_outcome(first, 1, 0)
+    steps = 0
+    while scheduler.schedule([2], c).lengths == [0] and steps < 100:
+        scheduler.observe_outcome(scheduler.schedule([2], c), 1, 0)  # a step that verified nothing
+        steps += 1
+    assert steps < 30 and scheduler.schedule([2], c).lengths != [0]  # verifies again
+
+
 def test_dspark_matches_the_transcribed_algorithm_on_random_inputs():
     rng = random.Random(0)
     for trial in range(300):

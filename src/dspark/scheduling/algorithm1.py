@@ -108,8 +108,16 @@ class DSparkScheduler:
             self._context, self._cost_now = bucket, self.cost.at(bucket)
 
     def observe_outcome(self, schedule: Schedule, requests: int, accepted: int) -> None:
-        """Record how many drafted tokens a finished step accepted under ``schedule``."""
+        """Record how many drafted tokens a finished step accepted under ``schedule``.
+
+        A step that verified no draft brings no evidence, and the evidence held so far ages by
+        ``decay``: the scale drifts back to 1. Without that, a scale that once fell near 0 (lookup
+        blocks predicted to survive that did not) would stop every verification, and with it
+        every new outcome, for good: Gemma 3's eval verified nothing after its first dataset.
+        """
         if schedule.expected_tokens is None or not any(schedule.lengths):
+            self._accepted *= self.decay
+            self._predicted *= self.decay
             return
         predicted = (schedule.expected_tokens - requests) / schedule.survival_scale
         self._accepted = self.decay * self._accepted + accepted
