@@ -14,7 +14,7 @@ from typing import List, Optional
 
 import typer
 
-from dspark.cli.edge import BoundaryGroup, check_out_dir, check_out_file
+from dspark.cli.edge import BoundaryGroup, check_at_least, check_out_dir, check_out_file
 from dspark.errors import DsparkError
 
 data_app = typer.Typer(
@@ -65,13 +65,8 @@ def prompts(
     magpie = {"code": magpie_code, "math": magpie_math, "chat": magpie_chat}
     counts = {"--sharegpt": sharegpt, "--jsonl-limit": jsonl_limit}
     counts.update({f"--magpie-{d}": n for d, n in magpie.items()})
-    for flag, value in counts.items():
-        if value < 0:
-            _fail(f"{flag} must be >= 0, got {value}")
-    if max_turns < 1:
-        _fail(f"--max-turns must be >= 1, got {max_turns}")
-    if magpie_batch_size < 1:
-        _fail(f"--magpie-batch-size must be >= 1, got {magpie_batch_size}")
+    check_at_least(*((flag, value, 0) for flag, value in counts.items()), ("--max-turns", max_turns, 1),
+                   ("--magpie-batch-size", magpie_batch_size, 1))
     if not (sharegpt or jsonl or any(magpie.values())):
         _fail("no prompt source chosen: pass --sharegpt N, --jsonl PATH or --magpie-{code,math,chat} N")
     check_out_file(out)
@@ -122,8 +117,7 @@ def generate(
     from dspark.training.data.generate import GenerateConfig, check_resumable, generate_responses
     from dspark.training.data.prompts import read_prompts
 
-    if limit is not None and limit < 1:
-        _fail(f"--limit must be >= 1, got {limit}")
+    check_at_least(("--limit", limit, 1))
     config = GenerateConfig(
         batch_size=batch_size, max_new_tokens=max_new_tokens, temperature=temperature,
         top_p=top_p, seed=seed, max_prompt_tokens=max_prompt_tokens,
@@ -168,11 +162,7 @@ def pool(
 ) -> None:
     """A prompt pool by domain: ShareGPT split into code / math / chat by a keyword rule, plus prompt files."""
     counts = {"--sharegpt-code": sharegpt_code, "--sharegpt-math": sharegpt_math, "--sharegpt-chat": sharegpt_chat}
-    for flag, value in counts.items():
-        if value < 0:
-            _fail(f"{flag} must be >= 0, got {value}")
-    if max_chars < 1:
-        _fail(f"--max-chars must be >= 1, got {max_chars}")
+    check_at_least(*((flag, value, 0) for flag, value in counts.items()), ("--max-chars", max_chars, 1))
     if not (any(counts.values()) or prompts):
         _fail("no prompt source chosen: pass --sharegpt-{code,math,chat} N or --prompts PATH")
     check_out_file(out)
@@ -211,8 +201,7 @@ def regen(
     as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
 ) -> None:
     """The target answers every prompt not yet in the store; token ids straight into shards."""
-    if limit is not None and limit < 1:
-        _fail(f"--limit must be >= 1, got {limit}")
+    check_at_least(("--limit", limit, 1))
     from dspark.training.data.fingerprints import fingerprint_for, tokenizer_fingerprint
     from dspark.training.data.store import recorded_target_fingerprint
     from dspark.training.data.prompts import read_prompts
@@ -257,8 +246,7 @@ def text(
     """Existing conversations, as they are, into a text store (loss on the assistant tokens; greedy labels)."""
     if not sharegpt:
         _fail("no conversation source chosen: pass --sharegpt")
-    if limit is not None and limit < 1:
-        _fail(f"--limit must be >= 1, got {limit}")
+    check_at_least(("--limit", limit, 1))
     from dspark.training.data.fingerprints import load_tokenizer, tokenizer_fingerprint
     from dspark.training.data.mix import EvalOverlapFilter, default_eval_dir
     from dspark.training.data.store import ShardStore, check_settings

@@ -113,6 +113,15 @@ def write_trace(exc: BaseException) -> str:
     return "nowhere: no writable folder"
 
 
+# -- numeric flags -------------------------------------------------------------------------
+def check_at_least(*bounds: tuple[str, float | None, float]) -> None:
+    """Refuse, in order, the first ``(flag, value, least)`` whose value lies below ``least``
+    (a value of None was not given and is not checked)."""
+    for flag, value, least in bounds:
+        if value is not None and value < least:
+            raise DsparkError(f"{flag} must be >= {least}, got {value}")
+
+
 # -- outputs ------------------------------------------------------------------------------
 def check_out_dir(path: str | Path, flag: str = "--out") -> Path:
     """``path`` as an output folder: refused at once unless it is, or can become, a writable folder."""

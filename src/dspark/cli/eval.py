@@ -14,7 +14,7 @@ from typing import List, Optional
 
 import typer
 
-from dspark.cli.edge import check_out_dir
+from dspark.cli.edge import check_at_least, check_out_dir
 from dspark.errors import DsparkError
 
 BUILTIN_HELP = "gsm8k, humaneval, mbpp, mt-bench"
@@ -43,14 +43,7 @@ def eval_command(
     plots: bool = typer.Option(True, "--plots/--no-plots", help="Write the PNG plots."),
 ) -> None:
     """Compare drafters against plain decoding: τ, acceptance per position, speedup, time split."""
-    if limit < 1:
-        raise DsparkError(f"--limit must be >= 1, got {limit}")
-    if gamma is not None and gamma < 1:
-        raise DsparkError(f"--gamma must be >= 1, got {gamma}")
-    if turns is not None and turns < 1:
-        raise DsparkError(f"--turns must be >= 1, got {turns}")
-    if max_new_tokens < 1:
-        raise DsparkError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    check_at_least(("--limit", limit, 1), ("--gamma", gamma, 1), ("--turns", turns, 1), ("--max-new-tokens", max_new_tokens, 1))
     if split not in ("test", "all"):
         raise DsparkError(f"--split must be test or all, got {split!r} (the calibration split belongs to `dspark calibrate`)")
     if policy is not None:
@@ -135,16 +128,8 @@ def calibrate_command(
     plots: bool = typer.Option(True, "--plots/--no-plots", help="Write the reliability diagram and threshold sweep."),
 ) -> None:
     """Fit Sequential Temperature Scaling of the confidence head on real speculative rollouts."""
-    if limit < 1:
-        raise DsparkError(f"--limit must be >= 1, got {limit}")
-    if bins < 2:
-        raise DsparkError(f"--bins must be >= 2, got {bins}")
-    if gamma is not None and gamma < 1:
-        raise DsparkError(f"--gamma must be >= 1, got {gamma}")
-    if min_events < 0:
-        raise DsparkError(f"--min-events must be >= 0, got {min_events}")
-    if max_new_tokens < 1:
-        raise DsparkError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    check_at_least(("--limit", limit, 1), ("--bins", bins, 2), ("--gamma", gamma, 1), ("--min-events", min_events, 0),
+                   ("--max-new-tokens", max_new_tokens, 1))
     from dspark.drafters import SHIPPED_DRAFTERS, resolve_drafter
 
     resolved = resolve_drafter(drafter or "dspark", model)  # bare dspark: the one shipped for --model

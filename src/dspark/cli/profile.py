@@ -8,8 +8,7 @@ from typing import Optional
 
 import typer
 
-from dspark.cli.edge import check_out_dir
-from dspark.errors import DsparkError
+from dspark.cli.edge import check_at_least, check_out_dir
 
 
 def profile_command(
@@ -28,12 +27,8 @@ def profile_command(
 ) -> None:
     """Measure steps/s SPS(R, W) for R requests of W verification tokens each (R up to
     --max-requests, W up to 1 + --max-draft) and save it."""
-    for name, value, low in [("--max-requests", max_requests, 1), ("--max-draft", max_draft, 0),
-                             ("--context", min(context or [1]), 1), ("--repeats", repeats, 1)]:
-        if value < low:
-            raise DsparkError(f"{name} must be >= {low}, got {value}")
-    if threads is not None and threads < 1:
-        raise DsparkError(f"--threads must be >= 1, got {threads}")
+    check_at_least(("--max-requests", max_requests, 1), ("--max-draft", max_draft, 0),
+                   ("--context", min(context or [1]), 1), ("--repeats", repeats, 1), ("--threads", threads, 1))
     from dspark.scheduling.profiling import DEFAULT_CONTEXTS, profile_dir
     from dspark.target.loading import parse_device, parse_dtype
 

@@ -26,6 +26,7 @@ from typing import Optional
 
 import typer
 
+from dspark.cli.edge import check_at_least
 from dspark.errors import DsparkError
 from dspark.serving.config import DEFAULT_DRAIN_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES
 
@@ -61,17 +62,10 @@ def serve_command(
 ) -> None:
     """Serve OpenAI's /v1/chat/completions and /v1/completions with speculative decoding."""
     check_serve_extra()
-    for name, value, least in [("--max-batch", max_batch, 1), ("--max-queue", max_queue, 1), ("--port", port, 0)]:
-        if value < least:
-            raise DsparkError(f"{name} must be >= {least}, got {value}")
+    check_at_least(("--max-batch", max_batch, 1), ("--max-queue", max_queue, 1), ("--port", port, 0))
     if port > 65535:
         raise DsparkError(f"--port must be <= 65535, got {port}")
-    if max_model_len is not None and max_model_len < 2:
-        raise DsparkError(f"--max-model-len must be >= 2, got {max_model_len}")
-    if gamma is not None and gamma < 1:
-        raise DsparkError(f"--gamma must be >= 1, got {gamma}")
-    if max_body_bytes < 1:
-        raise DsparkError(f"--max-body-bytes must be >= 1, got {max_body_bytes}")
+    check_at_least(("--max-model-len", max_model_len, 2), ("--gamma", gamma, 1), ("--max-body-bytes", max_body_bytes, 1))
     if not drain_timeout >= 0:
         raise DsparkError(f"--drain-timeout must be >= 0, got {drain_timeout}")
     if metrics_compat not in ("", "vllm"):
