@@ -206,7 +206,9 @@ def datasets():
 def run(target, datasets):
     engines = {
         "none": SpeculativeEngine(target, NoDrafter()),
-        "ngram": SpeculativeEngine(target, NgramDrafter(NgramConfig(gamma=3))),
+        # Own ids only: the resume check below reruns these engines, and a store kept from this
+        # run would change what lookup proposes (a resumed eval starts its store empty).
+        "ngram": SpeculativeEngine(target, NgramDrafter(NgramConfig(gamma=3, store_tokens=0))),
         "two-right": SpeculativeEngine(target, TwoRightOneWrong(target)),
     }
     seen: list[list[dict]] = []

@@ -31,23 +31,30 @@ def target():
     return tiny_target(vocab_size=V, seed=TARGET_SEED, scale=TARGET_SCALE)
 
 
-def hybrid_lossless_check(target, params):
+def hybrid_lossless_check(target, params, store_tokens=0):
     """As test_batch_engine's batched check: N_RUNS requests of PROMPT among distractors, 4 at a
-    time under the DSpark scheduler, with the hybrid drafting."""
+    time under the DSpark scheduler, with the hybrid drafting. ``store_tokens``: lookup across
+    requests too (earlier samples of the same prompt: the store then wins most rounds)."""
     requests, ours = lossless_requests(params)
     # DSpark's confidences scaled down to lookup's level, so that each side wins some rounds.
-    hybrid = HybridDrafter(dspark_drafter(), NgramDrafter(NgramConfig(gamma=BLOCK, max_ngram=2)), calibrate=lambda c: 0.4 * c)
+    lookup = NgramDrafter(NgramConfig(gamma=BLOCK, max_ngram=2, store_tokens=store_tokens))
+    hybrid = HybridDrafter(dspark_drafter(), lookup, calibrate=lambda c: 0.4 * c)
     engine = BatchEngine(target, hybrid, POLICIES["dspark"](), max_batch=4)
     batch = engine.generate(requests)
     counts = Counter(tuple(batch.results[i].token_ids) for i in ours)
     return chisquare_gof(counts, exact_target_distribution(target, PROMPT, params, NEW_TOKENS)), engine, batch
 
 
-def test_hybrid_output_is_target_distributed(target):
-    fit, engine, batch = hybrid_lossless_check(target, T1)
+@pytest.mark.parametrize("store_tokens", [0, 4096], ids=["own-ids", "with-store"])
+def test_hybrid_output_is_target_distributed(target, store_tokens):
+    fit, engine, batch = hybrid_lossless_check(target, T1, store_tokens)
     assert fit.cells >= 20, fit
     # Both sides drafted blocks, and the scheduler verified some of them.
     assert engine.drafter.rounds["lookup"] > 100 and engine.drafter.rounds["model"] > 100, engine.drafter.rounds
+    if store_tokens:  # the store's matches were proposed (their cells hold labels of proposed blocks)
+        from dspark.drafters.ngram import STORED
+
+        assert engine.drafter.lookup.drafter.stats.labelled[..., STORED].sum() > 500
     assert batch.stats.verify_length > 0
     assert not fit.rejected, fit
 

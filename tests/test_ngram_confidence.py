@@ -8,7 +8,7 @@ import torch
 
 from dspark.drafters.base import DraftInput
 from dspark.drafters.looped import LoopedDrafter
-from dspark.drafters.ngram import RATE_BINS, LookupStats, NgramConfig, NgramDrafter
+from dspark.drafters.ngram import OWN, RATE_BINS, LookupStats, NgramConfig, NgramDrafter
 from dspark.sampling import SamplingParams
 
 
@@ -25,7 +25,7 @@ def test_every_slot_is_labelled_from_what_was_committed_up_to_its_first_miss():
     # scheduler verified (the committed stream is the target's either way).
     propose(drafter, [5, 6, 7, 8, 5, 6, 7, 8, 9])
     stats = drafter.stats
-    assert stats.labelled[:, 2, RATE_BINS].tolist() == [1, 1, 1] and stats.survived[:, 2, RATE_BINS].tolist() == [1, 1, 0]
+    assert stats.labelled[:, 2, RATE_BINS, OWN].tolist() == [1, 1, 1] and stats.survived[:, 2, RATE_BINS, OWN].tolist() == [1, 1, 0]
     assert drafter.rate_bin() == RATE_BINS - 1  # slot 1 survived: this request's rate is 1
 
 
@@ -35,13 +35,13 @@ def test_a_proposal_waits_for_its_positions_and_stops_at_a_miss():
     propose(drafter, [1, 2, 3, 1, 2])  # one position committed: slot 1 only
     assert drafter.stats.labelled[:, 1].sum() == 1
     propose(drafter, [1, 2, 3, 1, 2, 4, 4])  # slot 2 missed (4 ≠ 3); slot 3 is never labelled
-    assert drafter.stats.labelled[:3, 1, RATE_BINS].tolist() == [1, 1, 0]
+    assert drafter.stats.labelled[:3, 1, RATE_BINS, OWN].tolist() == [1, 1, 0]
 
 
 def test_confidences_follow_the_labels_and_copies_share_them():
     stats = LookupStats(gamma=2, max_ngram=1, prior_mean=0.5, prior=2.0)
     for survived in [True] * 8:
-        stats.record(0, 1, RATE_BINS, survived)
+        stats.record(0, 1, RATE_BINS, OWN, survived)
     assert stats.confidences(2, 1, RATE_BINS).tolist() == pytest.approx([(8 + 1) / (8 + 2), 0.5])
     looped = LoopedDrafter(NgramDrafter(NgramConfig(gamma=2, max_ngram=1), stats))
     looped.allocate(2, 16)
@@ -53,10 +53,10 @@ def test_confidences_follow_the_labels_and_copies_share_them():
 def test_the_table_forgets_slowly_once_a_cell_is_full():
     stats = LookupStats(gamma=1, max_ngram=1, horizon=10)
     for _ in range(10):
-        stats.record(0, 1, 0, True)
+        stats.record(0, 1, 0, OWN, True)
     for _ in range(200):
-        stats.record(0, 1, 0, False)
-    assert stats.labelled[0, 1, 0] <= 10 + 1e-9 and stats.confidences(1, 1, 0)[0] < 0.06  # the prior alone: 0.6 / 12
+        stats.record(0, 1, 0, OWN, False)
+    assert stats.labelled[0, 1, 0, OWN] <= 10 + 1e-9 and stats.confidences(1, 1, 0)[0] < 0.06  # the prior alone: 0.6 / 12
 
 
 def test_margin_confidences_are_counted_per_slot_and_margin_bin_from_the_committed_stream():

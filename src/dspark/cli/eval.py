@@ -32,6 +32,7 @@ def eval_command(
     temperature: float = typer.Option(0.0, help="0 = greedy (every drafter must match plain decoding); the paper uses 1.0."),
     seed: int = typer.Option(0, help="Seed of every request's random stream."),
     gamma: Optional[int] = typer.Option(None, help="Draft tokens per round (drafter default if unset)."),
+    lookup_store: Optional[int] = typer.Option(None, help="Most token ids of earlier turns (prompts and answers) that prompt lookup (ngram, dspark+ngram) keeps to match across turns, as a server keeps earlier requests' (default: 65536); 0: each turn's own ids only. A resumed run starts it empty."),
     policy: Optional[str] = typer.Option(None, help="Unset: every round verifies the whole block (τ comparable across drafters). auto | fixed[:γ] | dspark | ...: the batched engine at one request under that policy, as `dspark generate` runs (auto: dspark for drafters with confidences: DSpark's head, n-gram's online estimate, the hybrid; else fixed)."),
     split: str = typer.Option("test", help="test (first 80% of each set) or all; the last 20% belongs to `dspark calibrate`."),
     turns: Optional[int] = typer.Option(None, help="Only the first N turns of each conversation (mt-bench has 2); default all."),
@@ -43,7 +44,8 @@ def eval_command(
     plots: bool = typer.Option(True, "--plots/--no-plots", help="Write the PNG plots."),
 ) -> None:
     """Compare drafters against plain decoding: τ, acceptance per position, speedup, time split."""
-    check_at_least(("--limit", limit, 1), ("--gamma", gamma, 1), ("--turns", turns, 1), ("--max-new-tokens", max_new_tokens, 1))
+    check_at_least(("--limit", limit, 1), ("--gamma", gamma, 1), ("--turns", turns, 1), ("--max-new-tokens", max_new_tokens, 1),
+                   ("--lookup-store", lookup_store, 0))
     if split not in ("test", "all"):
         raise DsparkError(f"--split must be test or all, got {split!r} (the calibration split belongs to `dspark calibrate`)")
     if policy is not None:
@@ -52,11 +54,11 @@ def eval_command(
         check_policy(policy)
     check_out_dir(out)
     _eval(dataset, drafter, model, limit, max_new_tokens, temperature, seed, gamma, split, turns, ignore_eos, device,
-          dtype, out, plots, policy)
+          dtype, out, plots, policy, lookup_store)
 
 
 def _eval(dataset_specs, drafter_specs, model, limit, max_new_tokens, temperature, seed, gamma, split, turns,
-          ignore_eos, device, dtype, out, plots, policy=None):
+          ignore_eos, device, dtype, out, plots, policy=None, lookup_store=None):
     import os
     from dataclasses import asdict
 
@@ -74,14 +76,18 @@ def _eval(dataset_specs, drafter_specs, model, limit, max_new_tokens, temperatur
     if split == "all":
         typer.echo("warning: --split all includes the calibration prompts; the confidence check is not held out",
                    err=True)
-    loaded = load_engines(model, specs, gamma, device, dtype, policy)
+    from dspark.drafters.ngram import NgramConfig
+
+    lookup_store = NgramConfig().store_tokens if lookup_store is None else lookup_store
+    loaded = load_engines(model, specs, gamma, device, dtype, policy, lookup_store)
     target, engines, calibrations = loaded.target, loaded.engines, loaded.calibrations
     encode = target.encode_conversation
     machine = provenance.machine_info(target)
-    runner.warm_up_engines(engines, encode([{"role": "user", "content": datasets[0].conversations[0].turns[0]}]))
+    # Not an eval prompt: prompt lookup's store would hold its ids before its turn.
+    runner.warm_up_engines(engines, encode([{"role": "user", "content": runner.WARM_UP_PROMPT}]))
     policies = {s: getattr(e, "policy", None) and e.policy.name for s, e in engines.items()}
     journal = runner.Journal(out / "journal.jsonl", {
-        "settings": asdict(settings), "gamma": gamma, "model": target.name, "policies": policies,
+        "settings": asdict(settings), "gamma": gamma, "lookup_store": lookup_store, "model": target.name, "policies": policies,
         "drafters": {s: e.drafter.name for s, e in engines.items()},
         "datasets": {d.name: [d.path, [c.index for c in d.conversations], d.num_turns] for d in datasets}})
     if journal.done:
@@ -93,7 +99,7 @@ def _eval(dataset_specs, drafter_specs, model, limit, max_new_tokens, temperatur
     aggregates = aggregate.aggregate(records, list(engines), calibrations)
     results = provenance.results_dict(
         model=target.name, datasets=datasets, drafters={s: e.drafter.name for s, e in engines.items()},
-        settings=settings, gamma=gamma, policies=policies,
+        settings=settings, gamma=gamma, policies=policies, lookup_store=lookup_store,
         records=records, aggregates=aggregates, machine=machine,
         load_avg_end=list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     )

@@ -53,6 +53,7 @@ def serve_command(
     drain_timeout: float = typer.Option(DEFAULT_DRAIN_TIMEOUT_S, help="On SIGTERM, seconds the requests in flight may take to finish before they are cancelled."),
     served_model_name: Optional[str] = typer.Option(None, help="The model id clients send (default: --model, or the default model's name)."),
     gamma: Optional[int] = typer.Option(None, help="Draft tokens per round (drafter default if unset)."),
+    lookup_store: Optional[int] = typer.Option(None, help="Most token ids of earlier requests (prompts and answers) that prompt lookup (ngram, dspark+ngram) keeps to match across requests, shared by every client (default: 65536, about 30 MB); 0: each request's own ids only."),
     device: str = typer.Option("cpu", help="cpu | cuda[:i] | mps."),
     dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16 (auto: float32 on the CPU; on CUDA bfloat16, or float16 where the GPU lacks bf16)."),
     profile_dir: Optional[Path] = typer.Option(None, help="Cost tables (default: $DSPARK_PROFILE_DIR or ~/.cache/dspark/profiles)."),
@@ -65,7 +66,8 @@ def serve_command(
     check_at_least(("--max-batch", max_batch, 1), ("--max-queue", max_queue, 1), ("--port", port, 0))
     if port > 65535:
         raise DsparkError(f"--port must be <= 65535, got {port}")
-    check_at_least(("--max-model-len", max_model_len, 2), ("--gamma", gamma, 1), ("--max-body-bytes", max_body_bytes, 1))
+    check_at_least(("--max-model-len", max_model_len, 2), ("--gamma", gamma, 1), ("--max-body-bytes", max_body_bytes, 1),
+                   ("--lookup-store", lookup_store, 0))
     if not drain_timeout >= 0:
         raise DsparkError(f"--drain-timeout must be >= 0, got {drain_timeout}")
     if metrics_compat not in ("", "vllm"):
@@ -95,7 +97,7 @@ def serve_command(
         raise DsparkError(f"--max-model-len {max_model_len} exceeds the model's context window of {context} tokens")
     spec = resolve_drafter(drafter, target.name)
     engine = build_engine(target, spec, policy, max_batch, gamma=gamma, profile_dir=profile_dir,
-                          profile_if_missing=profile)
+                          profile_if_missing=profile, lookup_store=lookup_store)
     settings = ServeSettings(
         model_name=served_model_name or target.name,
         max_model_len=max_model_len or min(context, DEFAULT_MAX_MODEL_LEN),

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dspark.drafters.base import BatchDrafter, Drafter, NoDrafter
+from dspark.drafters.ngram import NgramConfig, NgramDrafter
 from dspark.errors import DsparkError
 
 DRAFTER_HELP = ("none | ngram | model:<HF id|folder|.gguf> | dspark[:<folder>] | dflash:<folder> | eagle3:<folder> "
@@ -118,24 +119,24 @@ def _resolve_text(spec: str | None, model: str | None) -> str:
 
 
 def make_drafter(spec: "str | DrafterSpec", gamma: int | None = None, device: str = "cpu", dtype=None,
-                 calibrate=None) -> Drafter:
+                 calibrate=None, lookup_store: int | None = None) -> Drafter:
     """Build the drafter named by ``spec`` (see the module docstring). ``calibrate``: for a
     hybrid, its DSpark drafter's STS map (the composition root loads it: drafters do not
     import the scheduling layer, :func:`dspark.engine.build.hybrid_calibration`).
+    ``lookup_store``: most ids of earlier requests that prompt lookup (``ngram``, a hybrid)
+    keeps to match across requests (0: none; None: ``NgramConfig``'s default).
 
     A draft model, DSpark, DFlash or EAGLE-3 drafter runs in ``dtype`` (a ``torch.dtype``: the
     target's, default float32).
     """
     spec = resolve_drafter(spec)
     if spec.hybrid:
-        return _hybrid(spec.base, gamma, device, dtype, calibrate)
+        return _hybrid(spec.base, gamma, device, dtype, calibrate, lookup_store)
     kind, arg, folder = spec.kind, spec.arg, spec.folder
     if kind == "none" and not arg:
         return NoDrafter()
     if kind == "ngram" and not arg:
-        from dspark.drafters.ngram import NgramConfig, NgramDrafter
-
-        return NgramDrafter(NgramConfig(gamma=gamma or 7))
+        return NgramDrafter(lookup_config(gamma or 7, lookup_store))
     if kind == "model" and arg:
         from dspark.drafters.draft_model import DraftModelDrafter
 
@@ -166,17 +167,21 @@ def make_drafter(spec: "str | DrafterSpec", gamma: int | None = None, device: st
     raise DsparkError(f"unknown drafter {spec.text!r}; choose one of: {DRAFTER_HELP}")
 
 
-def _hybrid(base: DrafterSpec, gamma, device, dtype, calibrate) -> Drafter:
+def lookup_config(gamma: int, lookup_store: int | None) -> NgramConfig:
+    """Prompt lookup's settings: ``gamma`` slots, ``lookup_store`` ids of earlier requests (None: the default)."""
+    return NgramConfig(gamma=gamma) if lookup_store is None else NgramConfig(gamma=gamma, store_tokens=lookup_store)
+
+
+def _hybrid(base: DrafterSpec, gamma, device, dtype, calibrate, lookup_store) -> Drafter:
     """``base`` (a DSpark drafter with a confidence head) + prompt lookup; ``calibrate``: base's STS."""
     from dspark.drafters.hybrid import HybridDrafter
-    from dspark.drafters.ngram import NgramConfig, NgramDrafter
 
     if base.kind != "dspark":
         raise DsparkError(f"+ngram combines lookup with a DSpark drafter (dspark[:<folder>]+ngram), got {base.text!r}+ngram")
     drafter = make_drafter(base, gamma, device, dtype)
     if not has_confidences(drafter):
         raise DsparkError(f"{base.text} has no confidence head, which the hybrid needs to choose between its drafters")
-    return HybridDrafter(drafter, NgramDrafter(NgramConfig(gamma=gamma or drafter.gamma)), calibrate)
+    return HybridDrafter(drafter, NgramDrafter(lookup_config(gamma or drafter.gamma, lookup_store)), calibrate)
 
 
 def _load_checkpoint(cls, folder: Path, gamma, device, dtype):

@@ -28,9 +28,14 @@ class LoopedDrafter:
         self.drafter.check_target(target)
 
     def allocate(self, num_slots: int, capacity: int) -> None:
+        for drafter in self._slots:  # their requests are over (n-gram lookup stores their ids)
+            if drafter is not None:
+                drafter.reset()
         self._slots = [None] * num_slots
 
     def open(self, slot: int) -> None:
+        if self._slots[slot] is not None:  # the slot's last request is over
+            self._slots[slot].reset()
         # Drafters keep per-request state only in attributes that reset() rebinds, so a
         # shallow copy shares the weights and owns its state.
         drafter = copy.copy(self.drafter)

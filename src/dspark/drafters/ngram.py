@@ -12,8 +12,14 @@ every slot of every past proposal is labelled from the committed stream alone: s
 proposal survived iff the committed tokens at its positions 1..k equal x_1..x_k. Slots the
 scheduler did not verify are labelled too, so the estimator's labels are not censored by its
 own schedule, from its first round on. :class:`LookupStats` keeps the labels' counts per
-(slot k, suffix length n, the request's recent slot-1 rate) with a Beta prior, shared by every
-request; c_k is their posterior mean. A lookup draft is a function of the committed tokens,
+(slot k, suffix length n, the request's recent slot-1 rate, where the match was) with a Beta
+prior, shared by every request; c_k is their posterior mean.
+
+**Lookup across requests.** Besides the request's own ids, a match may come from a
+:class:`~dspark.drafters.suffix_store.SuffixStore` of earlier requests' ids, shared by every
+request of the drafter (a request's ids enter it when the slot it ran in is reset for the
+next one). Each round the two candidates compete on their expected accepted tokens,
+Σ_j ∏_{i≤j} c_i, each from its own cells. A lookup draft is a function of the committed tokens,
 so any confidence computed from them keeps a schedule non-anticipating (Appendix A): nothing
 in the block is random.
 """
@@ -26,6 +32,7 @@ import torch
 
 from dspark.drafters.base import DraftBlock, DraftInput
 from dspark.drafters.online_confidence import Labeller, Pending
+from dspark.drafters.suffix_store import SuffixStore
 
 
 @dataclass(frozen=True)
@@ -38,46 +45,63 @@ class NgramConfig:
     """Longest suffix to look up; shorter ones are tried when it does not match."""
     min_ngram: int = 1
     """Shortest suffix that may be looked up."""
+    store_tokens: int = 1 << 16
+    """Most ids of earlier requests kept for lookup across requests (0: the request's own ids only)."""
+    store_max_ngram: int = 6
+    """Longest suffix looked up in the earlier requests' ids."""
 
     def __post_init__(self) -> None:
         if self.gamma < 1:
             raise ValueError(f"gamma must be >= 1, got {self.gamma}")
         if not 1 <= self.min_ngram <= self.max_ngram:
             raise ValueError("need 1 <= min_ngram <= max_ngram")
+        if self.store_tokens < 0:
+            raise ValueError(f"store_tokens must be >= 0, got {self.store_tokens}")
+        if self.store_max_ngram < self.min_ngram:
+            raise ValueError("need store_max_ngram >= min_ngram")
+
+    @property
+    def longest(self) -> int:
+        """Longest suffix either lookup may match."""
+        return max(self.max_ngram, self.store_max_ngram if self.store_tokens else 0)
 
 
 RATE_BINS = 4
 """The request's recent slot-1 survival rate, in equal bins; one more bin before it has any."""
 RATE_DECAY = 0.8
 """Weight of the past in a request's recent slot-1 rate."""
+OWN, STORED = 0, 1
+"""Where a lookup matched: the request's own ids, or the store of earlier requests'."""
 
 
 class LookupStats:
     """Labelled slot survivals of lookup proposals, shared by every request of a drafter.
 
-    Counts per (slot k, suffix length n, rate bin) with a Beta(``prior_mean``·``prior``,
+    Counts per (slot k, suffix length n, rate bin, OWN or STORED) with a Beta(``prior_mean``·``prior``,
     (1 - ``prior_mean``)·``prior``) prior; counts decay by ``decay`` per label in a cell once it
     holds ``horizon`` labels, so the estimate follows a drifting workload."""
 
     def __init__(self, gamma: int, max_ngram: int, prior_mean: float = 0.3, prior: float = 2.0, horizon: int = 2000) -> None:
-        shape = (gamma, max_ngram + 1, RATE_BINS + 1)
+        shape = (gamma, max_ngram + 1, RATE_BINS + 1, 2)
         self.survived = torch.zeros(shape, dtype=torch.float64)
         self.labelled = torch.zeros(shape, dtype=torch.float64)
         self.prior_mean, self.prior, self.horizon = prior_mean, prior, horizon
 
-    def confidences(self, gamma: int, n: int, rate_bin: int) -> torch.Tensor:
+    def confidences(self, gamma: int, n: int, rate_bin: int, where: int = OWN) -> torch.Tensor:
         """c_1..c_γ # [γ] float32: posterior mean survival of each slot."""
-        s, t = self.survived[:gamma, n, rate_bin], self.labelled[:gamma, n, rate_bin]
+        s, t = self.survived[:gamma, n, rate_bin, where], self.labelled[:gamma, n, rate_bin, where]
         return ((s + self.prior_mean * self.prior) / (t + self.prior)).float()
 
-    def record(self, k: int, n: int, rate_bin: int, survived: bool) -> None:
-        """One label: slot k (0-based) of a proposal from a suffix of length n survived or not."""
-        if self.labelled[k, n, rate_bin] >= self.horizon:
+    def record(self, k: int, n: int, rate_bin: int, where: int, survived: bool) -> None:
+        """One label: slot k (0-based) of a proposal from a suffix of length n, matched
+        ``where``, survived or not."""
+        cell = (k, n, rate_bin, where)
+        if self.labelled[cell] >= self.horizon:
             keep = 1.0 - 1.0 / self.horizon
-            self.survived[k, n, rate_bin] *= keep
-            self.labelled[k, n, rate_bin] *= keep
-        self.survived[k, n, rate_bin] += float(survived)
-        self.labelled[k, n, rate_bin] += 1.0
+            self.survived[cell] *= keep
+            self.labelled[cell] *= keep
+        self.survived[cell] += float(survived)
+        self.labelled[cell] += 1.0
 
 
 class NgramDrafter:
@@ -87,35 +111,66 @@ class NgramDrafter:
     feature_layer_ids: tuple[int, ...] = ()
     gives_confidences = True
 
-    def __init__(self, config: NgramConfig = NgramConfig(), stats: LookupStats | None = None) -> None:
-        """``stats``: the label counts to share (a new table when None); per-request copies of
-        this drafter (the batched engine's) share it, and learn together."""
+    def __init__(self, config: NgramConfig = NgramConfig(), stats: LookupStats | None = None,
+                 store: SuffixStore | None = None) -> None:
+        """``stats``: the label counts to share (a new table when None); ``store``: the earlier
+        requests' ids to share (a new one of ``config.store_tokens`` when None and that is > 0).
+        Per-request copies of this drafter (the batched engine's) share both, and learn together."""
         self.config = config
         self.gamma = config.gamma
-        self.stats = stats if stats is not None else LookupStats(config.gamma, config.max_ngram)
+        self.stats = stats if stats is not None else LookupStats(config.gamma, config.longest)
+        if store is None and config.store_tokens:
+            store = SuffixStore(config.store_tokens, config.min_ngram, config.store_max_ngram)
+        self.store = store
+        self._tokens: torch.Tensor | None = None
         self.reset()
 
     def check_target(self, target) -> None:
         return None
 
     def reset(self) -> None:
+        """Forget the request; the ids it was last shown enter the store (the request is over)."""
+        if self._tokens is not None and self.store is not None:
+            self.store.add(self._tokens.tolist())  # host sync: once per request
+        self._tokens = None
         self._labeller = Labeller()
+        self._shadow = Labeller()
+        """The candidates not proposed: labelled for the counts, not for the request's rate."""
         self._rate: float | None = None
 
     def propose(self, draft_input: DraftInput) -> DraftBlock:
         tokens = draft_input.tokens  # [L]
+        self._tokens = tokens
         self._label(tokens)
         gamma = min(self.config.gamma, draft_input.max_tokens)
         if gamma <= 0:
             return DraftBlock.empty(tokens.device)
-        found = lookup(tokens, gamma, self.config.max_ngram, self.config.min_ngram)
-        if found is None:
-            return DraftBlock(tokens=tokens[:0], confidences=torch.zeros(0, device=tokens.device))
-        follow, n = found
         rate_bin = self.rate_bin()
-        self._labeller.add(Pending(tokens.shape[0], follow.tolist(), [(n, rate_bin)] * follow.shape[0]))
-        c = self.stats.confidences(follow.shape[0], n, rate_bin).to(tokens.device)
-        return DraftBlock(tokens=follow, confidences=c)
+        candidates = []  # (expected accepted tokens, follow, c, pending labels)
+        for where, (follow, n) in self._candidates(tokens, gamma):
+            c = self.stats.confidences(follow.shape[0], n, rate_bin, where)
+            pending = Pending(tokens.shape[0], follow.tolist(), [(n, rate_bin, where)] * follow.shape[0])
+            candidates.append((float(c.cumprod(0).sum()), follow, c, pending))
+        if not candidates:
+            return DraftBlock(tokens=tokens[:0], confidences=torch.zeros(0, device=tokens.device))
+        best = max(range(len(candidates)), key=lambda i: candidates[i][0])  # a tie keeps the request's own match
+        for i, (_, _, _, pending) in enumerate(candidates):
+            # The loser is labelled too, so neither source's cells are censored by the choice.
+            (self._labeller if i == best else self._shadow).add(pending)
+        _, follow, c, _ = candidates[best]
+        return DraftBlock(tokens=follow, confidences=c.to(tokens.device))
+
+    def _candidates(self, tokens: torch.Tensor, gamma: int):
+        """(OWN, its match) and (STORED, the store's), each where there is one."""
+        config = self.config
+        own = lookup(tokens, gamma, config.max_ngram, config.min_ngram)
+        if own is not None:
+            yield OWN, own
+        if self.store is not None and len(self.store):
+            tail = tokens[-config.store_max_ngram :].tolist()  # host sync: the store is a host index
+            stored = self.store.find(tail, gamma)
+            if stored is not None:
+                yield STORED, (torch.tensor(stored[0], dtype=tokens.dtype, device=tokens.device), stored[1])
 
     def rate_bin(self) -> int:
         """This request's recent slot-1 survival rate, binned (RATE_BINS before any label)."""
@@ -126,12 +181,13 @@ class NgramDrafter:
     def _label(self, tokens: torch.Tensor) -> None:
         """Label the pending proposals' slots whose positions are now committed."""
 
-        def record(k: int, cell: tuple[int, int], survived: bool) -> None:
+        def record(k: int, cell: tuple[int, int, int], survived: bool) -> None:
             self.stats.record(k, *cell, survived)
             if k == 0:
                 self._rate = float(survived) if self._rate is None else RATE_DECAY * self._rate + (1 - RATE_DECAY) * survived
 
         self._labeller.label(tokens, record)
+        self._shadow.label(tokens, lambda k, cell, survived: self.stats.record(k, *cell, survived))
 
 
 def lookup(tokens: torch.Tensor, gamma: int, max_ngram: int, min_ngram: int) -> tuple[torch.Tensor, int] | None:

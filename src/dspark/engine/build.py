@@ -49,12 +49,15 @@ def hybrid_calibration(spec: str | DrafterSpec) -> Calibrate | None:
     return drafter_calibration(spec.base) if spec.hybrid else None
 
 
-def load_drafter(spec: str | DrafterSpec | None, target: TargetModel, gamma: int | None = None) -> Drafter:
+def load_drafter(spec: str | DrafterSpec | None, target: TargetModel, gamma: int | None = None,
+                 lookup_store: int | None = None) -> Drafter:
     """The drafter named by ``spec`` (None: the one shipped for this target, else n-gram), on
-    the target's device and in its dtype, checked against the target."""
+    the target's device and in its dtype, checked against the target; ``lookup_store``: see
+    :func:`~dspark.drafters.factory.make_drafter`."""
     dtype = next(target.model.parameters()).dtype
     spec = resolve_drafter(spec, target.name)
-    drafter = make_drafter(spec, gamma=gamma, device=str(target.device), dtype=dtype, calibrate=hybrid_calibration(spec))
+    drafter = make_drafter(spec, gamma=gamma, device=str(target.device), dtype=dtype, calibrate=hybrid_calibration(spec),
+                           lookup_store=lookup_store)
     drafter.check_target(target)
     return drafter
 
@@ -130,6 +133,7 @@ def build_engine(
     profile_if_missing: bool = False,
     lazy_drafting: bool = True,
     backoff: bool = True,
+    lookup_store: int | None = None,
 ) -> BatchEngine:
     """A batched engine over ``target``.
 
@@ -137,7 +141,8 @@ def build_engine(
     calibration saved beside it unless ``calibrate`` is given. ``policy`` is a policy or its
     name (``dspark.scheduling.factory.POLICY_HELP``): ``plain`` runs without a drafter, and
     ``dspark`` uses ``cost`` or this target's profiled cost table (see :func:`cost_table_for`);
-    ``auto`` is :func:`resolve_policy`.
+    ``auto`` is :func:`resolve_policy`. ``lookup_store`` (a spec only): the ids of earlier
+    requests prompt lookup keeps (:func:`~dspark.drafters.factory.make_drafter`).
     """
     if isinstance(policy, str) and policy == PLAIN:
         drafter = NoDrafter()
@@ -145,7 +150,7 @@ def build_engine(
         spec = resolve_drafter(drafter, target.name)
         if calibrate is None:
             calibrate = drafter_calibration(spec)
-        drafter = load_drafter(spec, target, gamma)
+        drafter = load_drafter(spec, target, gamma, lookup_store)
     batch_drafter = as_batch_drafter(drafter)
     if isinstance(policy, str):
         policy = resolve_policy(policy, batch_drafter)

@@ -35,15 +35,17 @@ def drafter_specs(given: Sequence[str | None] | None, model: str | None = None) 
     return [REFERENCE] + [s for s in specs if s != REFERENCE]
 
 
-def load_engines(model, specs, gamma, device, dtype=None, policy=None) -> EvalEngines:
+def load_engines(model, specs, gamma, device, dtype=None, policy=None, lookup_store=None) -> EvalEngines:
     """The target, one engine per drafter spec (under ``policy``: see ``build_single_engine``),
-    and each drafter's stored calibration (or None); DSpark drafters run in the target's dtype."""
+    and each drafter's stored calibration (or None); DSpark drafters run in the target's dtype;
+    ``lookup_store``: see :func:`~dspark.drafters.factory.make_drafter`."""
     from dspark.drafters import make_drafter, resolve_drafter
     from dspark.engine.build import build_single_engine, hybrid_calibration
     from dspark.scheduling.calibration import Calibration
     from dspark.target import TargetModel
 
-    drafters = {s: make_drafter(s, gamma=gamma, device=device, dtype=dtype, calibrate=hybrid_calibration(s))
+    drafters = {s: make_drafter(s, gamma=gamma, device=device, dtype=dtype, calibrate=hybrid_calibration(s),
+                                lookup_store=lookup_store)
                 for s in specs}  # fail fast, before the target loads
     target = TargetModel.load(model, device=device, dtype=dtype)
     calibrations = {}

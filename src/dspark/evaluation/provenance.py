@@ -56,8 +56,10 @@ def results_dict(
     aggregates: Sequence[Aggregate],
     machine: dict,
     load_avg_end: list[float] | None = None,
+    lookup_store: int | None = None,
 ) -> dict:
-    """Everything results.json holds (report.py renders it)."""
+    """Everything results.json holds (report.py renders it); ``lookup_store``: the ids of
+    earlier turns prompt lookup kept (None: no drafter looks up)."""
     return {
         "kind": "dspark-eval",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -68,6 +70,7 @@ def results_dict(
         "settings": {
             **asdict(settings),
             "gamma": gamma,
+            "lookup_store": lookup_store,
             "drafters": dict(drafters),
             "policies": dict(policies or {}),
             "reference": REFERENCE,

@@ -237,7 +237,8 @@ def eval_markdown(results: dict, plots: bool = True) -> str:
         f"(plain decoding `{REFERENCE}` is the reference)",
         f"- datasets: {sets}",
         f"- temperature {s['temperature']:g}, ≤ {s['max_new_tokens']} new tokens per turn, seed {s['seed']}, "
-        f"γ {s['gamma'] if s['gamma'] is not None else 'drafter default'}",
+        f"γ {s['gamma'] if s['gamma'] is not None else 'drafter default'}"
+        + (f"; prompt lookup also matches the last {s['lookup_store']} ids of earlier turns" if s.get("lookup_store") else ""),
         "- verification: " + (", ".join(f"`{k}` {v}" for k, v in s["policies"].items())
                               if any((s.get("policies") or {}).values())
                               else "every round verifies the whole drafted block"),

@@ -112,6 +112,10 @@ def first_mismatch(a: Sequence[int], b: Sequence[int]) -> int | None:
     return None if len(a) == len(b) else min(len(a), len(b))
 
 
+WARM_UP_PROMPT = "Say hello."
+"""What the warm-up generates from: no eval prompt."""
+
+
 def warm_up_engines(engines: Mapping, prompt_ids: list[int], tokens: int = 8) -> None:
     """One short throwaway generation per engine: thread pools, allocators, lazy init."""
     from dspark.engine import GenerationRequest
