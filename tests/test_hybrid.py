@@ -81,8 +81,8 @@ def test_lookup_takes_a_request_only_where_it_expects_at_least_what_dspark_gave(
     assert all(torch.allclose(b.confidences, torch.full_like(b.confidences, 0.5)) for b in blocks)
     assert drafter._expect == [pytest.approx(expected_accepted(blocks[0].confidences))] * 2
     # Now make lookup sure of itself for request 0 only.
-    drafter.lookup._slots[0].stats.survived.fill_(1e6)
-    drafter.lookup._slots[0].stats.labelled.fill_(1e6)
+    drafter.lookup._slots[0].stats.survived.fill(1e6)
+    drafter.lookup._slots[0].stats.labelled.fill(1e6)
     follow = [DraftInput(torch.tensor(PROMPT + [3]), torch.zeros(1, width), T1, torch.Generator().manual_seed(s), BLOCK)
               for s in (0, 1)]
     blocks = drafter.propose_batch([0, 1], follow).blocks

@@ -108,3 +108,23 @@ def test_the_candidate_expected_to_give_more_is_proposed_and_both_are_labelled()
     assert stats.survived[:3, 2, :, STORED].sum() == 3 and stats.survived[:3, 2, :, OWN].sum() == 0
     drafter.reset()  # a new request with the same ids: its own match still says 7, 8, 5
     assert propose(drafter, [5, 6, 7, 8, 5, 6], 3).tokens.tolist() == [9, 9, 9]  # the store's cells learnt more
+
+
+def test_the_incremental_index_agrees_with_the_lookup_oracle():
+    from dspark.drafters.ngram import NgramIndex, lookup
+
+    rng = torch.Generator().manual_seed(1)
+    for trial in range(40):
+        ids = torch.randint(0, 4 + trial % 5, (60,), generator=rng)
+        index = NgramIndex(1, 3)
+        length = 1
+        while length <= ids.shape[0]:
+            oracle = lookup(ids[:length], 5, 3, 1)
+            fast = index.follow(ids[:length], 5)
+            assert (fast is None) == (oracle is None), (trial, length)
+            if oracle is not None:
+                assert fast == (oracle[0].tolist(), oracle[1]), (trial, length)
+            length += int(torch.randint(1, 4, (1,), generator=rng))
+    index = NgramIndex(1, 2)  # shown ids that are no continuation of the last: it starts again
+    index.follow(torch.tensor([1, 2, 3, 1]), 3)
+    assert index.follow(torch.tensor([5, 6, 5]), 3) == ([6, 5], 1)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from dspark.drafters.base import DraftBlock, DraftInput
@@ -83,14 +84,19 @@ class LookupStats:
 
     def __init__(self, gamma: int, max_ngram: int, prior_mean: float = 0.3, prior: float = 2.0, horizon: int = 2000) -> None:
         shape = (gamma, max_ngram + 1, RATE_BINS + 1, 2)
-        self.survived = torch.zeros(shape, dtype=torch.float64)
-        self.labelled = torch.zeros(shape, dtype=torch.float64)
+        # numpy, not torch: a label is a few scalar updates, ~20x cheaper on numpy's indexing.
+        self.survived = np.zeros(shape)
+        self.labelled = np.zeros(shape)
         self.prior_mean, self.prior, self.horizon = prior_mean, prior, horizon
 
     def confidences(self, gamma: int, n: int, rate_bin: int, where: int = OWN) -> torch.Tensor:
         """c_1..c_γ # [γ] float32: posterior mean survival of each slot."""
+        return torch.from_numpy(self.confidence_array(gamma, n, rate_bin, where)).float()
+
+    def confidence_array(self, gamma: int, n: int, rate_bin: int, where: int = OWN) -> np.ndarray:
+        """:meth:`confidences` as float64 numpy."""
         s, t = self.survived[:gamma, n, rate_bin, where], self.labelled[:gamma, n, rate_bin, where]
-        return ((s + self.prior_mean * self.prior) / (t + self.prior)).float()
+        return (s + self.prior_mean * self.prior) / (t + self.prior)
 
     def record(self, k: int, n: int, rate_bin: int, where: int, survived: bool) -> None:
         """One label: slot k (0-based) of a proposal from a suffix of length n, matched
@@ -133,6 +139,7 @@ class NgramDrafter:
         if self._tokens is not None and self.store is not None:
             self.store.add(self._tokens.tolist())  # host sync: once per request
         self._tokens = None
+        self._own = NgramIndex(self.config.min_ngram, self.config.max_ngram)
         self._labeller = Labeller()
         self._shadow = Labeller()
         """The candidates not proposed: labelled for the counts, not for the request's rate."""
@@ -146,31 +153,30 @@ class NgramDrafter:
         if gamma <= 0:
             return DraftBlock.empty(tokens.device)
         rate_bin = self.rate_bin()
-        candidates = []  # (expected accepted tokens, follow, c, pending labels)
+        candidates = []  # (expected accepted tokens Σ_j ∏_{i≤j} c_i, c, pending labels)
         for where, (follow, n) in self._candidates(tokens, gamma):
-            c = self.stats.confidences(follow.shape[0], n, rate_bin, where)
-            pending = Pending(tokens.shape[0], follow.tolist(), [(n, rate_bin, where)] * follow.shape[0])
-            candidates.append((float(c.cumprod(0).sum()), follow, c, pending))
+            c = self.stats.confidence_array(len(follow), n, rate_bin, where)
+            candidates.append((float(c.cumprod().sum()), c, Pending(tokens.shape[0], follow, [(n, rate_bin, where)] * len(follow))))
         if not candidates:
             return DraftBlock(tokens=tokens[:0], confidences=torch.zeros(0, device=tokens.device))
         best = max(range(len(candidates)), key=lambda i: candidates[i][0])  # a tie keeps the request's own match
-        for i, (_, _, _, pending) in enumerate(candidates):
+        for i, (_, _, pending) in enumerate(candidates):
             # The loser is labelled too, so neither source's cells are censored by the choice.
             (self._labeller if i == best else self._shadow).add(pending)
-        _, follow, c, _ = candidates[best]
-        return DraftBlock(tokens=follow, confidences=c.to(tokens.device))
+        _, c, pending = candidates[best]
+        return DraftBlock(tokens=torch.tensor(pending.tokens, dtype=tokens.dtype, device=tokens.device),
+                          confidences=torch.from_numpy(c).float().to(tokens.device))
 
     def _candidates(self, tokens: torch.Tensor, gamma: int):
-        """(OWN, its match) and (STORED, the store's), each where there is one."""
-        config = self.config
-        own = lookup(tokens, gamma, config.max_ngram, config.min_ngram)
+        """(OWN, (ids, n)) for the request's own match and (STORED, (ids, n)) for the store's,
+        each where there is one."""
+        own = self._own.follow(tokens, gamma)
         if own is not None:
             yield OWN, own
         if self.store is not None and len(self.store):
-            tail = tokens[-config.store_max_ngram :].tolist()  # host sync: the store is a host index
-            stored = self.store.find(tail, gamma)
+            stored = self.store.find(self._own.ids[-self.config.store_max_ngram :], gamma)
             if stored is not None:
-                yield STORED, (torch.tensor(stored[0], dtype=tokens.dtype, device=tokens.device), stored[1])
+                yield STORED, stored
 
     def rate_bin(self) -> int:
         """This request's recent slot-1 survival rate, binned (RATE_BINS before any label)."""
@@ -190,9 +196,39 @@ class NgramDrafter:
         self._shadow.label(tokens, lambda k, cell, survived: self.stats.record(k, *cell, survived))
 
 
+class NgramIndex:
+    """One request's committed ids, indexed by n-gram as they arrive: the fast path of
+    :func:`lookup` (its oracle; the two agree on every input, tests/test_suffix_store.py),
+    O(new ids) per round instead of a scan of the whole context."""
+
+    def __init__(self, min_ngram: int, max_ngram: int) -> None:
+        self.min_ngram, self.max_ngram = min_ngram, max_ngram
+        self.ids: list[int] = []
+        self._at: dict[tuple[int, ...], int] = {}
+        """n-gram -> position of the id that followed its latest occurrence."""
+
+    def follow(self, tokens: torch.Tensor, gamma: int) -> tuple[list[int], int] | None:
+        """As :func:`lookup` on ``tokens`` # [L], the committed ids (which only grow between calls)."""
+        known = len(self.ids)
+        if tokens.shape[0] < known or (known and int(tokens[known - 1]) != self.ids[-1]):
+            self.__init__(self.min_ngram, self.max_ngram)  # not a continuation of what it saw: start again
+            known = 0
+        for x in tokens[known:].tolist():  # host sync: the ids committed since the last round
+            i = len(self.ids)
+            self.ids.append(x)
+            for n in range(self.min_ngram, min(self.max_ngram, i) + 1):
+                self._at[tuple(self.ids[i - n : i])] = i
+        length = len(self.ids)
+        for n in range(min(self.max_ngram, length - 1), self.min_ngram - 1, -1):
+            at = self._at.get(tuple(self.ids[length - n :]))
+            if at is not None:
+                return self.ids[at : at + gamma], n
+        return None
+
+
 def lookup(tokens: torch.Tensor, gamma: int, max_ngram: int, min_ngram: int) -> tuple[torch.Tensor, int] | None:
     """(Tokens that followed the most recent earlier occurrence of the longest matching suffix,
-    that suffix's length), or None."""
+    that suffix's length), or None. The slow oracle of :class:`NgramIndex`."""
     length = tokens.shape[0]
     for n in range(min(max_ngram, length - 1), min_ngram - 1, -1):
         suffix = tokens[length - n :]
