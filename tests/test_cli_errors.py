@@ -146,6 +146,7 @@ CASES = [
          "unknown drafter"),
     Case("eval", "unknown dtype", ("eval", "--dtype", "int4", "--out", "{w}/eval"), "unknown dtype"),
     Case("eval", "zero --turns", ("eval", "--turns", "0"), "--turns must be >= 1"),
+    Case("eval", "negative --lookup-store", ("eval", "--lookup-store", "-1"), "--lookup-store must be >= 0"),
     # -- calibrate ---------------------------------------------------------------------------
     Case("calibrate", "would overwrite the shipped calibration.json", ("calibrate",), "--overwrite-shipped"),
     Case("calibrate", "not a DSpark drafter", ("calibrate", "--drafter", "ngram"), "needs a DSpark drafter"),
@@ -275,6 +276,7 @@ CASES = [
     Case("serve", "--api-key and --api-key-file together", ("serve", "--api-key", "k", "--api-key-file",
                                                              "{w}/file.txt"), "give --api-key-file or --api-key, not both"),
     Case("serve", "zero --max-body-bytes", ("serve", "--max-body-bytes", "0"), "--max-body-bytes must be >= 1"),
+    Case("serve", "negative --lookup-store", ("serve", "--lookup-store", "-1"), "--lookup-store must be >= 0"),
     Case("serve", "negative --drain-timeout", ("serve", "--drain-timeout", "-1"), "--drain-timeout must be >= 0"),
     Case("serve", "a port in use (before the model loads)", ("serve", "--port", "{port}"), "Address already in use"),
     Case("serve", "an address that is not this machine's", ("serve", "--host", "192.0.2.1", "--port", "8000"),

@@ -189,8 +189,10 @@ def run(args) -> dict:
 
     params = SamplingParams(temperature=args.temperature)
     rows: list[Row] = []
-    def engine_for(name: str, c: int):  # a fresh policy: a scheduler learns within one run only
-        return build_engine(target, drafter, name, max_batch=c, calibrate=calibrate, cost=cost)
+    def engine_for(name: str, c: int):
+        # A fresh drafter and policy per run: a scheduler, lookup's counts and its store of
+        # earlier requests learn within one run only (a repeat must not find its own answers).
+        return build_engine(target, spec, name, max_batch=c, gamma=args.gamma, calibrate=calibrate, cost=cost)
 
     runnable = [name for name in args.policies if name not in skip]
     with tqdm(total=len(args.concurrency) * len(runnable) * args.repeats, unit="run", dynamic_ncols=True) as progress:

@@ -53,7 +53,7 @@ def serve_command(
     drain_timeout: float = typer.Option(DEFAULT_DRAIN_TIMEOUT_S, help="On SIGTERM, seconds the requests in flight may take to finish before they are cancelled."),
     served_model_name: Optional[str] = typer.Option(None, help="The model id clients send (default: --model, or the default model's name)."),
     gamma: Optional[int] = typer.Option(None, help="Draft tokens per round (drafter default if unset)."),
-    lookup_store: Optional[int] = typer.Option(None, help="Most token ids of earlier requests (prompts and answers) that prompt lookup (ngram, dspark+ngram) keeps to match across requests, shared by every client (default: 65536, about 30 MB); 0: each request's own ids only."),
+    lookup_store: Optional[int] = typer.Option(None, help="Most token ids of earlier requests (prompts and answers) that prompt lookup (ngram, dspark+ngram) keeps to match across requests, shared by every client (default: 65536, at most about 60 MB); 0: each request's own ids only."),
     device: str = typer.Option("cpu", help="cpu | cuda[:i] | mps."),
     dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16 (auto: float32 on the CPU; on CUDA bfloat16, or float16 where the GPU lacks bf16)."),
     profile_dir: Optional[Path] = typer.Option(None, help="Cost tables (default: $DSPARK_PROFILE_DIR or ~/.cache/dspark/profiles)."),

@@ -48,7 +48,7 @@ class NgramConfig:
     """Shortest suffix that may be looked up."""
     store_tokens: int = 1 << 16
     """Most ids of earlier requests kept for lookup across requests (0: the request's own ids only)."""
-    store_max_ngram: int = 6
+    store_max_ngram: int = 4
     """Longest suffix looked up in the earlier requests' ids."""
 
     def __post_init__(self) -> None:

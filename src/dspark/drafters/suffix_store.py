@@ -62,7 +62,7 @@ class SuffixStore:
         if dropped:
             del self._ids[:dropped]
             self._offset += dropped
-        if len(self._index) > 2 * (self.max_ngram - self.min_ngram + 1) * self.capacity:
+        if 2 * len(self._index) > 3 * (self.max_ngram - self.min_ngram + 1) * self.capacity:  # half again stale
             self._rebuild()
 
     def find(self, suffix: Sequence[int], limit: int) -> tuple[list[int], int] | None:
