@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from dspark.target import kernels
-from dspark.target.kernels import ALL_ROWS, OneDNNLinear, aten_rows_from, choose_aten_rows, kernel_name, linear, onednn_works, set_linear_kernel
+from dspark.target.kernels import (ALL_ROWS, PACK_ROWS, OneDNNLinear, aten_rows_from, choice_from, choose_aten_rows, kernel_name,
+                                   linear, mkl_packed_works, onednn_works, pack_weight, set_linear_kernel)
 from conftest import tiny_llama, tiny_target
 
 pytestmark = pytest.mark.skipif(not onednn_works(), reason="this torch build has no oneDNN linear")
@@ -95,6 +96,71 @@ def test_the_choice_is_the_last_row_count_where_aten_never_loses():
     assert aten_rows_from(ms([10, 11, 12, 13], [12, 16, 18, 20])) == ALL_ROWS
     assert aten_rows_from(ms([13, 11, 12, 13], [12, 16, 18, 20])) == 0  # not 2: it lost at 1 row
     assert [kernel_name(n) for n in (0, 2, ALL_ROWS)] == ["onednn", "aten<=2+onednn", "aten"]
+
+
+needs_mkl = pytest.mark.skipif(not mkl_packed_works(), reason="this torch build has no MKL packed linear")
+
+
+@needs_mkl
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 8])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_packed_linear_matches_aten_on_every_row_count_it_takes(rows, with_bias):
+    g = torch.Generator().manual_seed(rows)
+    weight = torch.randn(96, 40, generator=g)
+    bias = torch.randn(96, generator=g) if with_bias else None
+    x = torch.randn(1, rows, 40, generator=g)  # [B, n, d]: fewer rows are zero-padded to PACK_ROWS
+    with torch.no_grad():
+        fast = linear(x, weight, bias, aten_rows=0, packed=pack_weight(weight))
+    assert fast.shape == (1, rows, 96)
+    torch.testing.assert_close(fast, F.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
+
+
+@needs_mkl
+def test_the_packed_band_runs_between_aten_and_onednn(monkeypatch):
+    packed_calls, onednn_calls = [], []
+    real_packed, real_onednn = kernels._packed_linear, kernels._onednn_linear
+    monkeypatch.setattr(kernels, "_packed_linear", lambda x, w, p, b: packed_calls.append(x.shape[-2]) or real_packed(x, w, p, b))
+    monkeypatch.setattr(kernels, "_onednn_linear", lambda x, w, b: onednn_calls.append(x.shape[-2]) or real_onednn(x, w, b))
+    layer = torch.nn.Linear(40, 24)
+    layer.__class__, layer.aten_rows, layer.packed = OneDNNLinear, 3, pack_weight(layer.weight)
+    with torch.no_grad():
+        for rows in (1, 3, 4, PACK_ROWS, PACK_ROWS + 1):
+            x = torch.randn(rows, 40)
+            torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+    assert packed_calls == [4, PACK_ROWS] and onednn_calls == [PACK_ROWS + 1]
+
+
+def test_the_packed_band_is_taken_only_where_it_beats_onednn():
+    def ms(aten, onednn, mkl):
+        rows = (1, 2, 4, 8, 16)
+        return {"aten": dict(zip(rows, aten)), "onednn": dict(zip(rows, onednn)), "mkl": dict(zip(rows[:4], mkl))}
+
+    assert choice_from(ms([10, 11, 20, 30, 40], [12, 16, 18, 20, 25], [15, 15, 15, 16])) == (2, True)
+    assert choice_from(ms([10, 11, 20, 30, 40], [12, 16, 18, 20, 25], [15, 15, 15, 21])) == (2, False)  # lost at 8
+    assert choice_from(ms([10, 11, 12, 13, 14], [12, 16, 18, 20, 25], [15, 15, 15, 16])) == (ALL_ROWS, False)
+    assert choice_from({"aten": {1: 1.0}, "onednn": {1: 2.0}}) == (ALL_ROWS, False)  # no MKL probed
+    assert [kernel_name(n, True) for n in (0, 3, 8)] == ["mkl<=8+onednn", "aten<=3+mkl<=8+onednn", "aten<=8+onednn"]
+
+
+@needs_mkl
+def test_auto_packs_every_weight_once_when_the_packed_band_wins(monkeypatch, tmp_path):
+    monkeypatch.setattr(kernels, "DISK_CACHE_BYTES", 0)
+    monkeypatch.setattr(kernels, "_CHOSEN", {})
+    monkeypatch.setattr(kernels, "probe", lambda *a, **k: {"aten": {1: 1.0, 4: 9.0}, "onednn": {1: 2.0, 4: 5.0},
+                                                           "mkl": {1: 3.0, 4: 4.0}})
+    model = tiny_llama(vocab_size=32, hidden=32, layers=2)
+    model.lm_head.weight = model.model.embed_tokens.weight
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert set_linear_kernel(model, "auto", cache_dir=tmp_path) == "aten<=1+mkl<=8+onednn"
+    swapped = [m for m in model.modules() if isinstance(m, OneDNNLinear)]
+    assert swapped and all(m.packed is not None for m in swapped)
+    assert model.state_dict().keys() == before.keys() and model.lm_head.weight is model.model.embed_tokens.weight
+    ids = torch.randint(0, 32, (1, 6))
+    with torch.no_grad():
+        fast = model(ids).logits
+        assert set_linear_kernel(model, "aten") == "aten"
+        torch.testing.assert_close(fast, model(ids).logits, rtol=1e-5, atol=1e-5)
+    assert not any(hasattr(m, "packed") and vars(m).get("packed") is not None for m in model.modules())
 
 
 def test_auto_probes_once_and_remembers_the_choice_on_disk(monkeypatch, tmp_path):
