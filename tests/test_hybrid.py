@@ -90,6 +90,26 @@ def test_lookup_takes_a_request_only_where_it_expects_at_least_what_dspark_gave(
     assert all(b.q is None and torch.all(b.confidences > 0.99) for b in blocks)
 
 
+@pytest.mark.parametrize("params, source", [(GREEDY, "ngram"), (T1, "dspark")], ids=["greedy", "sampled"])
+def test_where_dspark_drafted_a_greedy_request_the_block_expected_to_give_more_is_proposed(target, params, source):
+    """DSpark drafts every request on its first round (no history yet). Lookup is sure of
+    itself here; a greedy request then gets lookup's block (both are functions of the past), a
+    sampled one keeps DSpark's (x ~ q must not be chosen on what it turned out to be)."""
+    hybrid = HybridDrafter(dspark_drafter(), NgramDrafter(NgramConfig(gamma=BLOCK, max_ngram=2, store_tokens=0)),
+                           calibrate=lambda c: torch.full_like(c, 0.5))
+    drafter = hybrid.batched()
+    drafter.check_target(target)
+    drafter.allocate(1, 64)
+    drafter.open(0)
+    drafter.lookup._slots[0].stats.survived.fill(1e6)
+    drafter.lookup._slots[0].stats.labelled.fill(1e6)
+    width = hybrid.model.config.hidden_size * len(hybrid.feature_layer_ids)
+    inputs = [DraftInput(torch.tensor(PROMPT), torch.zeros(len(PROMPT) - 1, width), params, torch.Generator().manual_seed(0), BLOCK)]
+    block = drafter.propose_batch([0], inputs).blocks[0]
+    assert block.source == source and block.gamma > 0
+    assert drafter._expect[0] == pytest.approx(0.5 + 0.25 + 0.125)  # DSpark's block still counts as its history
+
+
 def test_specs_build_the_hybrid_and_refuse_what_cannot_be_one(tmp_path):
     from dspark.engine.build import drafter_calibration, hybrid_calibration
 

@@ -10,6 +10,12 @@ rounds (calibrated, as the scheduler sees them); where lookup is at least as goo
 not draft for that request this round. DSpark drafts the others in one batched call, and
 still folds every request's new context, so it can take a request back at any round.
 
+Where DSpark drafted a greedy request that also had a lookup block, the block expected to give
+more accepted tokens is proposed: both are then deterministic functions of the committed
+tokens (DSpark's greedy draft is its argmax), so reading DSpark's drafted tokens, through its
+c_k, to choose cannot bias anything; a sampled request keeps DSpark's block, whose x ~ q must
+not be chosen on what it turned out to be.
+
 Each block keeps its own q (a point mass for lookup) and calibrated c_k, so verification and
 Algorithm 1 are unchanged. Losslessness: the choice reads only the past and the lookup block,
 which is a function of the committed tokens, never a sampled draft token; each block is then
@@ -117,22 +123,24 @@ class BatchedHybridDrafter:
 
         lookup_s = time.perf_counter() - t0
         batch = self.model_drafter.propose_batch(slots, model_inputs, model_gate if gate is not None else None)
-        blocks = []
+        blocks, stop = [], batch.stop
         for i, (s, use) in enumerate(zip(slots, use_lookup)):
-            if use:
-                blocks.append(dataclasses.replace(looked[i], source=LOOKUP))
-                self.rounds["lookup"] += 1
-                continue
             block = batch.blocks[i]
             if block.gamma and block.confidences is not None and self.calibrate is not None:
                 block = dataclasses.replace(block, confidences=self.calibrate(block.confidences))
-            block = dataclasses.replace(block, source=MODEL)
-            if block.gamma:
-                self._observe(s, expected_accepted(block.confidences))
-                self.rounds["model"] += 1
-            blocks.append(block)
+            if block.gamma and not use:
+                expected = expected_accepted(block.confidences)
+                self._observe(s, expected)
+                if inputs[i].params.greedy and expected_accepted(looked[i].confidences) > expected:
+                    use, stop = True, None  # the gate's schedule was for DSpark's block: schedule again
+            if use:
+                blocks.append(dataclasses.replace(looked[i], source=LOOKUP))
+                self.rounds["lookup"] += 1
+            else:
+                blocks.append(dataclasses.replace(block, source=MODEL))
+                self.rounds["model"] += bool(block.gamma)
         fixed = batch.fixed_s + lookup_s if batch.fixed_s is not None else (lookup_s if any(use_lookup) else None)
-        return DraftBatch(blocks, batch.stop, fixed, batch.slots_s)
+        return DraftBatch(blocks, stop, fixed, batch.slots_s)
 
     def propose_free(self, slots: Sequence[int], inputs: Sequence[DraftInput]) -> DraftBatch:
         """Lookup's blocks alone, for the steps the engine's backoff keeps DSpark out of: the
