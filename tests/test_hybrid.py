@@ -243,3 +243,15 @@ def test_lookup_still_drafts_while_the_engine_backs_off_from_dspark(target, monk
     assert [r.token_ids for r in results] == [plain.generate(r).token_ids for r in requests]
     assert free and any(b.gamma and b.source == "ngram" for batch in free for b in batch.blocks)
     assert sum(sum(r.stats.proposed) for r in results) > 0
+
+
+def test_the_backoff_asks_whether_dspark_beat_the_lookup_blocks(target, monkeypatch):
+    """The engine hands the policy the schedule of the hybrid's free (lookup) blocks: DSpark's
+    drafting pays only when it beats them, not merely a plain step."""
+    hybrid = HybridDrafter(dspark_drafter(), NgramDrafter(NgramConfig(gamma=BLOCK, max_ngram=2)), calibrate=lambda c: 0.4 * c)
+    engine = BatchEngine(target, hybrid, POLICIES["dspark"](), max_batch=2)
+    asked = []
+    real = engine.policy.drafting_pays
+    monkeypatch.setattr(engine.policy, "drafting_pays", lambda schedule, requests, free=None: asked.append(free) or real(schedule, requests, free))
+    engine.generate([GenerationRequest(PROMPT * 3, GREEDY, max_new_tokens=24, seed=s) for s in range(2)])
+    assert asked and any(free is not None and any(free.lengths) for free in asked)

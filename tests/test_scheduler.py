@@ -220,6 +220,21 @@ def test_drafting_pays_only_when_the_predicted_gain_covers_drafting_time():
     assert not scheduler.drafting_pays(scheduler.schedule([2], torch.zeros(1, 2)), 1)  # verifies nothing
 
 
+def test_drafting_pays_only_when_it_beats_what_the_free_blocks_would_give():
+    # A hybrid's lookup blocks cost nothing to draft: DSpark's drafting pays only when its
+    # blocks, drafting time included, beat a step that verifies lookup's blocks instead.
+    sps = [1.0 / (1.0 + 0.25 * (b - 1)) for b in range(1, 9)]
+    scheduler = DSparkScheduler(table(sps), feedback=False)
+    drafted = scheduler.schedule([2], torch.tensor([[0.9, 0.9]]))  # τ* 2.71, W = 3: Θ 2.71 / 1.5 without drafting time
+    scheduler.observe_costs(1, 0.3)  # 0.3 s of drafting: Θ = 2.71 / 1.8 = 1.51
+    weak = scheduler.schedule([2], torch.tensor([[0.5, 0.5]]))  # verifies 1: Θ 1.5 / 1.25 = 1.2
+    strong = scheduler.schedule([3], torch.tensor([[0.95, 0.95, 0.95]]))  # τ* 3.71 / 1.75 = 2.12
+    assert scheduler.drafting_pays(drafted, 1)  # against a plain step (Θ 1)
+    assert scheduler.drafting_pays(drafted, 1, weak)
+    assert not scheduler.drafting_pays(drafted, 1, strong)
+    assert scheduler.drafting_pays(drafted, 1, scheduler.schedule([2], torch.zeros(1, 2)))  # verifies nothing: plain
+
+
 def test_feedback_scales_survival_by_what_earlier_steps_accepted():
     sps = [1.0 / (1.0 + 0.25 * (b - 1)) for b in range(1, 9)]
     c = torch.tensor([[0.8, 0.8]])

@@ -146,6 +146,10 @@ class DraftBatch(Generic[Stop]):
     slots_s: float | None = None
     """Seconds spent in the slot loop after that, where it is separate from ``fixed_s``
     (None: all of drafting is in ``fixed_s``)."""
+    free: list[DraftBlock] | None = None
+    """What the drafter would have proposed for the same inputs at no cost (a hybrid's lookup
+    blocks, as :meth:`BatchDrafter.propose_free` gives them): the engine's backoff asks whether
+    drafting beat these. None: nothing, so drafting must beat a plain step."""
 
     @staticmethod
     def empty(num: int, device: torch.device | str = "cpu") -> "DraftBatch":

@@ -140,7 +140,8 @@ class BatchedHybridDrafter:
                 blocks.append(dataclasses.replace(block, source=MODEL))
                 self.rounds["model"] += bool(block.gamma)
         fixed = batch.fixed_s + lookup_s if batch.fixed_s is not None else (lookup_s if any(use_lookup) else None)
-        return DraftBatch(blocks, stop, fixed, batch.slots_s)
+        free = [dataclasses.replace(b, source=LOOKUP) if b.gamma else b for b in looked]
+        return DraftBatch(blocks, stop, fixed, batch.slots_s, free=free)
 
     def propose_free(self, slots: Sequence[int], inputs: Sequence[DraftInput]) -> DraftBatch:
         """Lookup's blocks alone, for the steps the engine's backoff keeps DSpark out of: the

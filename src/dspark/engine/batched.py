@@ -126,9 +126,10 @@ class BatchEngine:
         """``lazy_drafting``: with a policy that reads confidences, draft a slot only while some
         request may still verify it (the schedule is the same either way). ``backoff`` (lazy
         drafting only): after k drafted steps in a row where drafting did not pay, skip the
-        drafter for min(2^(k-1), MAX_BACKOFF) steps, which are plain decoding steps. Drafting
-        pays when the policy says so (DSpark: predicted Θ with drafting time beats a plain
-        step's), else when a drafted token was verified. Both decisions read only the past and
+        drafter for min(2^(k-1), MAX_BACKOFF) steps, which are plain decoding steps (or, for a
+        hybrid, lookup-only steps). Drafting pays when the policy says so (DSpark: predicted Θ
+        with drafting time beats that of the step the drafter's free blocks would make, a
+        hybrid's lookup blocks, else a plain step's), else when a drafted token was verified. Both decisions read only the past and
         this step's confidences, never a drafted token's fate, so verification stays lossless."""
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -239,7 +240,7 @@ class BatchEngine:
         schedule = batch.stop if batch.stop is not None else policy.schedule(drafted, self._confidences(blocks, drafted))
         lengths = schedule.lengths
         backing_off = gated and self.backoff and (any(drafted) or batch.stop is not None)  # confidences were seen
-        paid = backing_off and policy.drafting_pays(schedule, len(live))
+        paid = backing_off and policy.drafting_pays(schedule, len(live), self._free_schedule(batch.free))
         t2 = self.clock()
 
         feed = torch.zeros(len(live), 1 + max(lengths), dtype=torch.long, device=device)  # [R, T]
@@ -286,6 +287,14 @@ class BatchEngine:
             expected_tokens=schedule.expected_tokens, draft_s=t1 - t0, schedule_s=t2 - t1, verify_s=t3 - t2,
         )
         return VerifiedStep(record, failed)
+
+    def _free_schedule(self, free):
+        """The policy's schedule of the blocks the drafter would have proposed at no cost (None
+        when it names none): what drafting must beat to pay."""
+        if free is None:
+            return None
+        drafted = [b.gamma for b in free]
+        return self.policy.schedule(drafted, self._confidences(free, drafted)) if any(drafted) else None
 
     def _back_off(self, paid: bool) -> None:
         """After a drafted step: reset the backoff if drafting paid, else double it."""

@@ -149,16 +149,24 @@ class DSparkScheduler:
 
         return rate
 
-    def drafting_pays(self, schedule: Schedule, requests: int) -> bool:
-        """Whether ``schedule``'s predicted Θ, drafting time included, beats a plain step that
-        drafts nothing: the engine's backoff asks this after each drafted step."""
+    def drafting_pays(self, schedule: Schedule, requests: int, free: Schedule | None = None) -> bool:
+        """Whether ``schedule``'s predicted Θ, drafting time included, beats the step that
+        drafts nothing costly: ``free``'s (a hybrid's lookup blocks, verified at no drafting
+        cost) or, when None or empty, a plain step. The engine's backoff asks this after each
+        drafted step."""
         if schedule.expected_tokens is None or not any(schedule.lengths):
             return False
         width = torch.tensor([1 + max(schedule.lengths)])
         budget = torch.tensor([requests + sum(schedule.lengths)])
-        one = torch.ones(1, dtype=torch.long)
         drafted = schedule.expected_tokens * float(self.step_rate(requests)(width, budget)[0])
-        plain_step = self._overhead.get(requests, 0.0) + 1.0 / float(self._cost_now.steps_per_second(requests, one, one * requests)[0])
+        overhead = self._overhead.get(requests, 0.0)
+        if free is not None and free.expected_tokens is not None and any(free.lengths):
+            width = torch.tensor([1 + max(free.lengths)])
+            budget = torch.tensor([requests + sum(free.lengths)])
+            free_step = overhead + 1.0 / float(self._cost_now.steps_per_second(requests, width, budget)[0])
+            return drafted > free.expected_tokens / free_step
+        one = torch.ones(1, dtype=torch.long)
+        plain_step = overhead + 1.0 / float(self._cost_now.steps_per_second(requests, one, one * requests)[0])
         return drafted > requests / plain_step
 
     def check_shape(self, requests: int, width: int) -> None:

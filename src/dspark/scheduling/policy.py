@@ -80,9 +80,10 @@ class Policy(Protocol):
         """Raise DsparkError if steps of ``requests`` rows of up to ``width`` tokens cannot be
         scheduled."""
 
-    def drafting_pays(self, schedule: Schedule, requests: int) -> bool:
+    def drafting_pays(self, schedule: Schedule, requests: int, free: Schedule | None = None) -> bool:
         """Whether a step that ran ``schedule`` was worth drafting for (the engine backs off
-        from drafting while it is not)."""
+        from drafting while it is not), against ``free``: the schedule of what the drafter
+        proposes at no cost (a hybrid's lookup blocks), or a plain step when None."""
 
     def observe(self, outcome: StepOutcome) -> None:
         """Told after every step what it cost and gave."""
@@ -126,7 +127,7 @@ class FixedGamma:
         cap = self.gamma
         return Schedule([g if cap is None else min(g, cap) for g in drafted])
 
-    def drafting_pays(self, schedule: Schedule, requests: int) -> bool:
+    def drafting_pays(self, schedule: Schedule, requests: int, free: Schedule | None = None) -> bool:
         return any(schedule.lengths)
 
     def observe(self, outcome: StepOutcome) -> None:
@@ -165,7 +166,7 @@ class StaticThreshold:
         lengths = keep.long().cumprod(dim=1).sum(dim=1)  # leading run of kept slots
         return Schedule(lengths.tolist())  # host sync: the engine slices the blocks on the host
 
-    def drafting_pays(self, schedule: Schedule, requests: int) -> bool:
+    def drafting_pays(self, schedule: Schedule, requests: int, free: Schedule | None = None) -> bool:
         return any(schedule.lengths)
 
     def observe(self, outcome: StepOutcome) -> None:
