@@ -14,10 +14,11 @@ DRAFTERS=(--drafter ngram --drafter dspark --drafter dspark+ngram)
 
 for step in $STEPS; do
   case $step in
-    eval_t0|eval_t1)  # the product path (batched engine at one request), interleaved with plain decoding
+    eval_t0|eval_t1)  # the product path (batched engine at one request), interleaved with plain decoding;
+      # lookup keeps its store of earlier turns (default --lookup-store); eval_t1_hybrid/ predates it
       t=${step#eval_t}
       $DS eval --limit "$LIMIT" --max-new-tokens 128 --turns 1 --policy auto "${DRAFTERS[@]}" \
-        --temperature "$t" --out "benchmarks/results/eval_t${t}_hybrid" ;;
+        --temperature "$t" --out "benchmarks/results/eval_t${t}_store" ;;
     concurrency)  # every policy over the hybrid's blocks, c = 1..16
       $PY benchmarks/speed/bench_concurrency.py --drafter dspark+ngram --policies plain gamma1 fixed:7 dspark \
         --concurrency 1 2 4 8 16 --repeats 2 --out benchmarks/results/concurrency_hybrid.json ;;
