@@ -262,13 +262,20 @@ def test_sampled_output_is_target_distributed_with_batching_and_scheduler(target
     assert not fit.rejected, fit
 
 
-def test_lookup_scheduled_on_its_online_confidences_is_target_distributed(target):
+@pytest.mark.parametrize("store_tokens", [0, 4096], ids=["own-ids", "with-store"])
+def test_lookup_scheduled_on_its_online_confidences_is_target_distributed(target, store_tokens):
     # n-gram blocks trimmed by Algorithm 1 on confidences learnt from the committed stream
-    # (2 requests a step: at 8, this cost never pays for a lookup token).
-    fit, results = batched_lossless_check(target, T1, NgramDrafter(NgramConfig(gamma=BLOCK, max_ngram=2)), max_batch=2)
+    # (2 requests a step: at 8, this cost never pays for a lookup token); with the store,
+    # lookup also copies earlier requests' samples of the same prompt.
+    drafter = NgramDrafter(NgramConfig(gamma=BLOCK, max_ngram=2, store_tokens=store_tokens))
+    fit, results = batched_lossless_check(target, T1, drafter, max_batch=2)
     assert fit.cells >= 20, fit
     proposed = [p for r in results for p in r.stats.proposed]
-    assert {0, 1} <= set(proposed) and max(proposed) >= 2, Counter(proposed)
+    assert {0, 1} <= set(proposed) and (store_tokens or max(proposed) >= 2), Counter(proposed)
+    if store_tokens:
+        from dspark.drafters.ngram import STORED
+
+        assert drafter.stats.labelled[..., STORED].sum() > 500  # the store matched: its blocks were candidates
     assert 0 < sum(a for r in results for a in r.stats.accepted) < sum(proposed)
     assert not fit.rejected, fit
 
