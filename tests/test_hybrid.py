@@ -255,3 +255,21 @@ def test_the_backoff_asks_whether_dspark_beat_the_lookup_blocks(target, monkeypa
     monkeypatch.setattr(engine.policy, "drafting_pays", lambda schedule, requests, free=None: asked.append(free) or real(schedule, requests, free))
     engine.generate([GenerationRequest(PROMPT * 3, GREEDY, max_new_tokens=24, seed=s) for s in range(2)])
     assert asked and any(free is not None and any(free.lengths) for free in asked)
+
+
+def test_a_cheap_dspark_drafter_still_backs_off_when_lookup_alone_does_as_well(target, monkeypatch):
+    """Drafting under CHEAP_DRAFTING of a step never backs off, except where the drafter named
+    free blocks to beat: a hybrid's DSpark (Gemma 3's is about 2 % of a step) must pay for itself."""
+    import dspark.engine.batched as batched
+
+    monkeypatch.setattr(batched, "CHEAP_DRAFTING", 1.0)  # any drafting counts as cheap
+    # DSpark's blocks expect 0.3 + 0.09 + 0.027 = 0.417 (0.3 a slot): it drafts where lookup's
+    # blocks expect less, and its blocks never pay beside them.
+    hybrid = HybridDrafter(dspark_drafter(), NgramDrafter(NgramConfig(gamma=BLOCK, max_ngram=2, store_tokens=0)),
+                           calibrate=lambda c: torch.full_like(c, 0.3))
+    engine = BatchEngine(target, hybrid, POLICIES["dspark"](), max_batch=2)
+    free = []
+    real = engine.drafter.propose_free
+    engine.drafter.propose_free = lambda slots, inputs: free.append(real(slots, inputs)) or free[-1]
+    engine.generate([GenerationRequest([0, 1, 2, 3, 4, 5], GREEDY, max_new_tokens=24, seed=s) for s in range(2)])
+    assert free  # the engine backed off from DSpark and ran lookup alone

@@ -140,7 +140,10 @@ class BatchedHybridDrafter:
                 blocks.append(dataclasses.replace(block, source=MODEL))
                 self.rounds["model"] += bool(block.gamma)
         fixed = batch.fixed_s + lookup_s if batch.fixed_s is not None else (lookup_s if any(use_lookup) else None)
-        free = [dataclasses.replace(b, source=LOOKUP) if b.gamma else b for b in looked]
+        # Where DSpark ran (even if its gate kept every slot), the engine asks whether that beat
+        # lookup's blocks alone.
+        ran = batch.fixed_s is not None
+        free = [dataclasses.replace(b, source=LOOKUP) if b.gamma else b for b in looked] if ran else None
         return DraftBatch(blocks, stop, fixed, batch.slots_s, free=free)
 
     def propose_free(self, slots: Sequence[int], inputs: Sequence[DraftInput]) -> DraftBatch:

@@ -52,7 +52,9 @@ from dspark.verify import verify
 
 CHEAP_DRAFTING = 0.02
 """Drafting that took less than this share of its step does not back off, paid or not: what
-backoff saves is drafting time, and prompt lookup's is nearly none."""
+backoff saves is drafting time, and prompt lookup's is nearly none. Not where the drafter named
+free blocks it had to beat (``DraftBatch.free``): a small DSpark drafter beside lookup (Gemma
+3's, about 2 % of a step) must still pay for itself."""
 MAX_BACKOFF = 128
 """Most steps a lazily drafting engine skips the drafter after drafted steps that did not pay:
 while drafting does not pay, looking again costs a drafter pass (and folding the context
@@ -270,8 +272,9 @@ class BatchEngine:
             accepted[i] = n
             committed += len(result.tokens)
         t3 = self.clock()
-        if backing_off:  # drafting that costs next to nothing (lookup) is never worth skipping
-            self._back_off(paid or t1 - t0 < CHEAP_DRAFTING * (t3 - t0))
+        if backing_off:  # drafting that costs next to nothing (lookup) is never worth skipping,
+            # unless the drafter named a free alternative it had to beat (a hybrid's lookup blocks)
+            self._back_off(paid or (batch.free is None and t1 - t0 < CHEAP_DRAFTING * (t3 - t0)))
         slots_drafted = max(drafted, default=0)
         per_slot = batch.slots_s / slots_drafted if batch.slots_s is not None and slots_drafted else None
         overhead = (t3 - t1) - forward_s  # scheduling, the rule, commits: not in a cost table
