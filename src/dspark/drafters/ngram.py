@@ -128,7 +128,7 @@ class NgramDrafter:
         if store is None and config.store_tokens:
             store = SuffixStore(config.store_tokens, config.min_ngram, config.store_max_ngram)
         self.store = store
-        self._tokens: torch.Tensor | None = None
+        self._own: NgramIndex | None = None
         self.reset()
 
     def check_target(self, target) -> None:
@@ -136,9 +136,8 @@ class NgramDrafter:
 
     def reset(self) -> None:
         """Forget the request; the ids it was last shown enter the store (the request is over)."""
-        if self._tokens is not None and self.store is not None:
-            self.store.add(self._tokens.tolist())  # host sync: once per request
-        self._tokens = None
+        if self._own is not None and self.store is not None:
+            self.store.add(self._own.ids)
         self._own = NgramIndex(self.config.min_ngram, self.config.max_ngram)
         self._labeller = Labeller()
         self._shadow = Labeller()
@@ -147,7 +146,7 @@ class NgramDrafter:
 
     def propose(self, draft_input: DraftInput) -> DraftBlock:
         tokens = draft_input.tokens  # [L]
-        self._tokens = tokens
+        self._own.extend(tokens)  # also what enters the store when the request is over
         self._label(tokens)
         gamma = min(self.config.gamma, draft_input.max_tokens)
         if gamma <= 0:
@@ -170,7 +169,7 @@ class NgramDrafter:
     def _candidates(self, tokens: torch.Tensor, gamma: int):
         """(OWN, (ids, n)) for the request's own match and (STORED, (ids, n)) for the store's,
         each where there is one."""
-        own = self._own.follow(tokens, gamma)
+        own = self._own.find(gamma)
         if own is not None:
             yield OWN, own
         if self.store is not None and len(self.store):
@@ -209,6 +208,12 @@ class NgramIndex:
 
     def follow(self, tokens: torch.Tensor, gamma: int) -> tuple[list[int], int] | None:
         """As :func:`lookup` on ``tokens`` # [L], the committed ids (which only grow between calls)."""
+        self.extend(tokens)
+        return self.find(gamma)
+
+    def extend(self, tokens: torch.Tensor) -> None:
+        """Index ``tokens`` # [L], the committed ids, past those already seen (a sequence that
+        does not continue them starts the index again)."""
         known = len(self.ids)
         if tokens.shape[0] < known or (known and int(tokens[known - 1]) != self.ids[-1]):
             self.__init__(self.min_ngram, self.max_ngram)  # not a continuation of what it saw: start again
@@ -218,6 +223,10 @@ class NgramIndex:
             self.ids.append(x)
             for n in range(self.min_ngram, min(self.max_ngram, i) + 1):
                 self._at[tuple(self.ids[i - n : i])] = i
+
+    def find(self, gamma: int) -> tuple[list[int], int] | None:
+        """(Up to ``gamma`` ids that followed the latest earlier occurrence of the longest
+        indexed suffix, its length), or None."""
         length = len(self.ids)
         for n in range(min(self.max_ngram, length - 1), self.min_ngram - 1, -1):
             at = self._at.get(tuple(self.ids[length - n :]))
