@@ -35,6 +35,7 @@ equality with plain decoding rests, as before, on no near-ties at float32 roundi
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import platform
@@ -109,36 +110,26 @@ class OneDNNLinear(torch.nn.Linear):
         return linear(x, self.weight, self.bias, self.aten_rows, self.packed)
 
 
+def _agrees_with_aten(fast: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], rows: int) -> bool:
+    """Whether ``fast(x, w)`` runs in this torch build and agrees with ATen's ``F.linear``."""
+    try:
+        w, x = torch.randn(3, 4), torch.randn(rows, 4)
+        with torch.no_grad():
+            return torch.allclose(fast(x, w), F.linear(x, w), atol=1e-5)
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
+
+
+@functools.cache
 def onednn_works() -> bool:
     """Whether this torch build runs oneDNN's linear and agrees with ATen (probed once)."""
-    global _WORKS
-    if _WORKS is None:
-        try:
-            w, x = torch.randn(3, 4), torch.randn(2, 4)
-            with torch.no_grad():
-                _WORKS = torch.allclose(_onednn_linear(x, w, None), F.linear(x, w), atol=1e-5)
-        except (RuntimeError, AttributeError, NotImplementedError):
-            _WORKS = False
-    return _WORKS
+    return _agrees_with_aten(lambda x, w: _onednn_linear(x, w, None), rows=2)
 
 
-_WORKS: bool | None = None
-
-
+@functools.cache
 def mkl_packed_works() -> bool:
     """Whether this torch build runs MKL's packed linear and agrees with ATen (probed once)."""
-    global _MKL_WORKS
-    if _MKL_WORKS is None:
-        try:
-            w, x = torch.randn(3, 4), torch.randn(5, 4)
-            with torch.no_grad():
-                _MKL_WORKS = torch._C.has_mkl and torch.allclose(_packed_linear(x, w, pack_weight(w), None), F.linear(x, w), atol=1e-5)
-        except (RuntimeError, AttributeError, NotImplementedError):
-            _MKL_WORKS = False
-    return _MKL_WORKS
-
-
-_MKL_WORKS: bool | None = None
+    return torch._C.has_mkl and _agrees_with_aten(lambda x, w: _packed_linear(x, w, pack_weight(w), None), rows=5)
 
 
 def kernel_name(aten_rows: int, packed: bool = False) -> str:
