@@ -1,5 +1,4 @@
-"""Float32 CPU linears on ATen's GEMM or oneDNN's inner product, whichever this host runs
-faster at the number of rows being fed.
+"""Float32 CPU linears on whichever GEMM this host runs fastest at the number of rows fed.
 
 Why: speculative decoding lives on the cost of a target forward over 1 and over a few tokens,
 and which library streams the weights faster there depends on the CPU and the thread count.
@@ -7,30 +6,41 @@ Measured (SmolLM2-135M verification step, context 256, ms; ``benchmarks/speed/be
 
 - session 6's host (AMD EPYC, 2 threads): ATen took as long for 1 row as oneDNN for 8, and
   2-3 rows cost 1.6-2x one row; oneDNN streamed the weights at every row count;
-- this session's host (Intel Xeon, 1 thread): ATen 47 / 51 / 56 / 76 ms at 1 / 2 / 3 / 4 tokens,
+- session 14's host (Intel Xeon, 1 thread): ATen 47 / 51 / 56 / 76 ms at 1 / 2 / 3 / 4 tokens,
   oneDNN 55 / 76 / 78 / 79 ms; at 2 threads ATen was faster at every count up to 8.
 
-A third kernel: MKL's packed GEMM (``torch.ops.mkl._mkl_linear``, what inductor runs for
-float32 CPU linears) over weights packed once for ``PACK_ROWS`` rows, with fewer rows
-zero-padded up to it (PyTorch runs the packed path only at the row count it was packed for).
-Session 15's host (Intel Xeon, 1 thread), SmolLM2-135M verification at context 256, ms:
-ATen/oneDNN as chosen 71 / 72 / 65 / 93 / 102 / 127 at 1 / 2 / 3 / 4 / 6 / 8 tokens, with 4-8
-tokens on the packed weights 80 / 83 / 85: eight tokens cost 1.4x one instead of 1.8x, which is
-what speculative decoding verifies.
+Four kernels:
 
-So the default (``auto``) probes all three on the model's own largest weights once per host,
-model shape and thread count (the choice is cached under the dspark cache folder), and runs
-ATen up to the last row count where it wins, the packed weights above that up to
-``PACK_ROWS`` where they beat oneDNN, oneDNN above. The choice is part of the kernel's name
-(``aten<=3+onednn``, ``aten<=3+mkl<=8+onednn``), and so of the scheduler's cost-table key.
+- ``aten``: ``F.linear`` (x Wᵀ: MKL's GEMM with the rows as the short side);
+- ``onednn``: oneDNN's inner product;
+- ``tall``: ATen's GEMM the other way round, (W xᵀ)ᵀ, the weight as the tall left operand. The
+  same product through another of MKL's kernels: session 16's host (AMD EPYC, AVX-512, 1
+  thread) ran a 2- or 4-row pass over all of SmolLM2's linears in 26 / 29 ms where oneDNN took
+  37 / 37 and one row took 28, but 3 rows in 37 and 8 in 70 (oneDNN 41): so 3 rows run
+  zero-padded to 4 there. In the whole verification step: 2 / 3 / 4 tokens 1.13-1.16 /
+  1.25-1.32 / 1.22-1.27x one token, against oneDNN's 1.37 / 1.41 / 1.41x.
+- ``mkl``: MKL's packed GEMM (``torch.ops.mkl._mkl_linear``, what inductor runs for float32 CPU
+  linears) over weights packed once for ``PACK_ROWS`` rows, fewer rows zero-padded up to it
+  (PyTorch runs the packed path only at the row count it was packed for). Session 15's host
+  (Intel Xeon, 1 thread): eight tokens cost 1.4x one instead of 1.8x; on session 16's AMD host
+  it lost to oneDNN at every count.
+
+So the default (``auto``) probes all four on the model's own largest weights once per host,
+model shape and thread count (the choice is cached under the dspark cache folder) at every row
+count up to :data:`PLAN_ROWS` and at a few above, and makes a :class:`KernelPlan`: for each
+row count up to :data:`PLAN_ROWS`, the kernel and the (probed, padded) row count that ran
+fastest; above it, the one kernel fastest there. The plan is part of the kernel's name
+(``onednn<=1+tall<=2+tall@4<=4+onednn``, ``aten<=3+mkl<=8+onednn``), and so of the
+scheduler's cost-table key.
 
 A swapped module keeps its parameters (tied weights stay tied, ``state_dict`` is unchanged)
-and only its ``forward`` changes; the packed band adds one packed copy of each weight, so the
-float32 weights sit in memory twice. It is used only where
-no gradient is wanted (the frozen target under ``no_grad``); anything else falls back to ATen.
-Results agree with ATen's to float32 rounding (the tests compare both on every shape the
-engines use). Neither library gives a row the same bits at every row count, so greedy
-equality with plain decoding rests, as before, on no near-ties at float32 rounding.
+and only its ``forward`` changes; a plan that uses the packed kernel adds one packed copy of
+each weight, so the float32 weights then sit in memory twice. It is used only where no gradient
+is wanted (the frozen target under ``no_grad``); anything else falls back to ATen. Results
+agree with ATen's to float32 rounding (the tests compare every kernel with ``F.linear`` on
+every shape the engines use, padded or not). No library gives a row the same bits at every row
+count, so greedy equality with plain decoding rests, as before, on no near-ties at float32
+rounding.
 """
 
 from __future__ import annotations
@@ -42,25 +52,79 @@ import platform
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
-AUTO, ATEN, ONEDNN, MKL = "auto", "aten", "onednn", "mkl"
+AUTO, ATEN, ONEDNN, TALL, MKL = "auto", "aten", "onednn", "tall", "mkl"
 LINEAR_KERNELS = (AUTO, ATEN, ONEDNN)
+"""What a user may ask for: ``auto`` (probe, plan per row count) or one kernel everywhere."""
 PACK_ROWS = 8
 """Rows the packed weights are packed for; 4-8 rows is what a batch-1 verification feeds."""
-CHOICE_VERSION = 2
-"""Part of the cached choice's key: version 1 knew ATen and oneDNN only."""
-PROBE_ROWS = (1, 2, 3, 4, 6, 8, 12, 16)
+PLAN_ROWS = 8
+"""Row counts a plan chooses one by one (and may pad within); above, one kernel, unpadded."""
+CHOICE_VERSION = 3
+"""Part of the cached choice's key: version 1 knew ATen and oneDNN only, 2 the packed band."""
+PAD_MARGIN = 0.05
+"""A padded option is taken only where it beats every less padded one by more than this share
+(one pass's noise on a quiet host is a few per cent)."""
+PROBE_ROWS = (1, 2, 3, 4, 5, 6, 7, 8, 12, 16)
 PROBE_BYTES = 256 << 20
 """The probe streams the model's largest weights up to this many bytes: more than the caches,
 as a real forward does, and a fraction of a second per pass."""
 DISK_CACHE_BYTES = 16 << 20
 """Models with fewer linear-weight bytes are probed in memory only (tests' tiny models)."""
-ALL_ROWS = sys.maxsize
+
+
+@dataclass(frozen=True)
+class KernelPlan:
+    """Which kernel runs a linear of n rows, and over how many rows (the input zero-padded up
+    to them): ``small[n - 1]`` for n up to its length, ``above`` unpadded beyond."""
+
+    small: tuple[tuple[str, int], ...] = ()
+    """(kernel, rows run) per row count 1, 2, …; rows run >= the row count (MKL: PACK_ROWS)."""
+    above: str = ONEDNN
+
+    def __post_init__(self) -> None:
+        for n, (kernel, run) in enumerate(self.small, 1):
+            if kernel not in (ATEN, ONEDNN, TALL, MKL) or run < n or (kernel == MKL and run != PACK_ROWS):
+                raise ValueError(f"a kernel plan cannot run {n} rows as ({kernel!r}, {run} rows)")
+        if self.above not in (ATEN, ONEDNN, TALL):
+            raise ValueError(f"unknown kernel {self.above!r} above a plan's rows")
+
+    def at(self, rows: int) -> tuple[str, int]:
+        """(kernel, rows it runs over) for a linear of ``rows`` rows."""
+        return self.small[rows - 1] if 0 < rows <= len(self.small) else (self.above, rows)
+
+    @property
+    def packs(self) -> bool:
+        """Whether some row count runs on the packed weights."""
+        return any(kernel == MKL for kernel, _ in self.small)
+
+    @property
+    def name(self) -> str:
+        """Runs of row counts with one kernel, in order: 'kernel<=n' (or 'kernel@m<=n' where
+        they run padded to m rows), the last kernel unbounded: 'aten<=3+mkl<=8+onednn',
+        'onednn<=1+tall<=2+tall@4<=3+tall<=4+onednn', 'onednn'."""
+        keys = [(k, None if k == MKL or run == n else run) for n, (k, run) in enumerate(self.small, 1)]
+        while keys and keys[-1] == (self.above, None):
+            keys.pop()
+        parts = []
+        for n, key in enumerate(keys, 1):
+            if n == len(keys) or keys[n] != key:
+                kernel, run = key
+                parts.append(f"{kernel}{'' if run is None else f'@{run}'}<={n}")
+        return "+".join([*parts, self.above])
+
+    @classmethod
+    def everywhere(cls, kernel: str) -> "KernelPlan":
+        return cls((), kernel)
+
+
+ONEDNN_PLAN = KernelPlan.everywhere(ONEDNN)
 
 
 def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -69,45 +133,56 @@ def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
+def _tall_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x # [n, in] -> (W xᵀ)ᵀ # [n, out]: F.linear with the GEMM's operands the other way round."""
+    out = torch.mm(weight, x.t()).t()
+    return (out + bias if bias is not None else out).contiguous()
+
+
 def pack_weight(weight: torch.Tensor) -> torch.Tensor:
     """``weight`` # [out, in] packed for MKL's GEMM at :data:`PACK_ROWS` rows (a copy)."""
     return torch.ops.mkl._mkl_reorder_linear_weight(weight.detach(), PACK_ROWS)
 
 
 def _packed_linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    flat = x.reshape(-1, x.shape[-1])
-    rows = flat.shape[0]
-    if rows < PACK_ROWS:  # the packed path runs only at the row count it was packed for
-        flat = torch.cat([flat, flat.new_zeros(PACK_ROWS - rows, flat.shape[1])])
-    out = torch.ops.mkl._mkl_linear(flat.contiguous(), packed, weight, bias, PACK_ROWS)[:rows]
-    return out.reshape(*x.shape[:-1], weight.shape[0])
+    """x # [PACK_ROWS, in] (the packed path runs only at the row count it was packed for)."""
+    return torch.ops.mkl._mkl_linear(x.contiguous(), packed, weight, bias, PACK_ROWS)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, aten_rows: int = 0,
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, plan: KernelPlan = ONEDNN_PLAN,
            packed: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear``, when no gradient is wanted and the operands are CPU float32: on ATen up to
-    ``aten_rows`` rows, on the ``packed`` weights (:func:`pack_weight`) above that up to
-    :data:`PACK_ROWS` rows, on oneDNN above."""
+    """``F.linear`` # [..., in] -> [..., out], when no gradient is wanted and the operands are
+    CPU float32: on the kernel ``plan`` names for this many rows, zero-padded to the rows it
+    names (the ``packed`` weights of :func:`pack_weight` for ``mkl``)."""
     rows = x.numel() // max(1, x.shape[-1])
-    if (torch.is_grad_enabled() or x.dtype != torch.float32 or x.device.type != "cpu"
-            or rows <= aten_rows or not onednn_works()):
+    kernel, run = plan.at(rows)
+    if ((kernel == ATEN and run == rows) or torch.is_grad_enabled() or x.dtype != torch.float32
+            or x.device.type != "cpu" or (kernel == MKL and packed is None) or not onednn_works()):
         return F.linear(x, weight, bias)
-    if packed is not None and rows <= PACK_ROWS:
-        return _packed_linear(x, weight, packed, bias)
-    return _onednn_linear(x, weight, bias)
+    flat = x.reshape(-1, x.shape[-1])
+    if run > rows:
+        flat = torch.cat([flat, flat.new_zeros(run - rows, flat.shape[1])])
+    if kernel == MKL:
+        out = _packed_linear(flat, weight, packed, bias)
+    elif kernel == TALL:
+        out = _tall_linear(flat, weight, bias)
+    elif kernel == ATEN:
+        out = F.linear(flat, weight, bias)
+    else:
+        out = _onednn_linear(flat, weight, bias)
+    return out[:rows].reshape(*x.shape[:-1], weight.shape[0])
 
 
 class OneDNNLinear(torch.nn.Linear):
-    """An ``nn.Linear`` whose gradient-free CPU float32 forward runs on oneDNN above
-    ``aten_rows`` rows, or on packed weights up to :data:`PACK_ROWS` rows where ``packed`` is
-    set (both by :func:`set_linear_kernel`)."""
+    """An ``nn.Linear`` whose gradient-free CPU float32 forward runs on its ``plan`` (with
+    ``packed`` weights where the plan uses them; both set by :func:`set_linear_kernel`)."""
 
-    aten_rows: int = 0
+    plan: KernelPlan = ONEDNN_PLAN
     packed: torch.Tensor | None = None
     """The weight packed by :func:`pack_weight`: a plain attribute, not in ``state_dict``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias, self.aten_rows, self.packed)
+        return linear(x, self.weight, self.bias, self.plan, self.packed)
 
 
 def _agrees_with_aten(fast: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], rows: int) -> bool:
@@ -129,54 +204,43 @@ def onednn_works() -> bool:
 @functools.cache
 def mkl_packed_works() -> bool:
     """Whether this torch build runs MKL's packed linear and agrees with ATen (probed once)."""
-    return torch._C.has_mkl and _agrees_with_aten(lambda x, w: _packed_linear(x, w, pack_weight(w), None), rows=5)
-
-
-def kernel_name(aten_rows: int, packed: bool = False) -> str:
-    """'onednn' (0 rows on ATen), 'aten' (all rows), 'aten<=N+onednn', or with packed weights
-    between ATen and oneDNN 'aten<=N+mkl<=8+onednn' ('mkl<=8+onednn' from 1 row)."""
-    if aten_rows >= ALL_ROWS:
-        return ATEN
-    parts = [f"aten<={aten_rows}"] if aten_rows > 0 else []
-    if packed and aten_rows < PACK_ROWS:
-        parts.append(f"{MKL}<={PACK_ROWS}")
-    return "+".join([*parts, ONEDNN])
+    return torch._C.has_mkl and _agrees_with_aten(lambda x, w: _packed_linear(
+        torch.cat([x, x.new_zeros(PACK_ROWS - x.shape[0], x.shape[1])]), w, pack_weight(w), None)[: x.shape[0]], rows=5)
 
 
 def set_linear_kernel(model: torch.nn.Module, kernel: str = AUTO, cache_dir: Path | None = None) -> str:
     """Run every plain ``nn.Linear`` of ``model`` on ``kernel``; returns what they now run on
-    (:func:`kernel_name`; 'aten' when nothing fits oneDNN: it needs float32 weights on the CPU
-    and a build that has it). ``auto`` probes (:func:`choose_aten_rows`)."""
+    (:attr:`KernelPlan.name`; 'aten' when nothing fits: the other kernels need float32
+    weights on the CPU and a build that has oneDNN). ``auto`` probes (:func:`choose_plan`)."""
     if kernel not in LINEAR_KERNELS:
         raise ValueError(f"unknown linear kernel {kernel!r}; choose one of {LINEAR_KERNELS}")
     fits = {id(m): m for m in model.modules() if type(m) in (torch.nn.Linear, OneDNNLinear)
             and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32}
-    aten_rows, packed = {ATEN: (ALL_ROWS, False), ONEDNN: (0, False)}.get(kernel, (None, False))
+    plan = None if kernel == AUTO else KernelPlan.everywhere(kernel)
     if not fits or not onednn_works():
-        aten_rows, packed = ALL_ROWS, False
-    elif aten_rows is None:
-        aten_rows, packed = choose_aten_rows([m.weight for m in fits.values()], cache_dir=cache_dir)
-    packed = packed and aten_rows < PACK_ROWS
+        plan = KernelPlan.everywhere(ATEN)
+    elif plan is None:
+        plan = choose_plan([m.weight for m in fits.values()], cache_dir=cache_dir)
+    swap = plan != KernelPlan.everywhere(ATEN)
     for module in model.modules():
         if type(module) in (torch.nn.Linear, OneDNNLinear):
-            module.__class__ = OneDNNLinear if id(module) in fits and aten_rows < ALL_ROWS else torch.nn.Linear
+            module.__class__ = OneDNNLinear if id(module) in fits and swap else torch.nn.Linear
             if module.__class__ is OneDNNLinear:
-                module.aten_rows = aten_rows
-                module.packed = pack_weight(module.weight) if packed else None
-            elif "packed" in vars(module):
-                del module.packed
-    return kernel_name(aten_rows, packed)
+                module.plan = plan
+                module.packed = pack_weight(module.weight) if plan.packs else None
+            else:
+                for attr in ("plan", "packed"):
+                    vars(module).pop(attr, None)
+    return plan.name
 
 
-_CHOSEN: dict[str, tuple[int, bool]] = {}
+_CHOSEN: dict[str, KernelPlan] = {}
 
 
-def choose_aten_rows(weights: Sequence[torch.Tensor], cache_dir: Path | None = None,
-                     timer: Callable[[], float] = time.perf_counter, repeats: int = 3) -> tuple[int, bool]:
-    """(The most rows for which ATen beats the other kernels at this and every smaller probed
-    count, :data:`ALL_ROWS` when it wins at all of them; whether the packed weights beat oneDNN
-    at every probed count above that up to :data:`PACK_ROWS`), over the largest of ``weights``.
-    Remembered per process, and on disk for real models (``cache_dir``/kernels/)."""
+def choose_plan(weights: Sequence[torch.Tensor], cache_dir: Path | None = None,
+                timer: Callable[[], float] = time.perf_counter, repeats: int = 3) -> KernelPlan:
+    """The :func:`plan_from` a :func:`probe` over the largest of ``weights``. Remembered per
+    process, and on disk for real models (``cache_dir``/kernels/)."""
     unique = {w.data_ptr(): w for w in weights}.values()
     sample, total = [], 0
     for w in sorted(unique, key=lambda w: -w.numel()):
@@ -193,49 +257,56 @@ def choose_aten_rows(weights: Sequence[torch.Tensor], cache_dir: Path | None = N
         path = Path(cache_dir) / "kernels" / f"linear-{key}.json"
         try:
             record = json.loads(path.read_text())
-            _CHOSEN[key] = (int(record["aten_rows"]), bool(record["packed"]))
-            return _CHOSEN[key]
+            plan = KernelPlan(tuple((str(k), int(n)) for k, n in record["small"]), str(record["above"]))
+            _CHOSEN[key] = plan
+            return plan
         except (OSError, ValueError, KeyError, TypeError):
             pass
     ms = probe(sample, timer=timer, repeats=repeats)
-    chosen = _CHOSEN[key] = choice_from(ms)
+    plan = _CHOSEN[key] = plan_from(ms)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        record = {"aten_rows": chosen[0], "packed": chosen[1], "kernel": kernel_name(*chosen), "cpu": _cpu_name(),
+        record = {"small": plan.small, "above": plan.above, "kernel": plan.name, "cpu": _cpu_name(),
                   "threads": torch.get_num_threads(), "weights": shapes, "ms_per_pass": ms}
         path.write_text(json.dumps(record, indent=1))
-    return chosen
+    return plan
 
 
-def aten_rows_from(ms: dict[str, dict[int, float]]) -> int:
-    """The last probed row count up to which ATen is never slower than any other kernel
-    probed there (:data:`ALL_ROWS` when that is every count probed, 0 when it loses at 1 row)."""
-    chosen = 0
-    for rows in sorted(ms[ATEN]):
-        if any(ms[ATEN][rows] > other[rows] for name, other in ms.items() if name != ATEN and rows in other):
-            return chosen
-        chosen = rows
-    return ALL_ROWS
-
-
-def choice_from(ms: dict[str, dict[int, float]]) -> tuple[int, bool]:
-    """(:func:`aten_rows_from`, whether the packed weights, where probed, beat oneDNN at every
-    probed row count above the ATen rows up to :data:`PACK_ROWS`)."""
-    aten_rows = aten_rows_from(ms)
-    band = [r for r in ms.get(MKL, {}) if aten_rows < r <= PACK_ROWS]
-    return aten_rows, bool(band) and all(ms[MKL][r] < ms[ONEDNN][r] for r in band)
+def plan_from(ms: dict[str, dict[int, float]]) -> KernelPlan:
+    """The plan of probe times ``ms`` (kernel -> rows -> ms): for each row count n up to
+    :data:`PLAN_ROWS`, the kernel and probed row count m >= n (padded up to it) with the least
+    time, the least padded of those within :data:`PAD_MARGIN` of it; above, the kernel with the least total
+    time over the probed counts above (unpadded; at the largest probed count where none lies
+    above). Row counts past the last one probed up to :data:`PLAN_ROWS` go to ``above`` too."""
+    small = []
+    for n in range(1, PLAN_ROWS + 1):
+        runs = [(t, kernel, PACK_ROWS if kernel == MKL else m)
+                for kernel, by_rows in ms.items() for m, t in by_rows.items() if n <= m <= PLAN_ROWS]
+        options = [(t, run - n, kernel, run) for t, kernel, run in runs]
+        if not options:
+            break
+        fastest = min(t for t, *_ in options)
+        # Padding must pay by more than the probe's noise: the least padded option near the fastest.
+        _, _, kernel, run = min((pad, t, kernel, run) for t, pad, kernel, run in options if t <= fastest * (1 + PAD_MARGIN))
+        small.append((kernel, run))
+    probed = {m for by_rows in ms.values() for m in by_rows}
+    counts = sorted(m for m in probed if m > len(small)) or ([max(probed)] if probed else [])
+    unpadded = {k: by for k, by in ms.items() if k != MKL and all(m in by for m in counts)}
+    above = min(unpadded, key=lambda k: (sum(unpadded[k][m] for m in counts), k)) if counts and unpadded else ONEDNN
+    return KernelPlan(tuple(small), above)
 
 
 @torch.no_grad()
 def probe(weights: Sequence[torch.Tensor], rows: Sequence[int] = PROBE_ROWS,
           timer: Callable[[], float] = time.perf_counter, repeats: int = 3) -> dict[str, dict[int, float]]:
-    """Median ms of one pass of ``linear`` over ``weights`` per kernel and row count; the
-    kernels and counts are interleaved within each repeat so a drifting host bends neither."""
+    """Median ms of one pass of each kernel over ``weights`` per kernel and row count (the
+    packed one at up to :data:`PACK_ROWS` rows, padded); the kernels and counts are
+    interleaved within each repeat so a drifting host bends none of them."""
     inputs = {r: [torch.randn(r, w.shape[1]) for w in weights] for r in rows}
-    kernels = {ATEN: F.linear, ONEDNN: lambda x, w: _onednn_linear(x, w, None)}
+    kernels = {ATEN: F.linear, ONEDNN: lambda x, w: _onednn_linear(x, w, None), TALL: lambda x, w: _tall_linear(x, w, None)}
     if mkl_packed_works():
         packed = {w.data_ptr(): pack_weight(w) for w in weights}
-        kernels[MKL] = lambda x, w: _packed_linear(x, w, packed[w.data_ptr()], None)
+        kernels[MKL] = lambda x, w: linear(x, w, None, KernelPlan(((MKL, PACK_ROWS),) * PACK_ROWS), packed[w.data_ptr()])
     times: dict[str, dict[int, list[float]]] = {name: {r: [] for r in rows} for name in kernels}
     for sweep in range(repeats + 1):
         for r in rows:
