@@ -29,7 +29,8 @@ def gemma():
 
 def test_gemma3_loads_as_a_target(gemma):
     assert gemma.model.config.model_type.startswith("gemma3")
-    assert gemma.vocab_size >= 262_000 and gemma.linear_kernel == "onednn"
+    assert gemma.vocab_size >= 262_000
+    assert gemma.linear_kernel != "aten" and gemma.grouped_sdpa  # its float32 linears run on the host's plan
 
 
 def test_gemma3_greedy_ngram_equals_plain_generate(gemma):

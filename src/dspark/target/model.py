@@ -17,6 +17,7 @@ from typing import Sequence
 import torch
 
 from dspark.errors import DsparkError
+from dspark.target.attention import use_grouped_sdpa
 from dspark.target.kernels import AUTO, set_linear_kernel
 
 
@@ -56,6 +57,8 @@ class TargetModel:
         """The window of the model's sliding-attention layers (Gemma 3's local layers), or None.
         Callers that pass their own mask give those layers a windowed one (target/ragged.py)."""
         self.device = next(model.parameters()).device
+        self.grouped_sdpa = self.device.type == "cpu" and use_grouped_sdpa(model)
+        """Whether attention hands grouped K/V heads to SDPA unrepeated (:mod:`dspark.target.attention`)."""
         self.eos_token_ids: frozenset[int] = frozenset(_eos_ids(model, tokenizer))
 
     @classmethod
