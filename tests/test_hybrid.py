@@ -273,3 +273,47 @@ def test_a_cheap_dspark_drafter_still_backs_off_when_lookup_alone_does_as_well(t
     engine.drafter.propose_free = lambda slots, inputs: free.append(real(slots, inputs)) or free[-1]
     engine.generate([GenerationRequest([0, 1, 2, 3, 4, 5], GREEDY, max_new_tokens=24, seed=s) for s in range(2)])
     assert free  # the engine backed off from DSpark and ran lookup alone
+
+
+def test_an_overhopeful_dspark_head_is_scaled_to_what_its_greedy_blocks_delivered(target):
+    """DSpark's calibrated c_k claim 0.95 everywhere; on greedy requests the hybrid learns from
+    the committed stream how its blocks survived and scales c_k down to it, so the scheduler,
+    the choice of source and the backoff see what DSpark delivers. Sampled requests teach and
+    get nothing (a match understates acceptance there)."""
+    from dspark.drafters.online_confidence import SlotScale
+
+    def run(params):
+        hybrid = HybridDrafter(dspark_drafter(), NgramDrafter(NgramConfig(gamma=BLOCK, max_ngram=2, store_tokens=0)),
+                               calibrate=lambda c: torch.full_like(c, 0.95))
+        engine = BatchEngine(target, hybrid, POLICIES["dspark"](), max_batch=4, backoff=False)
+        engine.generate([GenerationRequest(PROMPT + [s % V], params, max_new_tokens=NEW_TOKENS, seed=s) for s in range(24)])
+        return engine.drafter
+
+    greedy = run(GREEDY)
+    survived, predicted, labels = greedy.scale._sums[0]
+    assert labels >= 20 and survived < 0.8 * predicted  # the head was over-hopeful here
+    assert greedy.scale.factor(0) < 0.85 and greedy.scale.factor(0) == pytest.approx(
+        (survived + 10 * predicted / labels) / (predicted + 10 * predicted / labels))
+    c = torch.full((1, BLOCK), 0.95)
+    assert torch.allclose(greedy._calibrated(c, [True]), greedy.scale.apply(torch.full((1, BLOCK), 0.95)))
+    assert torch.equal(greedy._calibrated(c, [False]), c)
+    assert not run(T1).scale._sums
+    fresh = SlotScale()
+    assert fresh.factor(0) == 1.0 and torch.equal(fresh.apply(c), c)
+
+
+def test_dspark_blocks_are_labelled_at_their_own_positions(target):
+    hybrid = HybridDrafter(dspark_drafter(), NgramDrafter(NgramConfig(gamma=BLOCK, max_ngram=2, store_tokens=0)),
+                           calibrate=lambda c: torch.full_like(c, 0.95))
+    drafter = hybrid.batched()
+    drafter.check_target(target)
+    drafter.allocate(1, 64)
+    drafter.open(0)
+    width = hybrid.model.config.hidden_size * len(hybrid.feature_layer_ids)
+    first = DraftInput(torch.tensor(PROMPT), torch.zeros(len(PROMPT) - 1, width), GREEDY, None, BLOCK)
+    block = drafter.propose_batch([0], [first]).blocks[0]
+    assert block.source == "dspark" and block.gamma >= 2
+    x1, x2 = int(block.tokens[0]), int(block.tokens[1])
+    committed = PROMPT + [x1, (x2 + 1) % V]  # x_1 accepted, x_2 rejected
+    drafter.propose_batch([0], [DraftInput(torch.tensor(committed), torch.zeros(2, width), GREEDY, None, BLOCK)])
+    assert drafter.scale._sums == {0: [1.0, pytest.approx(0.95), 1.0], 1: [0.0, pytest.approx(0.95), 1.0]}

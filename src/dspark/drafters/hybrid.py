@@ -23,7 +23,13 @@ verified as its drafter's own, and the schedule stays non-anticipating (DSpark's
 the same gate as alone, lookup's rows carry no randomness at all).
 
 Calibration: the policy of an engine over this drafter gets no ``calibrate`` of its own; the
-drafter applies DSpark's STS to DSpark's rows (lookup's are calibrated as learnt).
+drafter applies DSpark's STS to DSpark's rows (lookup's are calibrated as learnt), and for
+greedy requests then scales each slot's c_k by how DSpark's earlier greedy blocks survived
+against that prediction (:class:`~dspark.drafters.online_confidence.SlotScale`; labels from
+the committed stream, every drafted block, proposed or not): a drafter whose offline
+calibration is too hopeful on this workload is then scheduled, preferred and backed off from
+on what it delivers. Greedy only: there a match with the committed token is exactly the
+acceptance event, while at T > 0 it would understate a sampled draft's acceptance.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from dspark.drafters.base import DraftBatch, DraftBlock, DraftGate, DraftInput
 from dspark.drafters.looped import LoopedDrafter
 from dspark.drafters.one_slot import OneSlot
 from dspark.drafters.ngram import NgramDrafter
+from dspark.drafters.online_confidence import Labeller, Pending, SlotScale
 
 LOOKUP, MODEL = "ngram", "dspark"
 """The sources a hybrid's blocks name (:attr:`~dspark.drafters.base.DraftBlock.source`)."""
@@ -91,6 +98,9 @@ class BatchedHybridDrafter:
         """The same over every request: a new request's prior."""
         self.rounds = {"lookup": 0, "model": 0}
         """Blocks drafted by each side (a report, read by no decision)."""
+        self.scale = SlotScale()
+        """DSpark's calibrated c_k against its greedy blocks' survival (shared by every request)."""
+        self._labellers: list[Labeller] = []
 
     def check_target(self, target) -> None:
         self.model_drafter.check_target(target)
@@ -99,14 +109,19 @@ class BatchedHybridDrafter:
         self.model_drafter.allocate(num_slots, capacity)
         self.lookup.allocate(num_slots, capacity)
         self._expect = [None] * num_slots
+        self._labellers = [Labeller() for _ in range(num_slots)]
 
     def open(self, slot: int) -> None:
         self.model_drafter.open(slot)
         self.lookup.open(slot)
         self._expect[slot] = None
+        self._labellers[slot] = Labeller()
 
     def propose_batch(self, slots: Sequence[int], inputs: Sequence[DraftInput], gate: DraftGate | None = None) -> DraftBatch:
         t0 = time.perf_counter()
+        for s, inp in zip(slots, inputs):
+            self._labellers[s].label(inp.tokens, lambda k, predicted, survived: self.scale.record(k, predicted, survived))
+        greedy = [inp.params.greedy for inp in inputs]
         looked = self.lookup.propose_batch(slots, inputs).blocks
         use_lookup = [self._prefer_lookup(s, b) for s, b in zip(slots, looked)]
         # DSpark sees every request (it folds their context) but drafts only the others.
@@ -114,7 +129,7 @@ class BatchedHybridDrafter:
         lookup_rows = [i for i, use in enumerate(use_lookup) if use]
 
         def model_gate(k: int, rows: Sequence[int], gammas: Sequence[int], confidences: torch.Tensor):
-            c = self.calibrate(confidences) if self.calibrate is not None else confidences
+            c = self._calibrated(confidences, [greedy[r] for r in rows])
             extra = torch.full((len(lookup_rows), k + 1), 0.5, dtype=c.dtype, device=c.device)
             for j, i in enumerate(lookup_rows):
                 known = looked[i].confidences[: k + 1]
@@ -126,8 +141,12 @@ class BatchedHybridDrafter:
         blocks, stop = [], batch.stop
         for i, (s, use) in enumerate(zip(slots, use_lookup)):
             block = batch.blocks[i]
-            if block.gamma and block.confidences is not None and self.calibrate is not None:
-                block = dataclasses.replace(block, confidences=self.calibrate(block.confidences))
+            if block.gamma and block.confidences is not None:
+                if greedy[i]:  # labelled whether proposed or not: the scale is not censored by the choice
+                    sts = self.calibrate(block.confidences) if self.calibrate is not None else block.confidences
+                    start = inputs[i].tokens.shape[0]
+                    self._labellers[s].add(Pending(start, block.tokens.tolist(), sts.tolist()))  # host sync: labels are host values
+                block = dataclasses.replace(block, confidences=self._calibrated(block.confidences.unsqueeze(0), [greedy[i]])[0])
             if block.gamma and not use:
                 expected = expected_accepted(block.confidences)
                 self._observe(s, expected)
@@ -154,6 +173,14 @@ class BatchedHybridDrafter:
                   for b in self.lookup.propose_batch(slots, inputs).blocks]
         self.rounds["lookup"] += sum(1 for b in blocks if b.gamma)
         return DraftBatch(blocks, fixed_s=time.perf_counter() - t0 if any(b.gamma for b in blocks) else None)
+
+    def _calibrated(self, confidences: torch.Tensor, greedy: Sequence[bool]) -> torch.Tensor:
+        """DSpark's raw c # [R, W] -> STS-calibrated, and scaled by :attr:`scale` in greedy rows."""
+        c = self.calibrate(confidences) if self.calibrate is not None else confidences
+        if not any(greedy):
+            return c
+        rows = torch.tensor(list(greedy), device=c.device).view(-1, 1)
+        return torch.where(rows, self.scale.apply(c), c)
 
     def _prefer_lookup(self, slot: int, block: DraftBlock) -> bool:
         """Whether this request's lookup block is expected to give at least what DSpark's
