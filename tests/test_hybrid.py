@@ -38,7 +38,9 @@ def hybrid_lossless_check(target, params, store_tokens=0):
     requests, ours = lossless_requests(params)
     # DSpark's confidences scaled down to lookup's level, so that each side wins some rounds.
     lookup = NgramDrafter(NgramConfig(gamma=BLOCK, max_ngram=2, store_tokens=store_tokens))
-    hybrid = HybridDrafter(dspark_drafter(), lookup, calibrate=lambda c: 0.4 * c)
+    # Priced per unit of time, a tiny target's steps cost less than DSpark's drafting and lookup
+    # would win nearly every round: the choice is weighed per round here (κ only moves its threshold).
+    hybrid = HybridDrafter(dspark_drafter(), lookup, calibrate=lambda c: 0.4 * c, price_drafting=False)
     engine = BatchEngine(target, hybrid, POLICIES["dspark"](), max_batch=4)
     batch = engine.generate(requests)
     counts = Counter(tuple(batch.results[i].token_ids) for i in ours)
@@ -127,7 +129,8 @@ def test_specs_build_the_hybrid_and_refuse_what_cannot_be_one(tmp_path):
 
 def test_the_sources_disagree_in_the_checked_runs(target):
     # The chi-square above covers rounds where lookup and DSpark would draft different tokens.
-    hybrid = HybridDrafter(dspark_drafter(), NgramDrafter(NgramConfig(gamma=BLOCK, max_ngram=2)), calibrate=lambda c: 0.4 * c)
+    hybrid = HybridDrafter(dspark_drafter(), NgramDrafter(NgramConfig(gamma=BLOCK, max_ngram=2)), calibrate=lambda c: 0.4 * c,
+                           price_drafting=False)  # on a tiny target DSpark's drafting costs more than a step
     engine = BatchEngine(target, hybrid, POLICIES["dspark"](), max_batch=4)
     seen = {"lookup": [], "model": []}
     for side, inner in (("lookup", engine.drafter.lookup), ("model", engine.drafter.model_drafter)):
@@ -284,7 +287,7 @@ def test_an_overhopeful_dspark_head_is_scaled_to_what_its_greedy_blocks_delivere
 
     def run(params):
         hybrid = HybridDrafter(dspark_drafter(), NgramDrafter(NgramConfig(gamma=BLOCK, max_ngram=2, store_tokens=0)),
-                               calibrate=lambda c: torch.full_like(c, 0.95))
+                               calibrate=lambda c: torch.full_like(c, 0.95), price_drafting=False)
         engine = BatchEngine(target, hybrid, POLICIES["dspark"](), max_batch=4, backoff=False)
         engine.generate([GenerationRequest(PROMPT + [s % V], params, max_new_tokens=NEW_TOKENS, seed=s) for s in range(24)])
         return engine.drafter
@@ -317,3 +320,56 @@ def test_dspark_blocks_are_labelled_at_their_own_positions(target):
     committed = PROMPT + [x1, (x2 + 1) % V]  # x_1 accepted, x_2 rejected
     drafter.propose_batch([0], [DraftInput(torch.tensor(committed), torch.zeros(2, width), GREEDY, None, BLOCK)])
     assert drafter.scale._sums == {0: [1.0, pytest.approx(0.95), 1.0], 1: [0.0, pytest.approx(0.95), 1.0]}
+
+
+def test_rounds_without_dspark_defer_its_context_fold_and_change_none_of_its_blocks(target, monkeypatch):
+    """Rounds where every request takes lookup's block skip DSpark; it folds their features
+    when it next drafts, and then drafts exactly what a DSpark drafter that folded every round
+    drafts (the same block and confidences)."""
+    hybrid = HybridDrafter(dspark_drafter(), NgramDrafter(NgramConfig(gamma=BLOCK, max_ngram=2, store_tokens=0)))
+    drafter = hybrid.batched()
+    reference = dspark_drafter().batched()
+    for d in (drafter, reference):
+        d.check_target(target)
+        d.allocate(1, 64)
+        d.open(0)
+    width = hybrid.model.config.hidden_size * len(hybrid.feature_layer_ids)
+    g = torch.Generator().manual_seed(0)
+    ids, feats = list(PROMPT), torch.randn(len(PROMPT) - 1, width, generator=g)
+    folds = []
+    real = drafter.model_drafter._fold
+    monkeypatch.setattr(drafter.model_drafter, "_fold", lambda slots, f: folds.append([x.shape[0] for x in f]) or real(slots, f))
+    for round_index, lookup_wins in enumerate([True, True, False]):
+        monkeypatch.setattr(drafter, "_prefer_lookup", lambda slot, block, wins=lookup_wins: wins and bool(block.gamma))
+        inp = DraftInput(torch.tensor(ids), feats, GREEDY, None, BLOCK)
+        ours = drafter.propose_batch([0], [inp]).blocks[0]
+        theirs = reference.propose_batch([0], [inp]).blocks[0]
+        if lookup_wins:
+            assert ours.source == "ngram"
+        else:
+            assert ours.source == "dspark" and torch.equal(ours.tokens, theirs.tokens)
+            torch.testing.assert_close(ours.confidences, theirs.confidences)
+        ids = ids + [int(torch.randint(0, V, (1,), generator=g)) for _ in range(2)]
+        feats = torch.randn(2, width, generator=g)
+    assert folds == [[len(PROMPT) - 1 + 2 + 2]]  # one fold: the prompt's and two rounds' features at once
+
+
+def test_lookup_is_weighed_against_dspark_per_unit_of_time(target):
+    """A round with DSpark's block costs its drafting too: with κ = 1 + drafting / step, a
+    lookup block expecting less than DSpark's history can still be the better buy."""
+    drafter = HybridDrafter(dspark_drafter(), NgramDrafter(NgramConfig(gamma=BLOCK, max_ngram=2))).batched()
+    drafter.allocate(1, 64)
+    drafter.open(0)
+    drafter._expect_all = 1.0  # DSpark's blocks gave 1 token: 2 per round with the bonus
+    block = drafter.lookup.propose_batch([0], [DraftInput(torch.tensor(PROMPT), None, GREEDY, None, BLOCK)]).blocks[0]
+    assert block.gamma
+    lookup = expected_accepted(block.confidences)  # a fresh table: below 1
+    assert lookup < 1.0 and drafter.drafting_cost() == 1.0 and not drafter._prefer_lookup(0, block)
+    for start in (0.0, 1.0, 2.0):  # steps of 1 s, DSpark drafting in each for 2/(1 + lookup) - 1 of it and more
+        drafter._tick(start)
+        drafter._last = (start, 2.0 / (1.0 + lookup) - 1.0 + 0.01)
+        drafter._model_s = drafter._last[1]
+    assert drafter.drafting_cost() == pytest.approx(1.0 + drafter._model_s / drafter._step_s)
+    assert drafter._prefer_lookup(0, block)  # (1 + Σa)·κ >= 2
+    drafter.price_drafting = False
+    assert not drafter._prefer_lookup(0, block)

@@ -6,9 +6,12 @@ slots rarely, while a lookup that matches quoted or repeated text keeps survivin
 slots. Each round, every request first gets a lookup block (free: no forward) with its online
 confidences (:mod:`dspark.drafters.ngram`). Its expected accepted tokens Σ_j ∏_{i≤j} c_i are
 compared with what the DSpark drafter's blocks were expected to give this request on earlier
-rounds (calibrated, as the scheduler sees them); where lookup is at least as good, DSpark does
-not draft for that request this round. DSpark drafts the others in one batched call, and
-still folds every request's new context, so it can take a request back at any round.
+rounds (calibrated, as the scheduler sees them), per unit of time: DSpark's blocks cost its
+drafting, measured as the hybrid runs. Where lookup is at least as good, DSpark does not draft
+for that request this round. DSpark drafts the others in one batched call, and
+folds every request's new context there, so it can take a request back at any round; a round
+in which every request takes lookup's block does not call DSpark at all (its context fold
+costs a forward), and DSpark folds those features when it next drafts.
 
 Where DSpark drafted a greedy request that also had a lookup block, the block expected to give
 more accepted tokens is proposed: both are then deterministic functions of the committed
@@ -65,9 +68,11 @@ class HybridDrafter(OneSlot):
 
     gives_confidences = True
 
-    def __init__(self, model_drafter, lookup: NgramDrafter | None = None, calibrate=None) -> None:
-        """``model_drafter``: a DSparkDrafter with a confidence head; ``calibrate``: its STS."""
-        self.model_drafter, self.calibrate = model_drafter, calibrate
+    def __init__(self, model_drafter, lookup: NgramDrafter | None = None, calibrate=None, price_drafting: bool = True) -> None:
+        """``model_drafter``: a DSparkDrafter with a confidence head; ``calibrate``: its STS;
+        ``price_drafting``: weigh DSpark's blocks against lookup's per unit of time (False: per
+        round, as if drafting were free; tests of other choices on tiny models use it)."""
+        self.model_drafter, self.calibrate, self.price_drafting = model_drafter, calibrate, price_drafting
         self.lookup = lookup if lookup is not None else NgramDrafter()
         self.name = f"{model_drafter.name}+{self.lookup.name}"
         self.feature_layer_ids = tuple(model_drafter.feature_layer_ids)
@@ -79,7 +84,8 @@ class HybridDrafter(OneSlot):
         self.model_drafter.check_target(target)
 
     def batched(self) -> "BatchedHybridDrafter":
-        return BatchedHybridDrafter(self.model_drafter.batched(), LoopedDrafter(self.lookup), self.calibrate, self.name)
+        return BatchedHybridDrafter(self.model_drafter.batched(), LoopedDrafter(self.lookup), self.calibrate, self.name,
+                                    self.price_drafting)
 
 
 class BatchedHybridDrafter:
@@ -87,8 +93,9 @@ class BatchedHybridDrafter:
 
     gives_confidences = True
 
-    def __init__(self, model_drafter, lookup: LoopedDrafter, calibrate, name: str) -> None:
+    def __init__(self, model_drafter, lookup: LoopedDrafter, calibrate, name: str, price_drafting: bool = True) -> None:
         self.model_drafter, self.lookup, self.calibrate, self.name = model_drafter, lookup, calibrate, name
+        self.price_drafting = price_drafting
         self.model = model_drafter.model
         self.feature_layer_ids = tuple(model_drafter.feature_layer_ids)
         self.gamma = max(model_drafter.gamma, lookup.gamma)
@@ -101,6 +108,15 @@ class BatchedHybridDrafter:
         self.scale = SlotScale()
         """DSpark's calibrated c_k against its greedy blocks' survival (shared by every request)."""
         self._labellers: list[Labeller] = []
+        self._step_s: float | None = None
+        """Decayed mean seconds of a step without DSpark's drafting (between calls here)."""
+        self._model_s: float | None = None
+        """Decayed mean seconds of DSpark's batched call where it drafted."""
+        self._last: tuple[float, float] | None = None
+        """(start of the previous call, DSpark's seconds in it)."""
+        self._unfolded: list[list[torch.Tensor]] = []
+        """Per slot: target features DSpark has not folded yet, oldest first (rounds where
+        every request took lookup's block skip DSpark altogether)."""
 
     def check_target(self, target) -> None:
         self.model_drafter.check_target(target)
@@ -110,22 +126,32 @@ class BatchedHybridDrafter:
         self.lookup.allocate(num_slots, capacity)
         self._expect = [None] * num_slots
         self._labellers = [Labeller() for _ in range(num_slots)]
+        self._unfolded = [[] for _ in range(num_slots)]
 
     def open(self, slot: int) -> None:
         self.model_drafter.open(slot)
         self.lookup.open(slot)
         self._expect[slot] = None
         self._labellers[slot] = Labeller()
+        self._unfolded[slot] = []
 
     def propose_batch(self, slots: Sequence[int], inputs: Sequence[DraftInput], gate: DraftGate | None = None) -> DraftBatch:
         t0 = time.perf_counter()
+        self._tick(t0)
         for s, inp in zip(slots, inputs):
             self._labellers[s].label(inp.tokens, lambda k, predicted, survived: self.scale.record(k, predicted, survived))
         greedy = [inp.params.greedy for inp in inputs]
         looked = self.lookup.propose_batch(slots, inputs).blocks
         use_lookup = [self._prefer_lookup(s, b) for s, b in zip(slots, looked)]
+        if all(use_lookup):  # DSpark drafts for nobody: it folds these features when it next drafts
+            for s, inp in zip(slots, inputs):
+                if inp.new_features is not None and inp.new_features.shape[0]:
+                    self._unfolded[s].append(inp.new_features)
+            self.rounds["lookup"] += len(looked)
+            return DraftBatch([dataclasses.replace(b, source=LOOKUP) for b in looked], fixed_s=time.perf_counter() - t0)
         # DSpark sees every request (it folds their context) but drafts only the others.
-        model_inputs = [dataclasses.replace(inp, max_tokens=0) if use else inp for inp, use in zip(inputs, use_lookup)]
+        model_inputs = [dataclasses.replace(inp, new_features=self._features(s, inp), max_tokens=0 if use else inp.max_tokens)
+                        for s, inp, use in zip(slots, inputs, use_lookup)]
         lookup_rows = [i for i, use in enumerate(use_lookup) if use]
 
         def model_gate(k: int, rows: Sequence[int], gammas: Sequence[int], confidences: torch.Tensor):
@@ -138,6 +164,10 @@ class BatchedHybridDrafter:
 
         lookup_s = time.perf_counter() - t0
         batch = self.model_drafter.propose_batch(slots, model_inputs, model_gate if gate is not None else None)
+        if not all(use_lookup):
+            model_s = time.perf_counter() - t0 - lookup_s
+            self._model_s = model_s if self._model_s is None else EXPECT_DECAY * self._model_s + (1 - EXPECT_DECAY) * model_s
+            self._last = (t0, model_s)
         blocks, stop = [], batch.stop
         for i, (s, use) in enumerate(zip(slots, use_lookup)):
             block = batch.blocks[i]
@@ -169,10 +199,19 @@ class BatchedHybridDrafter:
         """Lookup's blocks alone, for the steps the engine's backoff keeps DSpark out of: the
         lookup costs no forward, and the scheduler trims its blocks like any other."""
         t0 = time.perf_counter()
+        self._tick(t0)
         blocks = [dataclasses.replace(b, source=LOOKUP) if b.gamma else b
                   for b in self.lookup.propose_batch(slots, inputs).blocks]
         self.rounds["lookup"] += sum(1 for b in blocks if b.gamma)
         return DraftBatch(blocks, fixed_s=time.perf_counter() - t0 if any(b.gamma for b in blocks) else None)
+
+    def _features(self, slot: int, draft_input: DraftInput) -> torch.Tensor | None:
+        """The features DSpark has not seen for ``slot``: the held-back ones, then this round's."""
+        held, self._unfolded[slot] = self._unfolded[slot], []
+        if not held:
+            return draft_input.new_features
+        new = draft_input.new_features
+        return torch.cat([*held, *([new] if new is not None and new.shape[0] else [])])
 
     def _calibrated(self, confidences: torch.Tensor, greedy: Sequence[bool]) -> torch.Tensor:
         """DSpark's raw c # [R, W] -> STS-calibrated, and scaled by :attr:`scale` in greedy rows."""
@@ -182,13 +221,32 @@ class BatchedHybridDrafter:
         rows = torch.tensor(list(greedy), device=c.device).view(-1, 1)
         return torch.where(rows, self.scale.apply(c), c)
 
+    def _tick(self, now: float) -> None:
+        """A call starts: the time since the previous one, less DSpark's part of it, is a step
+        without DSpark's drafting (gaps of over 5x the mean, idle time between requests, are not)."""
+        if self._last is not None:
+            step = now - self._last[0] - self._last[1]
+            if self._step_s is None:
+                self._step_s = step
+            elif 0 < step < 5 * self._step_s:
+                self._step_s = EXPECT_DECAY * self._step_s + (1 - EXPECT_DECAY) * step
+        self._last = (now, 0.0)
+
+    def drafting_cost(self) -> float:
+        """κ = 1 + DSpark's drafting seconds / a step's without them, as measured so far (1
+        before both are): what a round costs with DSpark's block against lookup's."""
+        if not self.price_drafting or not self._model_s or not self._step_s:
+            return 1.0
+        return 1.0 + self._model_s / self._step_s
+
     def _prefer_lookup(self, slot: int, block: DraftBlock) -> bool:
-        """Whether this request's lookup block is expected to give at least what DSpark's
-        blocks gave it (any request's, before its own; with no history, DSpark drafts)."""
+        """Whether this request's lookup block is expected to commit, per unit of time, at
+        least what DSpark's blocks gave it (any request's, before its own; with no history,
+        DSpark drafts): (1 + Σa_lookup)·κ >= 1 + Σa_DSpark, with κ = :meth:`drafting_cost`."""
         if not block.gamma:
             return False
         expect = self._expect[slot] if self._expect[slot] is not None else self._expect_all
-        return expect is not None and expected_accepted(block.confidences) >= expect
+        return expect is not None and (1.0 + expected_accepted(block.confidences)) * self.drafting_cost() >= 1.0 + expect
 
     def _observe(self, slot: int, expected: float) -> None:
         def mix(old: float | None) -> float:
