@@ -15,7 +15,7 @@ DRAFTERS=(--drafter ngram --drafter dspark --drafter dspark+ngram)
 for step in $STEPS; do
   case $step in
     eval_t0|eval_t1)  # the product path (batched engine at one request), interleaved with plain decoding;
-      # lookup keeps its store of earlier turns (default --lookup-store); eval_t1_hybrid/ predates it
+      # lookup keeps its store of earlier turns (default --lookup-store)
       t=${step#eval_t}
       $DS eval --limit "$LIMIT" --max-new-tokens 128 --turns 1 --policy auto "${DRAFTERS[@]}" \
         --temperature "$t" --out "benchmarks/results/eval_t${t}_store" ;;

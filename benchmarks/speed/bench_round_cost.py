@@ -13,7 +13,10 @@ reported, with every forward's time relative to the 1-token step measured in the
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -79,6 +82,8 @@ def main() -> None:
     report = {
         "benchmark": "round_cost",
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": " ".join([*(f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}" for _ in [0] if "OMP_NUM_THREADS" in os.environ),
+                             ".venv/bin/python", shlex.join([os.path.relpath(sys.argv[0], REPO_ROOT), *sys.argv[1:]])]),
         "machine": machine_info(target),
         "git": git_state(),
         "settings": {"context": args.context, "repeats": args.repeats, "drafter": drafter.name,
