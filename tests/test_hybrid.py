@@ -31,6 +31,18 @@ def target():
     return tiny_target(vocab_size=V, seed=TARGET_SEED, scale=TARGET_SCALE)
 
 
+def one_slot_hybrid(target, c: float | None = None):
+    """A batched hybrid of one open slot over a random DSpark drafter (its calibrated c_k all
+    ``c``, or as raw) and a lookup without a store; returns it and DSpark's feature width."""
+    hybrid = HybridDrafter(dspark_drafter(), NgramDrafter(NgramConfig(gamma=BLOCK, max_ngram=2, store_tokens=0)),
+                           calibrate=None if c is None else (lambda conf: torch.full_like(conf, c)))
+    drafter = hybrid.batched()
+    drafter.check_target(target)
+    drafter.allocate(1, 64)
+    drafter.open(0)
+    return drafter, hybrid.model.config.hidden_size * len(hybrid.feature_layer_ids)
+
+
 def hybrid_lossless_check(target, params, store_tokens=0):
     """As test_batch_engine's batched check: N_RUNS requests of PROMPT among distractors, 4 at a
     time under the DSpark scheduler, with the hybrid drafting. ``store_tokens``: lookup across
@@ -97,15 +109,9 @@ def test_where_dspark_drafted_a_greedy_request_the_block_expected_to_give_more_i
     """DSpark drafts every request on its first round (no history yet). Lookup is sure of
     itself here; a greedy request then gets lookup's block (both are functions of the past), a
     sampled one keeps DSpark's (x ~ q must not be chosen on what it turned out to be)."""
-    hybrid = HybridDrafter(dspark_drafter(), NgramDrafter(NgramConfig(gamma=BLOCK, max_ngram=2, store_tokens=0)),
-                           calibrate=lambda c: torch.full_like(c, 0.5))
-    drafter = hybrid.batched()
-    drafter.check_target(target)
-    drafter.allocate(1, 64)
-    drafter.open(0)
+    drafter, width = one_slot_hybrid(target, 0.5)
     drafter.lookup._slots[0].stats.survived.fill(1e6)
     drafter.lookup._slots[0].stats.labelled.fill(1e6)
-    width = hybrid.model.config.hidden_size * len(hybrid.feature_layer_ids)
     inputs = [DraftInput(torch.tensor(PROMPT), torch.zeros(len(PROMPT) - 1, width), params, torch.Generator().manual_seed(0), BLOCK)]
     block = drafter.propose_batch([0], inputs).blocks[0]
     assert block.source == source and block.gamma > 0
@@ -306,13 +312,7 @@ def test_an_overhopeful_dspark_head_is_scaled_to_what_its_greedy_blocks_delivere
 
 
 def test_dspark_blocks_are_labelled_at_their_own_positions(target):
-    hybrid = HybridDrafter(dspark_drafter(), NgramDrafter(NgramConfig(gamma=BLOCK, max_ngram=2, store_tokens=0)),
-                           calibrate=lambda c: torch.full_like(c, 0.95))
-    drafter = hybrid.batched()
-    drafter.check_target(target)
-    drafter.allocate(1, 64)
-    drafter.open(0)
-    width = hybrid.model.config.hidden_size * len(hybrid.feature_layer_ids)
+    drafter, width = one_slot_hybrid(target, 0.95)
     first = DraftInput(torch.tensor(PROMPT), torch.zeros(len(PROMPT) - 1, width), GREEDY, None, BLOCK)
     block = drafter.propose_batch([0], [first]).blocks[0]
     assert block.source == "dspark" and block.gamma >= 2
@@ -326,14 +326,11 @@ def test_rounds_without_dspark_defer_its_context_fold_and_change_none_of_its_blo
     """Rounds where every request takes lookup's block skip DSpark; it folds their features
     when it next drafts, and then drafts exactly what a DSpark drafter that folded every round
     drafts (the same block and confidences)."""
-    hybrid = HybridDrafter(dspark_drafter(), NgramDrafter(NgramConfig(gamma=BLOCK, max_ngram=2, store_tokens=0)))
-    drafter = hybrid.batched()
+    drafter, width = one_slot_hybrid(target)
     reference = dspark_drafter().batched()
-    for d in (drafter, reference):
-        d.check_target(target)
-        d.allocate(1, 64)
-        d.open(0)
-    width = hybrid.model.config.hidden_size * len(hybrid.feature_layer_ids)
+    reference.check_target(target)
+    reference.allocate(1, 64)
+    reference.open(0)
     g = torch.Generator().manual_seed(0)
     ids, feats = list(PROMPT), torch.randn(len(PROMPT) - 1, width, generator=g)
     folds = []
@@ -357,9 +354,7 @@ def test_rounds_without_dspark_defer_its_context_fold_and_change_none_of_its_blo
 def test_lookup_is_weighed_against_dspark_per_unit_of_time(target):
     """A round with DSpark's block costs its drafting too: with κ = 1 + drafting / step, a
     lookup block expecting less than DSpark's history can still be the better buy."""
-    drafter = HybridDrafter(dspark_drafter(), NgramDrafter(NgramConfig(gamma=BLOCK, max_ngram=2))).batched()
-    drafter.allocate(1, 64)
-    drafter.open(0)
+    drafter, _ = one_slot_hybrid(target)
     drafter._expect_all = 1.0  # DSpark's blocks gave 1 token: 2 per round with the bonus
     block = drafter.lookup.propose_batch([0], [DraftInput(torch.tensor(PROMPT), None, GREEDY, None, BLOCK)]).blocks[0]
     assert block.gamma
