@@ -147,8 +147,7 @@ class BatchedHybridDrafter:
             for s, inp in zip(slots, inputs):
                 if inp.new_features is not None and inp.new_features.shape[0]:
                     self._unfolded[s].append(inp.new_features)
-            self.rounds["lookup"] += len(looked)
-            return DraftBatch([dataclasses.replace(b, source=LOOKUP) for b in looked], fixed_s=time.perf_counter() - t0)
+            return self._lookup_only(looked, t0)
         # DSpark sees every request (it folds their context) but drafts only the others.
         model_inputs = [dataclasses.replace(inp, new_features=self._features(s, inp), max_tokens=0 if use else inp.max_tokens)
                         for s, inp, use in zip(slots, inputs, use_lookup)]
@@ -200,8 +199,11 @@ class BatchedHybridDrafter:
         lookup costs no forward, and the scheduler trims its blocks like any other."""
         t0 = time.perf_counter()
         self._tick(t0)
-        blocks = [dataclasses.replace(b, source=LOOKUP) if b.gamma else b
-                  for b in self.lookup.propose_batch(slots, inputs).blocks]
+        return self._lookup_only(self.lookup.propose_batch(slots, inputs).blocks, t0)
+
+    def _lookup_only(self, looked: Sequence[DraftBlock], t0: float) -> DraftBatch:
+        """A step of lookup's blocks alone, drafted since ``t0``."""
+        blocks = [dataclasses.replace(b, source=LOOKUP) if b.gamma else b for b in looked]
         self.rounds["lookup"] += sum(1 for b in blocks if b.gamma)
         return DraftBatch(blocks, fixed_s=time.perf_counter() - t0 if any(b.gamma for b in blocks) else None)
 

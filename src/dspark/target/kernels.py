@@ -50,7 +50,6 @@ import hashlib
 import json
 import platform
 import statistics
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
